@@ -1,0 +1,948 @@
+"""Training-time image augmentation (apply to the train split only).
+
+Covers every operation of the published Study 1 and Study 2 pipelines, plus our own stain / scanner
+robustness operations for images coming from other laboratories:
+
+* Study 1: horizontal / vertical flips, rotations from {15, 30, 45, 90} degrees (either sign, border
+  filled by reflection), per-channel colour shifts (+-10 %), sharpness 1.5 (PIL-style), contrast
+  [0.8, 1.2], Gaussian blur sigma [0.5, 1.5], Gaussian noise sigma [0.01, 0.05] (on the [0, 1] scale),
+  random crops of 80-100 % of the side resized back, elastic deformation (alpha 30, sigma 5).
+* Study 2: zoom [0.9, 1.1] and shift (+-10 % translation).
+* Robustness (ours): stain jitter (hue / saturation in HSV, brightness / gamma), random grayscale,
+  JPEG re-compression, down-then-up sampling (lower resolution scanners) and scale jitter (different
+  microns per pixel).
+
+Every operation is a public function with explicit parameters (unit testable); :func:`augment` draws
+the parameters from a ``np.random.Generator`` according to an :class:`AugmentConfig`.
+
+All geometric operations of one :func:`augment` call (rotation, crop, zoom, scale jitter, shift and the
+elastic field) are composed into a single resampling, so an image is interpolated at most once; flips
+are exact pixel permutations. Images are ``np.ndarray (H, W, 3) uint8 RGB`` throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "AugmentConfig",
+    "augment",
+    "augment_batch",
+    "preview_grid",
+    "hflip",
+    "vflip",
+    "rotate",
+    "channel_shift",
+    "sharpen",
+    "adjust_contrast",
+    "gaussian_blur",
+    "gaussian_noise",
+    "random_crop",
+    "elastic",
+    "zoom",
+    "shift",
+    "stain_jitter",
+    "to_grayscale",
+    "jpeg",
+    "down_up",
+]
+
+# Reflection without repeating the edge pixel (…cba|abcd|dcb…): no black corners, no visible seam.
+_BORDER = cv2.BORDER_REFLECT_101
+
+# Fields of AugmentConfig that hold a (low, high) range, and which of them must be integers.
+_RANGE_FIELDS = (
+    "contrast_range",
+    "blur_sigma_range",
+    "noise_sigma_range",
+    "crop_scale_range",
+    "zoom_range",
+    "stain_saturation_range",
+    "stain_brightness_range",
+    "stain_gamma_range",
+    "jpeg_quality_range",
+    "down_up_scale_range",
+    "scale_jitter_range",
+)
+_INT_RANGE_FIELDS = ("jpeg_quality_range",)
+
+# Ops that are not part of Study 1 (disabled by AugmentConfig.study1_only()).
+_NON_STUDY1_PROBS = (
+    "zoom_p",
+    "shift_p",
+    "stain_p",
+    "grayscale_p",
+    "jpeg_p",
+    "down_up_p",
+    "scale_jitter_p",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and parameters of every augmentation operation.
+
+    Each ``*_p`` field is the probability in [0, 1] that the operation is applied to an image. Range
+    fields are ``(low, high)`` tuples (lists are accepted and converted, so JSON round-trips). The
+    parameter defaults are the published Study 1 / Study 2 values; probabilities other than the flips
+    (0.5, as published) are ours, chosen so that a typical image gets about four operations.
+
+    Attributes:
+        hflip_p: Horizontal flip probability (Study 1: 0.5).
+        vflip_p: Vertical flip probability (Study 1: 0.5).
+        rotate_p: Rotation probability.
+        rotate_angles_deg: Angles in degrees to choose from uniformly (Study 1: 15, 30, 45, 90).
+        rotate_random_sign: If True the chosen angle is negated with probability 0.5.
+        channel_shift_p: Per-channel colour shift probability.
+        channel_shift_max: Each RGB channel is multiplied by a factor in [1 - max, 1 + max]; in [0, 1).
+        sharpen_p: Sharpening probability.
+        sharpen_factor: PIL ``ImageEnhance.Sharpness`` factor (Study 1: 1.5); 1.0 is identity.
+        contrast_p: Contrast change probability.
+        contrast_range: Contrast factor range (PIL ``ImageEnhance.Contrast`` semantics), >= 0.
+        blur_p: Gaussian blur probability.
+        blur_sigma_range: Blur sigma in pixels, >= 0.
+        noise_p: Gaussian noise probability.
+        noise_sigma_range: Noise standard deviation on the [0, 1] intensity scale, >= 0.
+        crop_p: Random crop probability.
+        crop_scale_range: Crop side as a fraction of the image side, in (0, 1]; resized back.
+        elastic_p: Elastic deformation probability.
+        elastic_alpha: Displacement scale in pixels (Simard et al. 2003), >= 0.
+        elastic_sigma: Smoothing sigma of the displacement field in pixels, > 0.
+        zoom_p: Zoom probability (Study 2).
+        zoom_range: Zoom factor range, > 0 (> 1 enlarges the content); sampled uniformly.
+        shift_p: Translation probability (Study 2).
+        shift_max: Maximum translation as a fraction of width / height, in [0, 1).
+        stain_p: Stain / colour jitter probability.
+        stain_hue_max_deg: Hue shift drawn from [-max, max] degrees, in [0, 180].
+        stain_saturation_range: HSV saturation multiplier range, >= 0.
+        stain_brightness_range: Brightness multiplier range, >= 0.
+        stain_gamma_range: Gamma range, > 0; sampled log-uniformly.
+        grayscale_p: Probability of converting to 3-channel grayscale.
+        jpeg_p: JPEG re-compression probability.
+        jpeg_quality_range: JPEG quality range, integers in [1, 100].
+        down_up_p: Down-then-up sampling probability.
+        down_up_scale_range: Intermediate scale range, in (0, 1].
+        scale_jitter_p: Scale jitter probability (different microns per pixel).
+        scale_jitter_range: Scale factor range, > 0; sampled log-uniformly.
+    """
+
+    # Study 1
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    rotate_p: float = 0.5
+    rotate_angles_deg: tuple[float, ...] = (15.0, 30.0, 45.0, 90.0)
+    rotate_random_sign: bool = True
+    channel_shift_p: float = 0.5
+    channel_shift_max: float = 0.10
+    sharpen_p: float = 0.2
+    sharpen_factor: float = 1.5
+    contrast_p: float = 0.5
+    contrast_range: tuple[float, float] = (0.8, 1.2)
+    blur_p: float = 0.2
+    blur_sigma_range: tuple[float, float] = (0.5, 1.5)
+    noise_p: float = 0.3
+    noise_sigma_range: tuple[float, float] = (0.01, 0.05)
+    crop_p: float = 0.3
+    crop_scale_range: tuple[float, float] = (0.8, 1.0)
+    elastic_p: float = 0.3
+    elastic_alpha: float = 30.0
+    elastic_sigma: float = 5.0
+    # Study 2
+    zoom_p: float = 0.3
+    zoom_range: tuple[float, float] = (0.9, 1.1)
+    shift_p: float = 0.3
+    shift_max: float = 0.10
+    # Robustness to other laboratories (ours)
+    stain_p: float = 0.5
+    stain_hue_max_deg: float = 8.0
+    stain_saturation_range: tuple[float, float] = (0.8, 1.2)
+    stain_brightness_range: tuple[float, float] = (0.9, 1.1)
+    stain_gamma_range: tuple[float, float] = (0.8, 1.25)
+    grayscale_p: float = 0.05
+    jpeg_p: float = 0.3
+    jpeg_quality_range: tuple[int, int] = (40, 95)
+    down_up_p: float = 0.2
+    down_up_scale_range: tuple[float, float] = (0.5, 0.9)
+    scale_jitter_p: float = 0.2
+    scale_jitter_range: tuple[float, float] = (0.8, 1.25)
+
+    def __post_init__(self) -> None:
+        # Normalise lists (from JSON) to tuples so the config stays hashable and compares equal.
+        object.__setattr__(self, "rotate_angles_deg", tuple(float(a) for a in self.rotate_angles_deg))
+        for name in _RANGE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"AugmentConfig.{name} must be a (low, high) pair, got {value!r}")
+            if name in _INT_RANGE_FIELDS:
+                if any(float(v) != int(v) for v in value):
+                    raise ValueError(f"AugmentConfig.{name} must hold integers, got {value!r}")
+                value = (int(value[0]), int(value[1]))
+            else:
+                value = (float(value[0]), float(value[1]))
+            if not all(math.isfinite(v) for v in value) or value[0] > value[1]:
+                raise ValueError(
+                    f"AugmentConfig.{name} must be finite with low <= high, got {value!r}"
+                )
+            object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        for f in fields(self):
+            if f.name.endswith("_p"):
+                p = getattr(self, f.name)
+                if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+                    raise ValueError(f"AugmentConfig.{f.name} must be a probability in [0, 1], got {p!r}")
+
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise ValueError(f"AugmentConfig: {what}")
+
+        need(len(self.rotate_angles_deg) > 0, "rotate_angles_deg must hold at least one angle")
+        need(all(math.isfinite(a) for a in self.rotate_angles_deg), "rotate_angles_deg must be finite")
+        need(0.0 <= self.channel_shift_max < 1.0, f"channel_shift_max must be in [0, 1), got {self.channel_shift_max}")
+        need(self.sharpen_factor >= 0.0, f"sharpen_factor must be >= 0, got {self.sharpen_factor}")
+        need(self.contrast_range[0] >= 0.0, f"contrast_range must be >= 0, got {self.contrast_range}")
+        need(self.blur_sigma_range[0] >= 0.0, f"blur_sigma_range must be >= 0, got {self.blur_sigma_range}")
+        need(self.noise_sigma_range[0] >= 0.0, f"noise_sigma_range must be >= 0, got {self.noise_sigma_range}")
+        need(
+            0.0 < self.crop_scale_range[0] and self.crop_scale_range[1] <= 1.0,
+            f"crop_scale_range must be within (0, 1], got {self.crop_scale_range}",
+        )
+        need(self.elastic_alpha >= 0.0, f"elastic_alpha must be >= 0, got {self.elastic_alpha}")
+        need(self.elastic_sigma > 0.0, f"elastic_sigma must be > 0, got {self.elastic_sigma}")
+        need(self.zoom_range[0] > 0.0, f"zoom_range must be > 0, got {self.zoom_range}")
+        need(0.0 <= self.shift_max < 1.0, f"shift_max must be in [0, 1), got {self.shift_max}")
+        need(0.0 <= self.stain_hue_max_deg <= 180.0, f"stain_hue_max_deg must be in [0, 180], got {self.stain_hue_max_deg}")
+        need(self.stain_saturation_range[0] >= 0.0, f"stain_saturation_range must be >= 0, got {self.stain_saturation_range}")
+        need(self.stain_brightness_range[0] >= 0.0, f"stain_brightness_range must be >= 0, got {self.stain_brightness_range}")
+        need(self.stain_gamma_range[0] > 0.0, f"stain_gamma_range must be > 0, got {self.stain_gamma_range}")
+        need(
+            1 <= self.jpeg_quality_range[0] and self.jpeg_quality_range[1] <= 100,
+            f"jpeg_quality_range must be within [1, 100], got {self.jpeg_quality_range}",
+        )
+        need(
+            0.0 < self.down_up_scale_range[0] and self.down_up_scale_range[1] <= 1.0,
+            f"down_up_scale_range must be within (0, 1], got {self.down_up_scale_range}",
+        )
+        need(self.scale_jitter_range[0] > 0.0, f"scale_jitter_range must be > 0, got {self.scale_jitter_range}")
+
+    @classmethod
+    def study1_only(cls) -> "AugmentConfig":
+        """Config with only the Study 1 operations enabled (Study 2 and robustness ops at p = 0)."""
+        return cls(**{name: 0.0 for name in _NON_STUDY1_PROBS})
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        """Config with every operation disabled: :func:`augment` returns an unchanged copy."""
+        return cls(**{f.name: 0.0 for f in fields(cls) if f.name.endswith("_p")})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists once dumped)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AugmentConfig":
+        """Inverse of :meth:`to_dict`. Missing keys take their defaults.
+
+        Raises:
+            ValueError: On keys that are not fields, listing the valid ones.
+        """
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown AugmentConfig keys {unknown}; valid keys are {sorted(valid)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_image(img: Any, name: str = "img") -> None:
+    if not isinstance(img, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array (H, W, 3) uint8 RGB, got {type(img).__name__}")
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"{name} must have shape (H, W, 3) with H, W >= 1, got {img.shape}")
+    if img.dtype != np.uint8:
+        raise TypeError(f"{name} must be uint8 (0-255 RGB), got dtype {img.dtype}")
+
+
+def _to_u8(x: np.ndarray) -> np.ndarray:
+    """Round and saturate a float array in the 0-255 scale to uint8."""
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _lut_apply(img: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Apply a (256,) or (256, 3) float LUT (0-255 scale) to a uint8 image."""
+    lut_u8 = _to_u8(lut)
+    if lut_u8.ndim == 2:
+        lut_u8 = lut_u8.reshape(256, 1, 3)
+    return cv2.LUT(np.ascontiguousarray(img), lut_u8)
+
+
+def _center(h: int, w: int) -> tuple[float, float]:
+    # Pixel centres run 0..W-1, so the geometric centre is (W-1)/2: rotations by 90 degrees then
+    # map pixels exactly onto pixels.
+    return ((w - 1) / 2.0, (h - 1) / 2.0)
+
+
+def _rotation_matrix(h: int, w: int, angle_deg: float, scale: float = 1.0) -> np.ndarray:
+    m = np.eye(3)
+    m[:2] = cv2.getRotationMatrix2D(_center(h, w), float(angle_deg), float(scale))
+    return m
+
+
+def _shift_matrix(h: int, w: int, dx_frac: float, dy_frac: float) -> np.ndarray:
+    m = np.eye(3)
+    m[0, 2] = dx_frac * w
+    m[1, 2] = dy_frac * h
+    return m
+
+
+def _crop_matrix(h: int, w: int, scale: float, offset: tuple[float, float]) -> np.ndarray:
+    """Forward map sending a (scale*H, scale*W) window at ``offset`` onto the full (H, W) frame."""
+    oy, ox = offset
+    top = oy * h * (1.0 - scale)
+    left = ox * w * (1.0 - scale)
+    m = np.eye(3)
+    # Same pixel-centre convention as cv2.resize: dst + 0.5 = (src + 0.5 - corner) / scale.
+    m[0, 0] = m[1, 1] = 1.0 / scale
+    m[0, 2] = (0.5 - left) / scale - 0.5
+    m[1, 2] = (0.5 - top) / scale - 0.5
+    return m
+
+
+@lru_cache(maxsize=8)
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    xs.flags.writeable = False
+    ys.flags.writeable = False
+    return xs, ys
+
+
+def _elastic_field(
+    h: int, w: int, alpha: float, sigma: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simard et al. (2003) displacement field: uniform(-1, 1) noise, Gaussian-smoothed, times alpha.
+
+    Returns:
+        (dx, dy): float32 arrays (H, W) of displacements in pixels.
+    """
+    noise = rng.random((2, h, w), dtype=np.float32)
+    noise *= 2.0
+    noise -= 1.0
+    dx = cv2.GaussianBlur(noise[0], (0, 0), sigma, borderType=_BORDER)
+    dy = cv2.GaussianBlur(noise[1], (0, 0), sigma, borderType=_BORDER)
+    dx *= alpha
+    dy *= alpha
+    return dx, dy
+
+
+def _warp(
+    img: np.ndarray,
+    m: np.ndarray,
+    field: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Resample ``img`` once through forward affine ``m`` (3x3) followed by an optional elastic field.
+
+    Output pixel p takes the input at ``m^-1 (p + d(p))``; borders are reflected.
+    """
+    h, w = img.shape[:2]
+    src = np.ascontiguousarray(img)
+    if field is None:
+        return cv2.warpAffine(
+            src, m[:2], (w, h), flags=cv2.INTER_LINEAR, borderMode=_BORDER
+        )
+    inv = np.linalg.inv(m)
+    xs, ys = _grid(h, w)
+    px = xs + field[0]
+    py = ys + field[1]
+    map_x = (inv[0, 0] * px + inv[0, 1] * py + inv[0, 2]).astype(np.float32, copy=False)
+    map_y = (inv[1, 0] * px + inv[1, 1] * py + inv[1, 2]).astype(np.float32, copy=False)
+    return cv2.remap(src, map_x, map_y, cv2.INTER_LINEAR, borderMode=_BORDER)
+
+
+def _fires(rng: np.random.Generator, p: float) -> bool:
+    if p <= 0.0:
+        return False
+    return p >= 1.0 or rng.random() < p
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    # Multiplicative ranges such as (0.8, 1.25) are symmetric in log space.
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Individual operations (explicit parameters, no randomness except where a field must be drawn)
+# --------------------------------------------------------------------------------------------------
+
+
+def hflip(img: np.ndarray) -> np.ndarray:
+    """Mirror left-right (exact).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+
+    Returns:
+        (H, W, 3) uint8, ``img[:, ::-1]``.
+    """
+    _check_image(img)
+    return cv2.flip(np.ascontiguousarray(img), 1)
+
+
+def vflip(img: np.ndarray) -> np.ndarray:
+    """Mirror top-bottom (exact).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+
+    Returns:
+        (H, W, 3) uint8, ``img[::-1]``.
+    """
+    _check_image(img)
+    return cv2.flip(np.ascontiguousarray(img), 0)
+
+
+def rotate(img: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotate counter-clockwise about the image centre, keeping the shape; borders reflected.
+
+    Multiples of 90 degrees on a square image are exact (``np.rot90``).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        angle_deg: Angle in degrees, positive = counter-clockwise (as ``np.rot90``), finite.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: If ``angle_deg`` is not finite.
+    """
+    _check_image(img)
+    if not math.isfinite(angle_deg):
+        raise ValueError(f"angle_deg must be a finite number of degrees, got {angle_deg}")
+    h, w = img.shape[:2]
+    quarter = angle_deg / 90.0
+    if h == w and quarter == int(quarter):
+        return np.ascontiguousarray(np.rot90(img, int(quarter) % 4))
+    return _warp(img, _rotation_matrix(h, w, angle_deg))
+
+
+def channel_shift(img: np.ndarray, factors: Sequence[float]) -> np.ndarray:
+    """Multiply each RGB channel by its own factor (Study 1 colour shift, factors in [0.9, 1.1]).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        factors: Three non-negative multipliers (R, G, B).
+
+    Returns:
+        (H, W, 3) uint8, ``round(img * factors)`` saturated at 255.
+
+    Raises:
+        ValueError: If ``factors`` is not three finite non-negative numbers.
+    """
+    _check_image(img)
+    f = np.asarray(factors, dtype=np.float64)
+    if f.shape != (3,) or not np.all(np.isfinite(f)) or np.any(f < 0):
+        raise ValueError(f"factors must be three finite numbers >= 0 (R, G, B), got {factors!r}")
+    lut = np.arange(256, dtype=np.float64)[:, None] * f[None, :]
+    return _lut_apply(img, lut)
+
+
+def sharpen(img: np.ndarray, factor: float) -> np.ndarray:
+    """PIL ``ImageEnhance.Sharpness`` equivalent (Study 1 uses factor 1.5).
+
+    Blends the image with its 3x3 smoothed version (PIL ``SMOOTH`` kernel, border pixels kept):
+    ``out = smooth + factor * (img - smooth)``. Factor 1 is identity, > 1 sharpens, < 1 blurs.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        factor: Sharpness factor, >= 0.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: If ``factor`` is negative or not finite.
+    """
+    _check_image(img)
+    if not (math.isfinite(factor) and factor >= 0):
+        raise ValueError(f"factor must be a finite number >= 0, got {factor}")
+    if factor == 1.0:
+        return img.copy()
+    kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
+    src = np.ascontiguousarray(img)
+    smooth = cv2.filter2D(src.astype(np.float32), -1, kernel, borderType=_BORDER)
+    smooth = np.rint(smooth)  # PIL rounds the degenerate image to uint8 before blending
+    # PIL leaves the one-pixel frame unfiltered.
+    smooth[0, :] = src[0, :]
+    smooth[-1, :] = src[-1, :]
+    smooth[:, 0] = src[:, 0]
+    smooth[:, -1] = src[:, -1]
+    return _to_u8(smooth + factor * (src.astype(np.float32) - smooth))
+
+
+def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:
+    """PIL ``ImageEnhance.Contrast`` equivalent: scale distances from the mean grey level.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        factor: Contrast factor >= 0 (Study 1 draws it from [0.8, 1.2]); 1 is identity.
+
+    Returns:
+        (H, W, 3) uint8, ``mean + factor * (img - mean)`` with ``mean`` the mean luma.
+
+    Raises:
+        ValueError: If ``factor`` is negative or not finite.
+    """
+    _check_image(img)
+    if not (math.isfinite(factor) and factor >= 0):
+        raise ValueError(f"factor must be a finite number >= 0, got {factor}")
+    gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+    mean = float(int(gray.mean() + 0.5))
+    lut = mean + factor * (np.arange(256, dtype=np.float64) - mean)
+    return _lut_apply(img, lut)
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with standard deviation ``sigma`` pixels (Study 1: [0.5, 1.5]).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        sigma: Standard deviation in pixels, >= 0; 0 returns a copy.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: If ``sigma`` is negative or not finite.
+    """
+    _check_image(img)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number of pixels >= 0, got {sigma}")
+    if sigma == 0:
+        return img.copy()
+    return cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), sigma, borderType=_BORDER)
+
+
+def gaussian_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Add zero-mean Gaussian noise, ``sigma`` on the [0, 1] intensity scale (Study 1: [0.01, 0.05]).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        sigma: Noise standard deviation as a fraction of 255, >= 0.
+        rng: Source of the noise.
+
+    Returns:
+        (H, W, 3) uint8, clipped to [0, 255].
+
+    Raises:
+        ValueError: If ``sigma`` is negative or not finite.
+    """
+    _check_image(img)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0 (fraction of 255), got {sigma}")
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise *= np.float32(sigma * 255.0)
+    noise += img
+    return _to_u8(noise)
+
+
+def random_crop(
+    img: np.ndarray, scale: float, offset: tuple[float, float] = (0.5, 0.5)
+) -> np.ndarray:
+    """Crop a window of ``scale`` times each side and resize it back to (H, W).
+
+    The randomness lives in :func:`augment`, which draws ``scale`` and ``offset``.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        scale: Window side as a fraction of the image side, in (0, 1] (Study 1: [0.8, 1.0]).
+        offset: (y, x) position of the window, each in [0, 1]: 0 = top/left edge, 0.5 = centred.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: If ``scale`` or ``offset`` is out of range.
+    """
+    _check_image(img)
+    if not (0.0 < scale <= 1.0):
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if len(offset) != 2 or not all(0.0 <= o <= 1.0 for o in offset):
+        raise ValueError(f"offset must be (y, x) with each value in [0, 1], got {offset!r}")
+    if scale == 1.0:
+        return img.copy()
+    h, w = img.shape[:2]
+    return _warp(img, _crop_matrix(h, w, scale, (float(offset[0]), float(offset[1]))))
+
+
+def elastic(img: np.ndarray, alpha: float, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Elastic deformation (Simard et al. 2003; Study 1: alpha 30, sigma 5) via ``cv2.remap``.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        alpha: Displacement scale in pixels, >= 0.
+        sigma: Gaussian smoothing of the random field in pixels, > 0.
+        rng: Source of the random field.
+
+    Returns:
+        (H, W, 3) uint8; borders reflected.
+
+    Raises:
+        ValueError: If ``alpha`` < 0 or ``sigma`` <= 0.
+    """
+    _check_image(img)
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number of pixels >= 0, got {alpha}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number of pixels > 0, got {sigma}")
+    h, w = img.shape[:2]
+    return _warp(img, np.eye(3), _elastic_field(h, w, alpha, sigma, rng))
+
+
+def zoom(img: np.ndarray, factor: float) -> np.ndarray:
+    """Scale the content about the image centre, keeping the shape (Study 2 zoom, scale jitter).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        factor: > 0; > 1 enlarges the content (zoom in), < 1 shrinks it (reflected border).
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: If ``factor`` is not a finite positive number.
+    """
+    _check_image(img)
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be a finite number > 0, got {factor}")
+    if factor == 1.0:
+        return img.copy()
+    h, w = img.shape[:2]
+    return _warp(img, _rotation_matrix(h, w, 0.0, factor))
+
+
+def shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Translate by fractions of the width / height (Study 2: up to +-0.1); border reflected.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        dx: Horizontal shift as a fraction of W, in (-1, 1); positive moves content right.
+        dy: Vertical shift as a fraction of H, in (-1, 1); positive moves content down.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: If a shift is outside (-1, 1).
+    """
+    _check_image(img)
+    if not (-1.0 < dx < 1.0 and -1.0 < dy < 1.0):
+        raise ValueError(f"dx, dy must be fractions of the side in (-1, 1), got {dx}, {dy}")
+    h, w = img.shape[:2]
+    return _warp(img, _shift_matrix(h, w, dx, dy))
+
+
+def stain_jitter(
+    img: np.ndarray,
+    hue_shift_deg: float = 0.0,
+    saturation: float = 1.0,
+    brightness: float = 1.0,
+    gamma: float = 1.0,
+) -> np.ndarray:
+    """Simulate another lab's stain / illumination: HSV hue and saturation, then brightness and gamma.
+
+    ``out = 255 * clip(brightness * (rgb' / 255) ** gamma)`` where ``rgb'`` is the image after rotating
+    the HSV hue by ``hue_shift_deg`` and scaling the saturation. All defaults give the identity.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        hue_shift_deg: Hue rotation in degrees (any finite value, taken modulo 360).
+        saturation: Saturation multiplier, >= 0 (0 gives grey).
+        brightness: Intensity multiplier, >= 0.
+        gamma: Gamma exponent, > 0 (< 1 brightens mid-tones).
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: On out-of-range parameters.
+    """
+    _check_image(img)
+    if not math.isfinite(hue_shift_deg):
+        raise ValueError(f"hue_shift_deg must be finite, got {hue_shift_deg}")
+    if not (math.isfinite(saturation) and saturation >= 0):
+        raise ValueError(f"saturation must be a finite number >= 0, got {saturation}")
+    if not (math.isfinite(brightness) and brightness >= 0):
+        raise ValueError(f"brightness must be a finite number >= 0, got {brightness}")
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
+    out = np.ascontiguousarray(img)
+    if hue_shift_deg % 360.0 != 0.0 or saturation != 1.0:
+        # float32 HSV keeps hue in degrees [0, 360) without the 2-degree quantisation of uint8 HSV.
+        hsv = cv2.cvtColor(out.astype(np.float32) * np.float32(1.0 / 255.0), cv2.COLOR_RGB2HSV)
+        if hue_shift_deg % 360.0 != 0.0:
+            h = hsv[..., 0]
+            h += np.float32(hue_shift_deg % 360.0)
+            h[h >= 360.0] -= 360.0
+        if saturation != 1.0:
+            s = hsv[..., 1]
+            s *= np.float32(saturation)
+            np.minimum(s, 1.0, out=s)
+        rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        rgb *= 255.0
+        out = _to_u8(rgb)
+    if brightness != 1.0 or gamma != 1.0:
+        lut = 255.0 * brightness * (np.arange(256, dtype=np.float64) / 255.0) ** gamma
+        out = _lut_apply(out, lut)
+    return out if out is not img else img.copy()
+
+
+def to_grayscale(img: np.ndarray, amount: float = 1.0) -> np.ndarray:
+    """Blend towards 3-channel luma grayscale (some labs scan or export grey images).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        amount: 0 = unchanged, 1 = fully grey; in [0, 1].
+
+    Returns:
+        (H, W, 3) uint8; with ``amount`` 1 the three channels are equal.
+
+    Raises:
+        ValueError: If ``amount`` is outside [0, 1].
+    """
+    _check_image(img)
+    if not (0.0 <= amount <= 1.0):
+        raise ValueError(f"amount must be in [0, 1], got {amount}")
+    gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+    gray3 = cv2.merge([gray, gray, gray])
+    if amount == 1.0:
+        return gray3
+    return cv2.addWeighted(img, 1.0 - amount, gray3, amount, 0.0)
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Re-compress as JPEG at ``quality`` and decode (compression artefacts of other pipelines).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        quality: JPEG quality, integer in [1, 100].
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+
+    Raises:
+        ValueError: If ``quality`` is not an integer in [1, 100].
+        RuntimeError: If OpenCV fails to encode (should not happen for valid images).
+    """
+    _check_image(img)
+    if int(quality) != quality or not (1 <= quality <= 100):
+        raise ValueError(f"quality must be an integer in [1, 100], got {quality}")
+    # libjpeg's YCbCr conversion expects BGR order.
+    bgr = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError(f"cv2.imencode failed for an image of shape {img.shape}")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def down_up(img: np.ndarray, scale: float) -> np.ndarray:
+    """Downscale by ``scale`` (area averaging) then upscale back (bilinear): a lower-resolution scanner.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        scale: Intermediate size as a fraction of the original, in (0, 1]; 1 returns a copy.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: If ``scale`` is outside (0, 1].
+    """
+    _check_image(img)
+    if not (0.0 < scale <= 1.0):
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    h, w = img.shape[:2]
+    small_w, small_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (small_w, small_h) == (w, h):
+        return img.copy()
+    small = cv2.resize(np.ascontiguousarray(img), (small_w, small_h), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def augment(
+    img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None = None
+) -> np.ndarray:
+    """Apply each enabled operation with its probability (training split only).
+
+    Order: flips (exact); one resampling for rotation, crop, zoom, scale jitter, shift and elastic;
+    stain jitter, channel shift, grayscale, contrast; sharpen, blur; down-up; noise; JPEG last (it is
+    what an image file goes through at the end of a real pipeline).
+
+    Args:
+        img: (H, W, 3) uint8 RGB, any H, W >= 1.
+        rng: Random generator; the same generator state gives the same output.
+        cfg: Operations and parameters; default :class:`AugmentConfig` ().
+
+    Returns:
+        A new (H, W, 3) uint8 RGB array (never the input object).
+
+    Raises:
+        TypeError / ValueError: If ``img`` is not (H, W, 3) uint8.
+    """
+    _check_image(img)
+    cfg = AugmentConfig() if cfg is None else cfg
+    h, w = img.shape[:2]
+    out = img
+
+    if _fires(rng, cfg.hflip_p):
+        out = hflip(out)
+    if _fires(rng, cfg.vflip_p):
+        out = vflip(out)
+
+    m = np.eye(3)
+    if _fires(rng, cfg.crop_p):
+        s = rng.uniform(*cfg.crop_scale_range)
+        off = (float(rng.random()), float(rng.random()))
+        m = _crop_matrix(h, w, float(s), off) @ m
+    if _fires(rng, cfg.rotate_p):
+        angle = float(cfg.rotate_angles_deg[rng.integers(len(cfg.rotate_angles_deg))])
+        if cfg.rotate_random_sign and rng.random() < 0.5:
+            angle = -angle
+        m = _rotation_matrix(h, w, angle) @ m
+    if _fires(rng, cfg.zoom_p):
+        m = _rotation_matrix(h, w, 0.0, float(rng.uniform(*cfg.zoom_range))) @ m
+    if _fires(rng, cfg.scale_jitter_p):
+        m = _rotation_matrix(h, w, 0.0, _log_uniform(rng, *cfg.scale_jitter_range)) @ m
+    if _fires(rng, cfg.shift_p):
+        dx, dy = rng.uniform(-cfg.shift_max, cfg.shift_max, size=2)
+        m = _shift_matrix(h, w, float(dx), float(dy)) @ m
+    field = None
+    if _fires(rng, cfg.elastic_p) and cfg.elastic_alpha > 0:
+        field = _elastic_field(h, w, cfg.elastic_alpha, cfg.elastic_sigma, rng)
+    if field is not None or not np.allclose(m, np.eye(3), rtol=0.0, atol=1e-9):
+        out = _warp(out, m, field)
+
+    if _fires(rng, cfg.stain_p):
+        hue = rng.uniform(-cfg.stain_hue_max_deg, cfg.stain_hue_max_deg)
+        sat = rng.uniform(*cfg.stain_saturation_range)
+        bri = rng.uniform(*cfg.stain_brightness_range)
+        gam = _log_uniform(rng, *cfg.stain_gamma_range)
+        out = stain_jitter(out, float(hue), float(sat), float(bri), gam)
+    if _fires(rng, cfg.channel_shift_p):
+        f = rng.uniform(1.0 - cfg.channel_shift_max, 1.0 + cfg.channel_shift_max, size=3)
+        out = channel_shift(out, f)
+    if _fires(rng, cfg.grayscale_p):
+        out = to_grayscale(out)
+    if _fires(rng, cfg.contrast_p):
+        out = adjust_contrast(out, float(rng.uniform(*cfg.contrast_range)))
+    if _fires(rng, cfg.sharpen_p):
+        out = sharpen(out, cfg.sharpen_factor)
+    if _fires(rng, cfg.blur_p):
+        out = gaussian_blur(out, float(rng.uniform(*cfg.blur_sigma_range)))
+    if _fires(rng, cfg.down_up_p):
+        out = down_up(out, float(rng.uniform(*cfg.down_up_scale_range)))
+    if _fires(rng, cfg.noise_p):
+        out = gaussian_noise(out, float(rng.uniform(*cfg.noise_sigma_range)), rng)
+    if _fires(rng, cfg.jpeg_p):
+        lo, hi = cfg.jpeg_quality_range
+        out = jpeg(out, int(rng.integers(lo, hi + 1)))
+
+    return img.copy() if out is img else out
+
+
+def augment_batch(
+    images: np.ndarray, seed: int, cfg: AugmentConfig | None = None
+) -> np.ndarray:
+    """Augment a batch deterministically.
+
+    Image ``i`` uses its own child stream of ``np.random.SeedSequence(seed)``, so its result depends
+    only on ``(seed, i, image, cfg)``, not on the batch size.
+
+    Args:
+        images: (N, H, W, 3) uint8 RGB, N >= 0.
+        seed: Non-negative integer seed.
+        cfg: Operations and parameters; default :class:`AugmentConfig` ().
+
+    Returns:
+        (N, H, W, 3) uint8, a new array.
+
+    Raises:
+        TypeError / ValueError: If ``images`` is not (N, H, W, 3) uint8 or ``seed`` is negative.
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise TypeError(
+            "images must be a numpy uint8 array (N, H, W, 3), got "
+            f"{type(images).__name__} {getattr(images, 'dtype', '')}"
+        )
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    cfg = AugmentConfig() if cfg is None else cfg
+    out = np.empty_like(images)
+    children = np.random.SeedSequence(int(seed)).spawn(len(images))
+    for i, child in enumerate(children):
+        out[i] = augment(images[i], np.random.default_rng(child), cfg)
+    return out
+
+
+def preview_grid(
+    img: np.ndarray,
+    cfg: AugmentConfig | None = None,
+    n: int = 16,
+    seed: int = 0,
+    cols: int = 4,
+    gap: int = 2,
+) -> np.ndarray:
+    """Grid of ``n`` tiles: the original first, then ``n - 1`` augmented versions (row-major).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        cfg: Operations and parameters; default :class:`AugmentConfig` ().
+        n: Number of tiles, >= 1.
+        seed: Seed for :func:`augment_batch`.
+        cols: Tiles per row, >= 1.
+        gap: White pixels between tiles, >= 0.
+
+    Returns:
+        (rows*H + (rows-1)*gap, c*W + (c-1)*gap, 3) uint8 RGB with ``c = min(cols, n)`` and
+        ``rows = ceil(n / c)``; unused cells are white.
+
+    Raises:
+        ValueError: If ``n``, ``cols`` or ``gap`` is out of range, or ``img`` is invalid.
+    """
+    _check_image(img)
+    if n < 1 or cols < 1 or gap < 0:
+        raise ValueError(f"need n >= 1, cols >= 1, gap >= 0; got n={n}, cols={cols}, gap={gap}")
+    h, w = img.shape[:2]
+    c = min(cols, n)
+    rows = -(-n // c)
+    tiles = np.concatenate(
+        [img[None], augment_batch(np.repeat(img[None], n - 1, axis=0), seed, cfg)]
+    )
+    grid = np.full((rows * h + (rows - 1) * gap, c * w + (c - 1) * gap, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, q = divmod(k, c)
+        y, x = r * (h + gap), q * (w + gap)
+        grid[y : y + h, x : x + w] = tile
+    return grid

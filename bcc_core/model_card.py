@@ -1,0 +1,123 @@
+"""The model card: the contract a saved model carries (classes, input, preprocessing, trust settings).
+
+Validated against `model_card.schema.json` on save and on load, so a model whose card is missing or
+inconsistent is refused with a clear message instead of producing quietly wrong answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+SCHEMA_VERSION = "1.0"
+
+INTENDED_USE = (
+    "Decision support for a second reader: suggests a cell class for a single stained peripheral-blood "
+    "or bone-marrow cell image, with a calibrated confidence, an explanation heatmap and flags saying "
+    "when the suggestion should not be trusted. A qualified person makes every decision."
+)
+NOT_FOR = [
+    "Diagnosis, or any decision without review by a qualified haematologist / morphologist.",
+    "Cell types outside the model's classes (they are flagged at best, and may be misnamed).",
+    "Whole smear fields or images with several cells: the model expects one cell per image.",
+    "Images from labs, stains or scanners unlike the training data without local validation.",
+]
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to run, judge and reproduce a model. See model_card.schema.json."""
+
+    model_id: str
+    task: str
+    classes: list[str]
+    backbone: str
+    weights: str
+    preprocessing: dict
+    gradcam_layer: str
+    input: dict = field(default_factory=lambda: {"size": 224, "channels": 3, "dtype": "float32",
+                                                 "range": [0, 255], "colour": "RGB"})
+    training: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    split: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=lambda: {"temperature": 1.0})
+    ood: dict = field(default_factory=dict)
+    review_rule: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    shortcut_audit: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    intended_use: str = INTENDED_USE
+    not_for: list[str] = field(default_factory=lambda: list(NOT_FOR))
+    limitations: list[str] = field(default_factory=list)
+    created: str = ""
+    schema_version: str = SCHEMA_VERSION
+    reproduce: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelCard":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.get("temperature", 1.0))
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads((Path(__file__).with_name("model_card.schema.json")).read_text())
+
+
+def validate_card(d: dict) -> None:
+    """Raise ValueError naming every problem when `d` is not a valid, self-consistent card."""
+    import jsonschema
+
+    v = jsonschema.Draft202012Validator(schema())
+    errors = sorted(v.iter_errors(d), key=lambda e: list(e.path))
+    problems = [f"{'/'.join(map(str, e.path)) or '(card)'}: {e.message}" for e in errors]
+    if not problems:
+        if len(set(d["classes"])) != len(d["classes"]):
+            problems.append("classes: duplicate class names")
+        if d["preprocessing"]["size"] != d["input"]["size"]:
+            problems.append("preprocessing.size differs from input.size")
+        n = len(d["classes"])
+        cw = d.get("ood", {}).get("class_thresholds")
+        if cw is not None and len(cw) != n:
+            problems.append("ood.class_thresholds must have one value per class")
+    if problems:
+        raise ValueError("invalid model card:\n  " + "\n  ".join(problems))
+
+
+def load_card(model_dir: str | Path) -> ModelCard:
+    """Read and validate `model_card.json` from a model directory."""
+    p = Path(model_dir) / "model_card.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{model_dir}: model_card.json is missing; refusing to load a model without its card")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    validate_card(d)
+    return ModelCard.from_dict(d)
+
+
+def library_versions() -> dict:
+    """Versions of the libraries that shape a model's behaviour."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("tensorflow-cpu", "tensorflow", "keras", "numpy", "opencv-python-headless", "scikit-learn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,155 @@
+"""Build the flat classifier graph (backbone + Study 1 head), save and load it with its card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .backbones import get_spec, resolve_weights
+from .model_card import ModelCard, load_card, validate_card
+
+FEATURES_LAYER = "features"   # GlobalAveragePooling output: penultimate features for OOD
+LOGITS_LAYER = "logits"        # pre-softmax scores: temperature scaling and energy OOD
+PROBS_LAYER = "probs"
+
+
+def _normalise(x, normalisation: str):
+    from keras import layers
+
+    # Study 1 scales pixels to [0, 1]; the backbone's own expectation is derived from that here,
+    # inside the model, so no page or script ever normalises by hand.
+    x = layers.Rescaling(1.0 / 255.0, name="scale_0_1")(x)
+    if normalisation == "minus1_1":
+        return layers.Rescaling(2.0, offset=-1.0, name="scale_minus1_1")(x)
+    if normalisation == "raw255":
+        return layers.Rescaling(255.0, name="scale_0_255")(x)
+    if normalisation == "caffe":
+        from keras import ops
+
+        def caffe(t):
+            t = t[..., ::-1] * 255.0
+            return t - ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=t.dtype)
+
+        return layers.Lambda(caffe, name="caffe_preprocess")(x)
+    return x
+
+
+def build_head(x, n_classes: int, dropout1: float = 0.3, dense: int = 128, dropout2: float = 0.2):
+    """Study 1's head: Dropout(0.3) → Dense(128, ReLU) → Dropout(0.2) → Dense(n) → softmax."""
+    from keras import layers
+
+    x = layers.Dropout(dropout1, name="head_dropout1")(x)
+    x = layers.Dense(dense, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(dropout2, name="head_dropout2")(x)
+    logits = layers.Dense(n_classes, name=LOGITS_LAYER)(x)
+    return layers.Activation("softmax", name=PROBS_LAYER, dtype="float32")(logits)
+
+
+def build_classifier(backbone: str, n_classes: int, weights: str | None = None, input_size: int | None = None,
+                     trainable_backbone: bool = False):
+    """Build the full classifier as one flat graph.
+
+    Args:
+        backbone: registry name (mobilenetv2, efficientnetb0, resnet50, small_cnn).
+        n_classes: number of output classes.
+        weights: 'imagenet' | path to weights file | None.
+        input_size: input side (default: the backbone's).
+        trainable_backbone: freeze (Study 1) or train the backbone.
+
+    Returns:
+        keras.Model: input (N, S, S, 3) float32 RGB in [0, 255]; output (N, n_classes) softmax.
+        Layers `features` (GAP) and `logits` are reachable by name.
+    """
+    import keras
+    from keras import layers
+
+    spec = get_spec(backbone)
+    w = resolve_weights(weights)
+    size = input_size or spec.input_size
+    inputs = keras.Input((size, size, 3), name="image")
+    x = _normalise(inputs, spec.normalisation)
+    # Keras only accepts 'imagenet' or None at construction time; a file is loaded afterwards.
+    base = spec.build(x, "imagenet" if w == "imagenet" else None)
+    if w not in (None, "imagenet"):
+        base.load_weights(w)
+    base.trainable = trainable_backbone
+    feats = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(base.output)
+    out = build_head(feats, n_classes)
+    return keras.Model(inputs, out, name=f"{backbone}_classifier")
+
+
+def feature_extractor(model):
+    """Sub-model from the classifier's input to its GAP features (N, D)."""
+    import keras
+
+    return keras.Model(model.input, model.get_layer(FEATURES_LAYER).output)
+
+
+def head_only(model):
+    """A model taking features (N, D) through the head layers (shares weights with `model`)."""
+    import keras
+
+    d = model.get_layer(FEATURES_LAYER).output.shape[-1]
+    inp = keras.Input((d,), name="features_in")
+    x = inp
+    for name in ("head_dropout1", "head_dense", "head_dropout2", LOGITS_LAYER, PROBS_LAYER):
+        x = model.get_layer(name)(x)
+    return keras.Model(inp, x)
+
+
+def trust_outputs_model(model):
+    """One forward pass → (features, logits): everything prediction, calibration and OOD need."""
+    import keras
+
+    return keras.Model(model.input, [model.get_layer(FEATURES_LAYER).output, model.get_layer(LOGITS_LAYER).output])
+
+
+def count_params(model) -> dict:
+    """Total / trainable / non-trainable parameter counts."""
+    import numpy as np
+
+    tr = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    nt = int(sum(np.prod(w.shape) for w in model.non_trainable_weights))
+    return {"total": tr + nt, "trainable": tr, "non_trainable": nt}
+
+
+def save_model(model, card: ModelCard, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write `model.keras`, `model_card.json` (validated) and any extra JSON files to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    validate_card(card.to_dict())
+    model.save(out / "model.keras")
+    (out / "model_card.json").write_text(json.dumps(card.to_dict(), indent=2))
+    for name, obj in (extra or {}).items():
+        (out / name).write_text(json.dumps(obj, indent=2))
+    return out
+
+
+def load_model(model_dir: str | Path):
+    """Load a saved model and its card; refuse a missing or inconsistent card.
+
+    Returns:
+        (keras.Model, ModelCard)
+
+    Raises:
+        FileNotFoundError / ValueError with a message saying what is wrong.
+    """
+    import keras
+
+    d = Path(model_dir)
+    if not (d / "model.keras").is_file():
+        raise FileNotFoundError(f"{d}: no model.keras here; a model directory holds model.keras + model_card.json")
+    card = load_card(d)
+    model = keras.models.load_model(d / "model.keras", compile=False, safe_mode=False)
+    n_out = model.output_shape[-1]
+    if n_out != len(card.classes):
+        raise ValueError(f"{d}: model has {n_out} outputs but its card lists {len(card.classes)} classes {card.classes}")
+    size = model.input_shape[1]
+    if size != card.preprocessing["size"]:
+        raise ValueError(f"{d}: model input is {size}px but the card's preprocessing says {card.preprocessing['size']}px")
+    for layer in (FEATURES_LAYER, LOGITS_LAYER, card.gradcam_layer):
+        try:
+            model.get_layer(layer)
+        except ValueError:
+            raise ValueError(f"{d}: layer {layer!r} named in the card/contract is not in the model") from None
+    return model, card

@@ -1,0 +1,113 @@
+"""Out-of-distribution scores from the prediction's own forward pass (features + logits).
+
+Three scores, higher = more unusual:
+- `mahalanobis`: min over classes of the Mahalanobis distance to the class mean, shared Ledoit-Wolf
+  shrinkage covariance (Lee et al. 2018, without input perturbation).
+- `knn`: distance to the k-th nearest training feature after L2 normalisation (Sun et al. 2022).
+- `energy`: -T·logsumexp(logits/T) (Liu et al. 2020).
+Thresholds are fitted on in-distribution validation data only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp
+
+METHODS = ("mahalanobis", "knn", "energy")
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
+
+
+def fit(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 10, max_bank: int = 1500,
+        seed: int = 0) -> dict:
+    """Fit the OOD statistics on clean training features.
+
+    Args:
+        features: (N, D) float penultimate features of training images (no augmentation).
+        labels: (N,) int class indices.
+        n_classes: number of classes.
+        k: neighbour rank for the kNN score.
+        max_bank: at most this many features are kept for kNN (stratified random subset).
+
+    Returns:
+        JSON-serialisable statistics (class means, precision matrix, kNN bank as lists).
+    """
+    from sklearn.covariance import LedoitWolf
+
+    f = np.asarray(features, np.float64)
+    labels = np.asarray(labels)
+    means = np.stack([f[labels == c].mean(0) for c in range(n_classes)])
+    centred = f - means[labels]
+    lw = LedoitWolf().fit(centred)
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(f))[:max_bank]
+    return {
+        "means": means.astype(np.float32),
+        "precision": lw.precision_.astype(np.float32),
+        "shrinkage": float(lw.shrinkage_),
+        "bank": _l2n(f[idx]).astype(np.float32),
+        "k": int(k),
+    }
+
+
+def mahalanobis(features: np.ndarray, stats: dict) -> np.ndarray:
+    """(N,) min class Mahalanobis distance."""
+    f = np.asarray(features, np.float32)
+    P = stats["precision"]
+    d = []
+    for mu in stats["means"]:
+        z = f - mu
+        d.append(np.einsum("nd,de,ne->n", z, P, z, optimize=True))
+    return np.sqrt(np.maximum(np.min(np.stack(d, 1), 1), 0))
+
+
+def knn(features: np.ndarray, stats: dict) -> np.ndarray:
+    """(N,) Euclidean distance of the normalised feature to its k-th nearest bank feature."""
+    f = _l2n(np.asarray(features, np.float32))
+    sims = f @ stats["bank"].T
+    k = min(stats["k"], sims.shape[1])
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+    return np.sqrt(np.maximum(2 - 2 * kth, 0))
+
+
+def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N,) negative free energy: higher means less like training data."""
+    return -temperature * logsumexp(np.asarray(logits, np.float64) / temperature, axis=1)
+
+
+def score(method: str, features: np.ndarray, logits: np.ndarray, stats: dict, temperature: float = 1.0) -> np.ndarray:
+    """Score by the named method."""
+    if method == "mahalanobis":
+        return mahalanobis(features, stats)
+    if method == "knn":
+        return knn(features, stats)
+    if method == "energy":
+        return energy(logits, temperature)
+    raise ValueError(f"unknown OOD method {method!r}; choose one of {METHODS}")
+
+
+def fit_threshold(val_scores: np.ndarray, quantile: float = 0.95) -> float:
+    """Threshold at the given quantile of in-distribution validation scores (≈1−q of ID flagged)."""
+    return float(np.quantile(np.asarray(val_scores), quantile))
+
+
+def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    """Area under ROC for separating OOD (positive) from ID by the score."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
+    return float(roc_auc_score(y, np.r_[id_scores, ood_scores]))
+
+
+def save_stats(path, stats: dict) -> None:
+    """Save fitted statistics as a compressed .npz beside the model."""
+    np.savez_compressed(path, means=stats["means"], precision=stats["precision"].astype(np.float16), bank=stats["bank"].astype(np.float16),
+                        k=np.array(stats["k"]), shrinkage=np.array(stats["shrinkage"]))
+
+
+def load_stats(path) -> dict:
+    z = np.load(path)
+    return {"means": z["means"].astype(np.float32), "precision": z["precision"].astype(np.float32),
+            "bank": z["bank"].astype(np.float32), "k": int(z["k"]), "shrinkage": float(z["shrinkage"])}

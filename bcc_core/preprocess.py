@@ -1,0 +1,226 @@
+"""Turn any RGB cell image into the model's input: cell-centred crop, stain normalisation, resize.
+
+One function, `preprocess`, serves training, evaluation, the CLI and the app; its parameters are a
+`PreprocessConfig` stored in the model card, so a model is always fed the way it was trained.
+
+Why cell-centred: the pbs5 classes come from two labs imaging at different magnifications, and other
+labs crop tighter or looser again. Cropping to a box proportional to the stained nucleus removes the
+magnification cue; per-image stain normalisation removes most of the stain/background colour cue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+MODES = ("cell", "letterbox")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes a model input.
+
+    Attributes:
+        size: side of the square model input in pixels.
+        mode: "cell" crops a square centred on the stained cell, sized `cell_margin` times the
+            nucleus extent (scale-normalised); "letterbox" resizes the whole image preserving aspect
+            ratio and pads (Study 1's contract).
+        cell_margin: crop side as a multiple of the stained region's larger extent.
+        min_crop_fraction: the crop side is at least this fraction of the image's shorter side.
+        stain_norm: "none" | "reinhard" (per-image LAB mean/std mapped to a fixed reference).
+        clahe: apply CLAHE on the L channel (Study 1's contrast enhancement).
+        clahe_clip: CLAHE clip limit.
+        background: "keep" | "flatten" (pixels far from the cell are blended to neutral grey).
+    """
+
+    size: int = 224
+    mode: str = "cell"
+    cell_margin: float = 1.6
+    min_crop_fraction: float = 0.25
+    stain_norm: str = "reinhard"
+    clahe: bool = False
+    clahe_clip: float = 2.0
+    background: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.stain_norm not in ("none", "reinhard"):
+            raise ValueError(f"stain_norm must be 'none' or 'reinhard', got {self.stain_norm!r}")
+        if self.background not in ("keep", "flatten"):
+            raise ValueError(f"background must be 'keep' or 'flatten', got {self.background!r}")
+        if self.size < 32:
+            raise ValueError(f"size must be >= 32, got {self.size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Reference LAB statistics (OpenCV 8-bit LAB) of a typical well-stained cell crop; the target of
+# Reinhard normalisation. Chosen as the median over both pbs5 labs so neither lab is "home".
+_REF_MEAN = np.array([185.0, 140.0, 122.0], np.float32)
+_REF_STD = np.array([40.0, 10.0, 10.0], np.float32)
+
+
+def stain_score(img: np.ndarray) -> np.ndarray:
+    """Nucleus-likeness per pixel: blue minus green, high for haematoxylin/azure-stained chromatin.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+
+    Returns:
+        (H, W) float32, roughly in [-255, 255]; nuclei are high, red cells and background low.
+    """
+    f = img.astype(np.float32)
+    return f[..., 2] - f[..., 1]
+
+
+def locate_cell(img: np.ndarray) -> tuple[float, float, float]:
+    """Find the stained cell nearest the image centre.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+
+    Returns:
+        (cx, cy, extent): centre in pixels and the larger side of the stained region's bounding box.
+        Falls back to the image centre and shorter side when nothing stained is found.
+    """
+    h, w = img.shape[:2]
+    scale = 128.0 / max(h, w)
+    small = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                       interpolation=cv2.INTER_AREA)
+    score = cv2.GaussianBlur(stain_score(small), (0, 0), 1.0)
+    s8 = np.clip(score + 128, 0, 255).astype(np.uint8)
+    thr, _ = cv2.threshold(s8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Otsu on an image with no nucleus picks noise; a floor keeps red cells and background out.
+    thr = max(thr, 128 + 25)
+    mask = (s8 > thr).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    # Lobes of a segmented neutrophil or granules of a basophil belong to one cell: close gaps.
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    sh, sw = small.shape[:2]
+    if n <= 1:
+        return w / 2.0, h / 2.0, float(min(h, w))
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float32)
+    d = np.hypot(cents[1:, 0] - sw / 2.0, cents[1:, 1] - sh / 2.0) / (0.5 * np.hypot(sw, sh))
+    # Prefer big blobs near the centre: single-cell crops are centred on their cell.
+    best = int(np.argmax(areas * (1.0 - 0.8 * np.clip(d, 0, 1)) ** 2))
+    if areas[best] < 0.002 * sh * sw:
+        return w / 2.0, h / 2.0, float(min(h, w))
+    x, y, bw, bh = stats[1 + best, :4]
+    # Merge nearby fragments of the same cell (e.g. lobes not joined by closing).
+    keep = np.zeros(n, bool)
+    keep[1 + best] = True
+    cx0, cy0 = x + bw / 2.0, y + bh / 2.0
+    reach = 0.8 * max(bw, bh)
+    for i in range(1, n):
+        if i == 1 + best or stats[i, cv2.CC_STAT_AREA] < 0.1 * areas[best]:
+            continue
+        if np.hypot(cents[i, 0] - cx0, cents[i, 1] - cy0) < reach:
+            keep[i] = True
+    ys, xs = np.nonzero(keep[labels])
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    cx, cy = (x0 + x1) / 2.0 / scale, (y0 + y1) / 2.0 / scale
+    extent = max(x1 - x0, y1 - y0) / scale
+    return float(cx), float(cy), float(extent)
+
+
+def crop_cell(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Square crop centred on the cell, side proportional to its stained extent (reflect-padded)."""
+    h, w = img.shape[:2]
+    cx, cy, extent = locate_cell(img)
+    side = max(cfg.cell_margin * extent, cfg.min_crop_fraction * min(h, w), 16.0)
+    half = side / 2.0
+    x0, y0 = int(round(cx - half)), int(round(cy - half))
+    x1, y1 = int(round(cx + half)), int(round(cy + half))
+    pad = max(0, -x0, -y0, x1 - w, y1 - h)
+    if pad:
+        # Tight crops from other labs need padding; a mirror would invent cells, so pad with the
+        # slide background colour (the median of the brightest pixels).
+        grey = img.mean(axis=2)
+        bg = np.median(img[grey >= np.percentile(grey, 70)], axis=0)
+        img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT,
+                                 value=[float(v) for v in bg])
+        x0, x1, y0, y1 = x0 + pad, x1 + pad, y0 + pad, y1 + pad
+    return img[y0:y1, x0:x1]
+
+
+def letterbox(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize preserving aspect ratio and pad with the border colour to (size, size)."""
+    h, w = img.shape[:2]
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    r = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    return cv2.copyMakeBorder(r, top, size - nh - top, left, size - nw - left, cv2.BORDER_REPLICATE)
+
+
+def reinhard(img: np.ndarray) -> np.ndarray:
+    """Map the image's LAB mean/std onto the fixed reference (Reinhard et al. 2001)."""
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
+    mean = lab.reshape(-1, 3).mean(0)
+    std = lab.reshape(-1, 3).std(0) + 1e-3
+    # Limit the gain so a nearly uniform image is not blown up into noise.
+    gain = np.clip(_REF_STD / std, 0.25, 4.0)
+    out = (lab - mean) * gain + _REF_MEAN
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def apply_clahe(img: np.ndarray, clip: float) -> np.ndarray:
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
+    clahe = cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8))
+    lab[..., 0] = clahe.apply(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def flatten_background(img: np.ndarray) -> np.ndarray:
+    """Blend pixels outside a central disc towards neutral grey (soft edge)."""
+    n = img.shape[0]
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    r = np.hypot(xx - n / 2, yy - n / 2) / (n / 2)
+    alpha = np.clip((r - 0.75) / 0.2, 0, 1)[..., None]
+    return (img * (1 - alpha) + 200.0 * alpha).astype(np.uint8)
+
+
+def preprocess(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Make the model input from one image.
+
+    Args:
+        img: (H, W, 3) uint8 RGB, any size >= 8 px.
+        cfg: the model card's preprocessing.
+
+    Returns:
+        (cfg.size, cfg.size, 3) uint8 RGB. The model itself scales [0, 255] as its backbone expects.
+    """
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+    if cfg.mode == "cell":
+        crop = crop_cell(img, cfg)
+        interp = cv2.INTER_AREA if crop.shape[0] > cfg.size else cv2.INTER_LINEAR
+        out = cv2.resize(crop, (cfg.size, cfg.size), interpolation=interp)
+    else:
+        out = letterbox(img, cfg.size)
+    if cfg.stain_norm == "reinhard":
+        out = reinhard(out)
+    if cfg.clahe:
+        out = apply_clahe(out, cfg.clahe_clip)
+    if cfg.background == "flatten":
+        out = flatten_background(out)
+    return out
+
+
+def preprocess_batch(images, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Preprocess a sequence of images into (N, size, size, 3) uint8."""
+    out = np.empty((len(images), cfg.size, cfg.size, 3), np.uint8)
+    for i, im in enumerate(images):
+        out[i] = preprocess(im, cfg)
+    return out
