@@ -28,6 +28,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MIN_SIDE",
     "MAX_PIXELS",
+    "MAX_MEMBER_BYTES",
     "ImageReadError",
     "ImageSource",
     "read_image",
@@ -48,7 +49,13 @@ MIN_SIDE = 8
 MAX_PIXELS = 100_000_000
 """Largest accepted width * height; anything bigger is treated as a decompression bomb."""
 
-_ACCEPTED = "accepted: PNG, JPEG, TIFF, BMP or WebP images (" + ", ".join(IMAGE_EXTENSIONS) + f"), at least {MIN_SIDE}x{MIN_SIDE} and at most {MAX_PIXELS // 1_000_000} megapixels"
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
+"""Largest uncompressed archive member read into memory (zip bombs are refused before extraction)."""
+
+_ACCEPTED = (
+    f"accepted: PNG, JPEG, TIFF, BMP or WebP images ({', '.join(IMAGE_EXTENSIONS)}), "
+    f"at least {MIN_SIDE}x{MIN_SIDE} and at most {MAX_PIXELS // 1_000_000} megapixels"
+)
 
 
 class ImageReadError(ValueError):
@@ -292,6 +299,12 @@ class _ZipReader:
             try:
                 if self._zf is None:
                     self._zf = zipfile.ZipFile(self._opener())
+                info = self._zf.getinfo(member)
+                if info.file_size > MAX_MEMBER_BYTES:
+                    raise ImageReadError(
+                        f"{self._label}:{member}: member is {info.file_size / 2**20:.0f} MiB uncompressed, "
+                        f"over the {MAX_MEMBER_BYTES // 2**20} MiB limit; {_ACCEPTED}"
+                    )
                 return self._zf.read(member)
             except (zipfile.BadZipFile, OSError, KeyError, EOFError, RuntimeError, NotImplementedError) as exc:
                 # RuntimeError: encrypted member; NotImplementedError: unsupported compression.

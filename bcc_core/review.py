@@ -45,6 +45,7 @@ def fit_selective_threshold(confidence: np.ndarray, correct: np.ndarray, alpha: 
     order = np.argsort(-conf)
     conf_s, err_s = conf[order], (~corr[order]).astype(int)
     cum_err = np.cumsum(err_s)
+    n_min = int(np.ceil(np.log(delta) / np.log(1 - alpha)))
     best = None
     # Fixed-sequence testing: thresholds in decreasing order, stop at the first failure (valid at δ
     # without a multiplicity correction).
@@ -52,9 +53,11 @@ def fit_selective_threshold(confidence: np.ndarray, correct: np.ndarray, alpha: 
         if i + 1 < len(conf_s) and conf_s[i + 1] == conf_s[i]:
             continue  # a threshold accepts all ties at once
         n_acc = i + 1
-        ub = clopper_pearson_upper(int(cum_err[i]), n_acc, delta)
-        if n_acc < min_accepted:
+        # The sequence starts where a bound ≤ α is reachable at all (zero errors in n_min images);
+        # testing stricter thresholds first would only fail on their small counts.
+        if n_acc < max(min_accepted, n_min):
             continue
+        ub = clopper_pearson_upper(int(cum_err[i]), n_acc, delta)
         if ub > alpha:
             break
         best = (float(conf_s[i]), ub, n_acc, int(cum_err[i]))

@@ -1,0 +1,48 @@
+"""Blood-cell microscopy decision support: Streamlit entry point (`streamlit run app.py`).
+
+Sets up the page, the session state, the model selector and the intended-use notice in the sidebar,
+then runs the selected page from pages/. Every page calls the same bcc_core functions as the CLI.
+"""
+
+from pathlib import Path
+
+import streamlit as st
+
+from pages._shared import available_models, card_or_error, init_state, models_root
+
+st.set_page_config(page_title="Blood-cell decision support", page_icon=":material/biotech:", layout="wide",
+                   menu_items={"About": "Decision support for a second reader of blood-cell images. "
+                                        "Not a diagnosis: a qualified person makes every decision."})
+init_state()
+
+pages = [
+    st.Page("pages/single_image.py", title="Single image", icon=":material/image_search:", default=True),
+    st.Page("pages/batch_screening.py", title="Batch screening", icon=":material/grid_view:"),
+    st.Page("pages/metrics.py", title="Model metrics", icon=":material/monitoring:"),
+    st.Page("pages/model_card.py", title="Model card", icon=":material/description:"),
+]
+page = st.navigation(pages)
+
+with st.sidebar:
+    models = available_models()
+    if models:
+        if st.session_state["model_dir"] not in models:
+            st.session_state["model_dir"] = models[0]
+        st.selectbox("Model", models, key="model_dir", format_func=lambda p: Path(p).name,
+                     help=f"Every folder in `{models_root()}` that holds a model card. The choice applies to "
+                          "every page.")
+        card, error = card_or_error(st.session_state["model_dir"])
+        if card is None:
+            st.error(error)
+        else:
+            st.caption(f"Task `{card.task}` · {len(card.classes)} classes · backbone `{card.backbone}`")
+            with st.container(border=True):
+                st.markdown("**Intended use**")
+                st.caption(card.intended_use)
+                st.markdown("**Not for**")
+                st.caption("\n".join(f"- {x}" for x in card.not_for))
+    else:
+        st.error(f"No model in `{models_root()}`.")
+    st.caption("Decision support, not a diagnosis.")
+
+page.run()

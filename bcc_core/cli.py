@@ -1,0 +1,203 @@
+"""Command line: train / evaluate / predict / screen / compare (`python -m bcc_core --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+# Keep TensorFlow's C++ start-up chatter off the user's terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _train_cfg(a):
+    from .augment import AugmentConfig
+    from .preprocess import PreprocessConfig
+    from .training import TrainConfig
+
+    pcfg = PreprocessConfig(mode=a.preprocess, clahe=a.clahe, stain_norm=a.stain_norm)
+    aug = AugmentConfig.study1_only() if a.augment == "study1" else (AugmentConfig.none() if a.augment == "none" else AugmentConfig())
+    task = a.task or Path(a.data).name
+    return TrainConfig(task=task, backbone=a.backbone, weights=a.weights, epochs=a.epochs, batch_size=a.batch_size,
+                       learning_rate=a.lr, aug_views=a.aug_views, seed=a.seed, fine_tune_layers=a.fine_tune_layers,
+                       fine_tune_epochs=a.fine_tune_epochs, preprocess=pcfg.to_dict(), augment=aug.to_dict())
+
+
+def cmd_train(a) -> int:
+    from .training import train
+
+    cfg = _train_cfg(a)
+    cmd = "python -m bcc_core " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    m = train(a.data, a.out, cfg, progress=not a.quiet, cache=a.cache, limit_per_class=a.limit_per_class, reproduce=cmd)
+    t = m["test"]
+    print(f"saved {a.out}: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, kappa {t['kappa']:.4f}, "
+          f"ECE {m['calibration']['test_ece_after']:.4f}, {m['timing_s']['total']:.0f} s")
+    for w in m["shortcut_audit"]["warnings"]:
+        print(w, file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    import numpy as np
+
+    from . import evaluation
+    from .data import list_imagefolder, load_split
+    from .inference import Predictor
+    from .io import read_image
+
+    pred = Predictor.load(a.model)
+    if a.split == "all":
+        ds = list_imagefolder(a.data)
+        cls_map = {c: pred.classes.index(c) for c in ds.classes if c in pred.classes}
+        items = [(p, cls_map[ds.classes[l]]) for p, l in zip(ds.paths, ds.labels) if ds.classes[l] in cls_map]
+    else:
+        sp = load_split(Path(a.model) / "split.json", a.data)
+        items = sp[a.split]
+    images = [read_image(p) for p, _ in items]
+    labels = np.array([l for _, l in items])
+    res = pred.predict(images)
+    probs = np.array([[r.probabilities[c] for c in pred.classes] for r in res])
+    m = evaluation.classification_metrics(labels, probs, pred.classes)
+    ok = np.array([r.status == "ok" for r in res])
+    correct = probs.argmax(1) == labels
+    m["ok_fraction"] = float(ok.mean())
+    m["wrong_ok_of_all"] = float((ok & ~correct).mean())
+    print(f"{a.split}: n={m['n']} accuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f} kappa={m['kappa']:.4f}")
+    for c, v in m["per_class"].items():
+        print(f"  {c:>16}: precision {v['precision']:.3f} recall {v['recall']:.3f} f1 {v['f1']:.3f}")
+    if a.json:
+        print(json.dumps({**evaluation.summary_line(m), "ok_fraction": m["ok_fraction"],
+                          "wrong_ok_of_all": m["wrong_ok_of_all"], "split": a.split}))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .inference import Predictor
+    from .io import ImageReadError, read_image
+
+    try:
+        img = read_image(a.image)
+    except (ImageReadError, OSError) as e:
+        print(json.dumps({"file": a.image, "status": "error", "reason": str(e)}))
+        return 1
+    pred = Predictor.load(a.model)
+    r = pred.predict([img])[0]
+    print(json.dumps({"file": a.image, "model": pred.card.model_id, **r.to_dict()}, indent=2))
+    return 0
+
+
+def cmd_screen(a) -> int:
+    from .inference import Predictor
+    from .io import iter_image_sources
+    from .report import results_to_csv
+    from .screening import ScreeningConfig, screen, summary
+
+    sources = list(iter_image_sources(a.inputs))
+    if not sources:
+        raise UsageError("no image files found in the given inputs")
+    pred = Predictor.load(a.model)
+    t = time.perf_counter()
+    rows = screen(sources, pred, ScreeningConfig(batch_size=a.batch_size), progress=sys.stderr.isatty() and not a.quiet)
+    dt = time.perf_counter() - t
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(results_to_csv([{k: v for k, v in r.items() if k != "thumbnail"} for r in rows], pred.classes))
+    s = summary(rows)
+    print(f"screened {s['n']} images in {dt:.1f} s: ok {s['ok']}, review {s['review']}, error {s['error']} -> {a.out}")
+    n_valid = s["ok"] + s["review"]
+    for c in pred.classes:
+        k = s["per_class"].get(c, 0)
+        print(f"  {c:>16}: {k:5d}  ({100 * k / n_valid:.1f}%)" if n_valid else f"  {c:>16}: 0")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .compare import compare
+
+    backbones = [b.strip() for b in a.backbones.split(",") if b.strip()]
+    weights = [w.strip() for w in a.weights.split(",")] if a.weights else None
+    if weights and len(weights) not in (1, len(backbones)):
+        raise UsageError("--weights takes one value or one per backbone")
+    cfg = _train_cfg(argparse.Namespace(**{**vars(a), "backbone": backbones[0], "weights": "none"}))
+    compare(a.data, backbones, weights, a.out, cfg, limit_per_class=a.limit_per_class, progress=not a.quiet)
+    return 0
+
+
+def _add_train_opts(p):
+    p.add_argument("--data", required=True, help="ImageFolder root: <root>/<class>/<image>")
+    p.add_argument("--task", help="task name recorded in the card (default: data folder name)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--aug-views", type=int, default=4, help="augmented views per training image (frozen fast path)")
+    p.add_argument("--augment", choices=["full", "study1", "none"], default="full")
+    p.add_argument("--preprocess", choices=["cell", "letterbox"], default="cell")
+    p.add_argument("--stain-norm", choices=["reinhard", "none"], default="reinhard")
+    p.add_argument("--clahe", action="store_true", help="CLAHE contrast enhancement (Study 1)")
+    p.add_argument("--fine-tune-layers", type=int, default=0, help="unfreeze the last N backbone layers after head training")
+    p.add_argument("--fine-tune-epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit-per-class", type=int, help="train on a per-class subset (quick checks)")
+    p.add_argument("--cache", action="store_true", help="reuse preprocessed inputs from .cache/ (experiments)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bcc_core", description="Blood-cell classification: decision support for a second reader, not a diagnosis.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", help="train a model and save it with its card")
+    _add_train_opts(t)
+    t.add_argument("--backbone", default="mobilenetv2", choices=["mobilenetv2", "efficientnetb0", "resnet50", "small_cnn"])
+    t.add_argument("--weights", default="imagenet", help="imagenet | PATH to weights file | none")
+    t.add_argument("--out", required=True, help="model directory to write")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("evaluate", help="evaluate a model on its recorded split or a whole folder")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.add_argument("--json", action="store_true", help="last line printed is one JSON object")
+    e.set_defaults(func=cmd_evaluate)
+    pr = sub.add_parser("predict", help="classify one image (JSON: class, probabilities, flags)")
+    pr.add_argument("image")
+    pr.add_argument("--model", default=None, help="model directory (default: models/pbs5-mobilenetv2)")
+    pr.set_defaults(func=cmd_predict)
+    s = sub.add_parser("screen", help="screen image files, folders and .zip archives into a CSV")
+    s.add_argument("inputs", nargs="+")
+    s.add_argument("--model", default=None)
+    s.add_argument("--out", required=True, help="results CSV")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_screen)
+    c = sub.add_parser("compare", help="train several backbones under identical conditions; write a comparison table")
+    _add_train_opts(c)
+    c.add_argument("--backbones", required=True, help="comma-separated, e.g. mobilenetv2,efficientnetb0,resnet50,small_cnn")
+    c.add_argument("--weights", help="comma-separated per backbone: imagenet | PATH | none (default: none)")
+    c.add_argument("--out", required=True, help="output folder for models and comparison.csv/.md")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if e.code in (0, None) else 2
+    if not a.command:
+        parser.print_help()
+        return 2
+    try:
+        return a.func(a)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,106 @@
+"""Flags: why a result should not be taken at face value.
+
+A :class:`Flag` is attached to a prediction whenever the tool has a reason to doubt it. Every flag carries
+a plain-language message for the haematologist that includes what to do next, so the user interface can
+show it verbatim. Flags are data, not exceptions: a flagged image still gets a row in every export.
+
+Example:
+    >>> f = Flag("image_quality", "critical", "Image is blank.", detail="blank")
+    >>> status_for([f])
+    'review'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+FLAG_CODES: tuple[str, ...] = ("low_confidence", "out_of_distribution", "image_quality")
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+
+_NEXT_STEPS: dict[str, str] = {
+    "low_confidence": (
+        "Review the cell yourself; the model could not separate the top classes. "
+        "Confirm or correct the class in the review queue."
+    ),
+    "out_of_distribution": (
+        "Do not rely on the predicted class: this image is unlike the images the model was trained on "
+        "(different lab, stain, scanner or cell type). Classify it manually."
+    ),
+    "image_quality": (
+        "Re-capture or re-crop the image (one stained white blood cell, centred, in focus, "
+        "correctly exposed) and upload it again, or classify it manually."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One reason to doubt a prediction.
+
+    Attributes:
+        code: One of :data:`FLAG_CODES`: ``"low_confidence"``, ``"out_of_distribution"``,
+            ``"image_quality"``.
+        severity: One of :data:`SEVERITIES`: ``"info"``, ``"warning"``, ``"critical"``.
+        message: Plain language for a haematologist, including what to do next.
+        detail: Machine-readable sub-reason, e.g. ``"blank"``, ``"blurred"``, ``"not_single_cell"``;
+            empty when the code says it all.
+
+    Raises:
+        ValueError: If ``code`` or ``severity`` is not one of the allowed values, or ``message`` is empty.
+    """
+
+    code: str
+    severity: str
+    message: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.code not in FLAG_CODES:
+            raise ValueError(f"Flag code {self.code!r} is not valid; use one of {FLAG_CODES}.")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"Flag severity {self.severity!r} is not valid; use one of {SEVERITIES}.")
+        if not isinstance(self.message, str) or not self.message.strip():
+            raise ValueError("Flag message must be a non-empty plain-language sentence.")
+        if not isinstance(self.detail, str):
+            raise ValueError(f"Flag detail must be a string, got {type(self.detail).__name__}.")
+
+    def to_dict(self) -> dict[str, str]:
+        """Return the flag as a JSON-serialisable dict with keys code, severity, message, detail."""
+        return {"code": self.code, "severity": self.severity, "message": self.message, "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Flag:
+        """Build a flag from :meth:`to_dict` output (``detail`` optional)."""
+        return cls(code=d["code"], severity=d["severity"], message=d["message"], detail=d.get("detail", ""))
+
+
+def status_for(flags: Iterable[Any] | None) -> str:
+    """Overall status of a prediction given its flags.
+
+    Args:
+        flags: Iterable of :class:`Flag` (or anything); ``None`` means no flags.
+
+    Returns:
+        ``"ok"`` if there are no flags, else ``"review"``.
+    """
+    return "review" if flags and any(True for _ in flags) else "ok"
+
+
+def next_step(code: str) -> str:
+    """What the user should do next for a flag code.
+
+    Args:
+        code: One of :data:`FLAG_CODES`.
+
+    Returns:
+        A plain-language instruction.
+
+    Raises:
+        ValueError: If ``code`` is not a known flag code.
+    """
+    try:
+        return _NEXT_STEPS[code]
+    except KeyError:
+        raise ValueError(f"Unknown flag code {code!r}; use one of {FLAG_CODES}.") from None

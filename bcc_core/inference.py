@@ -1,0 +1,134 @@
+"""Run a saved model the way its card says: quality gate → preprocess → one forward pass →
+calibrated probabilities, OOD score, review rule → flags and status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import calibration, ood, review
+from .flags import Flag, status_for
+from .preprocess import PreprocessConfig, preprocess
+
+DEFAULT_MODEL = "pbs5-mobilenetv2"
+
+
+def models_root() -> Path:
+    """`models/` of this checkout (bundled models)."""
+    return Path(__file__).resolve().parents[1] / "models"
+
+
+def default_model_dir() -> Path:
+    return models_root() / DEFAULT_MODEL
+
+
+def list_models(root: str | Path | None = None) -> list[Path]:
+    """Model directories (holding a model_card.json) under root, default model first."""
+    r = Path(root) if root else models_root()
+    if not r.is_dir():
+        return []
+    found = sorted(p.parent for p in r.glob("*/model_card.json"))
+    return sorted(found, key=lambda p: (p.name != DEFAULT_MODEL, p.name))
+
+
+@dataclass
+class Prediction:
+    """One image's result. `confidence` and `probabilities` are calibrated."""
+
+    predicted_class: str
+    confidence: float
+    probabilities: dict
+    flags: list = field(default_factory=list)
+    status: str = "ok"
+    ood_score: float = 0.0
+    prediction_set: list = field(default_factory=list)
+    model_input: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        return {"predicted_class": self.predicted_class, "confidence": round(float(self.confidence), 6),
+                "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
+                "status": self.status, "flags": [f.to_dict() for f in self.flags],
+                "ood_score": round(float(self.ood_score), 4), "prediction_set": list(self.prediction_set)}
+
+
+class Predictor:
+    """A loaded model with everything its card prescribes. Thread-safe for prediction; never mutate."""
+
+    def __init__(self, model, card, model_dir: Path, ood_stats: dict | None):
+        from .models import trust_outputs_model
+        from .training import compiled
+
+        self.model = model
+        self.card = card
+        self.model_dir = Path(model_dir)
+        self.classes = list(card.classes)
+        self.pcfg = PreprocessConfig.from_dict(card.preprocessing)
+        self.ood_stats = ood_stats
+        self._forward = compiled(trust_outputs_model(model))
+        from .quality import QualityConfig
+
+        self.qcfg = QualityConfig.from_dict(card.quality) if card.quality else QualityConfig()
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None) -> "Predictor":
+        """Load model + card (validated) + OOD statistics from a model directory."""
+        from .models import load_model
+
+        d = Path(model_dir) if model_dir else default_model_dir()
+        model, card = load_model(d)
+        stats_file = d / card.ood.get("stats_file", "ood_stats.npz") if card.ood else None
+        stats = ood.load_stats(stats_file) if stats_file and stats_file.is_file() else None
+        if card.ood.get("threshold") is not None and stats is None and card.ood.get("method") != "energy":
+            raise ValueError(f"{d}: the card sets an OOD threshold but {stats_file} is missing")
+        return cls(model, card, d, stats)
+
+    def forward(self, inputs: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Features and logits for preprocessed inputs (N, S, S, 3) uint8, in compiled batches."""
+        from .training import batched_predict
+
+        return batched_predict(self._forward, inputs, batch_size)
+
+    def predict_inputs(self, inputs: np.ndarray, quality_flags: list[list[Flag]] | None = None,
+                       batch_size: int = 32) -> list[Prediction]:
+        """Predictions for already preprocessed inputs (N, S, S, 3) uint8."""
+        if len(inputs) == 0:
+            return []
+        feats, logits = self.forward(inputs, batch_size)
+        T = self.card.temperature
+        probs = calibration.apply_temperature(logits, T)
+        if self.card.ood and (self.ood_stats is not None or self.card.ood.get("method") == "energy"):
+            scores = ood.score(self.card.ood["method"], feats, logits, self.ood_stats, T)
+            ood_thr = float(self.card.ood["threshold"])
+        else:
+            scores, ood_thr = np.zeros(len(inputs)), np.inf
+        rr = self.card.review_rule or {}
+        conf_thr = float(rr.get("threshold", 0.0))
+        qhat = rr.get("conformal_qhat")
+        out = []
+        for i in range(len(inputs)):
+            p = probs[i]
+            k = int(p.argmax())
+            flags = list(quality_flags[i]) if quality_flags else []
+            if scores[i] > ood_thr:
+                flags.append(Flag("out_of_distribution", "warning",
+                                  f"This image is unlike the images the model was trained on (score {scores[i]:.1f} > "
+                                  f"{ood_thr:.1f}): another cell type, stain, scanner or an artefact. Do not rely on "
+                                  f"the suggested class; review the cell yourself.", "ood_score"))
+            if p[k] < conf_thr:
+                flags.append(Flag("low_confidence", "warning",
+                                  f"Calibrated confidence {p[k]:.0%} is below the review threshold {conf_thr:.0%}; "
+                                  f"the model is unsure between classes. Review the cell.", "below_threshold"))
+            pset = [self.classes[j] for j in np.nonzero(review.prediction_sets(p[None], qhat)[0])[0]] if qhat is not None else [self.classes[k]]
+            out.append(Prediction(self.classes[k], float(p[k]), dict(zip(self.classes, map(float, p))), flags,
+                                  status_for(flags), float(scores[i]), pset, inputs[i]))
+        return out
+
+    def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[Prediction]:
+        """Full pipeline for RGB images (H, W, 3) uint8 of any size."""
+        from .quality import check_quality
+
+        qflags = [check_quality(im, self.qcfg) for im in images]
+        inputs = np.stack([preprocess(im, self.pcfg) for im in images]) if images else np.zeros((0,))
+        return self.predict_inputs(inputs, qflags, batch_size)

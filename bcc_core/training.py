@@ -1,0 +1,435 @@
+"""Training: Study 1's recipe by default, a fast frozen-feature path, optional fine-tuning, and the
+post-training fits that make the output trustworthy (temperature, OOD threshold, review rule).
+
+Fast path (frozen backbone): the backbone runs once per image and per augmented view; the head is
+trained on the cached features. The model is the same as end-to-end training with a frozen base, at
+a fraction of the compute (Study 1 needed 343 CPU minutes; this needs a few).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import calibration, evaluation, ood, review, shortcut
+from .augment import AugmentConfig, augment_batch
+from .backbones import get_spec
+from .data import group_duplicates, list_imagefolder, save_split, split_grouped
+from .io import read_image
+from .model_card import ModelCard, library_versions
+from .preprocess import PreprocessConfig, preprocess
+
+CACHE_DIR = Path(".cache") / "bcc"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings, saved in the model card. Defaults follow Study 1 (+ Study 2's class weights)."""
+
+    task: str = "pbs5"
+    backbone: str = "mobilenetv2"
+    weights: str = "imagenet"
+    epochs: int = 10
+    batch_size: int = 16
+    learning_rate: float = 5e-4
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    patience: int = 3
+    class_weights: bool = True
+    aug_views: int = 4
+    seed: int = 42
+    fractions: tuple = (0.7, 0.15, 0.15)
+    near_duplicate_distance: int = 4
+    fine_tune_layers: int = 0
+    fine_tune_epochs: int = 2
+    fine_tune_lr: float = 1e-5
+    ood_method: str = "mahalanobis"
+    ood_quantile: float = 0.95
+    review_alpha: float = 0.02
+    review_delta: float = 0.1
+    conformal_alpha: float = 0.05
+    preprocess: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fractions"] = list(self.fractions)
+        return d
+
+
+def _bar(it, total=None, desc="", progress=True):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, disable=not progress, leave=False)
+
+
+def load_images(paths, pcfg: PreprocessConfig, progress: bool = True, workers: int = 2):
+    """Decode and preprocess images in parallel (OpenCV releases the GIL).
+
+    Returns:
+        (inputs (N, S, S, 3) uint8, raw_cues dict of trivial-cue arrays for the shortcut audit,
+        problems list of (path, reason)).
+    """
+    n = len(paths)
+    out = np.zeros((n, pcfg.size, pcfg.size, 3), np.uint8)
+    border = np.zeros((n, 6), np.float32)
+    hist = np.zeros((n, 24), np.float32)
+    sizes = np.zeros((n, 2), np.float32)
+    problems = []
+
+    def work(i):
+        try:
+            img = read_image(paths[i])
+        except Exception as e:  # an unreadable file is a reported problem, not a crash
+            return i, None, str(e)
+        out[i] = preprocess(img, pcfg)
+        border[i] = shortcut.border_colour(img)
+        hist[i] = shortcut.colour_histogram(img)
+        sizes[i] = (img.shape[1], img.shape[0])
+        return i, True, ""
+
+    with ThreadPoolExecutor(workers) as ex:
+        for i, ok, msg in _bar(ex.map(work, range(n)), total=n, desc="decode+preprocess", progress=progress):
+            if not ok:
+                problems.append((str(paths[i]), msg))
+    return out, {"border_colour": border, "image_size": sizes, "colour_histogram": hist}, problems
+
+
+def _cache_key(paths, pcfg: PreprocessConfig) -> str:
+    h = hashlib.sha256(json.dumps(pcfg.to_dict(), sort_keys=True).encode())
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def load_images_cached(paths, pcfg, cache: bool, progress: bool):
+    """`load_images` with an optional on-disk cache (for repeated experiments, never needed)."""
+    if not cache:
+        return load_images(paths, pcfg, progress)
+    f = CACHE_DIR / f"inputs_{_cache_key(paths, pcfg)}.npz"
+    if f.is_file():
+        z = np.load(f, allow_pickle=False)
+        return z["x"], {k: z[k] for k in ("border_colour", "image_size", "colour_histogram")}, []
+    x, cues, problems = load_images(paths, pcfg, progress)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(f, x=x, **cues)
+    return x, cues, problems
+
+
+def batched_predict(fn, x: np.ndarray, batch_size: int = 32, progress: bool = False, desc: str = ""):
+    """Run a compiled function over x in batches, concatenating (tuple) outputs."""
+    outs = []
+    for s in _bar(range(0, len(x), batch_size), total=(len(x) + batch_size - 1) // batch_size, desc=desc,
+                  progress=progress):
+        r = fn(x[s:s + batch_size].astype(np.float32))
+        outs.append([np.asarray(t) for t in (r if isinstance(r, (list, tuple)) else [r])])
+    res = [np.concatenate(parts) for parts in zip(*outs)]
+    return res if len(res) > 1 else res[0]
+
+
+def compiled(model):
+    """A compiled inference-mode forward pass (never call the model per image eagerly)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def f(x):
+        return model(x, training=False)
+
+    return f
+
+
+def _set_seeds(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+def _class_weight(labels, n):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    w = compute_class_weight("balanced", classes=np.arange(n), y=labels)
+    return {i: float(v) for i, v in enumerate(w)}
+
+
+def _fit_head(model, f_train, y_train, f_val, y_val, cfg: TrainConfig, n_classes, out_dir: Path, progress):
+    import keras
+
+    from .models import head_only
+
+    head = head_only(model)
+    head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate, beta_1=cfg.beta_1, beta_2=cfg.beta_2,
+                                                 epsilon=cfg.epsilon),
+                 loss="categorical_crossentropy", metrics=["accuracy"])
+    ckpt = out_dir / "checkpoints" / "head_best.weights.h5"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),
+           keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True, save_weights_only=True)]
+    eye = np.eye(n_classes, dtype=np.float32)
+    hist = head.fit(f_train, eye[y_train], validation_data=(f_val, eye[y_val]), epochs=cfg.epochs,
+                    batch_size=cfg.batch_size, shuffle=True, callbacks=cbs, verbose=2 if progress else 0,
+                    class_weight=_class_weight(y_train, n_classes) if cfg.class_weights else None)
+    return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+
+
+class _AugSequence:
+    """Keras PyDataset of (augmented) preprocessed images for end-to-end training."""
+
+    def __new__(cls, *a, **k):
+        import keras
+
+        class Seq(keras.utils.PyDataset):
+            def __init__(self, x, y, batch_size, aug_cfg, seed, augment_on):
+                super().__init__()
+                self.x, self.y, self.bs, self.aug, self.seed, self.on = x, y, batch_size, aug_cfg, seed, augment_on
+                self.epoch = 0
+                self.order = np.random.default_rng(seed).permutation(len(x))
+
+            def __len__(self):
+                return (len(self.x) + self.bs - 1) // self.bs
+
+            def __getitem__(self, i):
+                idx = self.order[i * self.bs:(i + 1) * self.bs]
+                xb = self.x[idx]
+                if self.on:
+                    xb = augment_batch(xb, seed=self.seed * 100003 + self.epoch * 1009 + i, cfg=self.aug)
+                return xb.astype(np.float32), self.y[idx]
+
+            def on_epoch_end(self):
+                self.epoch += 1
+                self.order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.x))
+
+        return Seq(*a, **k)
+
+
+def _fit_end_to_end(model, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, n_classes, lr, epochs, out_dir, progress):
+    import keras
+
+    eye = np.eye(n_classes, dtype=np.float32)
+    model.compile(optimizer=keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    ckpt = out_dir / "checkpoints" / "best.weights.h5"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),
+           keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True, save_weights_only=True)]
+    seq = _AugSequence(x_tr, eye[y_tr], cfg.batch_size, AugmentConfig.from_dict(cfg.augment), cfg.seed, True)
+    hist = model.fit(seq, validation_data=(x_val.astype(np.float32), eye[y_val]), epochs=epochs, callbacks=cbs,
+                     verbose=2 if progress else 0,
+                     class_weight=_class_weight(y_tr, n_classes) if cfg.class_weights else None)
+    return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+
+
+def _unfreeze_top(model, n_layers: int):
+    """Unfreeze the last n backbone layers; batch-norm stays frozen (inference-mode statistics)."""
+    import keras
+
+    names_head = {"features", "head_dropout1", "head_dense", "head_dropout2", "logits", "probs"}
+    backbone_layers = [l for l in model.layers if l.name not in names_head and l.weights]
+    for l in backbone_layers[-n_layers:]:
+        if not isinstance(l, keras.layers.BatchNormalization):
+            l.trainable = True
+
+
+def _quality_defaults() -> dict:
+    from .quality import QualityConfig
+
+    return QualityConfig().to_dict()
+
+
+def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = True, cache: bool = False,
+          limit_per_class: int | None = None, reproduce: str = "") -> dict:
+    """Train, evaluate, calibrate and save a model with its card.
+
+    Args:
+        data_dir: ImageFolder root (`<root>/<class>/<image>`).
+        out_dir: model directory to write (model.keras, model_card.json, metrics.json, split.json, ood_stats.npz).
+        cfg: training configuration.
+        progress: show progress bars.
+        cache: reuse decoded/preprocessed inputs from `.cache/bcc` (experiments only).
+        limit_per_class: train on a per-class subset (tests and quick checks).
+        reproduce: the command line, recorded in the card.
+
+    Returns:
+        The metrics dict written to metrics.json.
+    """
+    import keras
+
+    from .models import build_classifier, count_params, trust_outputs_model
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _set_seeds(cfg.seed)
+    try:
+        import tensorflow as tf
+
+        if tf.config.list_physical_devices("GPU"):
+            keras.mixed_precision.set_global_policy("mixed_float16")
+    except Exception:
+        pass
+
+    ds = list_imagefolder(data_dir)
+    if limit_per_class:
+        from .data import subset
+
+        ds = subset(ds, limit_per_class, seed=cfg.seed)
+    classes = list(ds.classes)
+    n_cls = len(classes)
+    labels = np.asarray(ds.labels)
+    groups = group_duplicates(ds.paths, max_distance=cfg.near_duplicate_distance, progress=progress)
+    split = split_grouped(labels, groups, tuple(cfg.fractions), seed=cfg.seed)
+    save_split(out / "split.json", ds, split, groups)
+    tr, va, te = (np.asarray(s, int) for s in (split.train, split.val, split.test))
+
+    pcfg = PreprocessConfig.from_dict(cfg.preprocess)
+    x, raw_cues, problems = load_images_cached(list(ds.paths), pcfg, cache, progress)
+    t_data = time.perf_counter()
+
+    spec = get_spec(cfg.backbone)
+    model = build_classifier(cfg.backbone, n_cls, weights=cfg.weights, input_size=pcfg.size)
+    trust = trust_outputs_model(model)
+    fast = cfg.weights not in (None, "none") and cfg.backbone != "small_cnn"
+    aug_cfg = AugmentConfig.from_dict(cfg.augment)
+
+    if fast:
+        from .models import feature_extractor
+
+        fe = compiled(feature_extractor(model))
+        feats = batched_predict(fe, x, progress=progress, desc="features (clean)")
+        f_aug, y_aug = [feats[tr]], [labels[tr]]
+        for v in range(cfg.aug_views):
+            xa = augment_batch(x[tr], seed=cfg.seed * 1000 + v, cfg=aug_cfg)
+            f_aug.append(batched_predict(fe, xa, progress=progress, desc=f"features (aug view {v + 1}/{cfg.aug_views})"))
+            y_aug.append(labels[tr])
+        history = _fit_head(model, np.concatenate(f_aug), np.concatenate(y_aug), feats[va], labels[va], cfg, n_cls,
+                            out, progress)
+        epochs_run = len(history.get("loss", []))
+        if cfg.fine_tune_layers > 0:
+            _unfreeze_top(model, cfg.fine_tune_layers)
+            ft = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.fine_tune_lr,
+                                 cfg.fine_tune_epochs, out, progress)
+            for k, v in ft.items():
+                history.setdefault(k, []).extend(v)
+            epochs_run += len(ft.get("loss", []))
+    else:
+        model.trainable = True
+        history = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.learning_rate,
+                                  cfg.epochs, out, progress)
+        epochs_run = len(history.get("loss", []))
+    t_train = time.perf_counter()
+
+    # One forward pass gives features and logits for every image: metrics, calibration and OOD.
+    feats, logits = batched_predict(compiled(trust), x, progress=progress, desc="evaluate")
+    rng = np.random.default_rng(cfg.seed)
+    va_perm = rng.permutation(va)
+    va_a, va_b = va_perm[: len(va) // 2], va_perm[len(va) // 2:]
+
+    calib = calibration.calibration_report(logits[va_a], labels[va_a], logits[te], labels[te])
+    T = calib["temperature"]
+    probs = calibration.apply_temperature(logits, T)
+
+    stats = ood.fit(feats[tr], labels[tr], n_cls, seed=cfg.seed)
+    ood.save_stats(out / "ood_stats.npz", stats)
+    ood_cmp = {}
+    for m in ood.METHODS:
+        s = ood.score(m, feats, logits, stats, T)
+        ood_cmp[m] = {"threshold": ood.fit_threshold(s[va_a], cfg.ood_quantile),
+                      "val_flag_rate": float((s[va_b] > ood.fit_threshold(s[va_a], cfg.ood_quantile)).mean())}
+    ood_scores = ood.score(cfg.ood_method, feats, logits, stats, T)
+    ood_thr = ood_cmp[cfg.ood_method]["threshold"]
+    flagged = ood_scores > ood_thr
+
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    # The risk rule is fitted on the second validation half, among images the OOD gate lets through.
+    keep_b = va_b[~flagged[va_b]]
+    rule = review.fit_selective_threshold(conf[keep_b], correct[keep_b], cfg.review_alpha, cfg.review_delta)
+    qhat = review.conformal_qhat(probs[va_b], labels[va_b], cfg.conformal_alpha)
+    sets_te = review.prediction_sets(probs[te], qhat)
+    rule_test = review.evaluate_rule(conf[te], correct[te], flagged[te], rule["threshold"])
+    rule_test["conformal_coverage"] = float(sets_te[np.arange(len(te)), labels[te]].mean())
+    rule_test["conformal_mean_set_size"] = float(sets_te.sum(1).mean())
+    rule_test["singleton_fraction"] = float((sets_te.sum(1) == 1).mean())
+
+    test_metrics = evaluation.classification_metrics(labels[te], probs[te], classes)
+    uncal = evaluation.classification_metrics(labels[te], calibration.apply_temperature(logits[te], 1.0), classes)
+
+    # Shortcut audit: trivial cues on the raw images and on what the model actually sees.
+    audit_raw = shortcut.audit(raw_cues, labels, n_cls, seed=cfg.seed)
+    seen = shortcut.cue_features(list(x), sizes=raw_cues["image_size"] * 0 + pcfg.size)
+    audit_seen = shortcut.audit({k: v for k, v in seen.items() if k != "image_size"}, labels, n_cls, seed=cfg.seed)
+    warnings = shortcut.warnings_text(audit_raw, "raw images") + shortcut.warnings_text(audit_seen, "model inputs")
+
+    full = compiled(model)
+    lat = evaluation.latency(lambda b: full(b), (pcfg.size, pcfg.size, 3))
+    params = count_params(model)
+    t_end = time.perf_counter()
+
+    metrics = {
+        "test": test_metrics,
+        "test_uncalibrated": {k: uncal[k] for k in ("accuracy", "macro_f1", "log_loss")},
+        "history": history,
+        "calibration": calib,
+        "ood": {"method": cfg.ood_method, "quantile": cfg.ood_quantile, "comparison": ood_cmp,
+                "test_flag_rate": float(flagged[te].mean())},
+        "review": {"rule": rule, "test": rule_test, "conformal_qhat": qhat},
+        "shortcut_audit": {"raw_images": audit_raw, "model_inputs": audit_seen, "warnings": warnings},
+        "latency": lat,
+        "parameters": params,
+        "timing_s": {"data": t_data - t_start, "train": t_train - t_data, "post": t_end - t_train,
+                     "total": t_end - t_start},
+        "epochs_run": epochs_run,
+        "split_sizes": {"train": len(tr), "val": len(va), "test": len(te)},
+        "data_problems": problems + list(ds.problems),
+    }
+    n_groups = int(len(np.unique(groups)))
+    card = ModelCard(
+        model_id=out.name, task=cfg.task, classes=classes, backbone=cfg.backbone,
+        weights=("imagenet (offline file)" if cfg.weights not in ("imagenet", "none", None) else str(cfg.weights)),
+        preprocessing=pcfg.to_dict(), gradcam_layer=spec.gradcam_layer,
+        input={"size": pcfg.size, "channels": 3, "dtype": "float32", "range": [0, 255], "colour": "RGB"},
+        training={**cfg.to_dict(), "fast_path_frozen_features": fast, "epochs_run": epochs_run,
+                  "training_time_s": round(t_train - t_data, 1), "total_time_s": round(t_end - t_start, 1)},
+        data={"name": Path(data_dir).name, "root": Path(data_dir).name, "n_images": len(ds.paths),
+              "class_counts": ds.counts(), "file_list_sha256": ds.digest(), "duplicate_groups": n_groups,
+              "images_in_duplicate_groups": int(len(groups) - n_groups), "problems": len(metrics["data_problems"])},
+        split={"file": "split.json", "fractions": list(cfg.fractions), "seed": cfg.seed,
+               "sizes": metrics["split_sizes"], "grouping": "exact (md5) + near-duplicate (pHash) groups kept on one side"},
+        metrics={"test": evaluation.summary_line(test_metrics),
+                 "per_class_f1": {c: v["f1"] for c, v in test_metrics["per_class"].items()}},
+        calibration={"temperature": T, "method": calib["method"], "test_ece_before": calib["test_ece_before"],
+                     "test_ece_after": calib["test_ece_after"], "n_bins": 15},
+        ood={"method": cfg.ood_method, "threshold": ood_thr, "quantile": cfg.ood_quantile, "stats_file": "ood_stats.npz",
+             "fitted_on": "training features (statistics) and validation half A (threshold), in-distribution only"},
+        review_rule={"kind": "selective classification with risk control (Clopper-Pearson, fixed-sequence)",
+                     "threshold": rule["threshold"], "alpha": cfg.review_alpha, "delta": cfg.review_delta,
+                     "guarantee": review.guarantee_text(cfg.review_alpha, cfg.review_delta),
+                     "calibration": rule, "measured_on_test": rule_test, "conformal_qhat": qhat,
+                     "conformal_alpha": cfg.conformal_alpha},
+        quality=_quality_defaults() if (Path(__file__).with_name("quality.py")).exists() else {},
+        shortcut_audit={"raw_images": {k: v["balanced_accuracy"] for k, v in audit_raw.items()},
+                        "model_inputs": {k: v["balanced_accuracy"] for k, v in audit_seen.items()},
+                        "chance": 1.0 / n_cls, "warnings": warnings},
+        parameters=params, versions=library_versions(),
+        limitations=[
+            "Trained on one public dataset; accuracy on images from other labs, stains and scanners is lower than the test figure.",
+            "The review rule's guarantee assumes images exchangeable with the calibration data (same source).",
+        ] + (["pbs5: each class comes from a single lab (basophil, erythroblast, monocyte: Barcelona; myeloblast, "
+              "seg_neutrophil: Munich); cell-centred cropping and stain normalisation reduce, but cannot prove the "
+              "absence of, lab shortcuts."] if cfg.task == "pbs5" else []),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        reproduce=reproduce,
+    )
+    from .models import save_model
+
+    save_model(model, card, out, extra={"metrics.json": metrics})
+    return metrics

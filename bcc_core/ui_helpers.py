@@ -1,0 +1,180 @@
+"""Small pure helpers for the app's pages (no Streamlit): file look-ups, data URIs, table shaping.
+
+Everything here returns plain data or a short human-readable note, so that a missing or partial file
+beside a model becomes a message on the page instead of an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_AUDIT_DB = "~/.bcc/audit.sqlite"
+
+GRADCAM_METHODS: dict[str, str] = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++", "Score-CAM": "scorecam"}
+"""Label shown in the app -> method name accepted by ``bcc_core.explain.explain``."""
+
+
+def audit_db_path() -> Path:
+    """Audit database path: ``$BCC_AUDIT_DB`` if set, else ``~/.bcc/audit.sqlite`` (user-expanded)."""
+    return Path(os.environ.get("BCC_AUDIT_DB") or DEFAULT_AUDIT_DB).expanduser()
+
+
+def read_json(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """Read a JSON object from a file.
+
+    Returns:
+        ``(data, None)`` on success, ``(None, note)`` when the file is missing or not valid JSON.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return None, f"`{p.name}` is missing in `{p.parent}`."
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"`{p}` could not be read ({e})."
+    if not isinstance(d, dict):
+        return None, f"`{p}` does not contain a JSON object."
+    return d, None
+
+
+def comparison_table(project_root: str | os.PathLike, task: str) -> tuple[str | None, str]:
+    """Markdown model-comparison table for a task from ``bench/results/comparison_<task>.md``.
+
+    Falls back to rendering ``comparison_<task>.csv`` as a Markdown table.
+
+    Returns:
+        ``(markdown or None, note)``; the note names the file read, or says it is absent.
+    """
+    base = Path(project_root) / "bench" / "results"
+    md, csv = base / f"comparison_{task}.md", base / f"comparison_{task}.csv"
+    if md.is_file():
+        return md.read_text(), f"from `bench/results/{md.name}`"
+    if csv.is_file():
+        import pandas as pd
+
+        try:
+            df = pd.read_csv(csv)
+        except Exception as e:  # pandas raises several parser errors
+            return None, f"`bench/results/{csv.name}` could not be read ({e})."
+        return dataframe_to_markdown(df), f"from `bench/results/{csv.name}`"
+    return None, (f"No model comparison for task `{task}` yet (`bench/results/comparison_{task}.md` "
+                  "is absent): the benchmark has not been run for this task.")
+
+
+def dataframe_to_markdown(df) -> str:
+    """Render a DataFrame as a GitHub Markdown table without needing the `tabulate` package."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for row in df.itertuples(index=False):
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                cells.append("" if np.isnan(v) else f"{v:.4g}")
+            else:
+                cells.append(str(v).replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def png_data_uri(img: np.ndarray | None, max_side: int = 64) -> str | None:
+    """Encode a small RGB image as a ``data:image/png;base64,...`` URI (for table image columns).
+
+    Args:
+        img: ``(H, W, 3)`` uint8 RGB, or None.
+        max_side: Larger images are shrunk so the longer side is at most this many pixels.
+
+    Returns:
+        The data URI, or None when ``img`` is None or not an RGB array.
+    """
+    if img is None:
+        return None
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        return None
+    from PIL import Image
+
+    im = Image.fromarray(arr.astype(np.uint8), mode="RGB")
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side))
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def flag_codes(flags: Iterable[Any] | None) -> str:
+    """Comma-separated flag codes (``"low_confidence, image_quality"``), empty for no flags."""
+    out = []
+    for f in flags or []:
+        code = getattr(f, "code", None) or (f.get("code") if isinstance(f, Mapping) else str(f))
+        detail = getattr(f, "detail", None) or (f.get("detail") if isinstance(f, Mapping) else "")
+        out.append(f"{code} ({detail})" if detail else str(code))
+    return ", ".join(out)
+
+
+def results_frame(rows: Sequence[Mapping[str, Any]], thumbnails: bool = True):
+    """Screening rows -> the DataFrame shown in the results table (one row per input, input order kept).
+
+    Columns: ``#`` (position in ``rows``), thumbnail (data URI) when requested, file, status,
+    predicted_class, confidence (0..1, None for errors), flags (codes), reason.
+    """
+    import pandas as pd
+
+    recs = []
+    for i, r in enumerate(rows):
+        rec = {"#": i}
+        if thumbnails:
+            rec["thumbnail"] = png_data_uri(r.get("thumbnail"))
+        conf = r.get("confidence")
+        rec.update({
+            "file": str(r.get("file", "")),
+            "status": r.get("status", ""),
+            "predicted_class": r.get("predicted_class") or "",
+            "confidence": float(conf) if conf is not None else None,
+            "flags": flag_codes(r.get("flags")),
+            "reason": r.get("reason") or "",
+        })
+        recs.append(rec)
+    cols = ["#"] + (["thumbnail"] if thumbnails else []) + ["file", "status", "predicted_class", "confidence",
+                                                               "flags", "reason"]
+    return pd.DataFrame.from_records(recs, columns=cols)
+
+
+def summary_counts(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> dict:
+    """Counts for the screening summary.
+
+    Returns:
+        ``{"total", "ok", "review", "error", "flagged", "per_class": {class: n}}`` where per_class
+        counts predicted classes among readable images (status ok or review).
+    """
+    st = {"ok": 0, "review": 0, "error": 0}
+    per = {c: 0 for c in classes}
+    for r in rows:
+        s = r.get("status", "error")
+        st[s] = st.get(s, 0) + 1
+        c = r.get("predicted_class")
+        if s != "error" and c:
+            per[c] = per.get(c, 0) + 1
+    return {"total": len(rows), **st, "flagged": st.get("review", 0), "per_class": per}
+
+
+def fmt_pct(v: Any, digits: int = 1) -> str:
+    """``0.934 -> "93.4%"``; None / non-numbers -> ``"n/a"``."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+        return f"{v * 100:.{digits}f}%"
+    return "n/a"
+
+
+def fmt_num(v: Any, digits: int = 3) -> str:
+    """Number with ``digits`` decimals; None / non-numbers -> ``"n/a"``."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+        return f"{v:.{digits}f}"
+    return "n/a"

@@ -1,0 +1,187 @@
+"""Streamlit glue shared by app.py and the pages: session state, cached model/card, banner, flags.
+
+Not a page itself (app.py lists the pages explicitly with st.navigation). Everything that is not
+Streamlit-specific lives in bcc_core (charts, ui_helpers) so it can be tested without a browser.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DISCLAIMER = ("**Decision support, not a diagnosis.** Suggestions are for a second reader; a qualified "
+              "haematologist or morphologist makes every decision.")
+
+# Every session-state key the app uses, with its initial value. Pages never invent keys elsewhere.
+STATE_DEFAULTS: dict = {
+    "model_dir": None,        # str: selected model directory (sidebar selector in app.py)
+    "single": None,           # dict: last single-image result {key, name, image, pred, sha256}
+    "batch_rows": [],         # list[dict]: screening rows (bcc_core.screening.screen), input order
+    "batch_sources": [],      # list[ImageSource]: the sources behind batch_rows, same order
+    "batch_model": None,      # str: model directory the batch was screened with
+    "batch_prediction_ids": {},  # {row index: audit prediction id} for rows recorded in the audit log
+    "batch_seconds": None,    # float: wall time of the last screening run
+    "reviewer": "",           # str: name typed into the review form
+}
+
+
+def models_root() -> Path:
+    """Where models are listed from: ``$BCC_MODELS_DIR`` (development, tests) or ``<repo>/models``."""
+    return Path(os.environ.get("BCC_MODELS_DIR") or ROOT / "models")
+
+
+def available_models() -> list[str]:
+    """Model directories (as str) that hold a model_card.json, default model first."""
+    from bcc_core.inference import list_models
+
+    return [str(p) for p in list_models(models_root())]
+
+
+def init_state() -> None:
+    """Create every session-state key once (idempotent; safe to call from every page)."""
+    for k, v in STATE_DEFAULTS.items():
+        if k not in st.session_state:
+            st.session_state[k] = copy.deepcopy(v)
+    if not st.session_state["model_dir"]:
+        models = available_models()
+        if models:
+            st.session_state["model_dir"] = models[0]
+
+
+def _mtime(model_dir: str) -> float:
+    p = Path(model_dir) / "model_card.json"
+    return p.stat().st_mtime if p.is_file() else 0.0
+
+
+@st.cache_resource(show_spinner="Loading the model (first use only)…", max_entries=4)
+def _load_predictor(model_dir: str, card_mtime: float):
+    """Load once per model directory (and card version); shared by all users, never mutated."""
+    from bcc_core.inference import Predictor
+
+    return Predictor.load(model_dir)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _load_card(model_dir: str, card_mtime: float):
+    from bcc_core.model_card import load_card
+
+    return load_card(model_dir)
+
+
+def current_model_dir() -> str | None:
+    return st.session_state.get("model_dir")
+
+
+def no_model_message() -> None:
+    st.error(f"No model found in `{models_root()}`: there is no folder with a `model_card.json`. "
+             "Train one with `python -m bcc_core train --data <folder> --out models/<id>` and reload this page.")
+
+
+def require_predictor():
+    """The selected model's Predictor, or an explanation on the page and st.stop()."""
+    d = current_model_dir()
+    if not d:
+        no_model_message()
+        st.stop()
+    try:
+        return _load_predictor(d, _mtime(d))
+    except Exception as e:  # a broken model folder must not show a traceback to the user
+        st.error(f"The model in `{d}` could not be loaded: {e}")
+        st.stop()
+
+
+def card_or_error(model_dir: str):
+    """(ModelCard, None) or (None, reason) for a model directory; never raises."""
+    try:
+        return _load_card(model_dir, _mtime(model_dir)), None
+    except Exception as e:  # invalid or missing card: say why instead of a traceback
+        return None, f"The model card in `{model_dir}` could not be read: {e}"
+
+
+def require_card():
+    """The selected model's ModelCard (no TensorFlow needed), or a message and st.stop()."""
+    d = current_model_dir()
+    if not d:
+        no_model_message()
+        st.stop()
+    card, error = card_or_error(d)
+    if card is None:
+        st.error(error)
+        st.stop()
+    return card
+
+
+def page_header(title: str, intro: str | None = None) -> None:
+    """Title, the decision-support notice and the model in use; shown at the top of every page."""
+    st.title(title)
+    st.info(DISCLAIMER, icon=":material/medical_information:")
+    d = current_model_dir()
+    if d:
+        st.caption(f"Model: `{Path(d).name}` — change it in the sidebar.")
+    if intro:
+        st.markdown(intro)
+
+
+SEVERITY_TITLE = {"critical": "Critical", "warning": "Warning", "info": "Note"}
+FLAG_TITLE = {"low_confidence": "Low confidence", "out_of_distribution": "Unlike the training images",
+              "image_quality": "Image quality"}
+
+
+def show_flags(flags) -> None:
+    """Each flag as a coloured box: what is wrong and what to do next (critical → error box)."""
+    from bcc_core.flags import next_step
+
+    for f in flags or []:
+        title = FLAG_TITLE.get(f.code, f.code)
+        try:
+            step = next_step(f.code)
+        except ValueError:
+            step = "Review the cell yourself."
+        text = (f"**{title}** ({SEVERITY_TITLE.get(f.severity, f.severity)}): {f.message}\n\n"
+                f"**Next step:** {step}")
+        if f.severity == "critical":
+            st.error(text, icon=":material/error:")
+        elif f.severity == "warning":
+            st.warning(text, icon=":material/warning:")
+        else:
+            st.info(text, icon=":material/info:")
+
+
+def show_status(status: str, n_flags: int = 0) -> None:
+    """The overall status in words a reviewer can act on."""
+    if status == "ok":
+        st.success("**Status: OK** — no flag was raised. The suggestion still needs confirmation by a "
+                   "qualified reader.", icon=":material/check_circle:")
+    elif status == "review":
+        st.warning(f"**Status: NEEDS REVIEW** — {n_flags} flag(s) below say why this suggestion should not be "
+                   "taken at face value.", icon=":material/rate_review:")
+    else:
+        st.error(f"**Status: {status.upper()}** — the image could not be classified.", icon=":material/error:")
+
+
+@st.cache_data(show_spinner="Computing the explanation heatmap…", max_entries=64)
+def heatmap(model_dir: str, card_mtime: float, model_input, method: str, class_index: int):
+    """Cached Grad-CAM-family heatmap (S, S) float in [0, 1] for one model input."""
+    from bcc_core.explain import explain
+
+    return explain(_load_predictor(model_dir, card_mtime), model_input, method=method, class_index=class_index)
+
+
+def explanation_heatmap(model_input, method: str, class_index: int):
+    d = current_model_dir()
+    return heatmap(d, _mtime(d), model_input, method, int(class_index))
+
+
+def audit_log():
+    """The audit log at $BCC_AUDIT_DB or ~/.bcc/audit.sqlite (opened per call: cheap, thread-safe)."""
+    from bcc_core.audit import AuditLog
+    from bcc_core.ui_helpers import audit_db_path
+
+    p = audit_db_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return AuditLog(p)

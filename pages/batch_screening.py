@@ -1,0 +1,213 @@
+"""Batch screening: many images → a results table that fills as it runs, a review queue, a summary, a CSV."""
+
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from bcc_core import charts
+from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, iter_image_sources, read_image, sources_from_uploads
+from bcc_core.ui_helpers import GRADCAM_METHODS, fmt_pct, results_frame, summary_counts
+from pages._shared import (audit_log, current_model_dir, explanation_heatmap, init_state, page_header,
+                           require_predictor, show_flags, show_status)
+
+init_state()
+page_header("Batch screening", "Screen many single-cell images at once: uploaded images, a .zip of images, or "
+                               "a folder on the server. Every input gets a row; unreadable files get a reason.")
+predictor = require_predictor()
+classes = predictor.classes
+ss = st.session_state
+
+TABLE_COLUMNS = {
+    "#": st.column_config.NumberColumn("#", width="small"),
+    "thumbnail": st.column_config.ImageColumn("cell", width="small"),
+    "file": st.column_config.TextColumn("file", width="medium"),
+    "status": st.column_config.TextColumn("status", width="small"),
+    "predicted_class": st.column_config.TextColumn("suggested class"),
+    "confidence": st.column_config.ProgressColumn("confidence", min_value=0.0, max_value=1.0, format="percent"),
+    "flags": st.column_config.TextColumn("flags", width="medium"),
+    "reason": st.column_config.TextColumn("reason", width="large"),
+}
+
+# ---------------------------------------------------------------- inputs
+mode = st.radio("Input", ["Upload images or a .zip", "Folder on the server"], horizontal=True, key="batch_mode")
+if mode == "Upload images or a .zip":
+    uploads = st.file_uploader("Images (PNG, JPEG, TIFF, BMP, WebP) and/or .zip archives of them",
+                               accept_multiple_files=True, key="batch_uploads",
+                               type=[e.lstrip(".") for e in IMAGE_EXTENSIONS] + ["zip"])
+    folder = ""
+else:
+    uploads = []
+    folder = st.text_input("Folder path on the server (searched recursively; a .zip path also works)",
+                           key="batch_folder", placeholder="/data/smears/2024-05-01")
+
+run = st.button("Run screening", type="primary", icon=":material/play_arrow:",
+                disabled=not (uploads or folder.strip()))
+
+
+def record_in_audit(rows, model_id):
+    """Log every readable result so flagged cells can be reviewed and audited later; {row index: id}."""
+    ids = {}
+    try:
+        log = audit_log()
+        for i, r in enumerate(rows):
+            if r["status"] != "error":
+                ids[i] = log.record_prediction(r, model_id=model_id)
+    except Exception as e:  # the table is still useful without the log; say so plainly
+        st.warning(f"Results could not be written to the audit log ({e}); decisions cannot be recorded.")
+    return ids
+
+
+if run:
+    if uploads:
+        sources = sources_from_uploads(uploads)
+    else:
+        sources = list(iter_image_sources([folder.strip()]))
+    if not sources:
+        st.warning("No image files found there. Accepted: " + ", ".join(IMAGE_EXTENSIONS) + ", or a .zip of them.")
+        st.stop()
+    from bcc_core.screening import screen
+
+    bar = st.progress(0.0, text=f"Screening {len(sources)} image(s)…")
+    live = st.empty()
+    done_rows: list[dict] = []
+    last = [0.0]
+
+    def on_result(row, done, total):
+        done_rows.append(row)
+        now = time.monotonic()
+        # Redrawing a table with thumbnails for every row would dominate the run time on big batches.
+        if done == total or now - last[0] > 0.5:
+            last[0] = now
+            bar.progress(done / total, text=f"Screened {done} of {total}")
+            live.dataframe(results_frame(done_rows), column_config=TABLE_COLUMNS, hide_index=True,
+                           height=min(400, 38 + 35 * len(done_rows)))
+
+    t0 = time.perf_counter()
+    rows = screen(sources, predictor, on_result=on_result)
+    ss["batch_seconds"] = time.perf_counter() - t0
+    ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
+    ss["batch_prediction_ids"] = record_in_audit(rows, predictor.card.model_id)
+    bar.empty()
+    live.empty()
+
+rows = ss["batch_rows"]
+if not rows:
+    st.stop()
+if ss["batch_model"] != current_model_dir():
+    st.warning(f"These results come from model `{Path(ss['batch_model']).name}`, not the one selected now. "
+               "Run the screening again to use the selected model.")
+
+# ---------------------------------------------------------------- summary
+counts = summary_counts(rows, classes)
+st.subheader("Summary")
+m = st.columns(5)
+m[0].metric("Images", counts["total"])
+m[1].metric("OK", counts["ok"])
+m[2].metric("Needs review", counts["flagged"])
+m[3].metric("Errors (unreadable)", counts["error"])
+m[4].metric("Time", f"{ss['batch_seconds']:.1f} s" if ss["batch_seconds"] else "n/a")
+s1, s2 = st.columns([1.3, 1])
+with s1:
+    st.plotly_chart(charts.differential_bar(counts["per_class"], classes), config={"displayModeBar": False})
+with s2:
+    try:
+        from bcc_core.report import differential
+
+        st.markdown("**Differential** (suggested classes, readable images)")
+        st.dataframe(differential(rows, classes), hide_index=True)
+    except Exception as e:
+        st.warning(f"Differential table not available: {e}")
+st.caption("Flagged cells are counted under the suggested class until a reviewer corrects them. "
+           "A differential from a model is a screening aid, not a count to report.")
+
+try:
+    from bcc_core.report import results_to_csv
+
+    csv = results_to_csv([{k: v for k, v in r.items() if k != "thumbnail"} for r in rows], classes)
+    st.download_button("Download results (CSV)", csv, file_name="screening_results.csv", mime="text/csv",
+                       icon=":material/download:", on_click="ignore")
+except Exception as e:
+    st.warning(f"CSV export is not available: {e}")
+
+# ---------------------------------------------------------------- results table
+st.subheader("Results")
+f1, f2 = st.columns([1, 3])
+review_only = f1.toggle("Needs review only", key="batch_review_only")
+show_classes = f2.multiselect("Suggested class", classes, default=classes, key="batch_class_filter",
+                              help="Error rows (no class) are shown whenever 'Needs review only' is off.")
+df = results_frame(rows)
+keep = df["predicted_class"].isin(show_classes) | (df["status"] == "error")
+if review_only:
+    keep &= df["status"] == "review"
+view = df[keep].reset_index(drop=True)
+st.caption(f"{len(view)} of {len(df)} row(s) shown. Select a row to open the cell and its Grad-CAM.")
+event = st.dataframe(view, column_config=TABLE_COLUMNS, hide_index=True, on_select="rerun",
+                     selection_mode="single-row", key=f"batch_table_{int(review_only)}_{'|'.join(show_classes)}",
+                     height=min(480, 38 + 35 * max(len(view), 1)))
+selected = event.selection.rows if event is not None else []
+
+# ---------------------------------------------------------------- selected cell
+if selected:
+    idx = int(view.iloc[selected[0]]["#"])
+    r = rows[idx]
+    st.subheader(f"Cell #{idx}: {r['file']}")
+    if r["status"] == "error":
+        st.error(f"This file could not be classified: {r['reason']}", icon=":material/broken_image:")
+    else:
+        try:
+            image = read_image(ss["batch_sources"][idx].load())
+            pred = predictor.predict([image])[0]
+        except (ImageReadError, IndexError) as e:
+            st.error(f"The image is no longer available ({e}). Run the screening again.")
+            st.stop()
+        c1, c2, c3 = st.columns([1, 1, 1.3])
+        c1.image(pred.model_input, caption="What the model saw", width="stretch")
+        method = c3.selectbox("Explanation method", list(GRADCAM_METHODS), key="batch_cam_method")
+        alpha = c3.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="batch_cam_alpha")
+        try:
+            from bcc_core.explain import overlay
+
+            heat = explanation_heatmap(pred.model_input, GRADCAM_METHODS[method], classes.index(pred.predicted_class))
+            c2.image(overlay(pred.model_input, heat, alpha), caption=f"{method} for '{pred.predicted_class}'",
+                     width="stretch")
+        except Exception as e:
+            c2.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
+        with c3:
+            st.metric("Suggested class", pred.predicted_class, help="Calibrated confidence below.")
+            st.metric("Calibrated confidence", fmt_pct(pred.confidence))
+            show_status(pred.status, len(pred.flags))
+        show_flags(pred.flags)
+        st.plotly_chart(charts.probability_bar(pred.probabilities, classes, pred.predicted_class),
+                        config={"displayModeBar": False}, key=f"batch_prob_{idx}")
+
+# ---------------------------------------------------------------- review queue
+st.subheader("Review queue")
+queue = [i for i, r in enumerate(rows) if r["status"] == "review"]
+if not queue:
+    st.success("No cell in this batch was flagged for review.")
+    st.stop()
+ids = ss["batch_prediction_ids"]
+if not ids:
+    st.warning("The audit log was not available when this batch ran, so decisions cannot be stored.")
+    st.stop()
+log = audit_log()
+st.caption(f"{len(queue)} flagged cell(s). Decisions are stored with your name and time in the audit log "
+           "for quality review.")
+with st.form("review_form", clear_on_submit=False):
+    pick = st.selectbox("Flagged cell", queue, format_func=lambda i: f"#{i} {Path(rows[i]['file']).name} — "
+                        f"suggested {rows[i]['predicted_class']} ({fmt_pct(rows[i]['confidence'], 0)})")
+    r1, r2 = st.columns(2)
+    decision = r1.radio("Decision", ["confirm", "correct", "reject"], horizontal=True,
+                        captions=["suggested class is right", "it is another class", "not usable / not a cell"])
+    final = r2.selectbox("Final class (for 'correct')", classes)
+    reviewer = r1.text_input("Reviewer", key="reviewer")
+    comment = r2.text_input("Comment (optional)")
+    submitted = st.form_submit_button("Record decision", type="primary")
+if submitted:
+    if not reviewer.strip():
+        st.error("Enter your name as reviewer: every decision in the audit log has an owner.")
+    else:
+        final_class = {"confirm": rows[pick]["predicted_class"], "correct": final, "reject": None}[decision]
+        log.record_decision(ids[pick], reviewer.strip(), decision, final_class, comment.strip())
+        st.success(f"Recorded: #{pick} {decision}" + (f" as {final_class}" if final_class else "") + ".")

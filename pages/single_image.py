@@ -1,0 +1,117 @@
+"""Single image: one cell image → suggested class, calibrated confidence, flags and Grad-CAM."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from bcc_core import charts
+from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, content_hash, encode_png, read_image
+from bcc_core.ui_helpers import GRADCAM_METHODS, fmt_pct
+from pages._shared import (ROOT, current_model_dir, explanation_heatmap, init_state, page_header,
+                           require_predictor, show_flags, show_status)
+
+init_state()
+page_header("Single image", "Upload one image of a single stained white blood cell. The model suggests a class "
+                            "with a calibrated confidence, says when not to trust it, and shows where its "
+                            "evidence lies.")
+predictor = require_predictor()
+card = predictor.card
+
+# ---------------------------------------------------------------- input
+SAMPLES = ROOT / "assets" / "samples"
+samples = sorted(p for p in SAMPLES.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if SAMPLES.is_dir() else []
+source = "Upload"
+if samples:
+    source = st.radio("Image source", ["Upload", "Bundled sample"], horizontal=True)
+if source == "Upload":
+    upload = st.file_uploader("Cell image (PNG, JPEG, TIFF, BMP or WebP)", key="single_upload",
+                              type=[e.lstrip(".") for e in IMAGE_EXTENSIONS])
+    if upload is None:
+        st.caption(f"The model expects one cell per image, like its training data "
+                   f"({card.data.get('name', card.task)}). Classes: {', '.join(card.classes)}.")
+        st.stop()
+    name, data = upload.name, upload.getvalue()
+else:
+    pick = st.selectbox("Sample", samples, format_func=lambda p: p.name)
+    name, data = Path(pick).name, Path(pick).read_bytes()
+
+# ---------------------------------------------------------------- one core call (cached per image and model)
+key = (current_model_dir(), content_hash(data))
+if (st.session_state["single"] or {}).get("key") != key:
+    try:
+        image = read_image(data)
+    except ImageReadError as e:
+        st.session_state["single"] = None
+        st.error(f"This file cannot be used: {e}", icon=":material/broken_image:")
+        st.stop()
+    with st.spinner("Classifying…"):
+        pred = predictor.predict([image])[0]
+    st.session_state["single"] = {"key": key, "name": name, "image": image, "pred": pred, "sha256": key[1]}
+res = st.session_state["single"]
+image, pred = res["image"], res["pred"]
+
+# ---------------------------------------------------------------- result
+st.subheader("Result")
+c_img, c_in, c_res = st.columns([1, 1, 1.4], gap="medium")
+with c_img:
+    st.image(image, caption=f"Original: {res['name']} ({image.shape[1]}×{image.shape[0]} px)", width="stretch")
+with c_in:
+    st.image(pred.model_input, caption=f"What the model saw ({pred.model_input.shape[1]}×"
+                                       f"{pred.model_input.shape[0]}, {card.preprocessing.get('mode', '')} "
+                                       f"crop, stain norm: {card.preprocessing.get('stain_norm', 'none')})",
+             width="stretch")
+with c_res:
+    st.metric("Suggested class", pred.predicted_class)
+    st.metric("Calibrated confidence", fmt_pct(pred.confidence),
+              help="Temperature-scaled probability of the suggested class: among past test images given about "
+                   "this confidence, about this fraction were right (see the reliability diagram on the "
+                   "metrics page).")
+    show_status(pred.status, len(pred.flags))
+    if pred.prediction_set and len(pred.prediction_set) > 1:
+        st.markdown(f"Classes the model cannot rule out: **{', '.join(pred.prediction_set)}**")
+
+show_flags(pred.flags)
+st.plotly_chart(charts.probability_bar(pred.probabilities, predictor.classes, pred.predicted_class),
+                config={"displayModeBar": False})
+
+# ---------------------------------------------------------------- explanation
+st.subheader("Grad-CAM explanation")
+st.caption("Where the model found evidence for the chosen class, on the image it saw. It is not a segmentation: "
+           "a hot spot on the background or the slide edge means the model may be using the wrong cue.")
+e_ctl, e_over, e_in = st.columns(3, gap="medium")
+with e_ctl:
+    method_label = st.selectbox("Method", list(GRADCAM_METHODS), key="single_cam_method",
+                                help="Score-CAM is slower (several forward passes).")
+    target = st.selectbox("Explain class", predictor.classes, index=predictor.classes.index(pred.predicted_class),
+                          key=f"single_cam_target_{res['sha256'][:12]}",
+                          help="Default: the suggested class. Pick another to see what speaks for it.")
+    alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="single_cam_alpha")
+try:
+    heat = explanation_heatmap(pred.model_input, GRADCAM_METHODS[method_label], predictor.classes.index(target))
+except Exception as e:  # an explanation failure must not hide the prediction
+    heat = None
+    e_over.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
+if heat is not None:
+    from bcc_core.explain import overlay
+
+    over = overlay(pred.model_input, heat, alpha)
+    e_over.image(over, caption=f"{method_label} for '{target}', opacity {alpha:.2f}", width="stretch")
+    e_in.image(pred.model_input, caption="Model input without overlay", width="stretch")
+
+# ---------------------------------------------------------------- downloads
+st.subheader("Downloads")
+row = {"file": res["name"], "status": pred.status, "predicted_class": pred.predicted_class,
+       "confidence": pred.confidence, "flags": pred.flags, "reason": " ".join(f.message for f in pred.flags),
+       "probabilities": pred.probabilities, "sha256": res["sha256"], "ood_score": pred.ood_score,
+       "prediction_set": pred.prediction_set}
+d1, d2 = st.columns(2)
+try:
+    from bcc_core.report import result_to_json
+
+    d1.download_button("Result (JSON)", result_to_json(row, card.to_dict()), file_name=f"{Path(res['name']).stem}"
+                       f"_result.json", mime="application/json", icon=":material/download:", on_click="ignore")
+except Exception as e:
+    d1.warning(f"JSON export is not available: {e}")
+if heat is not None:
+    d2.download_button("Overlay (PNG)", encode_png(over), file_name=f"{Path(res['name']).stem}_{GRADCAM_METHODS[method_label]}.png",
+                       mime="image/png", icon=":material/download:", on_click="ignore")

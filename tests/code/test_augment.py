@@ -1,0 +1,411 @@
+"""Unit tests for bcc_core.augment on synthetic images (no data, no model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from bcc_core import augment as A
+from bcc_core.augment import AugmentConfig
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def cell(h: int = 96, w: int = 96, seed: int = 0) -> np.ndarray:
+    """Pinkish background with a horizontal gradient, a dark purple 'nucleus' disc, mild texture."""
+    yy, xx = np.mgrid[:h, :w]
+    img = np.empty((h, w, 3), np.float64)
+    img[..., 0] = 215 + 20 * xx / max(w - 1, 1)
+    img[..., 1] = 185 + 10 * yy / max(h - 1, 1)
+    img[..., 2] = 200
+    disc = (yy - 0.45 * h) ** 2 + (xx - 0.55 * w) ** 2 < (0.2 * min(h, w)) ** 2
+    img[disc] = (95, 45, 135)
+    img += np.random.default_rng(seed).normal(0, 4, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def checkerboard(h: int = 64, w: int = 64, square: int = 2) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    v = (((yy // square) + (xx // square)) % 2 * 160 + 48).astype(np.uint8)
+    return np.repeat(v[..., None], 3, axis=2)
+
+
+def only(**kw) -> AugmentConfig:
+    """Config with everything off except the given overrides."""
+    return dataclasses.replace(AugmentConfig.none(), **kw)
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(ys.mean()), float(xs.mean())
+
+
+def nucleus(img: np.ndarray) -> np.ndarray:
+    return img[..., 1] < 110
+
+
+@pytest.fixture
+def img() -> np.ndarray:
+    return cell()
+
+
+# ---------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_output_other_seed_differs(img):
+    cfg = AugmentConfig()
+    a = A.augment(img, np.random.default_rng(7), cfg)
+    b = A.augment(img, np.random.default_rng(7), cfg)
+    assert np.array_equal(a, b)
+    batch = np.stack([img] * 6)
+    x1 = A.augment_batch(batch, seed=3, cfg=cfg)
+    x2 = A.augment_batch(batch, seed=3, cfg=cfg)
+    x3 = A.augment_batch(batch, seed=4, cfg=cfg)
+    assert np.array_equal(x1, x2)
+    assert not np.array_equal(x1, x3)
+    # Different images of one batch get different draws.
+    assert len({x1[i].tobytes() for i in range(6)}) == 6
+
+
+def test_batch_item_independent_of_batch_size(img):
+    cfg = AugmentConfig()
+    big = A.augment_batch(np.stack([img] * 5), seed=11, cfg=cfg)
+    small = A.augment_batch(np.stack([img] * 2), seed=11, cfg=cfg)
+    assert np.array_equal(big[:2], small)
+
+
+def test_input_not_modified(img):
+    before = img.copy()
+    for s in range(10):
+        A.augment(img, np.random.default_rng(s), AugmentConfig())
+    assert np.array_equal(img, before)
+
+
+# ---------------------------------------------------------------------------------- shape / dtype
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (81, 37), (5, 7), (224, 224)])
+def test_pipeline_preserves_shape_and_dtype(shape):
+    im = cell(*shape)
+    full = dataclasses.replace(
+        AugmentConfig(), **{f.name: 1.0 for f in dataclasses.fields(AugmentConfig) if f.name.endswith("_p")}
+    )
+    for cfg in (AugmentConfig(), full):
+        for s in range(5):
+            out = A.augment(im, np.random.default_rng(s), cfg)
+            assert out.shape == im.shape and out.dtype == np.uint8
+    batch = A.augment_batch(np.stack([im] * 3), seed=0, cfg=full)
+    assert batch.shape == (3, *im.shape) and batch.dtype == np.uint8
+
+
+def test_every_op_preserves_shape_and_dtype():
+    im = cell(48, 80)
+    rng = np.random.default_rng(0)
+    outs = [
+        A.hflip(im), A.vflip(im), A.rotate(im, 30), A.rotate(im, 90), A.channel_shift(im, (0.9, 1.0, 1.1)),
+        A.sharpen(im, 1.5), A.adjust_contrast(im, 1.2), A.gaussian_blur(im, 1.0),
+        A.gaussian_noise(im, 0.03, rng), A.random_crop(im, 0.8, (0.2, 0.9)), A.elastic(im, 30, 5, rng),
+        A.zoom(im, 1.1), A.shift(im, 0.1, -0.1), A.stain_jitter(im, 8, 1.2, 0.9, 1.2),
+        A.to_grayscale(im), A.jpeg(im, 50), A.down_up(im, 0.5),
+    ]
+    for out in outs:
+        assert out.shape == im.shape and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "bad, exc",
+    [
+        (np.zeros((8, 8, 3), np.float32), TypeError),
+        (np.zeros((8, 8), np.uint8), ValueError),
+        (np.zeros((8, 8, 4), np.uint8), ValueError),
+        ([[0, 0, 0]], TypeError),
+    ],
+)
+def test_bad_images_raise_with_message(bad, exc):
+    with pytest.raises(exc, match=r"\(H, W, 3\)|uint8"):
+        A.augment(bad, np.random.default_rng(0), AugmentConfig())
+
+
+def test_bad_parameters_raise(img):
+    with pytest.raises(ValueError, match="factors"):
+        A.channel_shift(img, (1.0, 1.0))
+    with pytest.raises(ValueError, match="quality"):
+        A.jpeg(img, 0)
+    with pytest.raises(ValueError, match="scale"):
+        A.random_crop(img, 1.5)
+    with pytest.raises(ValueError, match="sigma"):
+        A.gaussian_blur(img, -1)
+    with pytest.raises(ValueError, match="seed"):
+        A.augment_batch(np.stack([img]), seed=-1)
+    with pytest.raises(ValueError, match="N, H, W, 3"):
+        A.augment_batch(img, seed=0)
+
+
+# ---------------------------------------------------------------------------------- geometric ops
+
+
+def test_flips_are_exact(img):
+    assert np.array_equal(A.hflip(img), img[:, ::-1])
+    assert np.array_equal(A.vflip(img), img[::-1])
+    assert np.array_equal(A.hflip(A.hflip(img)), img)
+
+
+def test_flip_probability_is_respected(img):
+    cfg = only(hflip_p=0.5)
+    flipped = A.hflip(img)
+    n = 400
+    hits = sum(np.array_equal(A.augment(img, np.random.default_rng(s), cfg), flipped) for s in range(n))
+    assert 0.4 < hits / n < 0.6
+
+
+def test_rotate_90_equals_rot90(img):
+    assert np.array_equal(A.rotate(img, 90), np.rot90(img))
+    assert np.array_equal(A.rotate(img, -90), np.rot90(img, -1))
+    assert np.array_equal(A.rotate(img, 180), np.rot90(img, 2))
+
+
+def test_pipeline_rotation_matches_rotate_and_direction(img):
+    # Goes through the composed single-warp path, so it checks its sign and centre conventions.
+    cfg = only(rotate_p=1.0, rotate_angles_deg=(90.0,), rotate_random_sign=False)
+    assert np.array_equal(A.augment(img, np.random.default_rng(0), cfg), np.rot90(img))
+    cfg45 = only(rotate_p=1.0, rotate_angles_deg=(45.0,), rotate_random_sign=False)
+    assert np.array_equal(A.augment(img, np.random.default_rng(0), cfg45), A.rotate(img, 45))
+    # Both signs occur when rotate_random_sign is on.
+    signed = only(rotate_p=1.0, rotate_angles_deg=(90.0,))
+    outs = {A.augment(img, np.random.default_rng(s), signed).tobytes() for s in range(20)}
+    assert outs == {np.rot90(img).tobytes(), np.rot90(img, -1).tobytes()}
+
+
+def test_rotation_border_is_reflected_not_black():
+    im = cell(60, 90)
+    out = A.rotate(im, 45)
+    # Reflected content, not a constant black fill: no near-black pixel anywhere.
+    assert (out.max(axis=2) < 30).sum() == 0
+    assert (cv2.warpAffine(im, cv2.getRotationMatrix2D((44.5, 29.5), 45, 1), (90, 60)).max(axis=2) < 30).sum() > 0
+    # Rotating back recovers the centre (interpolation error only).
+    # Rotating back recovers the centre up to interpolation error (smooth image: texture would blur).
+    smooth = cv2.GaussianBlur(im, (0, 0), 2.0)
+    back = A.rotate(A.rotate(smooth, 15), -15)
+    centre = (slice(20, 40), slice(30, 60))
+    assert np.abs(back[centre].astype(int) - smooth[centre]).mean() < 1.5
+    assert np.abs(A.rotate(smooth, 15)[centre].astype(int) - smooth[centre]).mean() > 5
+
+
+def test_crop_keeps_size_and_matches_resize():
+    im = cell(64, 96)
+    # The outermost output pixels interpolate with real neighbours just outside the window, where
+    # cv2.resize of the cut-out clamps, so compare the interior.
+    inner = (slice(1, -1), slice(1, -1))
+    for offset, window in [((0.0, 0.0), np.s_[:32, :48]), ((1.0, 1.0), np.s_[32:, 48:]), ((0.5, 0.5), np.s_[16:48, 24:72])]:
+        out = A.random_crop(im, 0.5, offset)
+        assert out.shape == im.shape
+        ref = cv2.resize(im[window], (96, 64), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(out.astype(int) - ref)[inner].max() <= 1
+    assert np.array_equal(A.random_crop(im, 1.0), im)
+
+
+def test_crop_in_pipeline_zooms_in_within_range(img):
+    area0 = nucleus(img).sum()
+    cfg = only(crop_p=1.0)
+    for s in range(20):
+        area = nucleus(A.augment(img, np.random.default_rng(s), cfg)).sum()
+        # Side 80-100 % -> area grows by 1 to 1/0.8**2 = 1.56 (disc may be partly cut off).
+        assert area <= area0 * 1.6 + 10
+
+
+def test_zoom_and_shift():
+    im = cell(80, 80)
+    a0 = nucleus(im).sum()
+    assert abs(nucleus(A.zoom(im, 1.5)).sum() / a0 - 2.25) < 0.2
+    assert abs(nucleus(A.zoom(im, 0.8)).sum() / a0 - 0.64) < 0.1
+    cy, cx = centroid(nucleus(im))
+    sy, sx = centroid(nucleus(A.shift(im, 0.1, -0.05)))
+    assert abs(sx - cx - 8) < 0.5 and abs(sy - cy + 4) < 0.5
+    assert np.array_equal(A.zoom(im, 1.0), im)
+
+
+def test_elastic_keeps_mean_and_moves_pixels(img):
+    rng = np.random.default_rng(0)
+    out = A.elastic(img, 30, 5, rng)
+    assert abs(out.astype(float).mean() - img.mean()) < 2
+    changed = np.abs(out.astype(int) - img).max(axis=2) > 10
+    assert changed.mean() > 0.02  # pixels near the nucleus edge moved
+    # Nucleus is deformed, not destroyed.
+    assert abs(nucleus(out).sum() / nucleus(img).sum() - 1) < 0.2
+    assert np.array_equal(A.elastic(img, 0, 5, rng), img)
+
+
+# ---------------------------------------------------------------------------------- colour / blur / noise
+
+
+def test_contrast_identity_and_matches_pil(img):
+    assert np.array_equal(A.adjust_contrast(img, 1.0), img)
+    low = A.adjust_contrast(img, 0.8)
+    assert low.astype(float).std() < img.astype(float).std() * 0.85
+    for f in (0.8, 1.2):
+        pil = np.asarray(ImageEnhance.Contrast(Image.fromarray(img)).enhance(f))
+        assert np.abs(pil.astype(int) - A.adjust_contrast(img, f)).max() <= 1
+
+
+def test_sharpen_matches_pil(img):
+    for f in (1.5, 0.5):
+        pil = np.asarray(ImageEnhance.Sharpness(Image.fromarray(img)).enhance(f))
+        assert np.abs(pil.astype(int) - A.sharpen(img, f)).max() <= 1
+    assert np.array_equal(A.sharpen(img, 1.0), img)
+    cb = checkerboard()
+    assert A.sharpen(cb, 1.5).astype(float).std() > cb.astype(float).std()
+
+
+def test_blur_identity_near_zero_and_smooths():
+    cb = checkerboard()
+    assert np.array_equal(A.gaussian_blur(cb, 0.0), cb)
+    assert np.abs(A.gaussian_blur(cb, 0.1).astype(int) - cb).max() <= 1
+    assert A.gaussian_blur(cb, 1.5).astype(float).std() < 0.5 * cb.astype(float).std()
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.05])
+def test_noise_std_matches_sigma(sigma):
+    grey = np.full((128, 128, 3), 128, np.uint8)
+    out = A.gaussian_noise(grey, sigma, np.random.default_rng(0))
+    diff = out.astype(float) - grey
+    assert abs(diff.std() - sigma * 255) < 0.05 * sigma * 255 + 0.15
+    assert abs(diff.mean()) < 0.2
+
+
+def test_channel_shift_within_ten_percent():
+    im = np.clip(cell(), 60, 220)  # no saturation at 255 even with factor 1.1
+    exact = A.channel_shift(im, (0.9, 1.0, 1.1)).astype(float)
+    assert np.abs(exact[..., 0] - np.rint(im[..., 0] * 0.9)).max() == 0
+    cfg = only(channel_shift_p=1.0)
+    seen = []
+    for s in range(30):
+        out = A.augment(im, np.random.default_rng(s), cfg).astype(float)
+        ratio = out / im
+        lo, hi = ratio.reshape(-1, 3).min(0), ratio.reshape(-1, 3).max(0)
+        tol = 0.5 / 60 + 1e-9  # rounding on the darkest pixel
+        assert np.all(lo >= 0.9 - tol) and np.all(hi <= 1.1 + tol)
+        assert np.all(hi - lo <= 2 * tol)  # one factor per channel, not per pixel
+        seen.append((lo + hi) / 2)
+    seen = np.array(seen)
+    assert seen.min() < 0.95 and seen.max() > 1.05  # the range is actually used
+
+
+def test_stain_jitter(img):
+    assert np.array_equal(A.stain_jitter(img), img)
+    grey = A.stain_jitter(img, saturation=0.0)
+    assert np.abs(grey.astype(int).max(2) - grey.astype(int).min(2)).max() <= 1
+    shifted = A.stain_jitter(img, hue_shift_deg=30)
+    m = nucleus(img)
+    assert np.abs(shifted[m].astype(float).mean(0) - img[m].mean(0)).max() > 15
+    # Full turn is identity up to HSV round-off.
+    assert np.abs(A.stain_jitter(img, hue_shift_deg=360).astype(int) - img).max() <= 1
+    darker = A.stain_jitter(img, brightness=0.9)
+    assert abs(darker.mean() - 0.9 * img.mean()) < 1
+    assert A.stain_jitter(img, gamma=0.8).mean() > img.mean()
+
+
+def test_grayscale(img):
+    g = A.to_grayscale(img)
+    assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 1], g[..., 2])
+    assert np.array_equal(A.to_grayscale(img, 0.0), img)
+
+
+def test_jpeg_quality_orders_error(img):
+    hi = np.abs(A.jpeg(img, 95).astype(int) - img).mean()
+    lo = np.abs(A.jpeg(img, 10).astype(int) - img).mean()
+    assert hi < 5 and lo > 1.5 * hi
+    # Channel order survives (RGB in, RGB out): the nucleus stays blue-dominant.
+    m = nucleus(img)
+    out = A.jpeg(img, 50)[m].mean(0)
+    assert out[2] > out[0] > out[1]
+
+
+def test_down_up_loses_detail():
+    cb = checkerboard(square=1)
+    assert np.array_equal(A.down_up(cb, 1.0), cb)
+    assert A.down_up(cb, 0.5).astype(float).std() < 0.3 * cb.astype(float).std()
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AugmentConfig(),
+        AugmentConfig.study1_only(),
+        AugmentConfig.none(),
+        AugmentConfig(rotate_angles_deg=(10.0, 20.0), jpeg_quality_range=(30, 60), zoom_p=0.7),
+    ],
+)
+def test_config_json_round_trip(cfg):
+    back = AugmentConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert hash(back) == hash(cfg)
+    assert dataclasses.asdict(back) == cfg.to_dict()
+
+
+def test_config_defaults_are_published_values():
+    c = AugmentConfig()
+    assert (c.hflip_p, c.vflip_p) == (0.5, 0.5)
+    assert c.rotate_angles_deg == (15.0, 30.0, 45.0, 90.0) and c.rotate_random_sign
+    assert c.channel_shift_max == 0.10 and c.sharpen_factor == 1.5
+    assert c.contrast_range == (0.8, 1.2) and c.blur_sigma_range == (0.5, 1.5)
+    assert c.noise_sigma_range == (0.01, 0.05) and c.crop_scale_range == (0.8, 1.0)
+    assert (c.elastic_alpha, c.elastic_sigma) == (30.0, 5.0)
+    assert c.zoom_range == (0.9, 1.1) and c.shift_max == 0.10
+    ops = [f.name for f in dataclasses.fields(c) if f.name.endswith("_p")]
+    assert len(ops) == 17 and all(getattr(c, p) > 0 for p in ops)
+
+
+def test_study1_only_and_none():
+    s1 = AugmentConfig.study1_only()
+    for name in ("zoom_p", "shift_p", "stain_p", "grayscale_p", "jpeg_p", "down_up_p", "scale_jitter_p"):
+        assert getattr(s1, name) == 0.0
+    for name in ("hflip_p", "vflip_p", "rotate_p", "channel_shift_p", "sharpen_p", "contrast_p",
+                 "blur_p", "noise_p", "crop_p", "elastic_p"):
+        assert getattr(s1, name) > 0.0
+    none = AugmentConfig.none()
+    assert all(getattr(none, f.name) == 0.0 for f in dataclasses.fields(none) if f.name.endswith("_p"))
+
+
+def test_none_returns_input_unchanged(img):
+    for s in range(5):
+        out = A.augment(img, np.random.default_rng(s), AugmentConfig.none())
+        assert np.array_equal(out, img) and out is not img
+    assert np.array_equal(A.augment_batch(np.stack([img] * 3), 0, AugmentConfig.none()), np.stack([img] * 3))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="probability"):
+        AugmentConfig(hflip_p=1.5)
+    with pytest.raises(ValueError, match="low <= high"):
+        AugmentConfig(contrast_range=(1.2, 0.8))
+    with pytest.raises(ValueError, match="crop_scale_range"):
+        AugmentConfig(crop_scale_range=(0.5, 1.2))
+    with pytest.raises(ValueError, match="valid keys"):
+        AugmentConfig.from_dict({"hflip_prob": 0.5})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AugmentConfig().hflip_p = 0.1  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------- preview / speed
+
+
+def test_preview_grid_shape_and_first_tile():
+    im = cell(32, 40)
+    g = A.preview_grid(im, AugmentConfig(), n=16, seed=0, cols=4)
+    assert g.shape == (4 * 32 + 3 * 2, 4 * 40 + 3 * 2, 3) and g.dtype == np.uint8
+    assert np.array_equal(g[:32, :40], im)
+    assert not np.array_equal(g[:32, 42:82], im)
+    g5 = A.preview_grid(im, AugmentConfig(), n=5, cols=4, gap=0)
+    assert g5.shape == (2 * 32, 4 * 40, 3)
+    assert np.all(g5[32:, 40:] == 255)  # unused cells are blank
+    assert np.array_equal(A.preview_grid(im, AugmentConfig(), n=5, cols=4, gap=0), g5)

@@ -1,0 +1,59 @@
+"""Cell-centred preprocessing: locates the cell, normalises scale and stain, fixed output contract."""
+
+import numpy as np
+import pytest
+
+from bcc_core.preprocess import PreprocessConfig, locate_cell, preprocess, reinhard
+from conftest import synthetic_cell
+
+
+def test_output_contract(cell_image):
+    out = preprocess(cell_image)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+def test_locates_off_centre_cell():
+    img = np.roll(synthetic_cell(400, 50), (40, -30), axis=(0, 1))
+    cx, cy, ext = locate_cell(img)
+    assert abs(cx - (200 - 30)) < 12 and abs(cy - (200 + 40)) < 12
+    assert 80 < ext < 140  # nucleus diameter 100 px
+
+
+def test_scale_normalised_across_magnifications():
+    """The same cell imaged at two magnifications gives nearly the same model input."""
+    import cv2
+
+    small = synthetic_cell(360, 40, seed=1)
+    big = cv2.resize(small, (720, 720), interpolation=cv2.INTER_LINEAR)
+    a, b = preprocess(small).astype(float), preprocess(big).astype(float)
+    assert np.abs(a - b).mean() < 12
+
+
+def test_reinhard_removes_colour_cast(cell_image):
+    cast = np.clip(cell_image.astype(int) + (25, -10, -30), 0, 255).astype(np.uint8)
+    d_before = np.abs(cast.astype(float) - cell_image).mean()
+    d_after = np.abs(reinhard(cast).astype(float) - reinhard(cell_image)).mean()
+    assert d_after < d_before / 2
+
+
+def test_tight_crop_is_padded_not_mirrored():
+    img = synthetic_cell(360, 60)[90:270, 90:270]  # cell fills the frame, like BCCD crops
+    out = preprocess(img)
+    assert out.shape == (224, 224, 3)
+    # corners are slide background (light), not a mirrored purple nucleus
+    assert out[:10, :10].mean() > 150
+
+
+def test_letterbox_mode_and_validation(cell_image):
+    out = preprocess(cell_image[:, :200], PreprocessConfig(mode="letterbox", stain_norm="none", clahe=True))
+    assert out.shape == (224, 224, 3)
+    with pytest.raises(ValueError, match="mode"):
+        PreprocessConfig(mode="zoom")
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(cell_image.astype(np.float32))
+    assert PreprocessConfig.from_dict(PreprocessConfig().to_dict()) == PreprocessConfig()
+
+
+def test_blank_image_does_not_crash():
+    out = preprocess(np.full((100, 100, 3), 200, np.uint8))
+    assert out.shape == (224, 224, 3)

@@ -1,0 +1,165 @@
+"""Train → save → load → predict → screen → CLI, end to end on a tiny generated ImageFolder.
+
+Uses MobileNetV2 with random weights saved to a file (no download, no ../shared), so this runs
+everywhere; it checks the contract, not accuracy.
+"""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, synthetic_cell
+
+pytestmark = pytest.mark.slow
+
+
+def _make_folder(root: Path, per_class=10):
+    for k, (name, lobes) in enumerate([("mono", 1), ("bilobed", 2), ("trilobed", 3)]):
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            img = synthetic_cell(200, 30 + 2 * (i % 5), seed=100 * k + i, lobes=lobes)
+            cv2.imwrite(str(d / f"{name}_{i}.png"), img[..., ::-1])
+    (root / "mono" / "notes.txt").write_text("not an image")
+    (root / "mono" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import keras
+
+    from bcc_core.backbones import get_spec
+    from bcc_core.training import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("pipe")
+    data = tmp / "data"
+    _make_folder(data)
+    inp = keras.Input((224, 224, 3))
+    base = get_spec("mobilenetv2").build(inp, None)
+    wfile = tmp / "random.weights.h5"
+    base.save_weights(wfile)
+    cfg = TrainConfig(task="synthetic", weights=str(wfile), epochs=2, aug_views=1, batch_size=8)
+    metrics = train(data, tmp / "model", cfg, progress=False)
+    return data, tmp / "model", metrics
+
+
+def test_training_writes_a_complete_model(trained):
+    data, model_dir, metrics = trained
+    for f in ("model.keras", "model_card.json", "metrics.json", "split.json", "ood_stats.npz"):
+        assert (model_dir / f).is_file(), f
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["classes"] == ["bilobed", "mono", "trilobed"]
+    assert card["calibration"]["temperature"] > 0
+    assert "threshold" in card["ood"] and "threshold" in card["review_rule"]
+    assert card["data"]["n_images"] == 30 and card["data"]["problems"] >= 1  # broken.jpg / notes.txt reported
+    split = json.loads((model_dir / "split.json").read_text())
+    assert metrics["split_sizes"]["train"] + metrics["split_sizes"]["val"] + metrics["split_sizes"]["test"] == 30
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and len(metrics["test"]["confusion_matrix"]) == 3
+    assert set(metrics["shortcut_audit"]["raw_images"]) == {"border_colour", "image_size", "colour_histogram"}
+    assert split  # saved and parseable
+
+
+def test_loading_refuses_missing_or_inconsistent_card(trained, tmp_path):
+    import shutil
+
+    from bcc_core.models import load_model
+
+    _, model_dir, _ = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    (bad / "model_card.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model_card.json"):
+        load_model(bad)
+    card = json.loads((model_dir / "model_card.json").read_text())
+    card["classes"] = card["classes"][:2]
+    (bad / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="outputs"):
+        load_model(bad)
+    card["classes"] = []
+    (bad / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="invalid model card"):
+        load_model(bad)
+
+
+def test_predictor_matches_full_model_and_flags_noise(trained):
+    from bcc_core.inference import Predictor
+    from bcc_core.preprocess import preprocess
+
+    _, model_dir, _ = trained
+    p = Predictor.load(model_dir)
+    imgs = [synthetic_cell(200, 32, seed=7, lobes=2), np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)]
+    res = p.predict(imgs)
+    assert len(res) == 2 and all(r.predicted_class in p.classes for r in res)
+    assert abs(sum(res[0].probabilities.values()) - 1) < 1e-5
+    # calibrated probabilities equal softmax(logits / T) of the saved model
+    x = preprocess(imgs[0], p.pcfg)[None].astype(np.float32)
+    raw = np.asarray(p.model(x, training=False))[0]
+    assert np.argmax(raw) == p.classes.index(res[0].predicted_class)
+    assert res[1].status == "review" and any(f.code == "image_quality" for f in res[1].flags)
+
+
+def test_gradcam_methods(trained):
+    from bcc_core.explain import explain, overlay
+    from bcc_core.inference import Predictor
+
+    _, model_dir, _ = trained
+    p = Predictor.load(model_dir)
+    r = p.predict([synthetic_cell(200, 32, seed=3)])[0]
+    for m in ("gradcam", "gradcam++", "scorecam"):
+        h = explain(p, r.model_input, m)
+        assert h.shape == (224, 224) and 0 <= h.min() and h.max() <= 1
+    o = overlay(r.model_input, h, 0.5)
+    assert o.shape == (224, 224, 3) and o.dtype == np.uint8
+    with pytest.raises(ValueError, match="method"):
+        explain(p, r.model_input, "lime")
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "bcc_core", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_predict_screen_evaluate(trained, tmp_path):
+    data, model_dir, _ = trained
+    img = data / "mono" / "mono_0.png"
+    r = _cli("predict", str(img), "--model", str(model_dir))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["predicted_class"] in ["bilobed", "mono", "trilobed"] and "flags" in out
+
+    z = tmp_path / "batch.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(data / "bilobed" / "bilobed_1.png", "inner/b1.png")
+        zf.writestr("inner/corrupt.png", b"not a png")
+    csv = tmp_path / "res.csv"
+    r = _cli("screen", str(data / "trilobed"), str(z), str(img), str(tmp_path / "missing.png"),
+             "--model", str(model_dir), "--out", str(csv))
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    assert len(df) == 10 + 2 + 1 + 1
+    assert list(df.columns[:6]) == ["file", "status", "predicted_class", "confidence", "flags", "reason"]
+    assert {"p_bilobed", "p_mono", "p_trilobed"} <= set(df.columns)
+    assert (df.status == "error").sum() == 2 and df.loc[df.status == "error", "reason"].str.len().min() > 5
+    assert "screened 14 images" in r.stdout
+
+    r = _cli("evaluate", "--model", str(model_dir), "--data", str(data), "--split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"accuracy", "macro_f1", "kappa", "roc_auc", "n"} <= set(last)
+
+
+def test_cli_usage_errors():
+    assert _cli("--help").returncode == 0
+    h = _cli("--help").stdout
+    for c in ("train", "evaluate", "predict", "screen", "compare"):
+        assert c in h
+    assert _cli("screen").returncode == 2
+    assert _cli("frobnicate").returncode == 2
+    assert _cli("screen", "/nonexistent/dir", "--out", "/tmp/x.csv").returncode in (0, 2)
