@@ -13,7 +13,7 @@ from pages._shared import available_models, card_or_error, init_state, models_ro
 st.set_page_config(page_title="Blood-cell decision support", page_icon=":material/biotech:", layout="wide",
                    menu_items={"About": "Decision support for a second reader of blood-cell images. "
                                         "Not a diagnosis: a qualified person makes every decision."})
-init_state()
+init_state(shell=True)
 
 pages = [
     st.Page("pages/single_image.py", title="Single image", icon=":material/image_search:", default=True),

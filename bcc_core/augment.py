@@ -149,7 +149,7 @@ class AugmentConfig:
     sharpen_factor: float = 1.5
     contrast_p: float = 0.5
     contrast_range: tuple[float, float] = (0.8, 1.2)
-    blur_p: float = 0.2
+    blur_p: float = 0.35
     blur_sigma_range: tuple[float, float] = (0.5, 1.5)
     noise_p: float = 0.3
     noise_sigma_range: tuple[float, float] = (0.01, 0.05)
@@ -172,9 +172,9 @@ class AugmentConfig:
     grayscale_p: float = 0.05
     jpeg_p: float = 0.3
     jpeg_quality_range: tuple[int, int] = (40, 95)
-    down_up_p: float = 0.2
+    down_up_p: float = 0.35
     down_up_scale_range: tuple[float, float] = (0.5, 0.9)
-    scale_jitter_p: float = 0.2
+    scale_jitter_p: float = 0.4
     scale_jitter_range: tuple[float, float] = (0.8, 1.25)
 
     def __post_init__(self) -> None:

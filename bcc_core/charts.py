@@ -266,7 +266,8 @@ def reliability_diagram(after: Mapping | None, before: Mapping | None = None,
                                                "<extra></extra>"))
     fig.update_xaxes(title_text="mean predicted confidence", range=[0, 1])
     fig.update_yaxes(title_text="observed accuracy", range=[0, 1.02])
-    return _layout(fig, title, height=400, legend=dict(x=0.02, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
+    # Legend below the plot: well-calibrated points sit in the top corners where a legend would hide them.
+    return _layout(fig, title, height=440, legend=dict(orientation="h", x=0, y=-0.2, yanchor="top"))
 
 
 def per_class_bars(per_class: Mapping[str, Mapping[str, float | None]] | None,

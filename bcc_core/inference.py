@@ -69,7 +69,10 @@ class Predictor:
         self._forward = compiled(trust_outputs_model(model))
         from .quality import QualityConfig
 
-        self.qcfg = QualityConfig.from_dict(card.quality) if card.quality else QualityConfig()
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(QualityConfig)}
+        self.qcfg = QualityConfig.from_dict({k: v for k, v in (card.quality or {}).items() if k in known})
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> "Predictor":
@@ -99,7 +102,7 @@ class Predictor:
         T = self.card.temperature
         probs = calibration.apply_temperature(logits, T)
         if self.card.ood and (self.ood_stats is not None or self.card.ood.get("method") == "energy"):
-            scores = ood.score(self.card.ood["method"], feats, logits, self.ood_stats, T)
+            scores = ood.score(self.card.ood["method"], feats, logits, self.ood_stats, T, self.card.ood.get("scales"))
             ood_thr = float(self.card.ood["threshold"])
         else:
             scores, ood_thr = np.zeros(len(inputs)), np.inf
@@ -113,8 +116,8 @@ class Predictor:
             flags = list(quality_flags[i]) if quality_flags else []
             if scores[i] > ood_thr:
                 flags.append(Flag("out_of_distribution", "warning",
-                                  f"This image is unlike the images the model was trained on (score {scores[i]:.1f} > "
-                                  f"{ood_thr:.1f}): another cell type, stain, scanner or an artefact. Do not rely on "
+                                  f"This image is unlike the images the model was trained on (OOD score {scores[i]:.2f} > "
+                                  f"{ood_thr:.2f}): another cell type, stain, scanner or an artefact. Do not rely on "
                                   f"the suggested class; review the cell yourself.", "ood_score"))
             if p[k] < conf_thr:
                 flags.append(Flag("low_confidence", "warning",

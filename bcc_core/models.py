@@ -85,8 +85,8 @@ def feature_extractor(model):
     return keras.Model(model.input, model.get_layer(FEATURES_LAYER).output)
 
 
-def head_only(model):
-    """A model taking features (N, D) through the head layers (shares weights with `model`)."""
+def head_only(model, until: str = PROBS_LAYER):
+    """A model taking features (N, D) through the head layers up to `until` (shares weights with `model`)."""
     import keras
 
     d = model.get_layer(FEATURES_LAYER).output.shape[-1]
@@ -94,6 +94,8 @@ def head_only(model):
     x = inp
     for name in ("head_dropout1", "head_dense", "head_dropout2", LOGITS_LAYER, PROBS_LAYER):
         x = model.get_layer(name)(x)
+        if name == until:
+            break
     return keras.Model(inp, x)
 
 

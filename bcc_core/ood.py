@@ -14,6 +14,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 METHODS = ("mahalanobis", "knn", "energy")
+COMBINED = "union"
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -77,8 +78,21 @@ def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return -temperature * logsumexp(np.asarray(logits, np.float64) / temperature, axis=1)
 
 
-def score(method: str, features: np.ndarray, logits: np.ndarray, stats: dict, temperature: float = 1.0) -> np.ndarray:
-    """Score by the named method."""
+def score(method: str, features: np.ndarray, logits: np.ndarray, stats: dict, temperature: float = 1.0,
+          scales: dict | None = None) -> np.ndarray:
+    """Score by the named method.
+
+    `union` combines the three detectors, which fail on different inputs: each score is rescaled so
+    that its validation median maps to 0 and its threshold to 1 (`scales[m] = (median, threshold)`),
+    and the largest is returned; > 1 means at least one detector fires.
+    """
+    if method == COMBINED:
+        if not scales:
+            raise ValueError("the union OOD score needs per-method (median, threshold) scales from the card")
+        parts = []
+        for m, (med, thr) in scales.items():
+            parts.append((score(m, features, logits, stats, temperature) - med) / max(thr - med, 1e-9))
+        return np.max(np.stack(parts, 1), 1)
     if method == "mahalanobis":
         return mahalanobis(features, stats)
     if method == "knn":
@@ -103,7 +117,7 @@ def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 
 def save_stats(path, stats: dict) -> None:
     """Save fitted statistics as a compressed .npz beside the model."""
-    np.savez_compressed(path, means=stats["means"], precision=stats["precision"].astype(np.float16), bank=stats["bank"].astype(np.float16),
+    np.savez_compressed(path, means=stats["means"], precision=stats["precision"].astype(np.float32), bank=stats["bank"].astype(np.float16),
                         k=np.array(stats["k"]), shrinkage=np.array(stats["shrinkage"]))
 
 

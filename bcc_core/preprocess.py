@@ -101,7 +101,7 @@ def locate_cell(img: np.ndarray) -> tuple[float, float, float]:
     s8 = np.clip(score + 128, 0, 255).astype(np.uint8)
     thr, _ = cv2.threshold(s8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Otsu on an image with no nucleus picks noise; a floor keeps red cells and background out.
-    thr = max(thr, 128 + 25)
+    thr = max(thr, 128 + 45)
     mask = (s8 > thr).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
     # Lobes of a segmented neutrophil or granules of a basophil belong to one cell: close gaps.

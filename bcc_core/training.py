@@ -52,7 +52,7 @@ class TrainConfig:
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 2
     fine_tune_lr: float = 1e-5
-    ood_method: str = "mahalanobis"
+    ood_method: str = "union"
     ood_quantile: float = 0.95
     review_alpha: float = 0.02
     review_delta: float = 0.1
@@ -239,10 +239,11 @@ def _unfreeze_top(model, n_layers: int):
             l.trainable = True
 
 
-def _quality_defaults() -> dict:
+def _quality_config(pcfg: PreprocessConfig) -> dict:
     from .quality import QualityConfig
 
-    return QualityConfig().to_dict()
+    # A letterbox model sees whole fields (all4): several cells per image are expected there.
+    return QualityConfig(expect_single_cell=pcfg.mode == "cell").to_dict()
 
 
 def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = True, cache: bool = False,
@@ -327,8 +328,14 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         epochs_run = len(history.get("loss", []))
     t_train = time.perf_counter()
 
-    # One forward pass gives features and logits for every image: metrics, calibration and OOD.
-    feats, logits = batched_predict(compiled(trust), x, progress=progress, desc="evaluate")
+    # Features and logits for every clean image: metrics, calibration and OOD. With a frozen backbone
+    # the clean features are already known and only the head runs again.
+    if fast and cfg.fine_tune_layers == 0:
+        from .models import LOGITS_LAYER, head_only
+
+        logits = batched_predict(compiled(head_only(model, LOGITS_LAYER)), feats, batch_size=1024)
+    else:
+        feats, logits = batched_predict(compiled(trust), x, progress=progress, desc="evaluate")
     rng = np.random.default_rng(cfg.seed)
     va_perm = rng.permutation(va)
     va_a, va_b = va_perm[: len(va) // 2], va_perm[len(va) // 2:]
@@ -339,19 +346,22 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
 
     stats = ood.fit(feats[tr], labels[tr], n_cls, seed=cfg.seed)
     ood.save_stats(out / "ood_stats.npz", stats)
-    ood_cmp = {}
+    ood_cmp, scales = {}, {}
     for m in ood.METHODS:
         s = ood.score(m, feats, logits, stats, T)
-        ood_cmp[m] = {"threshold": ood.fit_threshold(s[va_a], cfg.ood_quantile),
-                      "val_flag_rate": float((s[va_b] > ood.fit_threshold(s[va_a], cfg.ood_quantile)).mean())}
-    ood_scores = ood.score(cfg.ood_method, feats, logits, stats, T)
-    ood_thr = ood_cmp[cfg.ood_method]["threshold"]
+        thr = ood.fit_threshold(s[va_a], cfg.ood_quantile)
+        scales[m] = (float(np.median(s[va_a])), thr)
+        ood_cmp[m] = {"threshold": thr, "val_b_flag_rate": float((s[va_b] > thr).mean()),
+                      "test_flag_rate": float((s[te] > thr).mean())}
+    ood_scores = ood.score(cfg.ood_method, feats, logits, stats, T, scales)
+    ood_thr = 1.0 if cfg.ood_method == ood.COMBINED else ood_cmp[cfg.ood_method]["threshold"]
     flagged = ood_scores > ood_thr
 
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
-    # The risk rule is fitted on the second validation half, among images the OOD gate lets through.
-    keep_b = va_b[~flagged[va_b]]
+    # The risk rule is fitted on the whole validation split, among images the OOD gate lets through.
+    # (Temperature is a monotone rescaling fitted on half A; it barely changes the confidence ranking.)
+    keep_b = va[~flagged[va]]
     rule = review.fit_selective_threshold(conf[keep_b], correct[keep_b], cfg.review_alpha, cfg.review_delta)
     qhat = review.conformal_qhat(probs[va_b], labels[va_b], cfg.conformal_alpha)
     sets_te = review.prediction_sets(probs[te], qhat)
@@ -409,13 +419,15 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         calibration={"temperature": T, "method": calib["method"], "test_ece_before": calib["test_ece_before"],
                      "test_ece_after": calib["test_ece_after"], "n_bins": 15},
         ood={"method": cfg.ood_method, "threshold": ood_thr, "quantile": cfg.ood_quantile, "stats_file": "ood_stats.npz",
+             "scales": {m: list(v) for m, v in scales.items()},
+             "comparison": ood_cmp,
              "fitted_on": "training features (statistics) and validation half A (threshold), in-distribution only"},
         review_rule={"kind": "selective classification with risk control (Clopper-Pearson, fixed-sequence)",
                      "threshold": rule["threshold"], "alpha": cfg.review_alpha, "delta": cfg.review_delta,
                      "guarantee": review.guarantee_text(cfg.review_alpha, cfg.review_delta),
                      "calibration": rule, "measured_on_test": rule_test, "conformal_qhat": qhat,
                      "conformal_alpha": cfg.conformal_alpha},
-        quality=_quality_defaults() if (Path(__file__).with_name("quality.py")).exists() else {},
+        quality=_quality_config(pcfg),
         shortcut_audit={"raw_images": {k: v["balanced_accuracy"] for k, v in audit_raw.items()},
                         "model_inputs": {k: v["balanced_accuracy"] for k, v in audit_seen.items()},
                         "chance": 1.0 / n_cls, "warnings": warnings},

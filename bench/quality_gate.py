@@ -96,6 +96,7 @@ def run(data: Path, limit: int | None, cfg: QualityConfig) -> tuple[str, bool]:
     lines = ["# Quality gate benchmark", "",
              f"Data: `{data}`" + (f" (at most {limit} images per data set)" if limit else " (all images)"), ""]
     times: list[float] = []
+    cpu: list[float] = []
     all_ok = True
     real_cell = None
     table = ["| data set | what | images | flagged | rate | `not_single_cell` | target | met |",
@@ -116,9 +117,10 @@ def run(data: Path, limit: int | None, cfg: QualityConfig) -> tuple[str, bool]:
                 continue
             if real_cell is None and name == "pbs5":
                 real_cell = img
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             flags = check_quality(img, cfg)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             det = {f.detail for f in flags}
             flagged += bool(flags)
             nsc += "not_single_cell" in det
@@ -140,9 +142,10 @@ def run(data: Path, limit: int | None, cfg: QualityConfig) -> tuple[str, bool]:
 
     lines += ["## Synthetic bad inputs (all must be flagged)", "", "| case | flags | met |", "|---|---|---|"]
     for case, img in synthetic_cases(real_cell).items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         flags = check_quality(img, cfg)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         all_ok &= bool(flags)
         lines.append(f"| {case} | {', '.join(f.detail for f in flags) or '(none)'} | "
                      f"{'yes' if flags else '**NO**'} |")
@@ -154,8 +157,9 @@ def run(data: Path, limit: int | None, cfg: QualityConfig) -> tuple[str, bool]:
         t = np.asarray(times) * 1000
         lines += ["## Speed", "",
                   f"`check_quality`: mean {t.mean():.2f} ms, median {np.median(t):.2f} ms, "
-                  f"p95 {np.percentile(t, 95):.2f} ms per image over {len(t)} images "
-                  f"(target < 5 ms; {'met' if t.mean() < 5 else '**NOT met**'}).", ""]
+                  f"p95 {np.percentile(t, 95):.2f} ms wall time per image over {len(t)} images "
+                  f"(target < 5 ms; {'met' if t.mean() < 5 else '**NOT met**'}); "
+                  f"CPU time mean {np.mean(cpu) * 1000:.2f} ms. One OpenCV thread; decoding excluded.", ""]
         all_ok &= bool(t.mean() < 5)
     lines += ["## Thresholds", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
     return "\n".join(lines), all_ok
@@ -171,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = ap.parse_args(argv)
 
+    # One OpenCV thread: the gate is meant to run per image inside batch workers, and it keeps the
+    # benchmark from competing with other jobs on the machine.
+    cv2.setNumThreads(1)
     cfg = QualityConfig.from_dict(json.loads(args.config.read_text())) if args.config else QualityConfig()
     if not args.data.is_dir():
         report, ok = f"# Quality gate benchmark\n\nSkipped: data folder `{args.data}` not found.\n", True

@@ -25,8 +25,10 @@ STATE_DEFAULTS: dict = {
     "batch_sources": [],      # list[ImageSource]: the sources behind batch_rows, same order
     "batch_model": None,      # str: model directory the batch was screened with
     "batch_prediction_ids": {},  # {row index: audit prediction id} for rows recorded in the audit log
+    "batch_detail": None,     # ((model dir, row index), Prediction) of the row opened from the table
     "batch_seconds": None,    # float: wall time of the last screening run
-    "reviewer": "",           # str: name typed into the review form
+    "reviewer": "",           # str: name typed into the review form (widget key)
+    "review_notice": None,    # (kind, text): outcome of the last review-form submission, shown once
 }
 
 
@@ -42,8 +44,34 @@ def available_models() -> list[str]:
     return [str(p) for p in list_models(models_root())]
 
 
-def init_state() -> None:
-    """Create every session-state key once (idempotent; safe to call from every page)."""
+def _ensure_app_shell(shell: bool) -> None:
+    """Make sure a page runs inside app.py (page config, model selector, navigation).
+
+    Streamlit still supports the old "pages/ folder" apps: until app.py has called st.navigation once
+    in this server process, a first visit straight to e.g. /metrics runs pages/metrics.py on its own,
+    with an automatic menu listing every file. Switch that mode off and rerun through app.py instead.
+    """
+    if shell:
+        st.session_state["_app_shell"] = True
+        return
+    if st.session_state.get("_app_shell"):
+        return
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+    except (ImportError, AttributeError):  # a future Streamlit without the old mode: nothing to undo
+        return
+    st.rerun()
+
+
+def init_state(shell: bool = False) -> None:
+    """Create every session-state key once (idempotent; safe to call from every page).
+
+    Args:
+        shell: True only when called from app.py.
+    """
+    _ensure_app_shell(shell)
     for k, v in STATE_DEFAULTS.items():
         if k not in st.session_state:
             st.session_state[k] = copy.deepcopy(v)

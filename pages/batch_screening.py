@@ -1,13 +1,15 @@
 """Batch screening: many images → a results table that fills as it runs, a review queue, a summary, a CSV."""
 
+import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from bcc_core import charts
 from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, iter_image_sources, read_image, sources_from_uploads
-from bcc_core.ui_helpers import GRADCAM_METHODS, fmt_pct, results_frame, summary_counts
+from bcc_core.ui_helpers import GRADCAM_METHODS, flag_codes, fmt_pct, results_frame, summary_counts
 from pages._shared import (audit_log, current_model_dir, explanation_heatmap, init_state, page_header,
                            require_predictor, show_flags, show_status)
 
@@ -17,6 +19,10 @@ page_header("Batch screening", "Screen many single-cell images at once: uploaded
 predictor = require_predictor()
 classes = predictor.classes
 ss = st.session_state
+
+DECISION_LABELS = {"confirm": "confirm: the suggested class is right",
+                   "correct": "correct: it is another class",
+                   "reject_image": "reject: image unusable / not a single cell"}
 
 TABLE_COLUMNS = {
     "#": st.column_config.NumberColumn("#", width="small"),
@@ -52,7 +58,8 @@ def record_in_audit(rows, model_id):
         log = audit_log()
         for i, r in enumerate(rows):
             if r["status"] != "error":
-                ids[i] = log.record_prediction(r, model_id=model_id)
+                ids[i] = log.record_prediction(r["sha256"], Path(r["file"]).name, model_id, r["predicted_class"],
+                                               r["confidence"], r["status"], r["flags"])
     except Exception as e:  # the table is still useful without the log; say so plainly
         st.warning(f"Results could not be written to the audit log ({e}); decisions cannot be recorded.")
     return ids
@@ -87,6 +94,7 @@ if run:
     rows = screen(sources, predictor, on_result=on_result)
     ss["batch_seconds"] = time.perf_counter() - t0
     ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
+    ss["batch_detail"] = None
     ss["batch_prediction_ids"] = record_in_audit(rows, predictor.card.model_id)
     bar.empty()
     live.empty()
@@ -115,20 +123,31 @@ with s2:
         from bcc_core.report import differential
 
         st.markdown("**Differential** (suggested classes, readable images)")
-        st.dataframe(differential(rows, classes), hide_index=True)
-    except Exception as e:
+        st.dataframe(differential(rows, classes), hide_index=True,
+                     column_config={"percent": st.column_config.NumberColumn("percent", format="%.1f%%")})
+    except Exception as e:  # an export problem must not hide the results
         st.warning(f"Differential table not available: {e}")
 st.caption("Flagged cells are counted under the suggested class until a reviewer corrects them. "
            "A differential from a model is a screening aid, not a count to report.")
 
+x1, x2 = st.columns(2)
+export_rows = [{k: v for k, v in r.items() if k != "thumbnail"} for r in rows]
 try:
     from bcc_core.report import results_to_csv
 
-    csv = results_to_csv([{k: v for k, v in r.items() if k != "thumbnail"} for r in rows], classes)
-    st.download_button("Download results (CSV)", csv, file_name="screening_results.csv", mime="text/csv",
-                       icon=":material/download:", on_click="ignore")
+    x1.download_button("Download results (CSV)", results_to_csv(export_rows, classes), file_name="screening_results.csv",
+                       mime="text/csv", icon=":material/download:", on_click="ignore")
 except Exception as e:
-    st.warning(f"CSV export is not available: {e}")
+    x1.warning(f"CSV export is not available: {e}")
+try:
+    from bcc_core.report import results_to_fhir_bundle
+
+    bundle = results_to_fhir_bundle(export_rows, predictor.card.to_dict())
+    x2.download_button("Download FHIR R4 Bundle (JSON)", json.dumps(bundle, indent=2), file_name="screening_fhir.json",
+                       mime="application/fhir+json", icon=":material/download:", on_click="ignore",
+                       help="Preliminary Observations, one per readable image, each marked as decision support.")
+except Exception as e:
+    x2.warning(f"FHIR export is not available: {e}")
 
 # ---------------------------------------------------------------- results table
 st.subheader("Results")
@@ -155,12 +174,17 @@ if selected:
     if r["status"] == "error":
         st.error(f"This file could not be classified: {r['reason']}", icon=":material/broken_image:")
     else:
-        try:
-            image = read_image(ss["batch_sources"][idx].load())
-            pred = predictor.predict([image])[0]
-        except (ImageReadError, IndexError) as e:
-            st.error(f"The image is no longer available ({e}). Run the screening again.")
-            st.stop()
+        detail = ss["batch_detail"]
+        if not detail or detail[0] != (ss["batch_model"], idx):
+            try:
+                image = read_image(ss["batch_sources"][idx].load())
+                detail = ((ss["batch_model"], idx), predictor.predict([image])[0])
+            except (ImageReadError, IndexError) as e:
+                st.error(f"The image is no longer available ({e}). Run the screening again.")
+                detail = ((ss["batch_model"], idx), None)
+            ss["batch_detail"] = detail
+        pred = detail[1]
+    if r["status"] != "error" and pred is not None:
         c1, c2, c3 = st.columns([1, 1, 1.3])
         c1.image(pred.model_input, caption="What the model saw", width="stretch")
         method = c3.selectbox("Explanation method", list(GRADCAM_METHODS), key="batch_cam_method")
@@ -174,7 +198,7 @@ if selected:
         except Exception as e:
             c2.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
         with c3:
-            st.metric("Suggested class", pred.predicted_class, help="Calibrated confidence below.")
+            st.metric("Suggested class", pred.predicted_class)
             st.metric("Calibrated confidence", fmt_pct(pred.confidence))
             show_status(pred.status, len(pred.flags))
         show_flags(pred.flags)
@@ -184,30 +208,77 @@ if selected:
 # ---------------------------------------------------------------- review queue
 st.subheader("Review queue")
 queue = [i for i, r in enumerate(rows) if r["status"] == "review"]
+ids = ss["batch_prediction_ids"]
 if not queue:
     st.success("No cell in this batch was flagged for review.")
-    st.stop()
-ids = ss["batch_prediction_ids"]
-if not ids:
+elif not ids:
     st.warning("The audit log was not available when this batch ran, so decisions cannot be stored.")
-    st.stop()
-log = audit_log()
-st.caption(f"{len(queue)} flagged cell(s). Decisions are stored with your name and time in the audit log "
-           "for quality review.")
-with st.form("review_form", clear_on_submit=False):
-    pick = st.selectbox("Flagged cell", queue, format_func=lambda i: f"#{i} {Path(rows[i]['file']).name} — "
-                        f"suggested {rows[i]['predicted_class']} ({fmt_pct(rows[i]['confidence'], 0)})")
-    r1, r2 = st.columns(2)
-    decision = r1.radio("Decision", ["confirm", "correct", "reject"], horizontal=True,
-                        captions=["suggested class is right", "it is another class", "not usable / not a cell"])
-    final = r2.selectbox("Final class (for 'correct')", classes)
-    reviewer = r1.text_input("Reviewer", key="reviewer")
-    comment = r2.text_input("Comment (optional)")
-    submitted = st.form_submit_button("Record decision", type="primary")
-if submitted:
-    if not reviewer.strip():
-        st.error("Enter your name as reviewer: every decision in the audit log has an owner.")
-    else:
-        final_class = {"confirm": rows[pick]["predicted_class"], "correct": final, "reject": None}[decision]
-        log.record_decision(ids[pick], reviewer.strip(), decision, final_class, comment.strip())
-        st.success(f"Recorded: #{pick} {decision}" + (f" as {final_class}" if final_class else "") + ".")
+else:
+    log = audit_log()
+    current = log.queue(status="review", undecided_only=False).set_index("prediction_id")
+    qdf = pd.DataFrame([{
+        "#": i, "file": Path(rows[i]["file"]).name, "suggested class": rows[i]["predicted_class"],
+        "confidence": rows[i]["confidence"], "flags": flag_codes(rows[i]["flags"]),
+        "decision": current["decision"].get(ids.get(i)), "final class": current["final_class"].get(ids.get(i)),
+        "reviewer": current["reviewer"].get(ids.get(i))} for i in queue])
+    n_done = int(qdf["decision"].notna().sum())
+    st.caption(f"{len(queue)} flagged cell(s), {n_done} decided. Each decision is stored with your name and the "
+               "time in the audit log (append-only: a changed mind is a new decision, the history is kept).")
+    st.dataframe(qdf, hide_index=True, column_config={
+        "confidence": st.column_config.NumberColumn(format="percent"),
+        "flags": st.column_config.TextColumn(width="medium")})
+    pending = [i for i in queue if pd.isna(qdf.set_index("#").loc[i, "decision"])]
+    if ss.get("review_pick") not in queue:
+        ss["review_pick"] = pending[0] if pending else queue[0]
+
+    def record_decision():
+        """Form callback: store the decision, then move the form to the next undecided cell."""
+        pick, decision, final = ss["review_pick"], ss["review_decision"], ss["review_final"]
+        reviewer, comment = ss["reviewer"].strip(), ss["review_comment"].strip()
+        if not reviewer:
+            ss["review_notice"] = ("error", "Enter your name as reviewer: every decision in the audit log has an owner.")
+            return
+        if decision == "correct" and final == rows[pick]["predicted_class"]:
+            ss["review_notice"] = ("error", f"'{final}' is the suggested class: choose 'confirm', or pick the class "
+                                            "the cell really is.")
+            return
+        try:
+            audit_log().record_decision(ids[pick], reviewer, decision, final if decision == "correct" else None,
+                                        comment)
+        except ValueError as e:
+            ss["review_notice"] = ("error", f"The decision was not stored: {e}")
+            return
+        ss["review_notice"] = ("success", f"Recorded for #{pick} ({Path(rows[pick]['file']).name}): "
+                                          f"{DECISION_LABELS[decision]}" + (f" → {final}" if decision == "correct" else "") + ".")
+        later = [i for i in pending if i != pick]
+        if later:
+            ss["review_pick"] = later[0]
+        ss["review_comment"] = ""
+
+    with st.form("review_form"):
+        st.selectbox("Flagged cell", queue, key="review_pick",
+                     format_func=lambda i: f"#{i} {Path(rows[i]['file']).name}: suggested "
+                                           f"{rows[i]['predicted_class']} ({fmt_pct(rows[i]['confidence'], 0)})"
+                                           + ("" if i in pending else " (decided)"))
+        r1, r2 = st.columns(2)
+        r1.radio("Decision", list(DECISION_LABELS), format_func=DECISION_LABELS.get, key="review_decision")
+        r2.selectbox("Correct class (only for 'correct')", classes, key="review_final")
+        r1.text_input("Reviewer", key="reviewer")
+        r2.text_input("Comment (optional)", key="review_comment")
+        st.form_submit_button("Record decision", type="primary", on_click=record_decision)
+    if ss["review_notice"]:
+        kind, text = ss["review_notice"]
+        (st.success if kind == "success" else st.error)(text)
+        ss["review_notice"] = None
+
+    with st.expander("Audit log: all sessions (for quality review)"):
+        everything = log.queue(status=None, undecided_only=False)
+        agree = log.agreement()
+        a = st.columns(3)
+        a[0].metric("Predictions logged", len(everything))
+        a[1].metric("Flagged, still undecided", int(((everything["status"] == "review")
+                                                    & everything["decision"].isna()).sum()))
+        a[2].metric("Reviewer agreement with the model", fmt_pct(agree.get("overall")),
+                    help="Confirmed / (confirmed + corrected), from each cell's current decision.")
+        st.download_button("Download the full audit trail (CSV)", log.export_csv(), file_name="audit_trail.csv",
+                           mime="text/csv", icon=":material/download:", on_click="ignore")

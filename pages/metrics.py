@@ -58,7 +58,7 @@ with c2:
                     config={"displayModeBar": False})
 
 st.subheader("Training history")
-st.plotly_chart(charts.training_curves(metrics.get("history")), config={"displayModeBar": False})
+st.plotly_chart(charts.training_curves(metrics.get("history"), title=None), config={"displayModeBar": False})
 
 # ---------------------------------------------------------------- calibration
 st.subheader("Calibration")
@@ -162,8 +162,9 @@ if data:
                 + ", ".join(f"{c} {n}" for c, n in (data.get("class_counts") or {}).items()))
     split = card.split or {}
     if split:
-        st.markdown(f"Split sizes {split.get('sizes', 'n/a')} (seed {split.get('seed', 'n/a')}); "
-                    f"{split.get('grouping', '')}.")
+        sizes = split.get("sizes") or {}
+        st.markdown("Split: " + (", ".join(f"{k} {v}" for k, v in sizes.items()) or "sizes not recorded")
+                    + f" (seed {split.get('seed', 'n/a')}); {split.get('grouping', '')}.")
 else:
     st.info("No data provenance is recorded in the model card.")
 st.subheader("Intended use and limitations")

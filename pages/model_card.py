@@ -15,11 +15,13 @@ model_dir = Path(current_model_dir())
 
 
 def bullet(d: dict, keys: list[str] | None = None) -> str:
+    """Scalar entries of a card section as a Markdown list (nested dicts/lists are shown elsewhere)."""
     items = [(k, d[k]) for k in (keys or d) if k in d and not isinstance(d[k], (dict, list))]
-    return "\n".join(f"- **{k.replace('_', ' ')}**: {v}" for k, v in items)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(f"- **{k.replace('_', ' ')}**: {fmt(v)}" for k, v in items)
 
 
-st.markdown(f"### `{card.model_id}`\nTask **{card.task}** · backbone **{card.backbone}** · weights "
+st.markdown(f"### {card.model_id}\nTask **{card.task}** · backbone **{card.backbone}** · weights "
             f"{card.weights} · created {card.created or 'n/a'} · schema {card.schema_version}")
 
 st.markdown("### Intended use")

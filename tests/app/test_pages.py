@@ -158,3 +158,91 @@ def test_model_card_page(app_env):
         assert lim in body
     assert any(card["reproduce"] == c.value for c in at.code) if card.get("reproduce") else True
     assert [b.label for b in at.download_button] == ["Download model_card.json"]
+
+
+# ---------------------------------------------------------------------------------------------- batch screening
+
+
+def _results_table(at):
+    """The results table: the dataframe with a 'file' and a 'thumbnail' column."""
+    for df in at.dataframe:
+        v = df.value
+        if "file" in v.columns and "thumbnail" in v.columns:
+            return v
+    raise AssertionError("no results table on the page")
+
+
+def test_batch_screening_rows_errors_summary_and_review(app_env):
+    import numpy as np
+
+    at = start("pages/batch_screening.py")
+    assert at.title[0].value == "Batch screening" and DISCLAIMER in texts(at, "info")
+    files = [(f"cell{i}.png", png_bytes(synthetic_cell(20 + i)), "image/png") for i in range(2)]
+    files.append(("blank.png", png_bytes(np.full((360, 360, 3), (236, 214, 222), np.uint8)), "image/png"))
+    files.append(("corrupt.png", b"\x89PNG\r\n\x1a\n this is not really a png", "image/png"))
+    at.file_uploader[0].set_value(files).run()
+    run = next(b for b in at.button if b.label == "Run screening")
+    assert not run.disabled
+    run.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+
+    # One row per input, in input order; the corrupt file is an error row with a reason.
+    table = _results_table(at)
+    assert list(table["file"]) == [f[0] for f in files]
+    err = table[table["status"] == "error"]
+    assert list(err["file"]) == ["corrupt.png"]
+    assert "not a recognised image" in err["reason"].iloc[0]
+    assert set(table["status"]) <= {"ok", "review", "error"}
+    assert table.loc[table["file"] == "blank.png", "status"].item() == "review"
+    classes = json.loads((app_env["model_dir"] / "model_card.json").read_text())["classes"]
+    assert set(table.loc[table["status"] != "error", "predicted_class"]) <= set(classes)
+    assert table.loc[table["status"] != "error", "thumbnail"].str.startswith("data:image/png;base64,").all()
+
+    # Summary: counts, errors, the differential and the exports.
+    n_review = int((table["status"] == "review").sum())
+    assert metric(at, "Images") == "4" and metric(at, "Errors (unreadable)") == "1"
+    assert metric(at, "Needs review") == str(n_review)
+    assert int(metric(at, "OK")) + n_review == 3
+    diff = next(d.value for d in at.dataframe if "category" in d.value.columns)
+    assert list(diff.loc[diff["kind"] == "class", "category"]) == classes
+    assert diff.loc[diff["kind"] == "class", "count"].sum() == 3
+    assert diff.loc[diff["category"] == "errors", "count"].item() == 1
+    labels = [b.label for b in at.download_button]
+    assert "Download results (CSV)" in labels
+
+    # Results survive a rerun; the "needs review only" filter narrows the table.
+    at.toggle(key="batch_review_only").set_value(True).run()
+    assert len(_results_table(at)) == n_review and (_results_table(at)["status"] == "review").all()
+
+    # Review queue: record a correction for the flagged blank image; it lands in the audit log.
+    queue = at.selectbox(key="review_pick")
+    blank_idx = 2
+    assert any(o.startswith("#2 blank.png") for o in queue.options), queue.options
+    queue.set_value(blank_idx)
+    at.radio(key="review_decision").set_value("reject_image")
+    at.text_input(key="reviewer").input("Dr Test")
+    at.text_input(key="review_comment").input("no cell in the image")
+    next(b for b in at.button if b.label == "Record decision").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Recorded for #2 (blank.png)" in texts(at, "success")
+    from bcc_core.audit import AuditLog
+
+    log = AuditLog(app_env["audit_db"])
+    pid = at.session_state["batch_prediction_ids"][blank_idx]
+    hist = log.history(pid)
+    assert [(h["decision"], h["reviewer"], h["comment"]) for h in hist] == [
+        ("reject_image", "Dr Test", "no cell in the image")]
+    # The queue table on the page shows the decision.
+    qtable = next(d.value for d in at.dataframe if "decision" in d.value.columns)
+    assert qtable.loc[qtable["#"] == blank_idx, "decision"].item() == "reject_image"
+    # A 'correct' to the suggested class itself is refused with a message, and nothing is stored.
+    other = next(i for i in at.session_state["batch_prediction_ids"] if i != blank_idx
+                 and at.session_state["batch_rows"][i]["status"] == "review") \
+        if n_review > 1 else None
+    if other is not None:
+        at.selectbox(key="review_pick").set_value(other)
+        at.radio(key="review_decision").set_value("correct")
+        at.selectbox(key="review_final").set_value(at.session_state["batch_rows"][other]["predicted_class"])
+        next(b for b in at.button if b.label == "Record decision").click().run()
+        assert "is the suggested class" in texts(at, "error")
+        assert log.history(at.session_state["batch_prediction_ids"][other]) == []

@@ -1,0 +1,128 @@
+"""Run the benchmarks and write bench/RESULTS.md from their generated outputs (nothing typed by hand).
+
+Steps (each writes bench/results/<step>.md): evaluate, reproduce, crosslab, quality, perf, compare.
+Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = ROOT / "bench" / "results"
+WORK = ROOT / "bench" / "_work"
+PY = sys.executable
+WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
+MODELS = {"pbs5": "models/pbs5-mobilenetv2", "all4": "models/all4-mobilenetv2"}
+
+
+def run(cmd, **kw):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def step_evaluate(data):
+    lines = ["# Bundled models on their held-out test splits", "", "`python -m bcc_core evaluate --split test --json` (duplicate groups kept on one side of the split).", "",
+             "| model | n | accuracy | macro-F1 | kappa | ROC-AUC | ECE (card) | shown as ok | wrong & ok (of all) |", "|---|---|---|---|---|---|---|---|---|"]
+    for task, m in MODELS.items():
+        r = run([PY, "-m", "bcc_core", "evaluate", "--model", m, "--data", data / task, "--split", "test", "--json"])
+        if r.returncode:
+            lines.append(f"| {m} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'} |")
+            continue
+        j = json.loads(r.stdout.strip().splitlines()[-1])
+        card = json.loads((ROOT / m / "model_card.json").read_text())
+        lines.append(f"| {m} | {j['n']} | {j['accuracy']:.4f} | {j['macro_f1']:.4f} | {j['kappa']:.4f} | {j['roc_auc']:.4f} | "
+                     f"{card['calibration']['test_ece_after']:.4f} | {j['ok_fraction']:.1%} | {j['wrong_ok_of_all']:.2%} |")
+    return lines
+
+
+def step_reproduce(data):
+    """Re-run the README command for the bundled pbs5 model from scratch (no cache) and time it."""
+    card = json.loads((ROOT / MODELS["pbs5"] / "model_card.json").read_text())
+    out = WORK / "pbs5-repro"
+    cmd = [PY, "-m", "bcc_core", "train", "--data", data / "pbs5", "--backbone", "mobilenetv2", "--weights", WEIGHTS,
+           "--out", out, "--quiet"]
+    t = time.perf_counter()
+    r = run(cmd)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        return ["# Reproduction", "", f"failed: {r.stderr[-2000:]}"]
+    new = json.loads((out / "metrics.json").read_text())["test"]["macro_f1"]
+    old = card["metrics"]["test"]["macro_f1"]
+    return ["# Reproducing the bundled pbs5 model", "",
+            f"Command (README): `python -m bcc_core train --data ../shared/data/pbs5 --backbone mobilenetv2 --weights <offline MobileNetV2 file> --out ...`", "",
+            "| measure | value |", "|---|---|",
+            f"| wall time, fresh process, no cache | {wall / 60:.1f} min (Study 1: 343 min) |",
+            f"| test macro-F1, bundled | {old:.4f} |", f"| test macro-F1, reproduced | {new:.4f} |",
+            f"| difference | {abs(new - old) * 100:.2f} points (limit 0.5) |"]
+
+
+def step_crosslab(data):
+    r = run([PY, "bench/crosslab.py", "--model", MODELS["pbs5"], "--data", data, "--out", RES / "crosslab.md"])
+    return (RES / "crosslab.md").read_text().splitlines() if r.returncode == 0 else ["# Cross-lab", "", "failed: " + r.stderr[-1500:]]
+
+
+def step_quality(data):
+    r = run([PY, "bench/quality_gate.py", "--data", data, "--out", RES / "quality.md"])
+    return (RES / "quality.md").read_text().splitlines() if r.returncode == 0 else ["# Quality gate", "", "failed: " + r.stderr[-1500:]]
+
+
+def step_perf(data):
+    r = run([PY, "bench/perf.py", "--model", MODELS["pbs5"], "--out", RES / "perf.md", "--app"])
+    return (RES / "perf.md").read_text().splitlines() if r.returncode == 0 else ["# Performance", "", "failed: " + r.stderr[-1500:]]
+
+
+def step_compare(data, limit=120, epochs=4):
+    lines = ["# Backbone comparisons (Study 1 and Study 2), identical conditions per table", "",
+             f"Each table: same split, preprocessing, augmentation, {epochs} epochs max, {limit} images per class "
+             "(CPU budget); only MobileNetV2 has ImageNet weights obtainable here, the others are trained from scratch "
+             "(the `weights` column says which).", ""]
+    for task, bbs in (("all4", "small_cnn,resnet50,mobilenetv2"), ("pbs5", "mobilenetv2,efficientnetb0")):
+        out = WORK / f"compare-{task}"
+        r = run([PY, "-m", "bcc_core", "compare", "--data", data / task, "--backbones", bbs, "--out", out,
+                 "--limit-per-class", limit, "--epochs", epochs, "--quiet"]
+                + (["--preprocess", "letterbox"] if task == "all4" else []))
+        if r.returncode:
+            lines += [f"## {task}", "", "failed: " + r.stderr[-1500:], ""]
+            continue
+        md = (out / "comparison.md").read_text()
+        (RES / f"comparison_{task}.md").write_text(md)
+        (RES / f"comparison_{task}.csv").write_text((out / "comparison.csv").read_text())
+        lines += [f"## {task} ({'Study 2, Table 4' if task == 'all4' else 'Study 1'})", "", md, ""]
+    return lines
+
+
+STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
+         "quality": step_quality, "perf": step_perf, "compare": step_compare}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(STEPS))
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    a = ap.parse_args(argv)
+    data = Path(a.data)
+    if not data.is_dir():
+        print(f"{data} not found: benchmarks need the datasets")
+        return 1
+    RES.mkdir(parents=True, exist_ok=True)
+    for name in a.only.split(","):
+        lines = STEPS[name](data)
+        (RES / f"step_{name}.md").write_text("\n".join(lines) + "\n")
+    parts = [f"# Benchmark results", "", f"Generated by `bench/run_all.py` on a 2-core CPU; last run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", ""]
+    for name in STEPS:
+        f = RES / f"step_{name}.md"
+        if f.is_file():
+            parts += ["", f.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1)]
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(parts) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Behavioural tests of the bundled models (skip when a model is not bundled)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import MODELS, SHARED, require_model, require_shared
+
+
+def _bundled():
+    return sorted(p.parent for p in MODELS.glob("*/model_card.json"))
+
+
+@pytest.mark.parametrize("model_dir", _bundled(), ids=lambda p: p.name)
+def test_card_valid_and_model_small(model_dir):
+    from bcc_core.model_card import validate_card
+
+    card = json.loads((model_dir / "model_card.json").read_text())
+    validate_card(card)
+    for key in ("temperature",):
+        assert card["calibration"][key] > 0
+    assert card["ood"]["threshold"] is not None and card["review_rule"]["guarantee"]
+    assert "not a diagnosis" in card["intended_use"].lower() or "second reader" in card["intended_use"].lower()
+    size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
+    assert size < 25 * 1024 * 1024, f"{model_dir.name} is {size / 1e6:.1f} MB"
+
+
+@pytest.fixture(scope="module")
+def pbs5():
+    from bcc_core.inference import Predictor
+
+    return Predictor.load(require_model("pbs5-mobilenetv2"))
+
+
+@pytest.mark.slow
+def test_prediction_invariant_to_flips_and_rotations(pbs5):
+    from bcc_core.data import load_split
+    from bcc_core.io import read_image
+
+    require_shared()
+    items = load_split(pbs5.model_dir / "split.json", SHARED / "pbs5")["test"]
+    picked = [it for c in range(5) for it in [x for x in items if x[1] == c][:3]]
+    imgs = [read_image(p) for p, _ in picked]
+    base = [r.predicted_class for r in pbs5.predict(imgs)]
+    for t in (np.fliplr, np.flipud, lambda a: np.rot90(a, 1), lambda a: np.rot90(a, 2)):
+        moved = [r.predicted_class for r in pbs5.predict([np.ascontiguousarray(t(im)) for im in imgs])]
+        agree = np.mean([a == b for a, b in zip(base, moved)])
+        assert agree >= 14 / 15
+
+
+def test_non_cells_are_never_ok(pbs5):
+    rng = np.random.default_rng(0)
+    junk = [np.full((300, 300, 3), 128, np.uint8), np.full((300, 300, 3), 255, np.uint8),
+            rng.integers(0, 256, (300, 300, 3), dtype=np.uint8),
+            np.clip(rng.normal(128, 60, (300, 300, 3)), 0, 255).astype(np.uint8)]
+    res = pbs5.predict(junk)
+    assert all(r.status == "review" for r in res)
+    # calibrated confidence is not extreme on noise
+    assert res[2].confidence <= 0.99 or any(f.code == "image_quality" for f in res[2].flags)
+
+
+@pytest.mark.slow
+def test_smear_fields_are_not_ok(pbs5):
+    from bcc_core.data import list_imagefolder, subset
+    from bcc_core.io import read_image
+
+    require_shared()
+    ds = subset(list_imagefolder(SHARED / "all4", verify=False), 5, seed=0)
+    res = pbs5.predict([read_image(p) for p in ds.paths])
+    assert all(r.status == "review" for r in res)
