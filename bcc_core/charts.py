@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .ui_helpers import fmt_prob
+
 # Colour-blind-safe palette (Okabe-Ito first, then Tableau) so adjacent classes stay distinguishable.
 _PALETTE = (
     "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8C564B", "#7F7F7F",
@@ -114,7 +116,7 @@ def probability_bar(probabilities: Mapping[str, float] | None, classes: Sequence
         x=[v * 100 for v in vals], y=labels, orientation="h",
         marker=dict(color=[class_colour(c) for c in order],
                     line=dict(color=["#262730" if c == predicted else "rgba(0,0,0,0)" for c in order], width=2)),
-        text=[f"{v:.1%}" for v in vals], textposition="outside", cliponaxis=False,
+        text=[fmt_prob(v) for v in vals], textposition="outside", cliponaxis=False,
         hovertemplate="%{y}: %{x:.1f}%<extra></extra>",
     ))
     fig.update_yaxes(autorange="reversed", showgrid=False)

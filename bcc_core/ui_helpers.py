@@ -120,19 +120,28 @@ def flag_codes(flags: Iterable[Any] | None) -> str:
     return ", ".join(out)
 
 
-def results_frame(rows: Sequence[Mapping[str, Any]], thumbnails: bool = True):
+def results_frame(rows: Sequence[Mapping[str, Any]], thumbnails: bool = True,
+                  thumbnail_uris: Sequence[str | None] | None = None, start: int = 0):
     """Screening rows -> the DataFrame shown in the results table (one row per input, input order kept).
 
-    Columns: ``#`` (position in ``rows``), thumbnail (data URI) when requested, file, status,
-    predicted_class, confidence (0..1, None for errors), flags (codes), reason.
+    Args:
+        rows: Screening rows (``bcc_core.screening.screen``).
+        thumbnails: Include a ``thumbnail`` column (PNG data URIs).
+        thumbnail_uris: Data URIs already computed for ``rows`` (same order), so a table that is
+            redrawn while a batch runs does not re-encode every image each time.
+        start: Position of ``rows[0]`` in the whole batch (for the ``#`` column).
+
+    Returns:
+        Columns ``#`` (position in the batch), ``thumbnail`` (when requested), file, status,
+        predicted_class, confidence (0..1, missing for errors), flags (codes), reason.
     """
     import pandas as pd
 
     recs = []
     for i, r in enumerate(rows):
-        rec = {"#": i}
+        rec = {"#": start + i}
         if thumbnails:
-            rec["thumbnail"] = png_data_uri(r.get("thumbnail"))
+            rec["thumbnail"] = thumbnail_uris[i] if thumbnail_uris is not None else png_data_uri(r.get("thumbnail"))
         conf = r.get("confidence")
         rec.update({
             "file": str(r.get("file", "")),
@@ -171,6 +180,23 @@ def fmt_pct(v: Any, digits: int = 1) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
         return f"{v * 100:.{digits}f}%"
     return "n/a"
+
+
+def fmt_prob(v: Any) -> str:
+    """A probability for display, never rounded to a certainty the model cannot have.
+
+    ``0.934 -> "93.4%"``, ``0.99996 -> "> 99.9%"``, ``0.00001 -> "< 0.1%"``, exactly 0 -> ``"0%"``;
+    None / non-numbers -> ``"n/a"``.
+    """
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)):
+        return "n/a"
+    if v >= 0.9995:
+        return "> 99.9%"
+    if v == 0:
+        return "0%"
+    if v < 0.0005:
+        return "< 0.1%"
+    return f"{v * 100:.1f}%"
 
 
 def fmt_num(v: Any, digits: int = 3) -> str:

@@ -78,7 +78,7 @@ def step_perf(data):
     return (RES / "perf.md").read_text().splitlines() if r.returncode == 0 else ["# Performance", "", "failed: " + r.stderr[-1500:]]
 
 
-def step_compare(data, limit=120, epochs=4):
+def step_compare(data, limit=80, epochs=3):
     lines = ["# Backbone comparisons (Study 1 and Study 2), identical conditions per table", "",
              f"Each table: same split, preprocessing, augmentation, {epochs} epochs max, {limit} images per class "
              "(CPU budget); only MobileNetV2 has ImageNet weights obtainable here, the others are trained from scratch "

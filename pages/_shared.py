@@ -23,6 +23,7 @@ STATE_DEFAULTS: dict = {
     "single": None,           # dict: last single-image result {key, name, image, pred, sha256}
     "batch_rows": [],         # list[dict]: screening rows (bcc_core.screening.screen), input order
     "batch_sources": [],      # list[ImageSource]: the sources behind batch_rows, same order
+    "batch_thumbs": [],       # list[str | None]: thumbnail data URIs, same order as batch_rows
     "batch_model": None,      # str: model directory the batch was screened with
     "batch_prediction_ids": {},  # {row index: audit prediction id} for rows recorded in the audit log
     "batch_detail": None,     # ((model dir, row index), Prediction) of the row opened from the table
@@ -49,20 +50,23 @@ def _ensure_app_shell(shell: bool) -> None:
 
     Streamlit still supports the old "pages/ folder" apps: until app.py has called st.navigation once
     in this server process, a first visit straight to e.g. /metrics runs pages/metrics.py on its own,
-    with an automatic menu listing every file. Switch that mode off and rerun through app.py instead.
+    with an automatic menu listing every file (streamlit.testing's AppTest does this on every run).
+    Such a page run executes app.py in its place, within the same run so that a button click is not
+    lost, and stops. app.py sets a marker at the start of every run and the page consumes it, so a
+    page run that did not go through app.py finds no marker.
     """
     if shell:
         st.session_state["_app_shell"] = True
         return
-    if st.session_state.get("_app_shell"):
+    through_app = st.session_state.get("_app_shell", False)
+    st.session_state["_app_shell"] = False
+    if through_app:
         return
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
+    import runpy
 
-        PagesManager.uses_pages_directory = False
-    except (ImportError, AttributeError):  # a future Streamlit without the old mode: nothing to undo
-        return
-    st.rerun()
+    # app.py's st.navigation resolves the page that was asked for and runs it, marker set.
+    runpy.run_path(str(ROOT / "app.py"), run_name="__main__")
+    st.stop()
 
 
 def init_state(shell: bool = False) -> None:
@@ -178,6 +182,21 @@ def show_flags(flags) -> None:
             st.warning(text, icon=":material/warning:")
         else:
             st.info(text, icon=":material/info:")
+
+
+def show_suggestion(pred) -> None:
+    """Suggested class and calibrated confidence, with the caveat when the confidence means little."""
+    from bcc_core.ui_helpers import fmt_prob
+
+    st.metric("Suggested class", pred.predicted_class)
+    st.metric("Calibrated confidence", fmt_prob(pred.confidence),
+              help="Temperature-scaled probability of the suggested class: among test images given about this "
+                   "confidence, about this fraction were right (reliability diagram on the metrics page). "
+                   "It only holds for images like the training data.")
+    codes = {f.code for f in pred.flags}
+    if codes & {"out_of_distribution", "image_quality"}:
+        st.caption("This confidence is not meaningful here: the image is unlike the training data or of poor "
+                   "quality (see the flags), and models are often confidently wrong on such images.")
 
 
 def show_status(status: str, n_flags: int = 0) -> None:

@@ -9,16 +9,22 @@ import streamlit as st
 
 from bcc_core import charts
 from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, iter_image_sources, read_image, sources_from_uploads
-from bcc_core.ui_helpers import GRADCAM_METHODS, flag_codes, fmt_pct, results_frame, summary_counts
+from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
+from bcc_core.ui_helpers import (GRADCAM_METHODS, flag_codes, fmt_pct, fmt_prob, png_data_uri, results_frame,
+                                 summary_counts)
 from pages._shared import (audit_log, current_model_dir, explanation_heatmap, init_state, page_header,
-                           require_predictor, show_flags, show_status)
+                           require_predictor, show_flags, show_status, show_suggestion)
 
 init_state()
-page_header("Batch screening", "Screen many single-cell images at once: uploaded images, a .zip of images, or "
+page_header("Batch screening", "Screen many images at once: uploaded images, a .zip of images, or "
                                "a folder on the server. Every input gets a row; unreadable files get a reason.")
 predictor = require_predictor()
 classes = predictor.classes
 ss = st.session_state
+
+LIVE_ROWS = 200  # rows shown while a batch runs
+MAX_THUMBNAIL_ROWS = 2000
+DISPLAY_MAX_CONFIDENCE = 0.999  # a table cell reading "100%" would claim a certainty no model has
 
 DECISION_LABELS = {"confirm": "confirm: the suggested class is right",
                    "correct": "correct: it is another class",
@@ -30,7 +36,8 @@ TABLE_COLUMNS = {
     "file": st.column_config.TextColumn("file", width="medium"),
     "status": st.column_config.TextColumn("status", width="small"),
     "predicted_class": st.column_config.TextColumn("suggested class"),
-    "confidence": st.column_config.ProgressColumn("confidence", min_value=0.0, max_value=1.0, format="percent"),
+    "confidence": st.column_config.ProgressColumn("confidence", min_value=0.0, max_value=1.0, format="percent",
+                                                  help="Calibrated. Shown at most as 99.9%: never as a certainty."),
     "flags": st.column_config.TextColumn("flags", width="medium"),
     "reason": st.column_config.TextColumn("reason", width="large"),
 }
@@ -58,7 +65,7 @@ def record_in_audit(rows, model_id):
         log = audit_log()
         for i, r in enumerate(rows):
             if r["status"] != "error":
-                ids[i] = log.record_prediction(r["sha256"], Path(r["file"]).name, model_id, r["predicted_class"],
+                ids[i] = log.record_prediction(r["sha256"], r["file"], model_id, r["predicted_class"],
                                                r["confidence"], r["status"], r["flags"])
     except Exception as e:  # the table is still useful without the log; say so plainly
         st.warning(f"Results could not be written to the audit log ({e}); decisions cannot be recorded.")
@@ -78,22 +85,32 @@ if run:
     bar = st.progress(0.0, text=f"Screening {len(sources)} image(s)…")
     live = st.empty()
     done_rows: list[dict] = []
+    uris: list[str | None] = []
     last = [0.0]
 
     def on_result(row, done, total):
         done_rows.append(row)
+        uris.append(png_data_uri(row.get("thumbnail"), max_side=48))
         now = time.monotonic()
-        # Redrawing a table with thumbnails for every row would dominate the run time on big batches.
+        # Redraw at most twice a second, and only the latest rows: resending a growing table with
+        # thumbnails on every result would dominate the run time of a big batch.
         if done == total or now - last[0] > 0.5:
             last[0] = now
             bar.progress(done / total, text=f"Screened {done} of {total}")
-            live.dataframe(results_frame(done_rows), column_config=TABLE_COLUMNS, hide_index=True,
-                           height=min(400, 38 + 35 * len(done_rows)))
+            k = max(0, len(done_rows) - LIVE_ROWS)
+            with live.container():
+                if k:
+                    st.caption(f"Latest {LIVE_ROWS} results; the full table follows when the run ends.")
+                st.dataframe(results_frame(done_rows[k:], thumbnail_uris=uris[k:], start=k).assign(
+                                 confidence=lambda d: d["confidence"].clip(upper=DISPLAY_MAX_CONFIDENCE)),
+                             column_config=TABLE_COLUMNS, hide_index=True,
+                             height=min(400, 38 + 35 * (len(done_rows) - k)))
 
     t0 = time.perf_counter()
     rows = screen(sources, predictor, on_result=on_result)
     ss["batch_seconds"] = time.perf_counter() - t0
     ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
+    ss["batch_thumbs"] = uris
     ss["batch_detail"] = None
     ss["batch_prediction_ids"] = record_in_audit(rows, predictor.card.model_id)
     bar.empty()
@@ -120,8 +137,6 @@ with s1:
     st.plotly_chart(charts.differential_bar(counts["per_class"], classes), config={"displayModeBar": False})
 with s2:
     try:
-        from bcc_core.report import differential
-
         st.markdown("**Differential** (suggested classes, readable images)")
         st.dataframe(differential(rows, classes), hide_index=True,
                      column_config={"percent": st.column_config.NumberColumn("percent", format="%.1f%%")})
@@ -130,24 +145,16 @@ with s2:
 st.caption("Flagged cells are counted under the suggested class until a reviewer corrects them. "
            "A differential from a model is a screening aid, not a count to report.")
 
-x1, x2 = st.columns(2)
+exports = st.container(horizontal=True)
 export_rows = [{k: v for k, v in r.items() if k != "thumbnail"} for r in rows]
-try:
-    from bcc_core.report import results_to_csv
-
-    x1.download_button("Download results (CSV)", results_to_csv(export_rows, classes), file_name="screening_results.csv",
-                       mime="text/csv", icon=":material/download:", on_click="ignore")
-except Exception as e:
-    x1.warning(f"CSV export is not available: {e}")
-try:
-    from bcc_core.report import results_to_fhir_bundle
-
-    bundle = results_to_fhir_bundle(export_rows, predictor.card.to_dict())
-    x2.download_button("Download FHIR R4 Bundle (JSON)", json.dumps(bundle, indent=2), file_name="screening_fhir.json",
-                       mime="application/fhir+json", icon=":material/download:", on_click="ignore",
-                       help="Preliminary Observations, one per readable image, each marked as decision support.")
-except Exception as e:
-    x2.warning(f"FHIR export is not available: {e}")
+card_dict = predictor.card.to_dict()
+# Files are generated when the button is clicked, not on every rerun of this page.
+exports.download_button("Download results (CSV)", lambda: results_to_csv(export_rows, classes),
+                        file_name="screening_results.csv", mime="text/csv", icon=":material/download:")
+exports.download_button("Download FHIR R4 Bundle (JSON)",
+                        lambda: json.dumps(results_to_fhir_bundle(export_rows, card_dict), indent=2),
+                        file_name="screening_fhir.json", mime="application/fhir+json", icon=":material/download:",
+                        help="Preliminary Observations, one per readable image, each marked as decision support.")
 
 # ---------------------------------------------------------------- results table
 st.subheader("Results")
@@ -155,11 +162,16 @@ f1, f2 = st.columns([1, 3])
 review_only = f1.toggle("Needs review only", key="batch_review_only")
 show_classes = f2.multiselect("Suggested class", classes, default=classes, key="batch_class_filter",
                               help="Error rows (no class) are shown whenever 'Needs review only' is off.")
-df = results_frame(rows)
+thumbs = ss["batch_thumbs"] if len(ss["batch_thumbs"]) == len(rows) else None
+df = results_frame(rows, thumbnail_uris=thumbs)
+df["confidence"] = df["confidence"].clip(upper=DISPLAY_MAX_CONFIDENCE)
 keep = df["predicted_class"].isin(show_classes) | (df["status"] == "error")
 if review_only:
     keep &= df["status"] == "review"
 view = df[keep].reset_index(drop=True)
+if len(view) > MAX_THUMBNAIL_ROWS:  # keep each redraw of a very large table small and fast
+    view = view.drop(columns="thumbnail")
+    st.caption(f"Thumbnails are hidden above {MAX_THUMBNAIL_ROWS} rows; filter the table to see them.")
 st.caption(f"{len(view)} of {len(df)} row(s) shown. Select a row to open the cell and its Grad-CAM.")
 event = st.dataframe(view, column_config=TABLE_COLUMNS, hide_index=True, on_select="rerun",
                      selection_mode="single-row", key=f"batch_table_{int(review_only)}_{'|'.join(show_classes)}",
@@ -198,8 +210,7 @@ if selected:
         except Exception as e:
             c2.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
         with c3:
-            st.metric("Suggested class", pred.predicted_class)
-            st.metric("Calibrated confidence", fmt_pct(pred.confidence))
+            show_suggestion(pred)
             show_status(pred.status, len(pred.flags))
         show_flags(pred.flags)
         st.plotly_chart(charts.probability_bar(pred.probabilities, classes, pred.predicted_class),
@@ -218,15 +229,15 @@ else:
     current = log.queue(status="review", undecided_only=False).set_index("prediction_id")
     qdf = pd.DataFrame([{
         "#": i, "file": Path(rows[i]["file"]).name, "suggested class": rows[i]["predicted_class"],
-        "confidence": rows[i]["confidence"], "flags": flag_codes(rows[i]["flags"]),
+        "confidence": min(rows[i]["confidence"], DISPLAY_MAX_CONFIDENCE), "flags": flag_codes(rows[i]["flags"]),
         "decision": current["decision"].get(ids.get(i)), "final class": current["final_class"].get(ids.get(i)),
         "reviewer": current["reviewer"].get(ids.get(i))} for i in queue])
     n_done = int(qdf["decision"].notna().sum())
     st.caption(f"{len(queue)} flagged cell(s), {n_done} decided. Each decision is stored with your name and the "
                "time in the audit log (append-only: a changed mind is a new decision, the history is kept).")
-    st.dataframe(qdf, hide_index=True, column_config={
-        "confidence": st.column_config.NumberColumn(format="percent"),
-        "flags": st.column_config.TextColumn(width="medium")})
+    st.dataframe(qdf.fillna({"decision": "pending", "final class": "", "reviewer": ""}), hide_index=True,
+                 column_config={"confidence": st.column_config.NumberColumn(format="percent"),
+                                "flags": st.column_config.TextColumn(width="medium")})
     pending = [i for i in queue if pd.isna(qdf.set_index("#").loc[i, "decision"])]
     if ss.get("review_pick") not in queue:
         ss["review_pick"] = pending[0] if pending else queue[0]
@@ -258,7 +269,7 @@ else:
     with st.form("review_form"):
         st.selectbox("Flagged cell", queue, key="review_pick",
                      format_func=lambda i: f"#{i} {Path(rows[i]['file']).name}: suggested "
-                                           f"{rows[i]['predicted_class']} ({fmt_pct(rows[i]['confidence'], 0)})"
+                                           f"{rows[i]['predicted_class']} ({fmt_prob(rows[i]['confidence'])})"
                                            + ("" if i in pending else " (decided)"))
         r1, r2 = st.columns(2)
         r1.radio("Decision", list(DECISION_LABELS), format_func=DECISION_LABELS.get, key="review_decision")

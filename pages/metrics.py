@@ -104,14 +104,21 @@ st.subheader("Out-of-distribution detection")
 ood = card.ood or {}
 mood = metrics.get("ood") or {}
 if ood:
-    st.markdown(f"Method **{ood.get('method', 'n/a')}**, threshold {fmt_num(ood.get('threshold'), 2)} "
-                f"(the {fmt_pct(ood.get('quantile'), 0)} quantile of in-distribution validation scores; fitted on "
-                f"{ood.get('fitted_on', 'n/a')}). Flag rate on the test split: {fmt_pct(mood.get('test_flag_rate'))}.")
-    comp = mood.get("comparison") or {}
+    method = ood.get("method", "n/a")
+    how = ("an image is flagged when any of the detectors below fires (each score is rescaled so that its "
+           "own threshold maps to 1)" if method == "union" else "an image is flagged when its score exceeds the threshold")
+    st.markdown(f"Method **{method}**, threshold {fmt_num(ood.get('threshold'), 2)}: {how}. Thresholds sit at the "
+                f"{fmt_pct(ood.get('quantile'), 0)} quantile of in-distribution validation scores (fitted on "
+                f"{ood.get('fitted_on', 'n/a')}). Share of test images flagged: **{fmt_pct(mood.get('test_flag_rate'))}**.")
+    comp = mood.get("comparison") or ood.get("comparison") or {}
     if comp:
-        st.dataframe(pd.DataFrame([{"method": m, **v} for m, v in comp.items()]), hide_index=True)
-    st.caption("In-distribution flag rates only: how well each score catches other labs and cell types is "
-               "measured on external data, not here.")
+        tbl = pd.DataFrame([{"detector": m, **v} for m, v in comp.items()])
+        st.dataframe(tbl, hide_index=True, column_config={
+            "threshold": st.column_config.NumberColumn(format="%.3f"),
+            **{c: st.column_config.NumberColumn(c.replace("_", " "), format="percent")
+               for c in tbl.columns if c.endswith("flag_rate")}})
+    st.caption("These are flag rates on in-distribution images (the cost in needless reviews). How well the "
+               "detectors catch other labs and unknown cell types is measured on external data, not here.")
 else:
     st.info("This model has no OOD detector configured: unusual images are not flagged.")
 

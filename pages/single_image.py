@@ -6,12 +6,13 @@ import streamlit as st
 
 from bcc_core import charts
 from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, content_hash, encode_png, read_image
-from bcc_core.ui_helpers import GRADCAM_METHODS, fmt_pct
+from bcc_core.report import result_to_json
+from bcc_core.ui_helpers import GRADCAM_METHODS
 from pages._shared import (ROOT, current_model_dir, explanation_heatmap, init_state, page_header,
-                           require_predictor, show_flags, show_status)
+                           require_predictor, show_flags, show_status, show_suggestion)
 
 init_state()
-page_header("Single image", "Upload one image of a single stained white blood cell. The model suggests a class "
+page_header("Single image", "Upload one image like those the model was trained on. The model suggests a class "
                             "with a calibrated confidence, says when not to trust it, and shows where its "
                             "evidence lies.")
 predictor = require_predictor()
@@ -27,19 +28,19 @@ if source == "Upload":
     upload = st.file_uploader("Cell image (PNG, JPEG, TIFF, BMP or WebP)", key="single_upload",
                               type=[e.lstrip(".") for e in IMAGE_EXTENSIONS])
     if upload is None:
-        st.caption(f"The model expects one cell per image, like its training data "
-                   f"({card.data.get('name', card.task)}). Classes: {', '.join(card.classes)}.")
+        st.caption(f"Task `{card.task}`: images like the training set ({card.data.get('name', card.task)}). "
+                   f"Classes: {', '.join(card.classes)}. Anything else is at best flagged, at worst misnamed.")
         st.stop()
-    name, data = upload.name, upload.getvalue()
+    src, name, data = upload, upload.name, upload.getvalue()
 else:
     pick = st.selectbox("Sample", samples, format_func=lambda p: p.name)
-    name, data = Path(pick).name, Path(pick).read_bytes()
+    src, name, data = pick, Path(pick).name, Path(pick).read_bytes()
 
 # ---------------------------------------------------------------- one core call (cached per image and model)
 key = (current_model_dir(), content_hash(data))
 if (st.session_state["single"] or {}).get("key") != key:
     try:
-        image = read_image(data)
+        image = read_image(src)  # (not the bytes: the error message then names the file)
     except ImageReadError as e:
         st.session_state["single"] = None
         st.error(f"This file cannot be used: {e}", icon=":material/broken_image:")
@@ -61,11 +62,7 @@ with c_in:
                                        f"crop, stain norm: {card.preprocessing.get('stain_norm', 'none')})",
              width="stretch")
 with c_res:
-    st.metric("Suggested class", pred.predicted_class)
-    st.metric("Calibrated confidence", fmt_pct(pred.confidence),
-              help="Temperature-scaled probability of the suggested class: among past test images given about "
-                   "this confidence, about this fraction were right (see the reliability diagram on the "
-                   "metrics page).")
+    show_suggestion(pred)
     show_status(pred.status, len(pred.flags))
     if pred.prediction_set and len(pred.prediction_set) > 1:
         st.markdown(f"Classes the model cannot rule out: **{', '.join(pred.prediction_set)}**")
@@ -104,14 +101,14 @@ row = {"file": res["name"], "status": pred.status, "predicted_class": pred.predi
        "confidence": pred.confidence, "flags": pred.flags, "reason": " ".join(f.message for f in pred.flags),
        "probabilities": pred.probabilities, "sha256": res["sha256"], "ood_score": pred.ood_score,
        "prediction_set": pred.prediction_set}
-d1, d2 = st.columns(2)
+downloads = st.container(horizontal=True)
 try:
-    from bcc_core.report import result_to_json
-
-    d1.download_button("Result (JSON)", result_to_json(row, card.to_dict()), file_name=f"{Path(res['name']).stem}"
-                       f"_result.json", mime="application/json", icon=":material/download:", on_click="ignore")
-except Exception as e:
-    d1.warning(f"JSON export is not available: {e}")
+    downloads.download_button("Result (JSON)", result_to_json(row, card.to_dict()),
+                              file_name=f"{Path(res['name']).stem}_result.json", mime="application/json",
+                              icon=":material/download:", on_click="ignore")
+except ValueError as e:  # the result is still on screen; say why it cannot be exported
+    downloads.warning(f"JSON export is not available: {e}")
 if heat is not None:
-    d2.download_button("Overlay (PNG)", encode_png(over), file_name=f"{Path(res['name']).stem}_{GRADCAM_METHODS[method_label]}.png",
-                       mime="image/png", icon=":material/download:", on_click="ignore")
+    downloads.download_button("Overlay (PNG)", encode_png(over), mime="image/png", icon=":material/download:",
+                              file_name=f"{Path(res['name']).stem}_{GRADCAM_METHODS[method_label]}.png",
+                              on_click="ignore")

@@ -129,6 +129,14 @@ def test_read_json_reports_missing_and_broken(tmp_path):
     assert d is None and "could not be read" in note
 
 
+def test_probabilities_are_never_shown_as_certain():
+    assert ui_helpers.fmt_prob(0.99996) == "> 99.9%" and ui_helpers.fmt_prob(1.0) == "> 99.9%"
+    assert ui_helpers.fmt_prob(0.00001) == "< 0.1%" and ui_helpers.fmt_prob(0.0) == "0%"
+    assert ui_helpers.fmt_prob(0.5) == "50.0%" and ui_helpers.fmt_prob(None) == "n/a"
+    fig = charts.probability_bar({"a": 0.99999, "b": 0.00001}, ["a", "b"], "a")
+    assert list(fig.data[0].text) == ["> 99.9%", "< 0.1%"]
+
+
 def test_format_helpers():
     assert ui_helpers.fmt_pct(0.934) == "93.4%" and ui_helpers.fmt_pct(1) == "100.0%"
     assert ui_helpers.fmt_pct(None) == "n/a" and ui_helpers.fmt_num(float("nan")) == "n/a"

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, png_bytes, synthetic_cell
+from app_fixtures import app_env, blank_png, cell_png, model_dir  # noqa: F401  (pytest fixtures)
+from app_test_images import png_bytes, synthetic_cell
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",

@@ -13,7 +13,8 @@ import zipfile
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import png_bytes, synthetic_cell
+from app_fixtures import app_env, blank_png, cell_png, model_dir  # noqa: F401  (pytest fixtures)
+from app_test_images import png_bytes, synthetic_cell
 
 TIMEOUT = 180
 DISCLAIMER = "Decision support, not a diagnosis"
@@ -77,8 +78,11 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
     pred = at.session_state["single"]["pred"]
     suggested = metric(at, "Suggested class")
     assert suggested in classes and suggested == pred.predicted_class
-    conf = metric(at, "Calibrated confidence")
-    assert conf.endswith("%") and 0 <= float(conf[:-1]) <= 100
+    from bcc_core.ui_helpers import fmt_prob
+
+    assert metric(at, "Calibrated confidence") == fmt_prob(pred.confidence)
+    if {"out_of_distribution", "image_quality"} & {f.code for f in pred.flags}:
+        assert "This confidence is not meaningful here" in texts(at, "caption")
     # Status and every flag's message are on the page, each with a next step.
     boxes = texts(at, "success", "warning", "error", "info")
     assert ("Status: OK" in boxes) if pred.status == "ok" else ("Status: NEEDS REVIEW" in boxes)
@@ -92,6 +96,16 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
     assert any(c.startswith("Grad-CAM for '" + pred.predicted_class) for c in captions), captions
     labels = [b.label for b in at.download_button]
     assert "Result (JSON)" in labels and "Overlay (PNG)" in labels
+
+    # Another method and another target class: the overlay follows, the prediction does not change.
+    other = next(c for c in classes if c != pred.predicted_class)
+    at.selectbox(key="single_cam_method").set_value("Score-CAM")
+    next(s for s in at.selectbox if s.label == "Explain class").set_value(other)
+    at.slider(key="single_cam_alpha").set_value(0.8).run()
+    assert not at.exception, [e.value for e in at.exception]
+    captions = [c for img in at.image for c in img.captions]
+    assert f"Score-CAM for '{other}', opacity 0.80" in captions, captions
+    assert metric(at, "Suggested class") == pred.predicted_class
 
 
 def test_single_image_blank_is_flagged(app_env, blank_png):
@@ -110,7 +124,7 @@ def test_single_image_corrupt_upload_is_a_message_not_a_crash(app_env):
     at.file_uploader[0].set_value(("broken.png", b"this is not an image", "image/png")).run()
     assert not at.exception
     err = texts(at, "error")
-    assert "cannot be used" in err and "not a recognised image" in err
+    assert "cannot be used" in err and "broken.png: data is not a recognised image" in err
     assert not any(m.label == "Suggested class" for m in at.metric)
 
 
@@ -208,7 +222,7 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     assert diff.loc[diff["kind"] == "class", "count"].sum() == 3
     assert diff.loc[diff["category"] == "errors", "count"].item() == 1
     labels = [b.label for b in at.download_button]
-    assert "Download results (CSV)" in labels
+    assert "Download results (CSV)" in labels and "Download FHIR R4 Bundle (JSON)" in labels
 
     # Results survive a rerun; the "needs review only" filter narrows the table.
     at.toggle(key="batch_review_only").set_value(True).run()
@@ -246,3 +260,59 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
         next(b for b in at.button if b.label == "Record decision").click().run()
         assert "is the suggested class" in texts(at, "error")
         assert log.history(at.session_state["batch_prediction_ids"][other]) == []
+
+
+def test_batch_screening_from_folder_and_zip(app_env, tmp_path):
+    folder = tmp_path / "smear"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(png_bytes(synthetic_cell(31)))
+    (folder / "sub" / "b.jpg").write_bytes(png_bytes(synthetic_cell(32)))  # wrong extension for PNG data: still read
+    (folder / "notes.txt").write_text("not an image: ignored in folders")
+
+    at = start("pages/batch_screening.py")
+    at.radio(key="batch_mode").set_value("Folder on the server").run()
+    at.text_input(key="batch_folder").input(str(folder)).run()
+    next(b for b in at.button if b.label == "Run screening").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = _results_table(at)
+    assert [p.rsplit("/", 1)[-1] for p in table["file"]] == ["a.png", "b.jpg"]
+    assert (table["status"] != "error").all()
+
+    # A .zip upload expands to its members; a missing folder is one error row, not a crash.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("cells/x.png", png_bytes(synthetic_cell(33)))
+        zf.writestr("cells/y.png", b"broken")
+    at.radio(key="batch_mode").set_value("Upload images or a .zip").run()
+    at.file_uploader[0].set_value(("batch.zip", buf.getvalue(), "application/zip")).run()
+    next(b for b in at.button if b.label == "Run screening").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = _results_table(at)
+    assert list(table["file"]) == ["batch.zip:cells/x.png", "batch.zip:cells/y.png"]
+    assert list(table["status"])[1] == "error" and table["reason"].iloc[1]
+
+    at.radio(key="batch_mode").set_value("Folder on the server").run()
+    at.text_input(key="batch_folder").input(str(tmp_path / "does-not-exist")).run()
+    next(b for b in at.button if b.label == "Run screening").click().run()
+    assert not at.exception
+    table = _results_table(at)
+    assert len(table) == 1 and table["status"].item() == "error" and "does not exist" in table["reason"].item()
+
+
+def test_model_selector_drives_every_page(app_env):
+    models = sorted(p.parent for p in app_env["model_dir"].parent.glob("*/model_card.json"))
+    if len(models) < 2:
+        pytest.skip("only one model is installed: nothing to switch to")
+    other = next(m for m in models if m != app_env["model_dir"])
+    at = start("pages/model_card.py")
+    at.sidebar.selectbox[0].set_value(str(other)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["model_dir"] == str(other)
+    card = json.loads((other / "model_card.json").read_text())
+    assert f"### {card['model_id']}" in texts(at, "markdown")
+    assert f"Model: `{other.name}`" in texts(at, "caption")
+    at.switch_page("pages/metrics.py").run()
+    assert at.session_state["model_dir"] == str(other)
+    metrics_file = other / "metrics.json"
+    if metrics_file.is_file():
+        assert metric(at, "Macro F1") == f"{json.loads(metrics_file.read_text())['test']['macro_f1']:.3f}"
