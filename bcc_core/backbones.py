@@ -68,7 +68,8 @@ def _small_cnn(input_tensor, weights):
         x = layers.BatchNormalization(name=f"block{i}_bn")(x)
         x = layers.Activation("relu", name=f"block{i}_relu" if i < 4 else "last_conv_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
-    return keras.Model(input_tensor, x, name="small_cnn")
+    # Like keras.applications: the sub-model starts at the classifier's own Input (flat graph).
+    return keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="small_cnn")
 
 
 REGISTRY: dict[str, BackboneSpec] = {

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import cv2
 import numpy as np
 
 METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
+# Visualisers are built once per (model, method) and kept here, not on the shared Predictor; the lock
+# keeps two app sessions from building (or running) the same one at once.
+_CACHE: dict = {}
+_LOCK = threading.Lock()
 
 
 def _vis(predictor, method: str):
     """Build (once per predictor and method) the tf-keras-vis object on a linear-output copy."""
-    cache = predictor.__dict__.setdefault("_cam_cache", {})
-    if method in cache:
-        return cache[method]
+    key = (id(predictor.model), method)
+    if key in _CACHE:
+        return _CACHE[key]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from tf_keras_vis.gradcam import Gradcam
@@ -23,8 +28,8 @@ def _vis(predictor, method: str):
         from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
     cls = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus, "scorecam": Scorecam}[method]
     # clone=True: the shared cached model must never be modified.
-    cache[method] = cls(predictor.model, model_modifier=ReplaceToLinear(), clone=True)
-    return cache[method]
+    _CACHE[key] = cls(predictor.model, model_modifier=ReplaceToLinear(), clone=True)
+    return _CACHE[key]
 
 
 def explain(predictor, model_input: np.ndarray, method: str = "gradcam", class_index: int | None = None) -> np.ndarray:
@@ -46,11 +51,13 @@ def explain(predictor, model_input: np.ndarray, method: str = "gradcam", class_i
     x = model_input[None].astype(np.float32)
     if class_index is None:
         class_index = int(np.argmax(predictor.model(x, training=False)[0]))
-    vis = _vis(predictor, method)
+    with _LOCK:
+        vis = _vis(predictor, method)
     kw = {"penultimate_layer": predictor.card.gradcam_layer, "seek_penultimate_conv_layer": False}
     if method == "scorecam":
         kw["max_N"] = 16  # the top-16 activation maps: ~1 s on a CPU instead of one pass per channel
-    cam = vis(CategoricalScore([class_index]), x, **kw)[0]
+    with _LOCK:
+        cam = vis(CategoricalScore([class_index]), x, **kw)[0]
     cam = np.nan_to_num(np.asarray(cam, np.float32))
     lo, hi = float(cam.min()), float(cam.max())
     return (cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)

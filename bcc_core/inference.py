@@ -119,7 +119,11 @@ class Predictor:
                                   f"This image is unlike the images the model was trained on (OOD score {scores[i]:.2f} > "
                                   f"{ood_thr:.2f}): another cell type, stain, scanner or an artefact. Do not rely on "
                                   f"the suggested class; review the cell yourself.", "ood_score"))
-            if p[k] < conf_thr:
+            if conf_thr > 1.0:
+                flags.append(Flag("low_confidence", "warning",
+                                  "This model's review rule could not certify any confidence level on its calibration "
+                                  "data, so every suggestion needs review.", "no_certified_threshold"))
+            elif p[k] < conf_thr:
                 flags.append(Flag("low_confidence", "warning",
                                   f"Calibrated confidence {p[k]:.0%} is below the review threshold {conf_thr:.0%}; "
                                   f"the model is unsure between classes. Review the cell.", "below_threshold"))

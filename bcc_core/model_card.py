@@ -19,6 +19,17 @@ INTENDED_USE = (
     "or bone-marrow cell image, with a calibrated confidence, an explanation heatmap and flags saying "
     "when the suggestion should not be trusted. A qualified person makes every decision."
 )
+INTENDED_USE_FIELD = (
+    "Decision support for a second reader: suggests the acute lymphoblastic leukaemia category (benign "
+    "haematogones, early pre-B, pre-B, pro-B ALL) of a peripheral-blood smear field image, with a calibrated "
+    "confidence, an explanation heatmap and flags saying when the suggestion should not be trusted. A qualified "
+    "person makes every decision; the diagnosis of ALL needs flow cytometry and the full clinical picture."
+)
+NOT_FOR_FIELD = [
+    "Diagnosis or staging of leukaemia, or any decision without review by a qualified haematologist.",
+    "Single-cell crops or bone-marrow images: the model was trained on whole peripheral-smear fields of one hospital.",
+    "Images from labs, stains or scanners unlike the training data without local validation.",
+]
 NOT_FOR = [
     "Diagnosis, or any decision without review by a qualified haematologist / morphologist.",
     "Cell types outside the model's classes (they are flagged at best, and may be misnamed).",
@@ -107,6 +118,13 @@ def load_card(model_dir: str | Path) -> ModelCard:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     validate_card(d)
     return ModelCard.from_dict(d)
+
+
+def use_statement(preprocess_mode: str) -> tuple[str, list[str]]:
+    """Intended use and what-not-for texts for a single-cell model ("cell") or a smear-field model."""
+    if preprocess_mode == "cell":
+        return INTENDED_USE, list(NOT_FOR)
+    return INTENDED_USE_FIELD, list(NOT_FOR_FIELD)
 
 
 def library_versions() -> dict:

@@ -72,7 +72,9 @@ def build_classifier(backbone: str, n_classes: int, weights: str | None = None, 
     base = spec.build(x, "imagenet" if w == "imagenet" else None)
     if w not in (None, "imagenet"):
         base.load_weights(w)
-    base.trainable = trainable_backbone
+    # Keras 3 does not propagate `trainable` from a sub-model that shares the flat graph: set each layer.
+    for layer in base.layers:
+        layer.trainable = trainable_backbone
     feats = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(base.output)
     out = build_head(feats, n_classes)
     return keras.Model(inputs, out, name=f"{backbone}_classifier")

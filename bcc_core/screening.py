@@ -31,7 +31,8 @@ def _load(src, predictor, cfg: ScreeningConfig):
         data = src.load()
         img = read_image(data)
     except Exception as e:
-        return {"file": src.name, "error": str(e) or type(e).__name__}
+        # read_image only sees bytes here; name the file the user knows.
+        return {"file": src.name, "error": (str(e) or type(e).__name__).replace("<bytes>", src.name)}
     return {"file": src.name, "sha256": content_hash(data), "input": preprocess(img, predictor.pcfg),
             "quality": check_quality(img, predictor.qcfg),
             "thumbnail": cv2.resize(img, (cfg.thumbnail, cfg.thumbnail), interpolation=cv2.INTER_AREA)}

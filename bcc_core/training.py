@@ -24,7 +24,7 @@ from .augment import AugmentConfig, augment_batch
 from .backbones import get_spec
 from .data import group_duplicates, list_imagefolder, save_split, split_grouped
 from .io import read_image
-from .model_card import ModelCard, library_versions
+from .model_card import ModelCard, library_versions, use_statement
 from .preprocess import PreprocessConfig, preprocess
 
 CACHE_DIR = Path(".cache") / "bcc"
@@ -322,7 +322,8 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
                 history.setdefault(k, []).extend(v)
             epochs_run += len(ft.get("loss", []))
     else:
-        model.trainable = True
+        for layer in model.layers:
+            layer.trainable = True
         history = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.learning_rate,
                                   cfg.epochs, out, progress)
         epochs_run = len(history.get("loss", []))
@@ -432,6 +433,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
                         "model_inputs": {k: v["balanced_accuracy"] for k, v in audit_seen.items()},
                         "chance": 1.0 / n_cls, "warnings": warnings},
         parameters=params, versions=library_versions(),
+        intended_use=use_statement(pcfg.mode)[0], not_for=use_statement(pcfg.mode)[1],
         limitations=[
             "Trained on one public dataset; accuracy on images from other labs, stains and scanners is lower than the test figure.",
             "The review rule's guarantee assumes images exchangeable with the calibration data (same source).",
