@@ -130,6 +130,16 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_cv(a) -> int:
+    from .training import cross_validate
+
+    cfg = _train_cfg(argparse.Namespace(**{**vars(a), "weights": a.weights}))
+    res = cross_validate(a.data, a.out, cfg, k=a.folds, progress=not a.quiet, limit_per_class=a.limit_per_class)
+    for key, v in res["summary"].items():
+        print(f"{key:>9}: {v['mean']:.4f} ± {v['std']:.4f}")
+    return 0
+
+
 def _add_train_opts(p):
     p.add_argument("--data", required=True, help="ImageFolder root: <root>/<class>/<image>")
     p.add_argument("--task", help="task name recorded in the card (default: data folder name)")
@@ -175,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_screen)
+    cv = sub.add_parser("cv", help="grouped stratified k-fold cross-validation (mean ± std over folds)")
+    _add_train_opts(cv)
+    cv.add_argument("--backbone", default="mobilenetv2", choices=["mobilenetv2", "efficientnetb0", "resnet50", "small_cnn"])
+    cv.add_argument("--weights", default="imagenet", help="imagenet | PATH to weights file | none")
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--out", required=True, help="folder for the fold models and cv.json")
+    cv.set_defaults(func=cmd_cv)
     c = sub.add_parser("compare", help="train several backbones under identical conditions; write a comparison table")
     _add_train_opts(c)
     c.add_argument("--backbones", required=True, help="comma-separated, e.g. mobilenetv2,efficientnetb0,resnet50,small_cnn")

@@ -247,7 +247,7 @@ def _quality_config(pcfg: PreprocessConfig) -> dict:
 
 
 def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = True, cache: bool = False,
-          limit_per_class: int | None = None, reproduce: str = "") -> dict:
+          limit_per_class: int | None = None, reproduce: str = "", fold: tuple[int, int] | None = None) -> dict:
     """Train, evaluate, calibrate and save a model with its card.
 
     Args:
@@ -258,6 +258,8 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         cache: reuse decoded/preprocessed inputs from `.cache/bcc` (experiments only).
         limit_per_class: train on a per-class subset (tests and quick checks).
         reproduce: the command line, recorded in the card.
+        fold: (i, k) — use fold i of a grouped stratified k-fold as the test set (cross-validation);
+            validation is carved from the remaining folds with the same grouping.
 
     Returns:
         The metrics dict written to metrics.json.
@@ -287,7 +289,15 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     n_cls = len(classes)
     labels = np.asarray(ds.labels)
     groups = group_duplicates(ds.paths, max_distance=cfg.near_duplicate_distance, progress=progress)
-    split = split_grouped(labels, groups, tuple(cfg.fractions), seed=cfg.seed)
+    if fold is None:
+        split = split_grouped(labels, groups, tuple(cfg.fractions), seed=cfg.seed)
+    else:
+        from .data import Split, kfold_grouped
+
+        rest, test_idx = kfold_grouped(labels, groups, k=fold[1], seed=cfg.seed)[fold[0]]
+        inner = split_grouped(labels[rest], groups[rest], (0.85, 0.15, 0.0), seed=cfg.seed)
+        split = Split(tuple(int(rest[i]) for i in inner.train), tuple(int(rest[i]) for i in inner.val),
+                      tuple(int(i) for i in test_idx))
     save_split(out / "split.json", ds, split, groups)
     tr, va, te = (np.asarray(s, int) for s in (split.train, split.val, split.test))
 
@@ -447,3 +457,25 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
 
     save_model(model, card, out, extra={"metrics.json": metrics})
     return metrics
+
+
+def cross_validate(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), k: int = 5, progress: bool = True,
+                   limit_per_class: int | None = None) -> dict:
+    """Grouped, stratified k-fold cross-validation; reports mean ± standard deviation over folds.
+
+    Each fold trains a full model (same recipe) into out_dir/fold_<i>; decoded inputs are cached
+    between folds. Writes out_dir/cv.json.
+    """
+    keys = ("accuracy", "macro_f1", "kappa", "roc_auc", "log_loss")
+    per_fold = []
+    for i in range(k):
+        m = train(data_dir, Path(out_dir) / f"fold_{i}", cfg, progress=progress, cache=True,
+                  limit_per_class=limit_per_class, fold=(i, k))
+        per_fold.append({**{key: m["test"][key] for key in keys}, "ece": m["calibration"]["test_ece_after"],
+                         "n_test": m["test"]["n"]})
+    summary = {key: {"mean": float(np.mean([f[key] for f in per_fold])), "std": float(np.std([f[key] for f in per_fold], ddof=1))}
+               for key in (*keys, "ece")}
+    res = {"k": k, "folds": per_fold, "summary": summary, "config": cfg.to_dict(), "limit_per_class": limit_per_class}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "cv.json").write_text(json.dumps(res, indent=2))
+    return res

@@ -98,8 +98,22 @@ def step_compare(data, limit=80, epochs=3):
     return lines
 
 
+def step_cv(data, limit=100, folds=5):
+    out = WORK / "cv-pbs5"
+    r = run([PY, "-m", "bcc_core", "cv", "--data", data / "pbs5", "--weights", WEIGHTS, "--folds", folds,
+             "--limit-per-class", limit, "--aug-views", 1, "--out", out, "--quiet"])
+    if r.returncode:
+        return ["# Cross-validation", "", "failed: " + r.stderr[-1500:]]
+    res = json.loads((out / "cv.json").read_text())
+    lines = ["# Grouped stratified 5-fold cross-validation (pbs5)", "",
+             f"`python -m bcc_core cv` — {limit} images per class (CPU budget), 1 augmented view, duplicate groups kept together.", "",
+             "| metric | mean | std |", "|---|---|---|"]
+    lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in res["summary"].items()]
+    return lines
+
+
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
-         "quality": step_quality, "perf": step_perf, "compare": step_compare}
+         "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv}
 
 
 def main(argv=None):

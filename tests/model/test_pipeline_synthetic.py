@@ -163,3 +163,22 @@ def test_cli_usage_errors():
     assert _cli("screen").returncode == 2
     assert _cli("frobnicate").returncode == 2
     assert _cli("screen", "/nonexistent/dir", "--out", "/tmp/x.csv").returncode in (0, 2)
+
+
+def test_cross_validation_reports_mean_and_std(trained, tmp_path):
+    import keras
+
+    from bcc_core.backbones import get_spec
+    from bcc_core.training import TrainConfig, cross_validate
+
+    data, _, _ = trained
+    base = get_spec("mobilenetv2").build(keras.Input((224, 224, 3)), None)
+    wfile = tmp_path / "random.weights.h5"
+    base.save_weights(wfile)
+    res = cross_validate(data, tmp_path / "cv", TrainConfig(weights=str(wfile), epochs=1, aug_views=0), k=2,
+                         progress=False)
+    assert len(res["folds"]) == 2 and (tmp_path / "cv" / "cv.json").is_file()
+    assert sum(f["n_test"] for f in res["folds"]) == 30  # every image is tested exactly once
+    acc = [f["accuracy"] for f in res["folds"]]
+    assert res["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
+    assert res["summary"]["accuracy"]["std"] == pytest.approx(np.std(acc, ddof=1))
