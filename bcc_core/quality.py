@@ -106,6 +106,9 @@ class QualityConfig:
     cell_scale_min: float = 5.2
     # Models of whole smear fields (all4) expect several cells: the single-cell checks are off there.
     expect_single_cell: bool = True
+    # Smallest stained-cell extent (px, original image) with enough pixels to see chromatin; pbs5's
+    # smallest nucleus is ~45 px, BCCD's ~87 px, a blast in an all4 smear field ~30-50 px.
+    min_cell_px: float = 40.0
 
     def to_dict(self) -> dict[str, Any]:
         """Return the thresholds as a JSON-serialisable dict."""
@@ -354,4 +357,19 @@ def check_quality(img: np.ndarray, cfg: QualityConfig | None = None) -> list[Fla
         ValueError: If ``img`` is not ``(H, W, 3)`` uint8.
     """
     cfg = cfg or QualityConfig()
-    return flags_from_measures(measure_quality(img, cfg), cfg)
+    m = measure_quality(img, cfg)
+    flags = flags_from_measures(m, cfg)
+    if cfg.expect_single_cell and not any(f.severity == "critical" for f in flags):
+        from .preprocess import locate_cell
+
+        extent = locate_cell(img)[2]
+        if extent < 1.6 * cfg.min_cell_px and m["n_comparable_blobs"] >= 2:
+            flags.append(_flag("not_single_cell", "critical",
+                               f"Two or more small nucleated cells (about {extent:.0f} px) are visible, as in a "
+                               "low-magnification smear field. The classifier expects one white blood cell, centred."))
+        elif extent < cfg.min_cell_px:
+            flags.append(_flag("not_single_cell", "critical",
+                               f"The stained cell is only about {extent:.0f} px across (at least {cfg.min_cell_px:.0f} px "
+                               "needed): too few pixels to judge chromatin and granules, as in a low-magnification "
+                               "field. Image the cell at higher magnification, cropped to one cell."))
+    return flags

@@ -112,8 +112,33 @@ def step_cv(data, limit=100, folds=5):
     return lines
 
 
+def step_noncells(data):
+    """Images that are not a single blood cell must never be shown as ok: smear fields and synthetic junk."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    junk = WORK / "noncells"
+    junk.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(junk / f"noise_{i}.png")
+        Image.fromarray(np.full((300, 300, 3), int(rng.integers(0, 256)), np.uint8)).save(junk / f"blank_{i}.png")
+        Image.fromarray(np.clip(rng.normal(128, 40, (300, 300, 3)), 0, 255).astype(np.uint8)).save(junk / f"gauss_{i}.png")
+    lines = ["# Non-cell images through the pbs5 model", "", "| input | images | shown as ok |", "|---|---|---|"]
+    for name, src in (("all4 smear fields (all)", data / "all4"), ("synthetic noise / blank / Gaussian", junk)):
+        out = WORK / f"noncells_{'all4' if 'all4' in str(src) else 'junk'}.csv"
+        r = run([PY, "-m", "bcc_core", "screen", src, "--model", MODELS["pbs5"], "--out", out, "--quiet"])
+        if r.returncode:
+            lines.append(f"| {name} | failed | {r.stderr[-300:]} |")
+            continue
+        df = pd.read_csv(out)
+        lines.append(f"| {name} | {len(df)} | {(df.status == 'ok').sum()} |")
+    return lines
+
+
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
-         "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv}
+         "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells}
 
 
 def main(argv=None):
