@@ -106,6 +106,8 @@ def load_images(paths, pcfg: PreprocessConfig, progress: bool = True, workers: i
 
 def _cache_key(paths, pcfg: PreprocessConfig) -> str:
     h = hashlib.sha256(json.dumps(pcfg.to_dict(), sort_keys=True).encode())
+    # A change to the preprocessing code must invalidate cached inputs, not silently reuse them.
+    h.update((Path(__file__).with_name("preprocess.py")).read_bytes())
     for p in paths:
         st = Path(p).stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
