@@ -133,7 +133,7 @@ def cmd_compare(a) -> int:
 def cmd_cv(a) -> int:
     from .training import cross_validate
 
-    cfg = _train_cfg(argparse.Namespace(**{**vars(a), "weights": a.weights}))
+    cfg = _train_cfg(a)
     res = cross_validate(a.data, a.out, cfg, k=a.folds, progress=not a.quiet, limit_per_class=a.limit_per_class)
     for key, v in res["summary"].items():
         print(f"{key:>9}: {v['mean']:.4f} ± {v['std']:.4f}")

@@ -55,16 +55,8 @@ def compare(data_dir, backbones: list[str], weights: list[str] | None, out_dir, 
         })
     df = pd.DataFrame(rows)
     df.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(df.to_markdown(index=False) if _has_tabulate() else _md(df))
+    (out / "comparison.md").write_text(_md(df))
     return df
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def _md(df: pd.DataFrame) -> str:

@@ -132,10 +132,15 @@ class Predictor:
                                   status_for(flags), float(scores[i]), pset, inputs[i]))
         return out
 
-    def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[Prediction]:
-        """Full pipeline for RGB images (H, W, 3) uint8 of any size."""
+    def prepare(self, img: np.ndarray) -> tuple[np.ndarray, list[Flag]]:
+        """The card's quality gate and preprocessing for one RGB image: (model input, quality flags)."""
         from .quality import check_quality
 
-        qflags = [check_quality(im, self.qcfg) for im in images]
-        inputs = np.stack([preprocess(im, self.pcfg) for im in images]) if images else np.zeros((0,))
-        return self.predict_inputs(inputs, qflags, batch_size)
+        return preprocess(img, self.pcfg), check_quality(img, self.qcfg)
+
+    def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[Prediction]:
+        """Full pipeline for RGB images (H, W, 3) uint8 of any size."""
+        if not images:
+            return []
+        inputs, qflags = zip(*(self.prepare(im) for im in images))
+        return self.predict_inputs(np.stack(inputs), list(qflags), batch_size)

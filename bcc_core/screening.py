@@ -14,7 +14,6 @@ import cv2
 import numpy as np
 
 from .io import content_hash, read_image
-from .preprocess import preprocess
 
 
 @dataclass(frozen=True)
@@ -25,16 +24,14 @@ class ScreeningConfig:
 
 
 def _load(src, predictor, cfg: ScreeningConfig):
-    from .quality import check_quality
-
     try:
         data = src.load()
         img = read_image(data)
     except Exception as e:
         # read_image only sees bytes here; name the file the user knows.
         return {"file": src.name, "error": (str(e) or type(e).__name__).replace("<bytes>", src.name)}
-    return {"file": src.name, "sha256": content_hash(data), "input": preprocess(img, predictor.pcfg),
-            "quality": check_quality(img, predictor.qcfg),
+    model_input, quality = predictor.prepare(img)
+    return {"file": src.name, "sha256": content_hash(data), "input": model_input, "quality": quality,
             "thumbnail": cv2.resize(img, (cfg.thumbnail, cfg.thumbnail), interpolation=cv2.INTER_AREA)}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -41,18 +42,11 @@ def external_report(pred, images, truth) -> dict:
     return {"n": n, "recall_known": float(right[known].mean()) if known.any() else None, "per_class": per,
             "ok_fraction": float(ok.mean()), "wrong_ok_of_all": float(wrong_ok.mean()),
             "unknown_types_ok": int((ok & unk).sum()), "unknown_types_n": int(unk.sum()),
-            "flag_counts": _flag_counts(res), "predicted": _counts([r.predicted_class for r in res])}
-
-
-def _counts(xs):
-    out = {}
-    for x in xs:
-        out[x] = out.get(x, 0) + 1
-    return out
+            "flag_counts": _flag_counts(res), "predicted": dict(Counter(r.predicted_class for r in res))}
 
 
 def _flag_counts(res):
-    return _counts([f.code for r in res for f in r.flags])
+    return dict(Counter(f.code for r in res for f in r.flags))
 
 
 def lab_stats(images):

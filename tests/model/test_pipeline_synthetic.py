@@ -162,7 +162,16 @@ def test_cli_usage_errors():
         assert c in h
     assert _cli("screen").returncode == 2
     assert _cli("frobnicate").returncode == 2
-    assert _cli("screen", "/nonexistent/dir", "--out", "/tmp/x.csv").returncode in (0, 2)
+
+def test_cli_screen_missing_input_is_an_error_row(tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "x.csv"
+    r = _cli("screen", "/nonexistent/dir", "--out", str(out))
+    # The run completes (exit 0) and the missing path is an error row with a reason, not a crash.
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert list(df.status) == ["error"] and "nonexistent" in df.file[0] and len(df.reason[0]) > 5
 
 
 def test_cross_validation_reports_mean_and_std(trained, tmp_path):
