@@ -11,6 +11,12 @@ robustness operations for images coming from other laboratories:
 * Robustness (ours): stain jitter (hue / saturation in HSV, brightness / gamma), random grayscale,
   JPEG re-compression, down-then-up sampling (lower resolution scanners) and scale jitter (different
   microns per pixel).
+* Cross-lab (ours, :meth:`AugmentConfig.cross_lab`): Fourier amplitude mixing with an image of
+  another class (FACT, Xu et al. CVPR 2021: the partner's amplitude spectrum carries its lab's
+  colour, sharpness and texture statistics, the phase keeps this image's cell), random LAB
+  mean/contrast jitter, tight crops padded with background (other labs crop tighter), and strong
+  blur / resolution / noise / JPEG settings. In pbs5 every class comes from one lab, so giving each
+  class the other lab's "look" is what takes the lab away as a shortcut.
 
 Every operation is a public function with explicit parameters (unit testable); :func:`augment` draws
 the parameters from a ``np.random.Generator`` according to an :class:`AugmentConfig`.
@@ -51,6 +57,9 @@ __all__ = [
     "to_grayscale",
     "jpeg",
     "down_up",
+    "amplitude_mix",
+    "lab_jitter",
+    "tight_crop",
 ]
 
 # Reflection without repeating the edge pixel (…cba|abcd|dcb…): no black corners, no visible seam.
@@ -69,6 +78,8 @@ _RANGE_FIELDS = (
     "jpeg_quality_range",
     "down_up_scale_range",
     "scale_jitter_range",
+    "amp_mix_range",
+    "tight_crop_range",
 )
 _INT_RANGE_FIELDS = ("jpeg_quality_range",)
 
@@ -81,6 +92,9 @@ _NON_STUDY1_PROBS = (
     "jpeg_p",
     "down_up_p",
     "scale_jitter_p",
+    "amp_mix_p",
+    "lab_jitter_p",
+    "tight_crop_p",
 )
 
 
@@ -135,6 +149,16 @@ class AugmentConfig:
         down_up_scale_range: Intermediate scale range, in (0, 1].
         scale_jitter_p: Scale jitter probability (different microns per pixel).
         scale_jitter_range: Scale factor range, > 0; sampled log-uniformly.
+        amp_mix_p: Probability of Fourier amplitude mixing with a partner image of another class
+            (needs partners: :func:`augment_batch` with ``labels``; ignored without a partner).
+        amp_mix_range: Mixing weight range of the partner's amplitude, in [0, 1].
+        lab_jitter_p: Probability of a random LAB mean shift and contrast gain.
+        lab_jitter_shift: Standard deviation of the LAB mean shift, (L, a/b) in 8-bit LAB units.
+        lab_jitter_log_gain: Standard deviation of the log contrast gain, (L, a/b).
+        tight_crop_p: Probability of a tight crop: a random box around the centre is kept and the
+            rest filled with the background colour (what a tightly cropped image looks like after
+            preprocessing pads it).
+        tight_crop_range: Box side as a fraction of the image side, in (0, 1].
     """
 
     # Study 1
@@ -176,10 +200,23 @@ class AugmentConfig:
     down_up_scale_range: tuple[float, float] = (0.5, 0.9)
     scale_jitter_p: float = 0.4
     scale_jitter_range: tuple[float, float] = (0.8, 1.25)
+    # Cross-lab (ours); off by default, on in AugmentConfig.cross_lab()
+    amp_mix_p: float = 0.0
+    amp_mix_range: tuple[float, float] = (0.1, 0.7)
+    lab_jitter_p: float = 0.0
+    lab_jitter_shift: tuple[float, float] = (10.0, 6.0)
+    lab_jitter_log_gain: tuple[float, float] = (0.25, 0.3)
+    tight_crop_p: float = 0.0
+    tight_crop_range: tuple[float, float] = (0.55, 0.95)
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and compares equal.
         object.__setattr__(self, "rotate_angles_deg", tuple(float(a) for a in self.rotate_angles_deg))
+        for name in ("lab_jitter_shift", "lab_jitter_log_gain"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(math.isfinite(float(x)) and x >= 0 for x in v):
+                raise ValueError(f"AugmentConfig.{name} must be two finite numbers >= 0, got {v!r}")
+            object.__setattr__(self, name, (float(v[0]), float(v[1])))
         for name in _RANGE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -236,11 +273,27 @@ class AugmentConfig:
             f"down_up_scale_range must be within (0, 1], got {self.down_up_scale_range}",
         )
         need(self.scale_jitter_range[0] > 0.0, f"scale_jitter_range must be > 0, got {self.scale_jitter_range}")
+        need(0.0 <= self.amp_mix_range[0] and self.amp_mix_range[1] <= 1.0,
+             f"amp_mix_range must be within [0, 1], got {self.amp_mix_range}")
+        need(0.0 < self.tight_crop_range[0] and self.tight_crop_range[1] <= 1.0,
+             f"tight_crop_range must be within (0, 1], got {self.tight_crop_range}")
 
     @classmethod
     def study1_only(cls) -> "AugmentConfig":
         """Config with only the Study 1 operations enabled (Study 2 and robustness ops at p = 0)."""
         return cls(**{name: 0.0 for name in _NON_STUDY1_PROBS})
+
+    @classmethod
+    def cross_lab(cls) -> "AugmentConfig":
+        """Every operation of the full config, plus the cross-lab ones at strength.
+
+        For tasks whose classes were imaged in different labs (pbs5): the lab's look (colour,
+        sharpness, resolution, noise, compression, crop tightness) is randomised so strongly, and
+        swapped between classes by amplitude mixing, that it no longer predicts the class.
+        """
+        return cls(amp_mix_p=0.7, lab_jitter_p=1.0, tight_crop_p=0.4, down_up_p=0.8,
+                   down_up_scale_range=(0.2, 1.0), blur_p=0.6, blur_sigma_range=(0.5, 3.0), noise_p=0.5,
+                   noise_sigma_range=(0.008, 0.04), jpeg_p=0.5, jpeg_quality_range=(30, 95), grayscale_p=0.2)
 
     @classmethod
     def none(cls) -> "AugmentConfig":
@@ -784,17 +837,104 @@ def down_up(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def amplitude_mix(img: np.ndarray, partner: np.ndarray, lam: float) -> np.ndarray:
+    """Fourier amplitude mixing (FACT, Xu et al. 2021): this image's phase, a blend of amplitudes.
+
+    The amplitude spectrum carries global "style" (colour balance, contrast, sharpness, grain); the
+    phase carries the structure (where the cell and its nucleus are). Mixing amplitudes with an image
+    from another lab gives this cell that lab's look.
+
+    Args:
+        img: (H, W, 3) uint8 RGB (content).
+        partner: (H, W, 3) uint8 RGB of the same shape (style).
+        lam: Weight of the partner's amplitude, in [0, 1]; 0 returns a copy of ``img``.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: On a shape mismatch or ``lam`` outside [0, 1].
+    """
+    _check_image(img)
+    _check_image(partner, "partner")
+    if partner.shape != img.shape:
+        raise ValueError(f"partner must have the image's shape {img.shape}, got {partner.shape}")
+    if not (0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if lam == 0.0:
+        return img.copy()
+    fx = np.fft.rfft2(img.astype(np.float32), axes=(0, 1))
+    fy = np.fft.rfft2(partner.astype(np.float32), axes=(0, 1))
+    amp = (1.0 - lam) * np.abs(fx) + lam * np.abs(fy)
+    out = np.fft.irfft2(amp * np.exp(1j * np.angle(fx)), s=img.shape[:2], axes=(0, 1))
+    return _to_u8(out)
+
+
+def lab_jitter(img: np.ndarray, shift: Sequence[float], gain: Sequence[float]) -> np.ndarray:
+    """Shift the LAB channel means and scale their spread (another lab's stain intensity and contrast).
+
+    ``out = (lab - mean) * gain + mean + shift`` per LAB channel (8-bit OpenCV LAB).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        shift: Three mean shifts (L, a, b).
+        gain: Three contrast gains (L, a, b), each > 0.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    _check_image(img)
+    shift = np.asarray(shift, np.float32).reshape(3)
+    gain = np.asarray(gain, np.float32).reshape(3)
+    if not (np.all(np.isfinite(shift)) and np.all(np.isfinite(gain)) and np.all(gain > 0)):
+        raise ValueError(f"shift must be finite and gain finite > 0, got {shift}, {gain}")
+    lab = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2LAB).astype(np.float32)
+    mean = lab.reshape(-1, 3).mean(0)
+    lab = (lab - mean) * gain + mean + shift
+    return cv2.cvtColor(_to_u8(lab), cv2.COLOR_LAB2RGB)
+
+
+def tight_crop(img: np.ndarray, w_frac: float, h_frac: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """Keep a box around the centre and fill the rest with the background colour.
+
+    Other labs often crop cells tightly; preprocessing then pads the crop with the slide background.
+    This makes the same picture from a loosely cropped training image.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        w_frac, h_frac: Box width / height as a fraction of the image's, in (0, 1].
+        dx, dy: Box centre offset as a fraction of the width / height (clipped to stay inside).
+
+    Returns:
+        (H, W, 3) uint8; pixels outside the box are the median of the brightest 30 % (background).
+    """
+    _check_image(img)
+    if not (0.0 < w_frac <= 1.0 and 0.0 < h_frac <= 1.0):
+        raise ValueError(f"w_frac, h_frac must be in (0, 1], got {w_frac}, {h_frac}")
+    h, w = img.shape[:2]
+    bw, bh = max(1, round(w * w_frac)), max(1, round(h * h_frac))
+    x0 = int(np.clip(round(w / 2 - bw / 2 + dx * w), 0, w - bw))
+    y0 = int(np.clip(round(h / 2 - bh / 2 + dy * h), 0, h - bh))
+    grey = img.mean(axis=2)
+    bg = np.median(img[grey >= np.percentile(grey, 70)], axis=0)
+    out = np.empty_like(img)
+    out[:] = np.round(bg).astype(np.uint8)
+    out[y0:y0 + bh, x0:x0 + bw] = img[y0:y0 + bh, x0:x0 + bw]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Pipeline
 # --------------------------------------------------------------------------------------------------
 
 
 def augment(
-    img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None = None
+    img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None = None,
+    partner: np.ndarray | None = None,
 ) -> np.ndarray:
     """Apply each enabled operation with its probability (training split only).
 
-    Order: flips (exact); one resampling for rotation, crop, zoom, scale jitter, shift and elastic;
+    Order: amplitude mixing with ``partner`` (if given); flips (exact); one resampling for rotation, crop, zoom, scale jitter, shift and elastic;
     stain jitter, channel shift, grayscale, contrast; sharpen, blur; down-up; noise; JPEG last (it is
     what an image file goes through at the end of a real pipeline).
 
@@ -802,6 +942,7 @@ def augment(
         img: (H, W, 3) uint8 RGB, any H, W >= 1.
         rng: Random generator; the same generator state gives the same output.
         cfg: Operations and parameters; default :class:`AugmentConfig` ().
+        partner: Optional image of the same shape (another class) for amplitude mixing.
 
     Returns:
         A new (H, W, 3) uint8 RGB array (never the input object).
@@ -813,6 +954,9 @@ def augment(
     cfg = AugmentConfig() if cfg is None else cfg
     h, w = img.shape[:2]
     out = img
+
+    if partner is not None and _fires(rng, cfg.amp_mix_p):
+        out = amplitude_mix(out, partner, float(rng.uniform(*cfg.amp_mix_range)))
 
     if _fires(rng, cfg.hflip_p):
         out = hflip(out)
@@ -841,6 +985,10 @@ def augment(
         field = _elastic_field(h, w, cfg.elastic_alpha, cfg.elastic_sigma, rng)
     if field is not None or not np.allclose(m, np.eye(3), rtol=0.0, atol=1e-9):
         out = _warp(out, m, field)
+    if _fires(rng, cfg.tight_crop_p):
+        fw, fh = rng.uniform(*cfg.tight_crop_range, size=2)
+        dx, dy = rng.normal(0.0, 0.05, size=2)
+        out = tight_crop(out, float(fw), float(fh), float(dx), float(dy))
 
     if _fires(rng, cfg.stain_p):
         hue = rng.uniform(-cfg.stain_hue_max_deg, cfg.stain_hue_max_deg)
@@ -848,6 +996,10 @@ def augment(
         bri = rng.uniform(*cfg.stain_brightness_range)
         gam = _log_uniform(rng, *cfg.stain_gamma_range)
         out = stain_jitter(out, float(hue), float(sat), float(bri), gam)
+    if _fires(rng, cfg.lab_jitter_p):
+        sl, sab = cfg.lab_jitter_shift
+        gl, gab = cfg.lab_jitter_log_gain
+        out = lab_jitter(out, rng.normal(0.0, [sl, sab, sab]), np.exp(rng.normal(0.0, [gl, gab, gab])))
     if _fires(rng, cfg.channel_shift_p):
         f = rng.uniform(1.0 - cfg.channel_shift_max, 1.0 + cfg.channel_shift_max, size=3)
         out = channel_shift(out, f)
@@ -871,17 +1023,22 @@ def augment(
 
 
 def augment_batch(
-    images: np.ndarray, seed: int, cfg: AugmentConfig | None = None
+    images: np.ndarray, seed: int, cfg: AugmentConfig | None = None,
+    labels: Sequence[int] | np.ndarray | None = None,
+    pool: np.ndarray | None = None, pool_labels: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Augment a batch deterministically.
 
     Image ``i`` uses its own child stream of ``np.random.SeedSequence(seed)``, so its result depends
-    only on ``(seed, i, image, cfg)``, not on the batch size.
+    only on ``(seed, i, image, cfg)`` (and the partner pool), not on the batch size.
 
     Args:
         images: (N, H, W, 3) uint8 RGB, N >= 0.
         seed: Non-negative integer seed.
         cfg: Operations and parameters; default :class:`AugmentConfig` ().
+        labels: Class of each image; with ``cfg.amp_mix_p > 0`` each image draws an amplitude-mixing
+            partner of another class from ``pool`` (default: the batch itself).
+        pool, pool_labels: Partner images (M, H, W, 3) and their classes.
 
     Returns:
         (N, H, W, 3) uint8, a new array.
@@ -901,8 +1058,22 @@ def augment_batch(
     cfg = AugmentConfig() if cfg is None else cfg
     out = np.empty_like(images)
     children = np.random.SeedSequence(int(seed)).spawn(len(images))
+    mixing = labels is not None and cfg.amp_mix_p > 0
+    if mixing:
+        labels = np.asarray(labels)
+        if pool is None:
+            pool, pool_labels = images, labels
+        pool_labels = np.asarray(pool_labels)
+        if len(labels) != len(images) or len(pool_labels) != len(pool):
+            raise ValueError("labels / pool_labels must have one entry per image")
     for i, child in enumerate(children):
-        out[i] = augment(images[i], np.random.default_rng(child), cfg)
+        rng = np.random.default_rng(child)
+        partner = None
+        if mixing:
+            others = np.flatnonzero(pool_labels != labels[i])
+            if len(others):
+                partner = pool[others[rng.integers(len(others))]]
+        out[i] = augment(images[i], rng, cfg, partner=partner)
     return out
 
 

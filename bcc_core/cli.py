@@ -24,11 +24,13 @@ def _train_cfg(a):
     from .training import TrainConfig
 
     pcfg = PreprocessConfig(mode=a.preprocess, clahe=a.clahe, stain_norm=a.stain_norm)
-    aug = AugmentConfig.study1_only() if a.augment == "study1" else (AugmentConfig.none() if a.augment == "none" else AugmentConfig())
+    aug = {"study1": AugmentConfig.study1_only, "none": AugmentConfig.none, "crosslab": AugmentConfig.cross_lab,
+           "full": AugmentConfig}[a.augment]()
     task = a.task or Path(a.data).name
     return TrainConfig(task=task, backbone=a.backbone, weights=a.weights, epochs=a.epochs, batch_size=a.batch_size,
                        learning_rate=a.lr, aug_views=a.aug_views, seed=a.seed, fine_tune_layers=a.fine_tune_layers,
-                       fine_tune_epochs=a.fine_tune_epochs, preprocess=pcfg.to_dict(), augment=aug.to_dict())
+                       fine_tune_epochs=a.fine_tune_epochs, fine_tune_lr=a.fine_tune_lr, swa_start=a.swa_start,
+                       preprocess=pcfg.to_dict(), augment=aug.to_dict())
 
 
 def cmd_train(a) -> int:
@@ -147,12 +149,17 @@ def _add_train_opts(p):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--aug-views", type=int, default=4, help="augmented views per training image (frozen fast path)")
-    p.add_argument("--augment", choices=["full", "study1", "none"], default="full")
+    p.add_argument("--augment", choices=["full", "study1", "none", "crosslab"], default="full",
+                   help="crosslab: full + amplitude mixing between classes, LAB jitter, tight crops, strong blur "
+                        "(for data whose classes come from different labs, e.g. pbs5)")
     p.add_argument("--preprocess", choices=["cell", "letterbox"], default="cell")
     p.add_argument("--stain-norm", choices=["reinhard", "none"], default="reinhard")
     p.add_argument("--clahe", action="store_true", help="CLAHE contrast enhancement (Study 1)")
     p.add_argument("--fine-tune-layers", type=int, default=0, help="unfreeze the last N backbone layers after head training")
     p.add_argument("--fine-tune-epochs", type=int, default=2)
+    p.add_argument("--fine-tune-lr", type=float, default=1e-5)
+    p.add_argument("--swa-start", type=int, default=-1,
+                   help="fine-tuning: run every epoch and average the weights from this epoch on (-1: early stopping)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit-per-class", type=int, help="train on a per-class subset (quick checks)")
     p.add_argument("--cache", action="store_true", help="reuse preprocessed inputs from .cache/ (experiments)")

@@ -52,6 +52,7 @@ class TrainConfig:
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 2
     fine_tune_lr: float = 1e-5
+    swa_start: int = -1
     ood_method: str = "union"
     ood_quantile: float = 0.95
     review_alpha: float = 0.02
@@ -183,47 +184,25 @@ def _fit_head(model, f_train, y_train, f_val, y_val, cfg: TrainConfig, n_classes
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
-class _AugSequence:
-    """Keras PyDataset of (augmented) preprocessed images for end-to-end training."""
-
-    def __new__(cls, *a, **k):
-        import keras
-
-        class Seq(keras.utils.PyDataset):
-            def __init__(self, x, y, batch_size, aug_cfg, seed, augment_on):
-                super().__init__()
-                self.x, self.y, self.bs, self.aug, self.seed, self.on = x, y, batch_size, aug_cfg, seed, augment_on
-                self.epoch = 0
-                self.order = np.random.default_rng(seed).permutation(len(x))
-
-            def __len__(self):
-                return (len(self.x) + self.bs - 1) // self.bs
-
-            def __getitem__(self, i):
-                idx = self.order[i * self.bs:(i + 1) * self.bs]
-                xb = self.x[idx]
-                if self.on:
-                    xb = augment_batch(xb, seed=self.seed * 100003 + self.epoch * 1009 + i, cfg=self.aug)
-                return xb.astype(np.float32), self.y[idx]
-
-            def on_epoch_end(self):
-                self.epoch += 1
-                self.order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.x))
-
-        return Seq(*a, **k)
-
-
 def _fit_end_to_end(model, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, n_classes, lr, epochs, out_dir, progress):
+    """Train `model` on augmented images. Early stopping on validation loss restores the best epoch;
+    with `cfg.swa_start >= 0` every epoch runs and the weights are averaged from that epoch on."""
     import keras
+
+    from .train_seq import AugSequence, WeightAveraging
 
     eye = np.eye(n_classes, dtype=np.float32)
     model.compile(optimizer=keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon),
                   loss="categorical_crossentropy", metrics=["accuracy"])
-    ckpt = out_dir / "checkpoints" / "best.weights.h5"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),
-           keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True, save_weights_only=True)]
-    seq = _AugSequence(x_tr, eye[y_tr], cfg.batch_size, AugmentConfig.from_dict(cfg.augment), cfg.seed, True)
+    if cfg.swa_start >= 0:
+        cbs = [WeightAveraging(cfg.swa_start)]
+    else:
+        ckpt = out_dir / "checkpoints" / "best.weights.h5"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),
+               keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True,
+                                               save_weights_only=True)]
+    seq = AugSequence(x_tr, eye[y_tr], cfg.batch_size, AugmentConfig.from_dict(cfg.augment), cfg.seed)
     hist = model.fit(seq, validation_data=(x_val.astype(np.float32), eye[y_val]), epochs=epochs, callbacks=cbs,
                      verbose=2 if progress else 0,
                      class_weight=_class_weight(y_tr, n_classes) if cfg.class_weights else None)
@@ -319,7 +298,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         feats = batched_predict(fe, x, progress=progress, desc="features (clean)")
         f_aug, y_aug = [feats[tr]], [labels[tr]]
         for v in range(cfg.aug_views):
-            xa = augment_batch(x[tr], seed=cfg.seed * 1000 + v, cfg=aug_cfg)
+            xa = augment_batch(x[tr], seed=cfg.seed * 1000 + v, cfg=aug_cfg, labels=labels[tr])
             f_aug.append(batched_predict(fe, xa, progress=progress, desc=f"features (aug view {v + 1}/{cfg.aug_views})"))
             y_aug.append(labels[tr])
         history = _fit_head(model, np.concatenate(f_aug), np.concatenate(y_aug), feats[va], labels[va], cfg, n_cls,

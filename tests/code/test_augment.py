@@ -342,6 +342,7 @@ def test_down_up_loses_detail():
         AugmentConfig(),
         AugmentConfig.study1_only(),
         AugmentConfig.none(),
+        AugmentConfig.cross_lab(),
         AugmentConfig(rotate_angles_deg=(10.0, 20.0), jpeg_quality_range=(30, 60), zoom_p=0.7),
     ],
 )
@@ -362,7 +363,13 @@ def test_config_defaults_are_published_values():
     assert (c.elastic_alpha, c.elastic_sigma) == (30.0, 5.0)
     assert c.zoom_range == (0.9, 1.1) and c.shift_max == 0.10
     ops = [f.name for f in dataclasses.fields(c) if f.name.endswith("_p")]
-    assert len(ops) == 17 and all(getattr(c, p) > 0 for p in ops)
+    cross = {"amp_mix_p", "lab_jitter_p", "tight_crop_p"}
+    assert len(ops) == 20 and all(getattr(c, p) > 0 for p in ops if p not in cross)
+    # The cross-lab operations are opt-in (AugmentConfig.cross_lab()).
+    assert all(getattr(c, p) == 0 for p in cross)
+    x = AugmentConfig.cross_lab()
+    assert all(getattr(x, p) > 0 for p in ops)
+    assert x.blur_sigma_range[1] > c.blur_sigma_range[1] and x.down_up_scale_range[0] < c.down_up_scale_range[0]
 
 
 def test_study1_only_and_none():
@@ -392,6 +399,10 @@ def test_config_validation():
         AugmentConfig(crop_scale_range=(0.5, 1.2))
     with pytest.raises(ValueError, match="valid keys"):
         AugmentConfig.from_dict({"hflip_prob": 0.5})
+    with pytest.raises(ValueError, match="amp_mix_range"):
+        AugmentConfig(amp_mix_range=(0.5, 1.5))
+    with pytest.raises(ValueError, match="lab_jitter_shift"):
+        AugmentConfig(lab_jitter_shift=(-1.0, 2.0))
     with pytest.raises(dataclasses.FrozenInstanceError):
         AugmentConfig().hflip_p = 0.1  # type: ignore[misc]
 
@@ -409,3 +420,62 @@ def test_preview_grid_shape_and_first_tile():
     assert g5.shape == (2 * 32, 4 * 40, 3)
     assert np.all(g5[32:, 40:] == 255)  # unused cells are blank
     assert np.array_equal(A.preview_grid(im, AugmentConfig(), n=5, cols=4, gap=0), g5)
+
+
+# ---------------------------------------------------------------------------------- cross-lab ops
+
+
+def test_amplitude_mix_keeps_structure_and_takes_style():
+    content = cell(64, 64, seed=1)
+    style = cv2.GaussianBlur(cell(64, 64, seed=2)[:, ::-1], (0, 0), 3)  # blurred, nucleus elsewhere
+    assert np.array_equal(A.amplitude_mix(content, style, 0.0), content)
+    out = A.amplitude_mix(content, style, 0.7)
+    assert out.shape == content.shape and out.dtype == np.uint8
+    # Structure follows the phase: the nucleus stays where the content image has it.
+    assert nucleus(out).sum() > 0.5 * nucleus(content).sum()
+    cy, cx = centroid(nucleus(out))
+    ey, ex = centroid(nucleus(content))
+    assert abs(cy - ey) < 3 and abs(cx - ex) < 3
+    # Style follows the amplitude: the blurred partner's weak high frequencies make the result smoother.
+    lap = lambda im: cv2.Laplacian(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), cv2.CV_32F).var()
+    assert lap(out) < 0.6 * lap(content)
+    with pytest.raises(ValueError, match="shape"):
+        A.amplitude_mix(content, cell(32, 32), 0.5)
+    with pytest.raises(ValueError, match="lam"):
+        A.amplitude_mix(content, style, 1.5)
+
+
+def test_lab_jitter_identity_and_shift(img):
+    same = A.lab_jitter(img, (0, 0, 0), (1, 1, 1))
+    assert np.abs(same.astype(int) - img).max() <= 2  # LAB round trip
+    darker = A.lab_jitter(img, (-20, 0, 0), (1, 1, 1))
+    assert darker.mean() < img.mean() - 10
+    flat = A.lab_jitter(img, (0, 0, 0), (0.2, 1, 1))
+    assert flat.std() < img.std()
+    with pytest.raises(ValueError):
+        A.lab_jitter(img, (0, 0, 0), (0, 1, 1))
+
+
+def test_tight_crop_fills_outside_with_background(img):
+    out = A.tight_crop(img, 0.5, 0.5)
+    h, w = img.shape[:2]
+    assert np.array_equal(out[h // 4 + 1:3 * h // 4 - 1, w // 4 + 1:3 * w // 4 - 1],
+                          img[h // 4 + 1:3 * h // 4 - 1, w // 4 + 1:3 * w // 4 - 1])
+    corner = out[:5, :5].reshape(-1, 3)
+    assert (corner == corner[0]).all() and corner[0].mean() > 180  # one light background colour
+    assert np.array_equal(A.tight_crop(img, 1.0, 1.0), img)
+    with pytest.raises(ValueError):
+        A.tight_crop(img, 0.0, 0.5)
+
+
+def test_batch_amplitude_partner_is_of_another_class():
+    a, b = cell(48, 48, seed=3), cv2.GaussianBlur(cell(48, 48, seed=4), (0, 0), 4)
+    cfg = only(amp_mix_p=1.0, amp_mix_range=(1.0, 1.0))
+    batch = np.stack([a, a])
+    # Same class everywhere: no partner, nothing happens.
+    assert np.array_equal(A.augment_batch(batch, 0, cfg, labels=[0, 0]), batch)
+    # Partner pool of another class: every image takes the blurred partner's amplitude.
+    out = A.augment_batch(batch, 0, cfg, labels=[0, 0], pool=np.stack([a, b]), pool_labels=[0, 1])
+    assert np.array_equal(out[0], A.amplitude_mix(a, b, 1.0)) and np.array_equal(out[1], out[0])
+    # Without labels the operation is off (no partner): the default call stays label-free.
+    assert np.array_equal(A.augment_batch(batch, 0, cfg), batch)

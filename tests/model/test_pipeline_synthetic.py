@@ -191,3 +191,49 @@ def test_cross_validation_reports_mean_and_std(trained, tmp_path):
     acc = [f["accuracy"] for f in res["folds"]]
     assert res["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
     assert res["summary"]["accuracy"]["std"] == pytest.approx(np.std(acc, ddof=1))
+
+
+def test_weight_averaging_loads_the_mean_of_epoch_end_weights():
+    import keras
+
+    from bcc_core.train_seq import WeightAveraging
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.w = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.w.append(self.model.get_weights())
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 1)).astype("float32")
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    m.compile(keras.optimizers.SGD(0.05), "mse")
+    rec, swa = Record(), WeightAveraging(start=1)
+    m.fit(x, y, epochs=4, batch_size=16, verbose=0, callbacks=[rec, swa])  # rec runs first each epoch
+    expect = [np.mean([w[i] for w in rec.w[1:]], axis=0) for i in range(2)]
+    for got, want in zip(m.get_weights(), expect):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expect[0], rec.w[-1][0])  # the average is not simply the last epoch
+
+
+def test_cross_lab_fine_tuning_with_weight_averaging(trained, tmp_path):
+    """The pbs5 recipe's path: cross-lab augmentation, top layers fine-tuned, weights averaged."""
+    import keras
+
+    from bcc_core.augment import AugmentConfig
+    from bcc_core.backbones import get_spec
+    from bcc_core.training import TrainConfig, train
+
+    data, _, _ = trained
+    base = get_spec("mobilenetv2").build(keras.Input((224, 224, 3)), None)
+    wfile = tmp_path / "random.weights.h5"
+    base.save_weights(wfile)
+    cfg = TrainConfig(task="synthetic", weights=str(wfile), epochs=1, aug_views=1, batch_size=8,
+                      fine_tune_layers=6, fine_tune_epochs=2, fine_tune_lr=1e-4, swa_start=0,
+                      augment=AugmentConfig.cross_lab().to_dict())
+    m = train(data, tmp_path / "m", cfg, progress=False)
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert card["training"]["swa_start"] == 0 and card["training"]["augment"]["amp_mix_p"] == 0.7
+    assert m["epochs_run"] == 1 + 2  # head epoch + every fine-tuning epoch (no early stop with averaging)
