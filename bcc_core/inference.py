@@ -10,7 +10,7 @@ import numpy as np
 
 from . import calibration, ood, review
 from .flags import Flag, status_for
-from .preprocess import PreprocessConfig, preprocess
+from .preprocess import PreprocessConfig, locate_cell, preprocess
 
 DEFAULT_MODEL = "pbs5-mobilenetv2"
 
@@ -136,7 +136,10 @@ class Predictor:
         """The card's quality gate and preprocessing for one RGB image: (model input, quality flags)."""
         from .quality import check_quality
 
-        return preprocess(img, self.pcfg), check_quality(img, self.qcfg)
+        # One cell search serves both the crop and the gate's cell-size check.
+        valid = img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+        cell = locate_cell(img) if self.pcfg.mode == "cell" and valid else None
+        return preprocess(img, self.pcfg, cell), check_quality(img, self.qcfg, cell)
 
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[Prediction]:
         """Full pipeline for RGB images (H, W, 3) uint8 of any size."""

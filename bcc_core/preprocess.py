@@ -134,10 +134,13 @@ def locate_cell(img: np.ndarray) -> tuple[float, float, float]:
     return float(cx), float(cy), float(extent)
 
 
-def crop_cell(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Square crop centred on the cell, side proportional to its stained extent (reflect-padded)."""
+def crop_cell(img: np.ndarray, cfg: PreprocessConfig, cell: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Square crop centred on the cell, side proportional to its stained extent (background-padded).
+
+    `cell` is `locate_cell(img)` when the caller has already measured it (the quality gate needs it too).
+    """
     h, w = img.shape[:2]
-    cx, cy, extent = locate_cell(img)
+    cx, cy, extent = cell if cell is not None else locate_cell(img)
     side = max(cfg.cell_margin * extent, cfg.min_crop_fraction * min(h, w), 16.0)
     half = side / 2.0
     x0, y0 = int(round(cx - half)), int(round(cy - half))
@@ -191,12 +194,14 @@ def flatten_background(img: np.ndarray) -> np.ndarray:
     return (img * (1 - alpha) + 200.0 * alpha).astype(np.uint8)
 
 
-def preprocess(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+def preprocess(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig(),
+               cell: tuple[float, float, float] | None = None) -> np.ndarray:
     """Make the model input from one image.
 
     Args:
         img: (H, W, 3) uint8 RGB, any size >= 8 px.
         cfg: the model card's preprocessing.
+        cell: `locate_cell(img)` if already computed (cell mode only; saves a second search).
 
     Returns:
         (cfg.size, cfg.size, 3) uint8 RGB. The model itself scales [0, 255] as its backbone expects.
@@ -204,7 +209,7 @@ def preprocess(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> n
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
     if cfg.mode == "cell":
-        crop = crop_cell(img, cfg)
+        crop = crop_cell(img, cfg, cell)
         interp = cv2.INTER_AREA if crop.shape[0] > cfg.size else cv2.INTER_LINEAR
         out = cv2.resize(crop, (cfg.size, cfg.size), interpolation=interp)
     else:

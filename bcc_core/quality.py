@@ -341,12 +341,14 @@ def flags_from_measures(m: dict[str, float], cfg: QualityConfig | None = None) -
     return flags
 
 
-def check_quality(img: np.ndarray, cfg: QualityConfig | None = None) -> list[Flag]:
+def check_quality(img: np.ndarray, cfg: QualityConfig | None = None,
+                  cell: tuple[float, float, float] | None = None) -> list[Flag]:
     """Run the quality gate on one image.
 
     Args:
         img: ``(H, W, 3)`` uint8 RGB image, values 0–255.
         cfg: Thresholds; defaults to ``QualityConfig()``.
+        cell: ``preprocess.locate_cell(img)`` if the caller already has it (measured once per image).
 
     Returns:
         ``image_quality`` flags (see module docstring for the ``detail`` values); empty list when the
@@ -362,7 +364,7 @@ def check_quality(img: np.ndarray, cfg: QualityConfig | None = None) -> list[Fla
     if cfg.expect_single_cell and not any(f.severity == "critical" for f in flags):
         from .preprocess import locate_cell
 
-        extent = locate_cell(img)[2]
+        extent = (cell if cell is not None else locate_cell(img))[2]
         if extent < 1.6 * cfg.min_cell_px and m["n_comparable_blobs"] >= 2:
             flags.append(_flag("not_single_cell", "critical",
                                f"Two or more small nucleated cells (about {extent:.0f} px) are visible, as in a "

@@ -70,6 +70,18 @@ def rescale(img, f):
     return r
 
 
+def unsharp(img, sigma=2.0, amount=1.0):
+    b = cv2.GaussianBlur(img, (0, 0), sigma)
+    return cv2.addWeighted(img, 1 + amount, b, -amount, 0)
+
+
+def other_look(img, c, st_b, st_m):
+    """The other lab's whole look: its stain, and its optics (Munich images are softer than Barcelona's)."""
+    if c in BARCELONA:
+        return cv2.GaussianBlur(restain(img, st_m), (0, 0), 1.5)
+    return unsharp(restain(img, st_b))
+
+
 def hue_shift(img, deg):
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     hsv[..., 0] = ((hsv[..., 0].astype(int) + deg // 2) % 180).astype(np.uint8)
@@ -93,6 +105,8 @@ def simulated_shifts(pred, items, classes) -> dict:
         "magnification x1.5 (crop to original size)": lambda im, c: _centre_crop(rescale(im, 1.5), im.shape[:2]),
         "other lab's stain + magnification (x1.25 Barcelona, x0.8 Munich)":
             lambda im, c: rescale(restain(im, st_m if c in BARCELONA else st_b), 1.25 if c in BARCELONA else 0.8),
+        "other lab's stain + sharpness (Barcelona blurred, Munich sharpened)":
+            lambda im, c: other_look(im, c, st_b, st_m),
         "hue +20 deg": lambda im, c: hue_shift(im, 20),
         "blur sigma 2": lambda im, c: cv2.GaussianBlur(im, (0, 0), 2.0),
         "JPEG q=30": lambda im, c: cv2.imdecode(cv2.imencode(".jpg", im[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 30])[1], 1)[..., ::-1].copy(),

@@ -1,6 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from their generated outputs (nothing typed by hand).
 
-Steps (each writes bench/results/<step>.md): evaluate, reproduce, crosslab, quality, perf, compare.
+Steps (each writes bench/results/step_<step>.md): evaluate, reproduce, crosslab, quality, perf, compare, cv,
+noncells, augment.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
 """
 
@@ -42,12 +43,29 @@ def step_evaluate(data):
     return lines
 
 
+def _card_command(card: dict, data: Path, out: Path) -> list:
+    """The training command recorded in the card, with this machine's data, weights and output paths."""
+    import shlex
+
+    args = shlex.split(card["reproduce"])[3:]  # drop "python -m bcc_core"
+    swap = {"--data": str(data / card["task"]), "--weights": str(WEIGHTS), "--out": str(out)}
+    cmd = [PY, "-m", "bcc_core"]
+    i = 0
+    while i < len(args):
+        if args[i] in swap:
+            cmd += [args[i], swap[args[i]]]
+            i += 2
+        else:
+            cmd.append(args[i])
+            i += 1
+    return cmd + (["--quiet"] if "--quiet" not in cmd else [])
+
+
 def step_reproduce(data):
-    """Re-run the README command for the bundled pbs5 model from scratch (no cache) and time it."""
+    """Re-run the bundled pbs5 model's own training command (from its card) from scratch, no cache, and time it."""
     card = json.loads((ROOT / MODELS["pbs5"] / "model_card.json").read_text())
     out = WORK / "pbs5-repro"
-    cmd = [PY, "-m", "bcc_core", "train", "--data", data / "pbs5", "--backbone", "mobilenetv2", "--weights", WEIGHTS,
-           "--out", out, "--quiet"]
+    cmd = _card_command(card, data, out)
     t = time.perf_counter()
     r = run(cmd)
     wall = time.perf_counter() - t
@@ -56,7 +74,7 @@ def step_reproduce(data):
     new = json.loads((out / "metrics.json").read_text())["test"]["macro_f1"]
     old = card["metrics"]["test"]["macro_f1"]
     return ["# Reproducing the bundled pbs5 model", "",
-            f"Command (README): `python -m bcc_core train --data ../shared/data/pbs5 --backbone mobilenetv2 --weights <offline MobileNetV2 file> --out ...`", "",
+            f"Command (the card's `reproduce`, also in the README): `{card['reproduce']}`", "",
             "| measure | value |", "|---|---|",
             f"| wall time, fresh process, no cache | {wall / 60:.1f} min (Study 1: 343 min) |",
             f"| test macro-F1, bundled | {old:.4f} |", f"| test macro-F1, reproduced | {new:.4f} |",
@@ -137,8 +155,14 @@ def step_noncells(data):
     return lines
 
 
+def step_augment(data):
+    r = run([PY, "bench/augment_speed.py", "--data", data, "--out", RES / "augment_speed.md"])
+    return (RES / "augment_speed.md").read_text().splitlines() if r.returncode == 0 else ["# Augmentation speed", "", "failed: " + r.stderr[-1500:]]
+
+
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
-         "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells}
+         "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
+         "augment": step_augment}
 
 
 def main(argv=None):

@@ -57,3 +57,13 @@ def test_letterbox_mode_and_validation(cell_image):
 def test_blank_image_does_not_crash():
     out = preprocess(np.full((100, 100, 3), 200, np.uint8))
     assert out.shape == (224, 224, 3)
+
+
+def test_a_given_cell_location_is_used_and_equals_searching():
+    img = synthetic_cell(240, 40, seed=5)
+    cfg = PreprocessConfig()
+    loc = locate_cell(img)
+    assert np.array_equal(preprocess(img, cfg, loc), preprocess(img, cfg))
+    # A different location gives a different crop: the argument is really used.
+    moved = (loc[0] + 40, loc[1], loc[2])
+    assert not np.array_equal(preprocess(img, cfg, moved), preprocess(img, cfg))
