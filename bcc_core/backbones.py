@@ -25,6 +25,8 @@ class BackboneSpec:
             "caffe" (ResNet: BGR, mean-subtracted on 0..255) or "raw255" (EfficientNet normalises
             internally from 0..255).
         build: constructor (input_tensor, weights) -> keras.Model without top.
+        early_layer: a mid-network block output whose pooled activations feed the early-layer OOD
+            detector (colour/texture statistics that fine-tuning for lab invariance leaves intact).
     """
 
     name: str
@@ -32,6 +34,7 @@ class BackboneSpec:
     gradcam_layer: str
     normalisation: str
     build: Callable
+    early_layer: str | None = None
 
 
 def _mobilenetv2(input_tensor, weights):
@@ -73,10 +76,10 @@ def _small_cnn(input_tensor, weights):
 
 
 REGISTRY: dict[str, BackboneSpec] = {
-    "mobilenetv2": BackboneSpec("mobilenetv2", 224, "out_relu", "minus1_1", _mobilenetv2),
-    "efficientnetb0": BackboneSpec("efficientnetb0", 224, "top_activation", "raw255", _efficientnetb0),
-    "resnet50": BackboneSpec("resnet50", 224, "conv5_block3_out", "caffe", _resnet50),
-    "small_cnn": BackboneSpec("small_cnn", 224, "block4_pool", "zero_one", _small_cnn),
+    "mobilenetv2": BackboneSpec("mobilenetv2", 224, "out_relu", "minus1_1", _mobilenetv2, "block_9_add"),
+    "efficientnetb0": BackboneSpec("efficientnetb0", 224, "top_activation", "raw255", _efficientnetb0, "block4c_add"),
+    "resnet50": BackboneSpec("resnet50", 224, "conv5_block3_out", "caffe", _resnet50, "conv3_block4_out"),
+    "small_cnn": BackboneSpec("small_cnn", 224, "block4_pool", "zero_one", _small_cnn, "block2_pool"),
 }
 
 

@@ -66,7 +66,8 @@ class Predictor:
         self.classes = list(card.classes)
         self.pcfg = PreprocessConfig.from_dict(card.preprocessing)
         self.ood_stats = ood_stats
-        self._forward = compiled(trust_outputs_model(model))
+        self.early_layer = (card.ood or {}).get("early_layer")
+        self._forward = compiled(trust_outputs_model(model, self.early_layer))
         from .quality import QualityConfig
 
         import dataclasses
@@ -87,22 +88,25 @@ class Predictor:
             raise ValueError(f"{d}: the card sets an OOD threshold but {stats_file} is missing")
         return cls(model, card, d, stats)
 
-    def forward(self, inputs: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Features and logits for preprocessed inputs (N, S, S, 3) uint8, in compiled batches."""
+    def forward(self, inputs: np.ndarray, batch_size: int = 32):
+        """(features, logits, early-layer activations or None) for preprocessed inputs (N, S, S, 3)
+        uint8, in one compiled pass per batch."""
         from .training import batched_predict
 
-        return batched_predict(self._forward, inputs, batch_size)
+        out = batched_predict(self._forward, inputs, batch_size)
+        return (*out, None) if len(out) == 2 else tuple(out)
 
     def predict_inputs(self, inputs: np.ndarray, quality_flags: list[list[Flag]] | None = None,
                        batch_size: int = 32) -> list[Prediction]:
         """Predictions for already preprocessed inputs (N, S, S, 3) uint8."""
         if len(inputs) == 0:
             return []
-        feats, logits = self.forward(inputs, batch_size)
+        feats, logits, early = self.forward(inputs, batch_size)
         T = self.card.temperature
         probs = calibration.apply_temperature(logits, T)
         if self.card.ood and (self.ood_stats is not None or self.card.ood.get("method") == "energy"):
-            scores = ood.score(self.card.ood["method"], feats, logits, self.ood_stats, T, self.card.ood.get("scales"))
+            scores = ood.score(self.card.ood["method"], feats, logits, self.ood_stats, T, self.card.ood.get("scales"),
+                               early=early)
             ood_thr = float(self.card.ood["threshold"])
         else:
             scores, ood_thr = np.zeros(len(inputs)), np.inf

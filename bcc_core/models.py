@@ -101,11 +101,18 @@ def head_only(model, until: str = PROBS_LAYER):
     return keras.Model(inp, x)
 
 
-def trust_outputs_model(model):
-    """One forward pass → (features, logits): everything prediction, calibration and OOD need."""
+def trust_outputs_model(model, early_layer: str | None = None):
+    """One forward pass → (features, logits[, early]): everything prediction, calibration and OOD need.
+
+    With `early_layer`, a third output is that layer's globally pooled activations (the early-layer
+    OOD detector's input), computed in the same pass.
+    """
     import keras
 
-    return keras.Model(model.input, [model.get_layer(FEATURES_LAYER).output, model.get_layer(LOGITS_LAYER).output])
+    outs = [model.get_layer(FEATURES_LAYER).output, model.get_layer(LOGITS_LAYER).output]
+    if early_layer:
+        outs.append(keras.layers.GlobalAveragePooling2D(name="early_pool")(model.get_layer(early_layer).output))
+    return keras.Model(model.input, outs)
 
 
 def count_params(model) -> dict:
@@ -122,7 +129,13 @@ def save_model(model, card: ModelCard, out_dir: str | Path, extra: dict | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     validate_card(card.to_dict())
-    model.save(out / "model.keras")
+    import keras
+
+    # Inference needs the weights only: a clone without the optimizer keeps a fine-tuned model's Adam
+    # moments (2x the unfrozen weights) out of the bundled file.
+    clean = keras.models.clone_model(model)
+    clean.set_weights(model.get_weights())
+    clean.save(out / "model.keras")
     (out / "model_card.json").write_text(json.dumps(card.to_dict(), indent=2))
     for name, obj in (extra or {}).items():
         (out / name).write_text(json.dumps(obj, indent=2))

@@ -5,6 +5,10 @@ Three scores, higher = more unusual:
   shrinkage covariance (Lee et al. 2018, without input perturbation).
 - `knn`: distance to the k-th nearest training feature after L2 normalisation (Sun et al. 2022).
 - `energy`: -T·logsumexp(logits/T) (Liu et al. 2020).
+- `mahalanobis_early`: the same Mahalanobis score on the pooled activations of a mid-network layer
+  (Lee et al. 2018 combine several layers). Fine-tuning for lab invariance teaches the top of the
+  network to ignore colour and texture; the early layer still sees them, so a cell type or a lab that
+  looks unlike the training images is caught even when the top features are confident.
 Thresholds are fitted on in-distribution validation data only.
 """
 
@@ -14,7 +18,21 @@ import numpy as np
 from scipy.special import logsumexp
 
 METHODS = ("mahalanobis", "knn", "energy")
+EARLY = "mahalanobis_early"
 COMBINED = "union"
+
+
+def methods_for(stats: dict | None) -> tuple[str, ...]:
+    """The detectors these statistics support (the early-layer one only when it was fitted)."""
+    return METHODS + ((EARLY,) if stats and "early_means" in stats else ())
+
+
+def _class_gaussian(f: np.ndarray, labels: np.ndarray, n_classes: int):
+    from sklearn.covariance import LedoitWolf
+
+    means = np.stack([f[labels == c].mean(0) for c in range(n_classes)])
+    lw = LedoitWolf().fit(f - means[labels])
+    return means, lw
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -22,7 +40,7 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 
 def fit(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 10, max_bank: int = 1500,
-        seed: int = 0) -> dict:
+        seed: int = 0, early: np.ndarray | None = None) -> dict:
     """Fit the OOD statistics on clean training features.
 
     Args:
@@ -31,20 +49,21 @@ def fit(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 10, m
         n_classes: number of classes.
         k: neighbour rank for the kNN score.
         max_bank: at most this many features are kept for kNN (stratified random subset).
+        early: (N, E) pooled early-layer activations of the same images (optional detector).
 
     Returns:
-        JSON-serialisable statistics (class means, precision matrix, kNN bank as lists).
+        Statistics (class means, precision matrices, kNN bank) as arrays.
     """
-    from sklearn.covariance import LedoitWolf
-
     f = np.asarray(features, np.float64)
     labels = np.asarray(labels)
-    means = np.stack([f[labels == c].mean(0) for c in range(n_classes)])
-    centred = f - means[labels]
-    lw = LedoitWolf().fit(centred)
+    means, lw = _class_gaussian(f, labels, n_classes)
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(f))[:max_bank]
-    return {
+    extra = {}
+    if early is not None:
+        e_means, e_lw = _class_gaussian(np.asarray(early, np.float64), labels, n_classes)
+        extra = {"early_means": e_means.astype(np.float32), "early_precision": e_lw.precision_.astype(np.float32)}
+    return {**extra,
         "means": means.astype(np.float32),
         "precision": lw.precision_.astype(np.float32),
         "shrinkage": float(lw.shrinkage_),
@@ -53,12 +72,12 @@ def fit(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 10, m
     }
 
 
-def mahalanobis(features: np.ndarray, stats: dict) -> np.ndarray:
-    """(N,) min class Mahalanobis distance."""
+def mahalanobis(features: np.ndarray, stats: dict, prefix: str = "") -> np.ndarray:
+    """(N,) min class Mahalanobis distance (`prefix="early_"`: the early-layer statistics)."""
     f = np.asarray(features, np.float32)
-    P = stats["precision"]
+    P = stats[prefix + "precision"]
     d = []
-    for mu in stats["means"]:
+    for mu in stats[prefix + "means"]:
         z = f - mu
         d.append(np.einsum("nd,de,ne->n", z, P, z, optimize=True))
     return np.sqrt(np.maximum(np.min(np.stack(d, 1), 1), 0))
@@ -79,10 +98,10 @@ def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def score(method: str, features: np.ndarray, logits: np.ndarray, stats: dict, temperature: float = 1.0,
-          scales: dict | None = None) -> np.ndarray:
-    """Score by the named method.
+          scales: dict | None = None, early: np.ndarray | None = None) -> np.ndarray:
+    """Score by the named method (`early`: pooled early-layer activations, for `mahalanobis_early`).
 
-    `union` combines the three detectors, which fail on different inputs: each score is rescaled so
+    `union` combines the detectors, which fail on different inputs: each score is rescaled so
     that its validation median maps to 0 and its threshold to 1 (`scales[m] = (median, threshold)`),
     and the largest is returned; > 1 means at least one detector fires.
     """
@@ -91,7 +110,7 @@ def score(method: str, features: np.ndarray, logits: np.ndarray, stats: dict, te
             raise ValueError("the union OOD score needs per-method (median, threshold) scales from the card")
         parts = []
         for m, (med, thr) in scales.items():
-            parts.append((score(m, features, logits, stats, temperature) - med) / max(thr - med, 1e-9))
+            parts.append((score(m, features, logits, stats, temperature, early=early) - med) / max(thr - med, 1e-9))
         return np.max(np.stack(parts, 1), 1)
     if method == "mahalanobis":
         return mahalanobis(features, stats)
@@ -99,7 +118,11 @@ def score(method: str, features: np.ndarray, logits: np.ndarray, stats: dict, te
         return knn(features, stats)
     if method == "energy":
         return energy(logits, temperature)
-    raise ValueError(f"unknown OOD method {method!r}; choose one of {METHODS}")
+    if method == EARLY:
+        if early is None or "early_means" not in stats:
+            raise ValueError("the early-layer OOD score needs early-layer activations and statistics")
+        return mahalanobis(early, stats, prefix="early_")
+    raise ValueError(f"unknown OOD method {method!r}; choose one of {METHODS + (EARLY,)}")
 
 
 def fit_threshold(val_scores: np.ndarray, quantile: float = 0.95) -> float:
@@ -117,11 +140,13 @@ def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 
 def save_stats(path, stats: dict) -> None:
     """Save fitted statistics as a compressed .npz beside the model."""
+    early = {k: stats[k].astype(np.float32) for k in ("early_means", "early_precision") if k in stats}
     np.savez_compressed(path, means=stats["means"], precision=stats["precision"].astype(np.float32), bank=stats["bank"].astype(np.float16),
-                        k=np.array(stats["k"]), shrinkage=np.array(stats["shrinkage"]))
+                        k=np.array(stats["k"]), shrinkage=np.array(stats["shrinkage"]), **early)
 
 
 def load_stats(path) -> dict:
     z = np.load(path)
+    early = {k: z[k].astype(np.float32) for k in ("early_means", "early_precision") if k in z.files}
     return {"means": z["means"].astype(np.float32), "precision": z["precision"].astype(np.float32),
-            "bank": z["bank"].astype(np.float32), "k": int(z["k"]), "shrinkage": float(z["shrinkage"])}
+            "bank": z["bank"].astype(np.float32), "k": int(z["k"]), "shrinkage": float(z["shrinkage"]), **early}

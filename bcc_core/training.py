@@ -54,6 +54,7 @@ class TrainConfig:
     fine_tune_lr: float = 1e-5
     swa_start: int = -1
     ood_method: str = "union"
+    ood_early_layer: str = "auto"
     ood_quantile: float = 0.95
     review_alpha: float = 0.02
     review_delta: float = 0.1
@@ -321,12 +322,22 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
 
     # Features and logits for every clean image: metrics, calibration and OOD. With a frozen backbone
     # the clean features are already known and only the head runs again.
+    early_layer = spec.early_layer if cfg.ood_early_layer == "auto" else (cfg.ood_early_layer or None)
+    if early_layer in ("none", ""):
+        early_layer = None
+    early = None
     if fast and cfg.fine_tune_layers == 0:
         from .models import LOGITS_LAYER, head_only
 
         logits = batched_predict(compiled(head_only(model, LOGITS_LAYER)), feats, batch_size=1024)
+        if early_layer:
+            pooled = keras.layers.GlobalAveragePooling2D()(model.get_layer(early_layer).output)
+            early = batched_predict(compiled(keras.Model(model.input, pooled)), x, progress=progress,
+                                    desc="early-layer activations")
     else:
-        feats, logits = batched_predict(compiled(trust_outputs_model(model)), x, progress=progress, desc="evaluate")
+        outs = batched_predict(compiled(trust_outputs_model(model, early_layer)), x, progress=progress, desc="evaluate")
+        feats, logits = outs[0], outs[1]
+        early = outs[2] if early_layer else None
     rng = np.random.default_rng(cfg.seed)
     va_perm = rng.permutation(va)
     va_a, va_b = va_perm[: len(va) // 2], va_perm[len(va) // 2:]
@@ -335,16 +346,16 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     T = calib["temperature"]
     probs = calibration.apply_temperature(logits, T)
 
-    stats = ood.fit(feats[tr], labels[tr], n_cls, seed=cfg.seed)
+    stats = ood.fit(feats[tr], labels[tr], n_cls, seed=cfg.seed, early=None if early is None else early[tr])
     ood.save_stats(out / "ood_stats.npz", stats)
     ood_cmp, scales = {}, {}
-    for m in ood.METHODS:
-        s = ood.score(m, feats, logits, stats, T)
+    for m in ood.methods_for(stats):
+        s = ood.score(m, feats, logits, stats, T, early=early)
         thr = ood.fit_threshold(s[va_a], cfg.ood_quantile)
         scales[m] = (float(np.median(s[va_a])), thr)
         ood_cmp[m] = {"threshold": thr, "val_b_flag_rate": float((s[va_b] > thr).mean()),
                       "test_flag_rate": float((s[te] > thr).mean())}
-    ood_scores = ood.score(cfg.ood_method, feats, logits, stats, T, scales)
+    ood_scores = ood.score(cfg.ood_method, feats, logits, stats, T, scales, early=early)
     ood_thr = 1.0 if cfg.ood_method == ood.COMBINED else ood_cmp[cfg.ood_method]["threshold"]
     flagged = ood_scores > ood_thr
 
@@ -412,6 +423,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         calibration={"temperature": T, "method": calib["method"], "test_ece_before": calib["test_ece_before"],
                      "test_ece_after": calib["test_ece_after"], "n_bins": 15},
         ood={"method": cfg.ood_method, "threshold": ood_thr, "quantile": cfg.ood_quantile, "stats_file": "ood_stats.npz",
+             "early_layer": early_layer,
              "scales": {m: list(v) for m, v in scales.items()},
              "comparison": ood_cmp,
              "fitted_on": "training features (statistics) and validation half A (threshold), in-distribution only"},

@@ -128,3 +128,36 @@ def test_shortcut_audit_detects_border_cue():
     assert res["border_colour"]["warning"] and res["border_colour"]["balanced_accuracy"] > 0.95
     assert not res["image_size"]["warning"]  # all the same size: no cue
     assert shortcut.warnings_text(res, "raw")
+
+
+def test_early_layer_detector_catches_what_the_top_features_miss(tmp_path):
+    """Top features identical for in- and out-of-distribution images (a lab-invariant top), early
+    activations far apart: only the early-layer detector can flag them, and the union does."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 600)
+    top = rng.normal(0, 5, (3, 16))[y] + rng.normal(0, 1, (600, 16))
+    early_centres = rng.normal(0, 3, (3, 8))
+    early = early_centres[y] + rng.normal(0, 1, (600, 8))
+    stats = ood.fit(top, y, 3, early=early)
+    assert ood.methods_for(stats) == ood.METHODS + (ood.EARLY,)
+    assert ood.methods_for(ood.fit(top, y, 3)) == ood.METHODS
+    new_y = rng.integers(0, 3, 100)
+    new_top = top[:100]  # the same top features as training images
+    early_in = early_centres[new_y] + rng.normal(0, 1, (100, 8))
+    early_out = early_in + 12.0  # another lab / cell type: the early statistics moved
+    s_in = ood.score(ood.EARLY, new_top, None, stats, early=early_in)
+    s_out = ood.score(ood.EARLY, new_top, None, stats, early=early_out)
+    assert ood.auroc(s_in, s_out) > 0.99
+    assert ood.auroc(ood.score("mahalanobis", new_top, None, stats), ood.score("mahalanobis", new_top, None, stats)) == 0.5
+    logits = np.zeros((100, 3))
+    scales = {}
+    for m in ood.methods_for(stats):
+        sv = ood.score(m, new_top, logits, stats, early=early_in)
+        scales[m] = (float(np.median(sv)), ood.fit_threshold(sv, 0.95))
+    u_out = ood.score(ood.COMBINED, new_top, logits, stats, scales=scales, early=early_out)
+    assert (u_out > 1).all()
+    with pytest.raises(ValueError, match="early"):
+        ood.score(ood.EARLY, new_top, None, stats)
+    ood.save_stats(tmp_path / "s.npz", stats)
+    back = ood.load_stats(tmp_path / "s.npz")
+    np.testing.assert_allclose(ood.score(ood.EARLY, new_top, None, back, early=early_out), s_out, rtol=1e-3)

@@ -57,6 +57,11 @@ def test_training_writes_a_complete_model(trained):
     assert card["classes"] == ["bilobed", "mono", "trilobed"]
     assert card["calibration"]["temperature"] > 0
     assert "threshold" in card["ood"] and "threshold" in card["review_rule"]
+    # The early-layer OOD detector is fitted by default and travels with the model.
+    assert card["ood"]["early_layer"] == "block_9_add" and "mahalanobis_early" in card["ood"]["comparison"]
+    from bcc_core.ood import load_stats
+
+    assert "early_means" in load_stats(model_dir / "ood_stats.npz")
     assert card["data"]["n_images"] == 30 and card["data"]["problems"] >= 1  # broken.jpg / notes.txt reported
     split = json.loads((model_dir / "split.json").read_text())
     assert metrics["split_sizes"]["train"] + metrics["split_sizes"]["val"] + metrics["split_sizes"]["test"] == 30
