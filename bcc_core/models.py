@@ -129,11 +129,9 @@ def save_model(model, card: ModelCard, out_dir: str | Path, extra: dict | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     validate_card(card.to_dict())
-    import keras
-
-    # Inference needs the weights only: a clone without the optimizer keeps a fine-tuned model's Adam
-    # moments (2x the unfrozen weights) out of the bundled file.
-    clean = keras.models.clone_model(model)
+    # Inference needs the weights only: an uncompiled copy keeps a fine-tuned model's Adam moments
+    # (2x the unfrozen weights) out of the bundled file. (keras.models.clone_model would recompile it.)
+    clean = type(model).from_config(model.get_config())
     clean.set_weights(model.get_weights())
     clean.save(out / "model.keras")
     (out / "model_card.json").write_text(json.dumps(card.to_dict(), indent=2))

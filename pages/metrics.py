@@ -110,6 +110,11 @@ if ood:
     st.markdown(f"Method **{method}**, threshold {fmt_num(ood.get('threshold'), 2)}: {how}. Thresholds sit at the "
                 f"{fmt_pct(ood.get('quantile'), 0)} quantile of in-distribution validation scores (fitted on "
                 f"{ood.get('fitted_on', 'n/a')}). Share of test images flagged: **{fmt_pct(mood.get('test_flag_rate'))}**.")
+    if ood.get("early_layer"):
+        st.markdown(f"`mahalanobis_early` scores the pooled activations of the mid-network layer "
+                    f"`{ood['early_layer']}` in the same forward pass: the fine-tuned top learned to ignore the "
+                    "lab's colour and texture, this layer did not, so cells from an unseen lab or of an unknown type "
+                    "go to review even when the top is confident.")
     comp = mood.get("comparison") or ood.get("comparison") or {}
     if comp:
         tbl = pd.DataFrame([{"detector": m, **v} for m, v in comp.items()])

@@ -69,3 +69,22 @@ def test_smear_fields_are_not_ok(pbs5):
     ds = subset(list_imagefolder(SHARED / "all4", verify=False), 5, seed=0)
     res = pbs5.predict([read_image(p) for p in ds.paths])
     assert all(r.status == "review" for r in res)
+
+
+@pytest.mark.slow
+def test_other_lab_bccd_is_safe(pbs5):
+    """BCCD (another lab, measure only): wrong answers shown as ok stay <= 2% of all images, and no
+    eosinophil or lymphocyte (types the model does not know) is shown as ok."""
+    from bcc_core.data import list_imagefolder
+    from bcc_core.io import read_image
+
+    require_shared()
+    ds = list_imagefolder(SHARED / "bccd", verify=False)
+    truth = {"neutrophil": "seg_neutrophil", "monocyte": "monocyte", "basophil": "basophil"}
+    res = pbs5.predict([read_image(p) for p in ds.paths])
+    names = [ds.classes[l] for l in ds.labels]
+    wrong_ok = [r.status == "ok" and r.predicted_class != truth.get(n) for r, n in zip(res, names)]
+    assert np.mean(wrong_ok) <= 0.02
+    assert not any(r.status == "ok" for r, n in zip(res, names) if n not in truth)
+    neutro = [r.predicted_class == "seg_neutrophil" for r, n in zip(res, names) if n == "neutrophil"]
+    assert np.mean(neutro) >= 0.90

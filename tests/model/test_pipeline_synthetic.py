@@ -242,3 +242,25 @@ def test_cross_lab_fine_tuning_with_weight_averaging(trained, tmp_path):
     card = json.loads((tmp_path / "m" / "model_card.json").read_text())
     assert card["training"]["swa_start"] == 0 and card["training"]["augment"]["amp_mix_p"] == 0.7
     assert m["epochs_run"] == 1 + 2  # head epoch + every fine-tuning epoch (no early stop with averaging)
+
+
+def test_saved_model_carries_no_optimizer_state(tmp_path):
+    import zipfile
+
+    import h5py
+    import keras
+
+    from bcc_core.model_card import ModelCard
+    from bcc_core.models import build_classifier, save_model
+
+    m = build_classifier("small_cnn", 3, weights=None, input_size=64)
+    m.compile(keras.optimizers.Adam(), "categorical_crossentropy")
+    m.fit(np.zeros((4, 64, 64, 3), "float32"), np.eye(3)[[0, 1, 2, 0]], epochs=1, verbose=0)
+    card = json.loads((ROOT / "models" / "pbs5-mobilenetv2" / "model_card.json").read_text())
+    card.update(model_id="t", classes=["a", "b", "c"], backbone="small_cnn")
+    save_model(m, ModelCard.from_dict(card), tmp_path)
+    with zipfile.ZipFile(tmp_path / "model.keras") as z, h5py.File(z.open("model.weights.h5"), "r") as f:
+        assert "optimizer" not in f
+    back = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(back.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-6)
