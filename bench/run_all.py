@@ -155,6 +155,33 @@ def step_noncells(data):
     return lines
 
 
+PREVIOUS_CROSSLAB = RES / "crosslab_previous_model_09c24d3.json"
+
+
+def step_crosslab_compare(data):
+    """Before/after table from two generated crosslab.json files: the frozen-feature model bundled at
+    commit 09c24d3 (same script, kept as generated then) and the current bundled model."""
+    if not (PREVIOUS_CROSSLAB.is_file() and (RES / "crosslab.json").is_file()):
+        return ["# Cross-lab: previous vs current recipe", "", "crosslab.json files missing: run the crosslab step."]
+    old, new = (json.loads(p.read_text()) for p in (PREVIOUS_CROSSLAB, RES / "crosslab.json"))
+    lines = ["# Cross-lab: previous vs current pbs5 recipe", "",
+             "Previous: frozen ImageNet features + head (bundled at commit 09c24d3). Current: cross-lab augmentation, "
+             "top of MobileNetV2 fine-tuned with weight averaging, early-layer OOD detector. Both measured by "
+             "`bench/crosslab.py`.", "", "| measure | previous | current |", "|---|---|---|"]
+    eo, en = old["external_bccd"], new["external_bccd"]
+    for t in en["per_class"]:
+        lines.append(f"| BCCD {t} recall (n={en['per_class'][t]['n']}) | {eo['per_class'][t]['recall']:.1%} | "
+                     f"{en['per_class'][t]['recall']:.1%} |")
+    lines += [f"| BCCD shown as ok | {eo['ok_fraction']:.1%} | {en['ok_fraction']:.1%} |",
+              f"| BCCD wrong and ok (of all) | {eo['wrong_ok_of_all']:.2%} | {en['wrong_ok_of_all']:.2%} |",
+              f"| BCCD unknown types shown as ok | {eo['unknown_types_ok']} of {eo['unknown_types_n']} | "
+              f"{en['unknown_types_ok']} of {en['unknown_types_n']} |"]
+    for k, v in new["simulated"].items():
+        if k in old["simulated"]:
+            lines.append(f"| test accuracy, {k} | {old['simulated'][k]['accuracy']:.1%} | {v['accuracy']:.1%} |")
+    return lines
+
+
 def step_augment(data):
     r = run([PY, "bench/augment_speed.py", "--data", data, "--out", RES / "augment_speed.md"])
     return (RES / "augment_speed.md").read_text().splitlines() if r.returncode == 0 else ["# Augmentation speed", "", "failed: " + r.stderr[-1500:]]
@@ -162,7 +189,7 @@ def step_augment(data):
 
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
          "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
-         "augment": step_augment}
+         "crosslab_compare": step_crosslab_compare, "augment": step_augment}
 
 
 def main(argv=None):

@@ -44,8 +44,15 @@ st.markdown(f"Grad-CAM target layer: `{card.gradcam_layer}`")
 st.markdown("### Training")
 tr = card.training or {}
 st.markdown(bullet(tr, ["backbone", "epochs", "epochs_run", "batch_size", "learning_rate", "class_weights",
-                        "aug_views", "fine_tune_layers", "fast_path_frozen_features", "seed", "training_time_s"])
+                        "aug_views", "fine_tune_layers", "fine_tune_epochs", "fine_tune_lr", "swa_start",
+                        "fast_path_frozen_features", "seed", "training_time_s"])
             or "Not recorded.")
+aug = tr.get("augment") or {}
+if aug.get("amp_mix_p"):
+    st.markdown(f"Cross-lab augmentation: Fourier amplitude mixing with images of other classes "
+                f"(p = {aug['amp_mix_p']}), LAB stain jitter (p = {aug.get('lab_jitter_p')}), tight crops "
+                f"(p = {aug.get('tight_crop_p')}), blur up to σ {aug.get('blur_sigma_range', [0, 0])[1]}, "
+                f"resolution down to {aug.get('down_up_scale_range', [1, 1])[0]:.0%}.")
 
 st.markdown("### Data provenance")
 data, split = card.data or {}, card.split or {}
