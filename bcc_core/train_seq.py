@@ -19,9 +19,9 @@ class AugSequence(keras.utils.PyDataset):
     """
 
     def __init__(self, x: np.ndarray, y_onehot: np.ndarray, batch_size: int, aug: AugmentConfig, seed: int,
-                 augment_on: bool = True, workers: int = 2):
+                 workers: int = 2):
         super().__init__(workers=workers, use_multiprocessing=False)
-        self.x, self.y, self.bs, self.aug, self.seed, self.on = x, y_onehot, batch_size, aug, seed, augment_on
+        self.x, self.y, self.bs, self.aug, self.seed = x, y_onehot, batch_size, aug, seed
         self.labels = y_onehot.argmax(1)
         self.epoch = 0
         self.order = np.random.default_rng(seed).permutation(len(x))
@@ -31,10 +31,8 @@ class AugSequence(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         idx = self.order[i * self.bs:(i + 1) * self.bs]
-        xb = self.x[idx]
-        if self.on:
-            xb = augment_batch(xb, seed=self.seed * 100003 + self.epoch * 1009 + i, cfg=self.aug,
-                               labels=self.labels[idx], pool=self.x, pool_labels=self.labels)
+        xb = augment_batch(self.x[idx], seed=self.seed * 100003 + self.epoch * 1009 + i, cfg=self.aug,
+                           labels=self.labels[idx], pool=self.x, pool_labels=self.labels)
         return xb.astype(np.float32), self.y[idx]
 
     def on_epoch_end(self) -> None:

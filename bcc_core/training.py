@@ -321,10 +321,10 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     t_train = time.perf_counter()
 
     # Features and logits for every clean image: metrics, calibration and OOD. With a frozen backbone
-    # the clean features are already known and only the head runs again.
-    early_layer = spec.early_layer if cfg.ood_early_layer == "auto" else (cfg.ood_early_layer or None)
-    if early_layer in ("none", ""):
-        early_layer = None
+    # the clean features are already known and only the head runs again (plus the backbone up to the
+    # early OOD layer).
+    early_layer = spec.early_layer if cfg.ood_early_layer == "auto" else cfg.ood_early_layer
+    early_layer = None if early_layer in (None, "", "none") else early_layer
     early = None
     if fast and cfg.fine_tune_layers == 0:
         from .models import LOGITS_LAYER, head_only
