@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from .preprocess import background_colour
+
 __all__ = [
     "AugmentConfig",
     "augment",
@@ -915,10 +917,8 @@ def tight_crop(img: np.ndarray, w_frac: float, h_frac: float, dx: float = 0.0, d
     bw, bh = max(1, round(w * w_frac)), max(1, round(h * h_frac))
     x0 = int(np.clip(round(w / 2 - bw / 2 + dx * w), 0, w - bw))
     y0 = int(np.clip(round(h / 2 - bh / 2 + dy * h), 0, h - bh))
-    grey = img.mean(axis=2)
-    bg = np.median(img[grey >= np.percentile(grey, 70)], axis=0)
     out = np.empty_like(img)
-    out[:] = np.round(bg).astype(np.uint8)
+    out[:] = np.round(background_colour(img)).astype(np.uint8)
     out[y0:y0 + bh, x0:x0 + bw] = img[y0:y0 + bh, x0:x0 + bw]
     return out
 

@@ -134,6 +134,12 @@ def locate_cell(img: np.ndarray) -> tuple[float, float, float]:
     return float(cx), float(cy), float(extent)
 
 
+def background_colour(img: np.ndarray) -> np.ndarray:
+    """The slide background's RGB colour: the median of the brightest 30 % of pixels, (3,) float."""
+    grey = img.mean(axis=2)
+    return np.median(img[grey >= np.percentile(grey, 70)], axis=0)
+
+
 def crop_cell(img: np.ndarray, cfg: PreprocessConfig, cell: tuple[float, float, float] | None = None) -> np.ndarray:
     """Square crop centred on the cell, side proportional to its stained extent (background-padded).
 
@@ -148,11 +154,9 @@ def crop_cell(img: np.ndarray, cfg: PreprocessConfig, cell: tuple[float, float, 
     pad = max(0, -x0, -y0, x1 - w, y1 - h)
     if pad:
         # Tight crops from other labs need padding; a mirror would invent cells, so pad with the
-        # slide background colour (the median of the brightest pixels).
-        grey = img.mean(axis=2)
-        bg = np.median(img[grey >= np.percentile(grey, 70)], axis=0)
+        # slide background colour.
         img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT,
-                                 value=[float(v) for v in bg])
+                                 value=[float(v) for v in background_colour(img)])
         x0, x1, y0, y1 = x0 + pad, x1 + pad, y0 + pad, y1 + pad
     return img[y0:y1, x0:x1]
 

@@ -21,15 +21,15 @@ from bcc_core.augment import AugmentConfig  # noqa: E402
 
 
 def inputs(data: Path, n: int) -> tuple[np.ndarray, np.ndarray, str]:
-    from bcc_core.io import read_image
-    from bcc_core.preprocess import preprocess
-
     root = data / "pbs5"
     if root.is_dir():
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        files = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).iterdir())[: n // len(classes)]]
-        x = np.stack([preprocess(read_image(f)) for f, _ in files])
-        return x, np.array([k for _, k in files]), f"{len(files)} real pbs5 model inputs"
+        from bcc_core.data import list_imagefolder, subset
+        from bcc_core.preprocess import PreprocessConfig
+        from bcc_core.training import load_images
+
+        ds = subset(list_imagefolder(root, verify=False), n // 5, seed=0)
+        x = load_images(list(ds.paths), PreprocessConfig(), progress=False)[0]
+        return x, np.asarray(ds.labels), f"{len(x)} real pbs5 model inputs"
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8), np.arange(n) % 5, f"{n} synthetic images"
 

@@ -148,12 +148,15 @@ def test_early_layer_detector_catches_what_the_top_features_miss(tmp_path):
     s_in = ood.score(ood.EARLY, new_top, None, stats, early=early_in)
     s_out = ood.score(ood.EARLY, new_top, None, stats, early=early_out)
     assert ood.auroc(s_in, s_out) > 0.99
-    assert ood.auroc(ood.score("mahalanobis", new_top, None, stats), ood.score("mahalanobis", new_top, None, stats)) == 0.5
     logits = np.zeros((100, 3))
     scales = {}
     for m in ood.methods_for(stats):
         sv = ood.score(m, new_top, logits, stats, early=early_in)
         scales[m] = (float(np.median(sv)), ood.fit_threshold(sv, 0.95))
+    # The top-feature detectors alone let the moved images through (about their 5 % false-alarm rate)...
+    top_only = {m: scales[m] for m in ood.METHODS}
+    assert (ood.score(ood.COMBINED, new_top, logits, stats, scales=top_only, early=early_out) > 1).mean() <= 0.1
+    # ...the union with the early-layer detector flags every one of them.
     u_out = ood.score(ood.COMBINED, new_top, logits, stats, scales=scales, early=early_out)
     assert (u_out > 1).all()
     with pytest.raises(ValueError, match="early"):
