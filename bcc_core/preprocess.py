@@ -171,14 +171,23 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.copyMakeBorder(r, top, size - nh - top, left, size - nw - left, cv2.BORDER_REPLICATE)
 
 
-def reinhard(img: np.ndarray) -> np.ndarray:
-    """Map the image's LAB mean/std onto the fixed reference (Reinhard et al. 2001)."""
+def reinhard(img: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | None = None,
+             max_gain: float = 4.0) -> np.ndarray:
+    """Map the image's LAB mean/std onto a target (Reinhard et al. 2001).
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        mean, std: target LAB (OpenCV 8-bit) statistics; default the fixed reference the models use.
+        max_gain: per-channel std gain is clipped to [1/max_gain, max_gain] so a nearly uniform image
+            is not blown up into noise.
+    """
+    mean_t = _REF_MEAN if mean is None else np.asarray(mean, np.float32)
+    std_t = _REF_STD if std is None else np.asarray(std, np.float32)
     lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
-    mean = lab.reshape(-1, 3).mean(0)
-    std = lab.reshape(-1, 3).std(0) + 1e-3
-    # Limit the gain so a nearly uniform image is not blown up into noise.
-    gain = np.clip(_REF_STD / std, 0.25, 4.0)
-    out = (lab - mean) * gain + _REF_MEAN
+    mu = lab.reshape(-1, 3).mean(0)
+    sd = lab.reshape(-1, 3).std(0) + 1e-3
+    gain = np.clip(std_t / sd, 1.0 / max_gain, max_gain)
+    out = (lab - mu) * gain + mean_t
     return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 

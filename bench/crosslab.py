@@ -20,6 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bcc_core.preprocess import reinhard  # noqa: E402
+
 BCCD_MAP = {"neutrophil": "seg_neutrophil", "monocyte": "monocyte", "basophil": "basophil",
             "eosinophil": None, "lymphocyte": None}
 BARCELONA = ("basophil", "erythroblast", "monocyte")
@@ -57,11 +59,7 @@ def lab_stats(images):
 
 def restain(img, target):
     """Give an image another lab's global colour statistics (Reinhard transfer on the raw image)."""
-    mu_t, sd_t = target
-    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
-    mu, sd = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0) + 1e-3
-    out = (lab - mu) / sd * sd_t + mu_t
-    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+    return reinhard(img, *target, max_gain=1e3)
 
 
 def rescale(img, f):
@@ -116,10 +114,15 @@ def simulated_shifts(pred, items, classes) -> dict:
         res = pred.predict([f(im, c) for im, c in zip(imgs, names)])
         p = np.array([classes.index(r.predicted_class) for r in res])
         ok = np.array([r.status == "ok" for r in res])
-        from sklearn.metrics import f1_score
+        from sklearn.metrics import f1_score, recall_score
 
+        recall = recall_score(y, p, labels=list(range(len(classes))), average=None, zero_division=0)
+        present = [i for i in range(len(classes)) if (y == i).any()]
+        worst = min(present, key=lambda i: recall[i])
         out[name] = {"accuracy": float((p == y).mean()), "macro_f1": float(f1_score(y, p, average="macro")),
-                     "ok_fraction": float(ok.mean()), "wrong_ok_of_all": float((ok & (p != y)).mean())}
+                     "ok_fraction": float(ok.mean()), "wrong_ok_of_all": float((ok & (p != y)).mean()),
+                     "recall": {classes[i]: float(recall[i]) for i in present},
+                     "worst_class": classes[worst], "worst_recall": float(recall[worst])}
     return out
 
 
@@ -165,9 +168,12 @@ def main(argv=None):
         lines.append(f"| {t} | {v['n']} | {v['recall']:.1%} | {v['ok']:.1%} |")
     lines += ["", f"Flags raised: {json.dumps(ext['flag_counts'])}", f"Suggested classes: {json.dumps(ext['predicted'])}", "",
               "## Simulated lab shifts on the pbs5 test split", "",
-              "| shift | accuracy | macro-F1 | shown as ok | wrong and ok (of all) |", "|---|---|---|---|---|"]
+              "Recall is of the suggested class whatever the status; the issue asks for every class ≥ 90% on other labs.", "",
+              "| shift | accuracy | macro-F1 | worst class recall | shown as ok | wrong and ok (of all) |",
+              "|---|---|---|---|---|---|"]
     for k, v in sim.items():
-        lines.append(f"| {k} | {v['accuracy']:.1%} | {v['macro_f1']:.3f} | {v['ok_fraction']:.1%} | {v['wrong_ok_of_all']:.2%} |")
+        lines.append(f"| {k} | {v['accuracy']:.1%} | {v['macro_f1']:.3f} | {v['worst_class']} {v['worst_recall']:.1%} "
+                     f"| {v['ok_fraction']:.1%} | {v['wrong_ok_of_all']:.2%} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     Path(a.out).with_suffix(".json").write_text(json.dumps({"external_bccd": ext, "simulated": sim}, indent=2))

@@ -67,3 +67,13 @@ def test_a_given_cell_location_is_used_and_equals_searching():
     # A different location gives a different crop: the argument is really used.
     moved = (loc[0] + 40, loc[1], loc[2])
     assert not np.array_equal(preprocess(img, cfg, moved), preprocess(img, cfg))
+
+
+def test_reinhard_to_a_given_target_reaches_its_statistics(cell_image):
+    """With an explicit target (another lab's statistics) the output's LAB mean/std match it."""
+    import cv2
+
+    mean, std = np.array([170.0, 150.0, 115.0]), np.array([30.0, 8.0, 12.0])
+    out = reinhard(cell_image, mean, std, max_gain=1e3)
+    lab = cv2.cvtColor(out, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(float)
+    assert np.allclose(lab.mean(0), mean, atol=3) and np.allclose(lab.std(0), std, rtol=0.15)
