@@ -88,6 +88,8 @@ def hue_shift(img, deg):
 
 def simulated_shifts(pred, items, classes) -> dict:
     """Accuracy of the suggested class under simulated lab shifts (whatever the status)."""
+    from sklearn.metrics import f1_score, recall_score
+
     from bcc_core.io import read_image
 
     imgs = [read_image(p) for p, _ in items]
@@ -114,8 +116,6 @@ def simulated_shifts(pred, items, classes) -> dict:
         res = pred.predict([f(im, c) for im, c in zip(imgs, names)])
         p = np.array([classes.index(r.predicted_class) for r in res])
         ok = np.array([r.status == "ok" for r in res])
-        from sklearn.metrics import f1_score, recall_score
-
         recall = recall_score(y, p, labels=list(range(len(classes))), average=None, zero_division=0)
         present = [i for i in range(len(classes)) if (y == i).any()]
         worst = min(present, key=lambda i: recall[i])
