@@ -101,6 +101,13 @@ def head_only(model, until: str = PROBS_LAYER):
     return keras.Model(inp, x)
 
 
+def early_pooled(model, early_layer: str):
+    """The early-layer OOD detector's input: `early_layer`'s output, globally average-pooled."""
+    import keras
+
+    return keras.layers.GlobalAveragePooling2D(name="early_pool")(model.get_layer(early_layer).output)
+
+
 def trust_outputs_model(model, early_layer: str | None = None):
     """One forward pass → (features, logits[, early]): everything prediction, calibration and OOD need.
 
@@ -111,7 +118,7 @@ def trust_outputs_model(model, early_layer: str | None = None):
 
     outs = [model.get_layer(FEATURES_LAYER).output, model.get_layer(LOGITS_LAYER).output]
     if early_layer:
-        outs.append(keras.layers.GlobalAveragePooling2D(name="early_pool")(model.get_layer(early_layer).output))
+        outs.append(early_pooled(model, early_layer))
     return keras.Model(model.input, outs)
 
 

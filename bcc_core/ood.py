@@ -20,6 +20,7 @@ from scipy.special import logsumexp
 METHODS = ("mahalanobis", "knn", "energy")
 EARLY = "mahalanobis_early"
 COMBINED = "union"
+_EARLY_KEYS = ("early_means", "early_precision")
 
 
 def methods_for(stats: dict | None) -> tuple[str, ...]:
@@ -140,13 +141,13 @@ def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 
 def save_stats(path, stats: dict) -> None:
     """Save fitted statistics as a compressed .npz beside the model."""
-    early = {k: stats[k].astype(np.float32) for k in ("early_means", "early_precision") if k in stats}
+    early = {k: stats[k].astype(np.float32) for k in _EARLY_KEYS if k in stats}
     np.savez_compressed(path, means=stats["means"], precision=stats["precision"].astype(np.float32), bank=stats["bank"].astype(np.float16),
                         k=np.array(stats["k"]), shrinkage=np.array(stats["shrinkage"]), **early)
 
 
 def load_stats(path) -> dict:
     z = np.load(path)
-    early = {k: z[k].astype(np.float32) for k in ("early_means", "early_precision") if k in z.files}
+    early = {k: z[k].astype(np.float32) for k in _EARLY_KEYS if k in z.files}
     return {"means": z["means"].astype(np.float32), "precision": z["precision"].astype(np.float32),
             "bank": z["bank"].astype(np.float32), "k": int(z["k"]), "shrinkage": float(z["shrinkage"]), **early}

@@ -327,13 +327,12 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     early_layer = None if early_layer in (None, "", "none") else early_layer
     early = None
     if fast and cfg.fine_tune_layers == 0:
-        from .models import LOGITS_LAYER, head_only
+        from .models import LOGITS_LAYER, early_pooled, head_only
 
         logits = batched_predict(compiled(head_only(model, LOGITS_LAYER)), feats, batch_size=1024)
         if early_layer:
-            pooled = keras.layers.GlobalAveragePooling2D()(model.get_layer(early_layer).output)
-            early = batched_predict(compiled(keras.Model(model.input, pooled)), x, progress=progress,
-                                    desc="early-layer activations")
+            early = batched_predict(compiled(keras.Model(model.input, early_pooled(model, early_layer))), x,
+                                    progress=progress, desc="early-layer activations")
     else:
         outs = batched_predict(compiled(trust_outputs_model(model, early_layer)), x, progress=progress, desc="evaluate")
         feats, logits = outs[0], outs[1]
