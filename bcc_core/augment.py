@@ -62,6 +62,7 @@ __all__ = [
     "amplitude_mix",
     "lab_jitter",
     "tight_crop",
+    "unsharp_mask",
 ]
 
 # Reflection without repeating the edge pixel (…cba|abcd|dcb…): no black corners, no visible seam.
@@ -82,6 +83,8 @@ _RANGE_FIELDS = (
     "scale_jitter_range",
     "amp_mix_range",
     "tight_crop_range",
+    "unsharp_sigma_range",
+    "unsharp_amount_range",
 )
 _INT_RANGE_FIELDS = ("jpeg_quality_range",)
 
@@ -97,6 +100,7 @@ _NON_STUDY1_PROBS = (
     "amp_mix_p",
     "lab_jitter_p",
     "tight_crop_p",
+    "unsharp_p",
 )
 
 
@@ -161,6 +165,12 @@ class AugmentConfig:
             rest filled with the background colour (what a tightly cropped image looks like after
             preprocessing pads it).
         tight_crop_range: Box side as a fraction of the image side, in (0, 1].
+        unsharp_p: Probability of strong unsharp masking. One pbs5 lab scans sharper than the other,
+            and blurring alone keeps "sharp chromatin" a cue for the sharp lab's classes (a blurred
+            image can come from either lab, a sharp one only from one); sharpening the blurry lab's
+            cells too makes sharpness uninformative.
+        unsharp_sigma_range: Gaussian sigma (pixels of the model input) of the unsharp mask.
+        unsharp_amount_range: Amount: ``out = img + amount * (img - blurred)``.
     """
 
     # Study 1
@@ -210,6 +220,9 @@ class AugmentConfig:
     lab_jitter_log_gain: tuple[float, float] = (0.25, 0.3)
     tight_crop_p: float = 0.0
     tight_crop_range: tuple[float, float] = (0.55, 0.95)
+    unsharp_p: float = 0.0
+    unsharp_sigma_range: tuple[float, float] = (1.0, 3.0)
+    unsharp_amount_range: tuple[float, float] = (0.5, 2.0)
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON) to tuples so the config stays hashable and compares equal.
@@ -279,6 +292,8 @@ class AugmentConfig:
              f"amp_mix_range must be within [0, 1], got {self.amp_mix_range}")
         need(0.0 < self.tight_crop_range[0] and self.tight_crop_range[1] <= 1.0,
              f"tight_crop_range must be within (0, 1], got {self.tight_crop_range}")
+        need(self.unsharp_sigma_range[0] > 0.0, f"unsharp_sigma_range must be > 0, got {self.unsharp_sigma_range}")
+        need(self.unsharp_amount_range[0] >= 0.0, f"unsharp_amount_range must be >= 0, got {self.unsharp_amount_range}")
 
     @classmethod
     def study1_only(cls) -> "AugmentConfig":
@@ -290,10 +305,10 @@ class AugmentConfig:
         """Every operation of the full config, plus the cross-lab ones at strength.
 
         For tasks whose classes were imaged in different labs (pbs5): the lab's look (colour,
-        sharpness, resolution, noise, compression, crop tightness) is randomised so strongly, and
+        sharpness both ways, resolution, noise, compression, crop tightness) is randomised so strongly, and
         swapped between classes by amplitude mixing, that it no longer predicts the class.
         """
-        return cls(amp_mix_p=0.7, lab_jitter_p=1.0, tight_crop_p=0.4, down_up_p=0.8,
+        return cls(amp_mix_p=0.7, lab_jitter_p=1.0, tight_crop_p=0.4, unsharp_p=0.5, down_up_p=0.8,
                    down_up_scale_range=(0.2, 1.0), blur_p=0.6, blur_sigma_range=(0.5, 3.0), noise_p=0.5,
                    noise_sigma_range=(0.008, 0.04), jpeg_p=0.5, jpeg_quality_range=(30, 95), grayscale_p=0.2)
 
@@ -839,6 +854,32 @@ def down_up(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def unsharp_mask(img: np.ndarray, sigma: float, amount: float) -> np.ndarray:
+    """Unsharp masking: ``img + amount * (img - gaussian(img, sigma))``, clipped to uint8.
+
+    Unlike :func:`sharpen` (Study 1's 3x3 PIL filter) this restores edges and chromatin texture at
+    the scale of a blurry scanner's point-spread function.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        sigma: Gaussian sigma in pixels, > 0.
+        amount: Strength, >= 0; 0 returns a copy.
+
+    Raises:
+        ValueError: If ``sigma`` <= 0 or ``amount`` < 0 (or not finite).
+    """
+    _check_image(img)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+    if not (math.isfinite(amount) and amount >= 0):
+        raise ValueError(f"amount must be a finite number >= 0, got {amount}")
+    if amount == 0:
+        return img.copy()
+    src = np.ascontiguousarray(img).astype(np.float32)
+    blurred = cv2.GaussianBlur(src, (0, 0), sigma, borderType=_BORDER)
+    return _to_u8(src + amount * (src - blurred))
+
+
 def amplitude_mix(img: np.ndarray, partner: np.ndarray, lam: float) -> np.ndarray:
     """Fourier amplitude mixing (FACT, Xu et al. 2021): this image's phase, a blend of amplitudes.
 
@@ -1009,6 +1050,9 @@ def augment(
         out = adjust_contrast(out, float(rng.uniform(*cfg.contrast_range)))
     if _fires(rng, cfg.sharpen_p):
         out = sharpen(out, cfg.sharpen_factor)
+    if _fires(rng, cfg.unsharp_p):
+        out = unsharp_mask(out, float(rng.uniform(*cfg.unsharp_sigma_range)),
+                           float(rng.uniform(*cfg.unsharp_amount_range)))
     if _fires(rng, cfg.blur_p):
         out = gaussian_blur(out, float(rng.uniform(*cfg.blur_sigma_range)))
     if _fires(rng, cfg.down_up_p):

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ops = {"amplitude_mix": lambda: [A.amplitude_mix(x[i], partners[i], 0.5) for i in range(n)],
            "lab_jitter": lambda: [A.lab_jitter(x[i], (5, 3, -3), (1.2, 0.9, 1.1)) for i in range(n)],
            "tight_crop": lambda: [A.tight_crop(x[i], 0.7, 0.8) for i in range(n)],
+           "unsharp_mask sigma 2": lambda: [A.unsharp_mask(x[i], 2.0, 1.0) for i in range(n)],
            "gaussian_blur sigma 2": lambda: [A.gaussian_blur(x[i], 2.0) for i in range(n)],
            "down_up 0.4": lambda: [A.down_up(x[i], 0.4) for i in range(n)],
            "jpeg q50": lambda: [A.jpeg(x[i], 50) for i in range(n)]}

@@ -51,7 +51,8 @@ aug = tr.get("augment") or {}
 if aug.get("amp_mix_p"):
     st.markdown(f"Cross-lab augmentation: Fourier amplitude mixing with images of other classes "
                 f"(p = {aug['amp_mix_p']}), LAB stain jitter (p = {aug.get('lab_jitter_p')}), tight crops "
-                f"(p = {aug.get('tight_crop_p')}), blur up to σ {aug.get('blur_sigma_range', [0, 0])[1]}, "
+                f"(p = {aug.get('tight_crop_p')}), blur up to σ {aug.get('blur_sigma_range', [0, 0])[1]}"
+                + (f", unsharp masking (p = {aug['unsharp_p']})" if aug.get("unsharp_p") else "") + ", "
                 f"resolution down to {aug.get('down_up_scale_range', [1, 1])[0]:.0%}.")
 
 st.markdown("### Data provenance")

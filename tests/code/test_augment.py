@@ -363,8 +363,8 @@ def test_config_defaults_are_published_values():
     assert (c.elastic_alpha, c.elastic_sigma) == (30.0, 5.0)
     assert c.zoom_range == (0.9, 1.1) and c.shift_max == 0.10
     ops = [f.name for f in dataclasses.fields(c) if f.name.endswith("_p")]
-    cross = {"amp_mix_p", "lab_jitter_p", "tight_crop_p"}
-    assert len(ops) == 20 and all(getattr(c, p) > 0 for p in ops if p not in cross)
+    cross = {"amp_mix_p", "lab_jitter_p", "tight_crop_p", "unsharp_p"}
+    assert len(ops) == 21 and all(getattr(c, p) > 0 for p in ops if p not in cross)
     # The cross-lab operations are opt-in (AugmentConfig.cross_lab()).
     assert all(getattr(c, p) == 0 for p in cross)
     x = AugmentConfig.cross_lab()
@@ -466,6 +466,34 @@ def test_tight_crop_fills_outside_with_background(img):
     assert np.array_equal(A.tight_crop(img, 1.0, 1.0), img)
     with pytest.raises(ValueError):
         A.tight_crop(img, 0.0, 0.5)
+
+
+def test_unsharp_mask_restores_edges_that_blur_removed():
+    content = cell(64, 64, seed=5)
+    lap = lambda im: cv2.Laplacian(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), cv2.CV_32F).var()
+    blurred = A.gaussian_blur(content, 2.0)
+    sharp = A.unsharp_mask(blurred, 2.0, 2.0)
+    assert lap(sharp) > 2 * lap(blurred)
+    # Flat regions stay flat: only edges change, the image's mean colour is kept.
+    assert np.abs(sharp.astype(float).mean((0, 1)) - blurred.astype(float).mean((0, 1))).max() < 3
+    assert np.array_equal(A.unsharp_mask(content, 1.0, 0.0), content)
+    flat = np.full((16, 16, 3), 120, np.uint8)
+    assert np.array_equal(A.unsharp_mask(flat, 2.0, 2.0), flat)
+    for bad in ((0.0, 1.0), (1.0, -0.5), (float("nan"), 1.0)):
+        with pytest.raises(ValueError):
+            A.unsharp_mask(content, *bad)
+    with pytest.raises(ValueError, match="unsharp_sigma_range"):
+        AugmentConfig(unsharp_sigma_range=(0.0, 1.0))
+
+
+def test_cross_lab_sharpens_as_well_as_blurs():
+    """Sharpness must not tell the labs apart: the pbs5 recipe both sharpens and blurs."""
+    x = AugmentConfig.cross_lab()
+    assert x.unsharp_p > 0 and x.blur_p > 0
+    content = cell(64, 64, seed=6)
+    lap = lambda im: cv2.Laplacian(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), cv2.CV_32F).var()
+    cfg = only(unsharp_p=1.0, unsharp_amount_range=(2.0, 2.0))
+    assert lap(A.augment(content, np.random.default_rng(0), cfg)) > 1.5 * lap(content)
 
 
 def test_batch_amplitude_partner_is_of_another_class():
