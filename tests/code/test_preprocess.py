@@ -77,3 +77,23 @@ def test_reinhard_to_a_given_target_reaches_its_statistics(cell_image):
     out = reinhard(cell_image, mean, std, max_gain=1e3)
     lab = cv2.cvtColor(out, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(float)
     assert np.allclose(lab.mean(0), mean, atol=3) and np.allclose(lab.std(0), std, rtol=0.15)
+
+
+def test_cell_is_found_under_another_labs_bluish_stain():
+    """A stain that turns red cells and background bluish must not make the crop the whole field."""
+    img = synthetic_cell(360, 40, seed=2)
+    bluish = reinhard(img, np.array([205.0, 143.0, 105.0]), np.array([53.0, 20.0, 8.0]), max_gain=1e3)
+    assert locate_cell(bluish, normalise=False)[2] > 250  # the raw search takes the whole field
+    assert 70 < locate_cell(bluish)[2] < 150  # nucleus (84 px on the original) and at most its cytoplasm
+    assert abs(locate_cell(img)[2] - locate_cell(img, normalise=False)[2]) < 10  # usual stains: same cell
+
+
+def test_cards_without_locate_keep_the_raw_search_they_were_trained_with():
+    legacy = {k: v for k, v in PreprocessConfig().to_dict().items() if k != "locate"}
+    assert PreprocessConfig.from_dict(legacy).locate == "raw"
+    assert PreprocessConfig().locate == "normalised"
+    bluish = reinhard(synthetic_cell(360, 40, seed=2), np.array([205.0, 143.0, 105.0]),
+                      np.array([53.0, 20.0, 8.0]), max_gain=1e3)
+    assert not np.array_equal(preprocess(bluish, PreprocessConfig.from_dict(legacy)), preprocess(bluish))
+    with pytest.raises(ValueError, match="locate"):
+        PreprocessConfig(locate="auto")
