@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bcc_core.augment import unsharp_mask  # noqa: E402
 from bcc_core.preprocess import reinhard  # noqa: E402
 
 BCCD_MAP = {"neutrophil": "seg_neutrophil", "monocyte": "monocyte", "basophil": "basophil",
@@ -68,16 +69,11 @@ def rescale(img, f):
     return r
 
 
-def unsharp(img, sigma=2.0, amount=1.0):
-    b = cv2.GaussianBlur(img, (0, 0), sigma)
-    return cv2.addWeighted(img, 1 + amount, b, -amount, 0)
-
-
 def other_look(img, c, st_b, st_m):
     """The other lab's whole look: its stain, and its optics (Munich images are softer than Barcelona's)."""
     if c in BARCELONA:
         return cv2.GaussianBlur(restain(img, st_m), (0, 0), 1.5)
-    return unsharp(restain(img, st_b))
+    return unsharp_mask(restain(img, st_b), 2.0, 1.0)
 
 
 def hue_shift(img, deg):
