@@ -159,7 +159,8 @@ def background_colour(img: np.ndarray) -> np.ndarray:
 def crop_cell(img: np.ndarray, cfg: PreprocessConfig, cell: tuple[float, float, float] | None = None) -> np.ndarray:
     """Square crop centred on the cell, side proportional to its stained extent (background-padded).
 
-    `cell` is `locate_cell(img)` when the caller has already measured it (the quality gate needs it too).
+    `cell` is `locate_cell(img, cfg.locate == "normalised")` when the caller has already measured it
+    (the quality gate needs it too).
     """
     h, w = img.shape[:2]
     cx, cy, extent = cell if cell is not None else locate_cell(img, cfg.locate == "normalised")

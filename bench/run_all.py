@@ -184,7 +184,7 @@ def step_crosslab_compare(data):
     lines += ["| BCCD shown as ok | " + " | ".join(f"{e['ok_fraction']:.1%}" for e in ext) + " |",
               "| BCCD wrong and ok (of all) | " + " | ".join(f"{e['wrong_ok_of_all']:.2%}" for e in ext) + " |",
               "| BCCD unknown types shown as ok | " + " | ".join(f"{e['unknown_types_ok']} of {e['unknown_types_n']}" for e in ext) + " |"]
-    for k, v in res[-1]["simulated"].items():
+    for k in res[-1]["simulated"]:
         cells = [f"{r['simulated'][k]['accuracy']:.1%}" if k in r["simulated"] else "–" for r in res]
         lines.append(f"| test accuracy, {k} | " + " | ".join(cells) + " |")
     stain = "stain of the other lab (Reinhard transfer)"
