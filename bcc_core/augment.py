@@ -307,8 +307,14 @@ class AugmentConfig:
         For tasks whose classes were imaged in different labs (pbs5): the lab's look (colour,
         sharpness both ways, resolution, noise, compression, crop tightness) is randomised so strongly, and
         swapped between classes by amplitude mixing, that it no longer predicts the class.
+
+        Amplitude mixing is on for every image with a weight uniform on [0, 1]: an image from lab A
+        then carries ``(1 - w)·A + w·B`` and one from lab B ``(1 - w')·B + w'·A`` with w, w' equally
+        distributed, so the amplitude spectrum is distributed alike in both labs (with partners from
+        the other source, see :func:`augment_batch` ``label_groups``). `bench/style_leak.py` measures
+        how well global style features still tell the labs apart after each recipe.
         """
-        return cls(amp_mix_p=0.7, lab_jitter_p=1.0, tight_crop_p=0.4, unsharp_p=0.5, down_up_p=0.8,
+        return cls(amp_mix_p=1.0, amp_mix_range=(0.0, 1.0), lab_jitter_p=1.0, tight_crop_p=0.4, unsharp_p=0.5, down_up_p=0.8,
                    down_up_scale_range=(0.2, 1.0), blur_p=0.6, blur_sigma_range=(0.5, 3.0), noise_p=0.5,
                    noise_sigma_range=(0.008, 0.04), jpeg_p=0.5, jpeg_quality_range=(30, 95), grayscale_p=0.2)
 
@@ -1070,6 +1076,7 @@ def augment_batch(
     images: np.ndarray, seed: int, cfg: AugmentConfig | None = None,
     labels: Sequence[int] | np.ndarray | None = None,
     pool: np.ndarray | None = None, pool_labels: Sequence[int] | np.ndarray | None = None,
+    label_groups: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Augment a batch deterministically.
 
@@ -1083,6 +1090,9 @@ def augment_batch(
         labels: Class of each image; with ``cfg.amp_mix_p > 0`` each image draws an amplitude-mixing
             partner of another class from ``pool`` (default: the batch itself).
         pool, pool_labels: Partner images (M, H, W, 3) and their classes.
+        label_groups: Source (lab) of each class, indexed by class: the partner is drawn from another
+            source instead of another class. A partner of "another class" is often from the same lab
+            (pbs5: 2 of 4 for a Barcelona class), so most images would keep their own lab's look.
 
     Returns:
         (N, H, W, 3) uint8, a new array.
@@ -1110,6 +1120,12 @@ def augment_batch(
         pool_labels = np.asarray(pool_labels)
         if len(labels) != len(images) or len(pool_labels) != len(pool):
             raise ValueError("labels / pool_labels must have one entry per image")
+        if label_groups is not None:
+            label_groups = np.asarray(label_groups)
+            n_cls = int(max(labels.max(initial=-1), pool_labels.max(initial=-1))) + 1
+            if label_groups.ndim != 1 or len(label_groups) < n_cls:
+                raise ValueError(f"label_groups needs one source per class ({n_cls}), got {label_groups.shape}")
+            labels, pool_labels = label_groups[labels], label_groups[pool_labels]
     for i, child in enumerate(children):
         rng = np.random.default_rng(child)
         partner = None

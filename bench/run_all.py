@@ -1,7 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from their generated outputs (nothing typed by hand).
 
 Steps (each writes bench/results/step_<step>.md): evaluate, reproduce, crosslab, quality, perf, compare, cv,
-noncells, augment.
+noncells, crosslab_compare, augment, styleleak.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
 """
 
@@ -199,9 +199,14 @@ def step_augment(data):
     return (RES / "augment_speed.md").read_text().splitlines() if r.returncode == 0 else ["# Augmentation speed", "", "failed: " + r.stderr[-1500:]]
 
 
+def step_styleleak(data):
+    r = run([PY, "bench/style_leak.py", "--data", data, "--out", RES / "style_leak.md"])
+    return (RES / "style_leak.md").read_text().splitlines() if r.returncode == 0 else ["# Style leak", "", "failed: " + r.stderr[-1500:]]
+
+
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
          "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
-         "crosslab_compare": step_crosslab_compare, "augment": step_augment}
+         "crosslab_compare": step_crosslab_compare, "augment": step_augment, "styleleak": step_styleleak}
 
 
 def main(argv=None):

@@ -509,3 +509,25 @@ def test_batch_amplitude_partner_is_of_another_class():
     assert np.array_equal(out[0], A.amplitude_mix(a, b, 1.0)) and np.array_equal(out[1], out[0])
     # Without labels the operation is off (no partner): the default call stays label-free.
     assert np.array_equal(A.augment_batch(batch, 0, cfg), batch)
+
+
+def test_batch_amplitude_partner_comes_from_another_source_when_sources_are_given():
+    a, b, c = cell(48, 48, seed=3), cell(48, 48, seed=5), cv2.GaussianBlur(cell(48, 48, seed=4), (0, 0), 4)
+    cfg = only(amp_mix_p=1.0, amp_mix_range=(1.0, 1.0))
+    pool, pool_labels = np.stack([a, b, c]), [0, 1, 2]
+    # Classes 0 and 1 come from one lab, class 2 from another: a class-0 image never takes its
+    # partner from class 1 (same lab), only from class 2, whatever the seed.
+    for seed in range(6):
+        out = A.augment_batch(np.stack([a]), seed, cfg, labels=[0], pool=pool, pool_labels=pool_labels,
+                              label_groups=[0, 0, 1])
+        assert np.array_equal(out[0], A.amplitude_mix(a, c, 1.0))
+    # Without sources, "another class" includes class 1 (same lab) for some seed.
+    outs = [A.augment_batch(np.stack([a]), s, cfg, labels=[0], pool=pool, pool_labels=pool_labels)[0] for s in range(6)]
+    assert any(np.array_equal(o, A.amplitude_mix(a, b, 1.0)) for o in outs)
+    with pytest.raises(ValueError, match="one source per class"):
+        A.augment_batch(np.stack([a]), 0, cfg, labels=[0], pool=pool, pool_labels=pool_labels, label_groups=[0, 1])
+
+
+def test_cross_lab_amplitude_weight_is_symmetric_so_the_spectrum_carries_no_lab():
+    x = AugmentConfig.cross_lab()
+    assert x.amp_mix_p == 1.0 and x.amp_mix_range == (0.0, 1.0)
