@@ -12,7 +12,7 @@ robustness operations for images coming from other laboratories:
   JPEG re-compression, down-then-up sampling (lower resolution scanners) and scale jitter (different
   microns per pixel).
 * Cross-lab (ours, :meth:`AugmentConfig.cross_lab`): Fourier amplitude mixing with an image of
-  another class (FACT, Xu et al. CVPR 2021: the partner's amplitude spectrum carries its lab's
+  another lab, or of another class when the labs are not given (FACT, Xu et al. CVPR 2021: the partner's amplitude spectrum carries its lab's
   colour, sharpness and texture statistics, the phase keeps this image's cell), random LAB
   mean/contrast jitter, tight crops padded with background (other labs crop tighter), and strong
   blur / resolution / noise / JPEG settings. In pbs5 every class comes from one lab, so giving each
@@ -155,8 +155,8 @@ class AugmentConfig:
         down_up_scale_range: Intermediate scale range, in (0, 1].
         scale_jitter_p: Scale jitter probability (different microns per pixel).
         scale_jitter_range: Scale factor range, > 0; sampled log-uniformly.
-        amp_mix_p: Probability of Fourier amplitude mixing with a partner image of another class
-            (needs partners: :func:`augment_batch` with ``labels``; ignored without a partner).
+        amp_mix_p: Probability of Fourier amplitude mixing with a partner image of another class or
+            source (needs partners: :func:`augment_batch` with ``labels``; ignored without a partner).
         amp_mix_range: Mixing weight range of the partner's amplitude, in [0, 1].
         lab_jitter_p: Probability of a random LAB mean shift and contrast gain.
         lab_jitter_shift: Standard deviation of the LAB mean shift, (L, a/b) in 8-bit LAB units.
@@ -989,7 +989,7 @@ def augment(
         img: (H, W, 3) uint8 RGB, any H, W >= 1.
         rng: Random generator; the same generator state gives the same output.
         cfg: Operations and parameters; default :class:`AugmentConfig` ().
-        partner: Optional image of the same shape (another class) for amplitude mixing.
+        partner: Optional image of the same shape (another class or lab) for amplitude mixing.
 
     Returns:
         A new (H, W, 3) uint8 RGB array (never the input object).

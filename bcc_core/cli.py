@@ -157,8 +157,8 @@ def _add_train_opts(p):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--aug-views", type=int, default=4, help="augmented views per training image (frozen fast path)")
     p.add_argument("--augment", choices=["full", "study1", "none", "crosslab"], default="full",
-                   help="crosslab: full + amplitude mixing between classes, LAB jitter, tight crops, strong blur "
-                        "(for data whose classes come from different labs, e.g. pbs5)")
+                   help="crosslab: full + amplitude mixing between classes (labs, with --class-sources), LAB jitter, "
+                        "tight crops, strong blur (for data whose classes come from different labs, e.g. pbs5)")
     p.add_argument("--class-sources", metavar="A,B|C,D",
                    help="which classes come from which lab, labs separated by '|' (pbs5: "
                         "'basophil,erythroblast,monocyte|myeloblast,seg_neutrophil'); cross-lab amplitude "
