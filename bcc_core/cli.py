@@ -30,14 +30,7 @@ def _train_cfg(a):
     return TrainConfig(task=task, backbone=a.backbone, weights=a.weights, epochs=a.epochs, batch_size=a.batch_size,
                        learning_rate=a.lr, aug_views=a.aug_views, seed=a.seed, fine_tune_layers=a.fine_tune_layers,
                        fine_tune_epochs=a.fine_tune_epochs, fine_tune_lr=a.fine_tune_lr, swa_start=a.swa_start,
-                       class_sources=_class_sources(a.class_sources), preprocess=pcfg.to_dict(), augment=aug.to_dict())
-
-
-def _class_sources(text: str | None) -> list | None:
-    """'a,b,c|d,e' -> [['a', 'b', 'c'], ['d', 'e']]."""
-    if not text:
-        return None
-    return [[c.strip() for c in part.split(",") if c.strip()] for part in text.split("|")]
+                       preprocess=pcfg.to_dict(), augment=aug.to_dict())
 
 
 def cmd_train(a) -> int:
@@ -157,12 +150,8 @@ def _add_train_opts(p):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--aug-views", type=int, default=4, help="augmented views per training image (frozen fast path)")
     p.add_argument("--augment", choices=["full", "study1", "none", "crosslab"], default="full",
-                   help="crosslab: full + amplitude mixing between classes (labs, with --class-sources), LAB jitter, "
-                        "tight crops, strong blur (for data whose classes come from different labs, e.g. pbs5)")
-    p.add_argument("--class-sources", metavar="A,B|C,D",
-                   help="which classes come from which lab, labs separated by '|' (pbs5: "
-                        "'basophil,erythroblast,monocyte|myeloblast,seg_neutrophil'); cross-lab amplitude "
-                        "mixing then swaps the look between labs, not just between classes")
+                   help="crosslab: full + amplitude mixing between classes, LAB jitter, tight crops, strong blur "
+                        "(for data whose classes come from different labs, e.g. pbs5)")
     p.add_argument("--preprocess", choices=["cell", "letterbox"], default="cell")
     p.add_argument("--stain-norm", choices=["reinhard", "none"], default="reinhard")
     p.add_argument("--clahe", action="store_true", help="CLAHE contrast enhancement (Study 1)")

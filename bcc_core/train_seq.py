@@ -15,15 +15,13 @@ class AugSequence(keras.utils.PyDataset):
     """Batches of augmented preprocessed images, reshuffled every epoch, deterministic per seed.
 
     With `cfg.amp_mix_p > 0` every image draws its amplitude-mixing partner from the whole training
-    set among images of another class, or of another source when `label_groups` gives each class's
-    source (cross-lab augmentation).
+    set among images of another class (cross-lab augmentation).
     """
 
     def __init__(self, x: np.ndarray, y_onehot: np.ndarray, batch_size: int, aug: AugmentConfig, seed: int,
-                 workers: int = 2, label_groups: np.ndarray | None = None):
+                 workers: int = 2):
         super().__init__(workers=workers, use_multiprocessing=False)
         self.x, self.y, self.bs, self.aug, self.seed = x, y_onehot, batch_size, aug, seed
-        self.label_groups = label_groups
         self.labels = y_onehot.argmax(1)
         self.epoch = 0
         self.order = np.random.default_rng(seed).permutation(len(x))
@@ -34,8 +32,7 @@ class AugSequence(keras.utils.PyDataset):
     def __getitem__(self, i):
         idx = self.order[i * self.bs:(i + 1) * self.bs]
         xb = augment_batch(self.x[idx], seed=self.seed * 100003 + self.epoch * 1009 + i, cfg=self.aug,
-                           labels=self.labels[idx], pool=self.x, pool_labels=self.labels,
-                           label_groups=self.label_groups)
+                           labels=self.labels[idx], pool=self.x, pool_labels=self.labels)
         return xb.astype(np.float32), self.y[idx]
 
     def on_epoch_end(self) -> None:

@@ -59,9 +59,6 @@ class TrainConfig:
     review_alpha: float = 0.02
     review_delta: float = 0.1
     conformal_alpha: float = 0.05
-    # Which classes were imaged in which lab, e.g. [["basophil", "erythroblast", "monocyte"],
-    # ["myeloblast", "seg_neutrophil"]] for pbs5: amplitude-mixing partners come from another lab.
-    class_sources: list | None = None
     preprocess: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
 
@@ -69,30 +66,6 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["fractions"] = list(self.fractions)
         return d
-
-
-def label_groups(class_sources: list | None, classes: list[str]) -> np.ndarray | None:
-    """Source index of each class from `TrainConfig.class_sources` (None when not given).
-
-    Raises:
-        ValueError: if a class is missing, unknown or listed twice, or fewer than two sources are given.
-    """
-    if not class_sources:
-        return None
-    if len(class_sources) < 2:
-        raise ValueError("class_sources needs at least two sources")
-    where: dict[str, int] = {}
-    for g, names in enumerate(class_sources):
-        for name in names:
-            if name not in classes:
-                raise ValueError(f"class_sources names {name!r}, not a class of this data ({', '.join(classes)})")
-            if name in where:
-                raise ValueError(f"class_sources lists {name!r} twice")
-            where[name] = g
-    missing = [c for c in classes if c not in where]
-    if missing:
-        raise ValueError(f"class_sources misses {', '.join(missing)}")
-    return np.array([where[c] for c in classes], np.int64)
 
 
 def _bar(it, total=None, desc="", progress=True):
@@ -212,8 +185,7 @@ def _fit_head(model, f_train, y_train, f_val, y_val, cfg: TrainConfig, n_classes
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
-def _fit_end_to_end(model, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, n_classes, lr, epochs, out_dir, progress,
-                    groups_of=None):
+def _fit_end_to_end(model, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, n_classes, lr, epochs, out_dir, progress):
     """Train `model` on augmented images. Early stopping on validation loss restores the best epoch;
     with `cfg.swa_start >= 0` every epoch runs and the weights are averaged from that epoch on."""
     import keras
@@ -231,8 +203,7 @@ def _fit_end_to_end(model, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, n_classes
         cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),
                keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True,
                                                save_weights_only=True)]
-    seq = AugSequence(x_tr, eye[y_tr], cfg.batch_size, AugmentConfig.from_dict(cfg.augment), cfg.seed,
-                      label_groups=groups_of)
+    seq = AugSequence(x_tr, eye[y_tr], cfg.batch_size, AugmentConfig.from_dict(cfg.augment), cfg.seed)
     hist = model.fit(seq, validation_data=(x_val.astype(np.float32), eye[y_val]), epochs=epochs, callbacks=cbs,
                      verbose=2 if progress else 0,
                      class_weight=_class_weight(y_tr, n_classes) if cfg.class_weights else None)
@@ -299,7 +270,6 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     classes = list(ds.classes)
     n_cls = len(classes)
     labels = np.asarray(ds.labels)
-    groups_of = label_groups(cfg.class_sources, classes)  # fail before the slow steps
     groups = group_duplicates(ds.paths, max_distance=cfg.near_duplicate_distance, progress=progress)
     if fold is None:
         split = split_grouped(labels, groups, tuple(cfg.fractions), seed=cfg.seed)
@@ -329,7 +299,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         feats = batched_predict(fe, x, progress=progress, desc="features (clean)")
         f_aug, y_aug = [feats[tr]], [labels[tr]]
         for v in range(cfg.aug_views):
-            xa = augment_batch(x[tr], seed=cfg.seed * 1000 + v, cfg=aug_cfg, labels=labels[tr], label_groups=groups_of)
+            xa = augment_batch(x[tr], seed=cfg.seed * 1000 + v, cfg=aug_cfg, labels=labels[tr])
             f_aug.append(batched_predict(fe, xa, progress=progress, desc=f"features (aug view {v + 1}/{cfg.aug_views})"))
             y_aug.append(labels[tr])
         history = _fit_head(model, np.concatenate(f_aug), np.concatenate(y_aug), feats[va], labels[va], cfg, n_cls,
@@ -338,7 +308,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         if cfg.fine_tune_layers > 0:
             _unfreeze_top(model, cfg.fine_tune_layers)
             ft = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.fine_tune_lr,
-                                 cfg.fine_tune_epochs, out, progress, groups_of)
+                                 cfg.fine_tune_epochs, out, progress)
             for k, v in ft.items():
                 history.setdefault(k, []).extend(v)
             epochs_run += len(ft.get("loss", []))
@@ -346,7 +316,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         for layer in model.layers:
             layer.trainable = True
         history = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.learning_rate,
-                                  cfg.epochs, out, progress, groups_of)
+                                  cfg.epochs, out, progress)
         epochs_run = len(history.get("loss", []))
     t_train = time.perf_counter()
 

@@ -159,6 +159,8 @@ def step_noncells(data):
 PREVIOUS_CROSSLAB = [
     ("frozen features (09c24d3)", RES / "crosslab_previous_model_09c24d3.json"),
     ("fine-tuned, blur only (27ff3e7)", RES / "crosslab_previous_model_27ff3e7.json"),
+    ("+ unsharp, normalised search (7a9e0f4)", RES / "crosslab_previous_model_7a9e0f4.json"),
+    ("tried: lab-symmetric mixing (not bundled)", RES / "crosslab_tried_lab_symmetric_mixing.json"),
 ]
 
 
@@ -172,10 +174,14 @@ def step_crosslab_compare(data):
     lines = ["# Cross-lab: previous vs current pbs5 recipes", "",
              "frozen features: frozen ImageNet features + head. Fine-tuned, blur only: cross-lab augmentation (amplitude "
              "mixing, LAB jitter, tight crops, blur, resolution loss), top of MobileNetV2 fine-tuned with weight "
-             "averaging, early-layer OOD detector. Current: the same plus unsharp masking in training (a sharp image "
-             "no longer tells the sharper lab's classes apart) and the cell searched on a stain-normalised copy (another "
-             "lab's stain no longer turns the crop into the whole field). All measured by `bench/crosslab.py`; "
-             "BCCD has only 20 monocytes: one image is 5 points of recall.", "",
+             "averaging, early-layer OOD detector. + unsharp, normalised search: the same plus unsharp masking in "
+             "training (a sharp image no longer tells the sharper lab's classes apart) and the cell searched on a "
+             "stain-normalised copy (another lab's stain no longer turns the crop into the whole field). Tried: the "
+             "current code with amplitude mixing on every image, weight uniform on [0, 1], partner from the other "
+             "lab (global style then barely tells the labs apart, `style_leak.md`), same seed; not bundled. "
+             "Current: the same recipe as 7a9e0f4 retrained on the faster Reinhard (its rounding differs), same "
+             "seed. All measured by `bench/crosslab.py`; BCCD has only 20 monocytes: one image is 5 points of "
+             "recall.", "",
              "| measure | " + " | ".join(n for n, _ in runs) + " |", "|---|" + "---|" * len(runs)]
     ext = [r["external_bccd"] for r in res]
     for t in ext[-1]["per_class"]:

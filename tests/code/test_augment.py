@@ -526,8 +526,3 @@ def test_batch_amplitude_partner_comes_from_another_source_when_sources_are_give
     assert any(np.array_equal(o, A.amplitude_mix(a, b, 1.0)) for o in outs)
     with pytest.raises(ValueError, match="one source per class"):
         A.augment_batch(np.stack([a]), 0, cfg, labels=[0], pool=pool, pool_labels=pool_labels, label_groups=[0, 1])
-
-
-def test_cross_lab_amplitude_weight_is_symmetric_so_the_spectrum_carries_no_lab():
-    x = AugmentConfig.cross_lab()
-    assert x.amp_mix_p == 1.0 and x.amp_mix_range == (0.0, 1.0)
