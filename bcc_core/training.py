@@ -442,7 +442,12 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
             "The review rule's guarantee assumes images exchangeable with the calibration data (same source).",
         ] + (["pbs5: each class comes from a single lab (basophil, erythroblast, monocyte: Barcelona; myeloblast, "
               "seg_neutrophil: Munich); cell-centred cropping and stain normalisation reduce, but cannot prove the "
-              "absence of, lab shortcuts."] if cfg.task == "pbs5" else []),
+              "absence of, lab shortcuts.",
+              "pbs5: no class was imaged in both labs, so on another lab's images a monocyte can be suggested as "
+              "myeloblast (the Munich class nearest in morphology); measured on one external lab in "
+              "bench/results/crosslab.md. Such images are flagged out_of_distribution; a suggested myeloblast on "
+              "an image from a lab the model was not trained on always needs a human look."]
+             if cfg.task == "pbs5" else []),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         reproduce=reproduce,
     )
