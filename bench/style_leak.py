@@ -26,9 +26,8 @@ from bcc_core.augment import AugmentConfig, augment_batch  # noqa: E402
 from bcc_core.data import list_imagefolder  # noqa: E402
 from bcc_core.io import read_image  # noqa: E402
 from bcc_core.preprocess import PreprocessConfig, preprocess  # noqa: E402
-
-# Which pbs5 classes were imaged in which lab (data README).
-SOURCES = [["basophil", "erythroblast", "monocyte"], ["myeloblast", "seg_neutrophil"]]
+from bcc_core.shortcut import audit  # noqa: E402
+from crosslab import BARCELONA  # noqa: E402  (which pbs5 classes were imaged in which lab)
 
 
 def style_features(images: np.ndarray, bins: int = 12) -> np.ndarray:
@@ -55,16 +54,10 @@ def style_features(images: np.ndarray, bins: int = 12) -> np.ndarray:
 
 
 def lab_leak(images: np.ndarray, lab: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """5-fold cross-validated balanced accuracy (mean, std) of predicting the lab from style alone."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-    cv = StratifiedKFold(5, shuffle=True, random_state=seed)
-    s = cross_val_score(clf, style_features(images), lab, cv=cv, scoring="balanced_accuracy")
-    return float(s.mean()), float(s.std())
+    """5-fold cross-validated balanced accuracy (mean, std) of predicting the lab from style alone,
+    with the shortcut audit's classifier (`bcc_core.shortcut.audit`)."""
+    r = audit({"style": style_features(images)}, lab, n_classes=2, seed=seed)["style"]
+    return r["balanced_accuracy"], r["std"]
 
 
 def main(argv=None) -> int:
@@ -81,7 +74,7 @@ def main(argv=None) -> int:
     pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), a.per_class, replace=False)
                            for c in range(len(classes))])
     y = labels[pick]
-    groups = np.array([next(g for g, names in enumerate(SOURCES) if c in names) for c in classes])
+    groups = np.array([0 if c in BARCELONA else 1 for c in classes])
     lab = groups[y]
     pcfg = PreprocessConfig()
     x = np.stack([preprocess(read_image(paths[i]), pcfg) for i in pick])
