@@ -11,6 +11,7 @@ from .model_card import ModelCard, load_card, validate_card
 FEATURES_LAYER = "features"   # GlobalAveragePooling output: penultimate features for OOD
 LOGITS_LAYER = "logits"        # pre-softmax scores: temperature scaling and energy OOD
 PROBS_LAYER = "probs"
+FIXED_LAYERS = ("caffe_preprocess",)  # input normalisation held in weights: never trained
 
 
 def _normalise(x, normalisation: str):
@@ -24,13 +25,16 @@ def _normalise(x, normalisation: str):
     if normalisation == "raw255":
         return layers.Rescaling(255.0, name="scale_0_255")(x)
     if normalisation == "caffe":
-        from keras import ops
+        import numpy as np
 
-        def caffe(t):
-            t = t[..., ::-1] * 255.0
-            return t - ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=t.dtype)
-
-        return layers.Lambda(caffe, name="caffe_preprocess")(x)
+        # ResNet's "caffe" input: BGR on 0..255 minus the ImageNet channel means. A frozen 1x1
+        # convolution does it with built-in layers only, so the saved model loads anywhere (a Lambda
+        # around a Python function cannot be deserialised, not even by save_model's own copy).
+        conv = layers.Conv2D(3, 1, name="caffe_preprocess", trainable=False)
+        out = conv(x)
+        conv.set_weights([255.0 * np.eye(3, dtype="float32")[::-1].reshape(1, 1, 3, 3),
+                          -np.array([103.939, 116.779, 123.68], "float32")])
+        return out
     return x
 
 

@@ -25,6 +25,7 @@ from .backbones import get_spec
 from .data import group_duplicates, list_imagefolder, save_split, split_grouped
 from .io import read_image
 from .model_card import ModelCard, library_versions, use_statement
+from .models import FIXED_LAYERS
 from .preprocess import PreprocessConfig, preprocess
 
 CACHE_DIR = Path(".cache") / "bcc"
@@ -215,7 +216,8 @@ def _unfreeze_top(model, n_layers: int):
     import keras
 
     names_head = {"features", "head_dropout1", "head_dense", "head_dropout2", "logits", "probs"}
-    backbone_layers = [l for l in model.layers if l.name not in names_head and l.weights]
+    backbone_layers = [l for l in model.layers
+                       if l.name not in names_head and l.name not in FIXED_LAYERS and l.weights]
     for l in backbone_layers[-n_layers:]:
         if not isinstance(l, keras.layers.BatchNormalization):
             l.trainable = True
@@ -314,7 +316,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
             epochs_run += len(ft.get("loss", []))
     else:
         for layer in model.layers:
-            layer.trainable = True
+            layer.trainable = layer.name not in FIXED_LAYERS
         history = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.learning_rate,
                                   cfg.epochs, out, progress)
         epochs_run = len(history.get("loss", []))

@@ -264,3 +264,25 @@ def test_saved_model_carries_no_optimizer_state(tmp_path):
     back = keras.models.load_model(tmp_path / "model.keras", compile=False)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     np.testing.assert_allclose(back.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-6)
+
+
+def test_resnet50_model_saves_and_loads_with_its_caffe_input(tmp_path):
+    """ResNet's BGR/mean input normalisation is part of the saved graph and survives save/load
+    (a Lambda around a Python function did not: save_model's own copy failed to deserialise it)."""
+    import keras
+
+    from bcc_core.model_card import ModelCard
+    from bcc_core.models import build_classifier, load_model, save_model
+
+    m = build_classifier("resnet50", 3, weights=None, input_size=64)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    pre = keras.Model(m.input, m.get_layer("caffe_preprocess").output)
+    expected = keras.applications.resnet50.preprocess_input(x.copy())
+    np.testing.assert_allclose(pre.predict(x, verbose=0), expected, atol=1e-3)
+    card = json.loads((ROOT / "models" / "pbs5-mobilenetv2" / "model_card.json").read_text())
+    card.update(model_id="t", classes=["a", "b", "c"], backbone="resnet50", gradcam_layer="conv5_block3_out")
+    card["preprocessing"]["size"] = card["input"]["size"] = 64
+    save_model(m, ModelCard.from_dict(card), tmp_path)
+    back, _ = load_model(tmp_path)
+    np.testing.assert_allclose(back.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-5)
+    assert not back.get_layer("caffe_preprocess").trainable
