@@ -10,7 +10,7 @@ import numpy as np
 
 from . import calibration, ood, review
 from .flags import Flag, status_for
-from .preprocess import PreprocessConfig, locate_cell, preprocess
+from .preprocess import PreprocessConfig, find_cell, preprocess
 
 DEFAULT_MODEL = "pbs5-mobilenetv2"
 
@@ -142,7 +142,7 @@ class Predictor:
 
         # One cell search serves both the crop and the gate's cell-size check.
         valid = img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
-        cell = locate_cell(img, self.pcfg.locate == "normalised") if self.pcfg.mode == "cell" and valid else None
+        cell = find_cell(img, self.pcfg) if self.pcfg.mode == "cell" and valid else None
         return preprocess(img, self.pcfg, cell), check_quality(img, self.qcfg, cell)
 
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> list[Prediction]:

@@ -151,6 +151,11 @@ def locate_cell(img: np.ndarray, normalise: bool = True) -> tuple[float, float, 
     return float(cx), float(cy), float(extent)
 
 
+def find_cell(img: np.ndarray, cfg: PreprocessConfig) -> tuple[float, float, float]:
+    """`locate_cell` with the search the model card configures (`PreprocessConfig.locate`)."""
+    return locate_cell(img, cfg.locate == "normalised")
+
+
 def background_colour(img: np.ndarray) -> np.ndarray:
     """The slide background's RGB colour: the median of the brightest 30 % of pixels, (3,) float."""
     grey = img.mean(axis=2)
@@ -160,11 +165,11 @@ def background_colour(img: np.ndarray) -> np.ndarray:
 def crop_cell(img: np.ndarray, cfg: PreprocessConfig, cell: tuple[float, float, float] | None = None) -> np.ndarray:
     """Square crop centred on the cell, side proportional to its stained extent (background-padded).
 
-    `cell` is `locate_cell(img, cfg.locate == "normalised")` when the caller has already measured it
-    (the quality gate needs it too).
+    `cell` is `find_cell(img, cfg)` when the caller has already measured it (the quality gate needs
+    it too).
     """
     h, w = img.shape[:2]
-    cx, cy, extent = cell if cell is not None else locate_cell(img, cfg.locate == "normalised")
+    cx, cy, extent = cell if cell is not None else find_cell(img, cfg)
     side = max(cfg.cell_margin * extent, cfg.min_crop_fraction * min(h, w), 16.0)
     half = side / 2.0
     x0, y0 = int(round(cx - half)), int(round(cy - half))
@@ -234,7 +239,7 @@ def preprocess(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig(),
     Args:
         img: (H, W, 3) uint8 RGB, any size >= 8 px.
         cfg: the model card's preprocessing.
-        cell: `locate_cell(img)` if already computed (cell mode only; saves a second search).
+        cell: `find_cell(img, cfg)` if already computed (cell mode only; saves a second search).
 
     Returns:
         (cfg.size, cfg.size, 3) uint8 RGB. The model itself scales [0, 255] as its backbone expects.

@@ -348,7 +348,8 @@ def check_quality(img: np.ndarray, cfg: QualityConfig | None = None,
     Args:
         img: ``(H, W, 3)`` uint8 RGB image, values 0–255.
         cfg: Thresholds; defaults to ``QualityConfig()``.
-        cell: ``preprocess.locate_cell(img)`` if the caller already has it (measured once per image).
+        cell: ``preprocess.find_cell(img, pcfg)`` if the caller already has it (measured once per
+            image, with the model card's search); otherwise ``locate_cell``'s default search.
 
     Returns:
         ``image_quality`` flags (see module docstring for the ``detail`` values); empty list when the

@@ -81,19 +81,22 @@ def step_reproduce(data):
             f"| difference | {abs(new - old) * 100:.2f} points (limit 0.5) |"]
 
 
+def _script(title: str, script: str, out: str, *args) -> list:
+    """Run one bench script that writes bench/results/<out>; its lines, or the failure under `title`."""
+    r = run([PY, f"bench/{script}", *args, "--out", RES / out])
+    return (RES / out).read_text().splitlines() if r.returncode == 0 else [f"# {title}", "", "failed: " + r.stderr[-1500:]]
+
+
 def step_crosslab(data):
-    r = run([PY, "bench/crosslab.py", "--model", MODELS["pbs5"], "--data", data, "--out", RES / "crosslab.md"])
-    return (RES / "crosslab.md").read_text().splitlines() if r.returncode == 0 else ["# Cross-lab", "", "failed: " + r.stderr[-1500:]]
+    return _script("Cross-lab", "crosslab.py", "crosslab.md", "--model", MODELS["pbs5"], "--data", data)
 
 
 def step_quality(data):
-    r = run([PY, "bench/quality_gate.py", "--data", data, "--out", RES / "quality.md"])
-    return (RES / "quality.md").read_text().splitlines() if r.returncode == 0 else ["# Quality gate", "", "failed: " + r.stderr[-1500:]]
+    return _script("Quality gate", "quality_gate.py", "quality.md", "--data", data)
 
 
 def step_perf(data):
-    r = run([PY, "bench/perf.py", "--model", MODELS["pbs5"], "--out", RES / "perf.md", "--app"])
-    return (RES / "perf.md").read_text().splitlines() if r.returncode == 0 else ["# Performance", "", "failed: " + r.stderr[-1500:]]
+    return _script("Performance", "perf.py", "perf.md", "--model", MODELS["pbs5"], "--app")
 
 
 def step_compare(data, limit=80, epochs=3):
@@ -201,13 +204,11 @@ def step_crosslab_compare(data):
 
 
 def step_augment(data):
-    r = run([PY, "bench/augment_speed.py", "--data", data, "--out", RES / "augment_speed.md"])
-    return (RES / "augment_speed.md").read_text().splitlines() if r.returncode == 0 else ["# Augmentation speed", "", "failed: " + r.stderr[-1500:]]
+    return _script("Augmentation speed", "augment_speed.py", "augment_speed.md", "--data", data)
 
 
 def step_styleleak(data):
-    r = run([PY, "bench/style_leak.py", "--data", data, "--out", RES / "style_leak.md"])
-    return (RES / "style_leak.md").read_text().splitlines() if r.returncode == 0 else ["# Style leak", "", "failed: " + r.stderr[-1500:]]
+    return _script("Style leak", "style_leak.py", "style_leak.md", "--data", data)
 
 
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
