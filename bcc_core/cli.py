@@ -142,6 +142,45 @@ def cmd_cv(a) -> int:
     return 0
 
 
+def cmd_replay_bank(a) -> int:
+    from .replay import build_for_model
+
+    r = build_for_model(a.model, a.data, per_class_train=a.per_class_train, progress=not a.quiet)
+    print(f"wrote {r['file']} ({r['bytes'] / 1e6:.1f} MB): " + ", ".join(f"{k} {v}" for k, v in r["rows"].items()))
+    return 0
+
+
+def cmd_adapt(a) -> int:
+    from .adapt import AdaptConfig, adapt
+
+    cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed)
+    bar = None
+    if not a.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=100, desc="adapt", bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
+
+    def on_progress(fraction: float, message: str) -> None:
+        if bar is not None:
+            bar.n = round(100 * fraction)
+            bar.set_postfix_str(message)
+            bar.refresh()
+
+    res = adapt(a.model, a.data, a.out, cfg, progress=on_progress)
+    if bar is not None:
+        bar.close()
+    b, af = res["before"], res["after"]
+    print(f"saved {a.out} (lab {cfg.lab!r}, {res['n_cells']['fit']} fitting + {res['n_cells']['calibration']} "
+          f"calibration cells, {res['time_s']:.0f} s)")
+    print(f"  lab calibration part: shown as ok {b['ok_fraction']:.1%} -> {af['ok_fraction']:.1%}, wrong and ok "
+          f"{b['wrong_ok_of_all']:.1%} -> {af['wrong_ok_of_all']:.1%}")
+    for c, r in af["recall"].items():
+        print(f"  {c:>16}: recall {b['recall'].get(c, float('nan')):.2f} -> {r:.2f}")
+    print(f"  parent test macro-F1 (replay): {res['parent_test_macro_f1']['before']:.4f} -> "
+          f"{res['parent_test_macro_f1']['after']:.4f}")
+    return 0
+
+
 def _add_train_opts(p):
     p.add_argument("--data", required=True, help="ImageFolder root: <root>/<class>/<image>")
     p.add_argument("--task", help="task name recorded in the card (default: data folder name)")
@@ -205,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="comma-separated per backbone: imagenet | PATH | none (default: none)")
     c.add_argument("--out", required=True, help="output folder for models and comparison.csv/.md")
     c.set_defaults(func=cmd_compare)
+    rb = sub.add_parser("replay-bank", help="write a model's replay bank (replay.npz) from its split and the dataset")
+    rb.add_argument("--model", required=True)
+    rb.add_argument("--data", required=True, help="the dataset root the model was trained on")
+    rb.add_argument("--per-class-train", type=int, default=150, help="training images kept per class")
+    rb.add_argument("--quiet", action="store_true")
+    rb.set_defaults(func=cmd_replay_bank)
+    ad = sub.add_parser("adapt", help="adapt a model to a lab from the lab's reviewed cells (new model folder)")
+    ad.add_argument("--model", required=True, help="parent model directory (needs its replay.npz)")
+    ad.add_argument("--data", required=True, help="ImageFolder of the lab's reviewed cells: <dir>/<class>/<image>")
+    ad.add_argument("--out", required=True, help="new model directory to write")
+    ad.add_argument("--lab", help="lab name recorded in the card (default: the data folder name)")
+    ad.add_argument("--add-classes", action="store_true",
+                    help="a folder that is not a model class becomes a new class (needs enough distinct cells)")
+    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--quiet", action="store_true")
+    ad.set_defaults(func=cmd_adapt)
     return p
 
 

@@ -349,6 +349,10 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
 
     stats = ood.fit(feats[tr], labels[tr], n_cls, seed=cfg.seed, early=None if early is None else early[tr])
     ood.save_stats(out / "ood_stats.npz", stats)
+    from .replay import REPLAY_FILE, make_bank, save_bank  # features to replay when adapting to a lab
+
+    save_bank(out / REPLAY_FILE, make_bank(feats, early, labels, {"train": tr, "val_a": va_a, "val_b": va_b, "test": te},
+                                           classes, source=Path(data_dir).name, seed=cfg.seed))
     ood_cmp, scales = {}, {}
     for m in ood.methods_for(stats):
         s = ood.score(m, feats, logits, stats, T, early=early)

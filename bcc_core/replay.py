@@ -1,0 +1,133 @@
+"""The replay bank: a model's own penultimate features (and early-layer activations) for a stratified
+subset of its training split, its validation split (halves A/B as in training) and its test split.
+
+Adapting a model to a new lab (`bcc_core.adapt`) retrains only the head on frozen features; replaying
+these features keeps the classes the lab did not label as they were (no forgetting), refits the OOD
+statistics and measures the parent test macro-F1 before/after, all without the original images.
+Stored as `replay.npz` beside the model: float16 features, small enough to bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+REPLAY_FILE = "replay.npz"
+PARTS = ("train", "val_a", "val_b", "test", "lab_fit", "lab_cal")
+TRAIN_PER_CLASS = 150
+
+
+def val_halves(n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into the validation list) of halves A and B, exactly as `training.train` draws them."""
+    perm = np.random.default_rng(seed).permutation(n_val)
+    return perm[: n_val // 2], perm[n_val // 2:]
+
+
+def _stratified(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, int)
+
+
+def make_bank(features: np.ndarray, early: np.ndarray | None, labels: np.ndarray, parts: dict, classes: list[str],
+              source: str, per_class_train: int = TRAIN_PER_CLASS, seed: int = 0, meta: dict | None = None) -> dict:
+    """Assemble a bank from features of a whole dataset and its split.
+
+    Args:
+        features: (N, D) float penultimate features of clean images.
+        early: (N, E) pooled early-layer activations or None.
+        labels: (N,) int class indices.
+        parts: {"train": idx, "val_a": idx, "val_b": idx, "test": idx} integer index arrays into the N rows.
+        classes: class names (index order).
+        source: name of the images' source (dataset / lab), kept per row.
+        per_class_train: training rows kept per class (stratified random subset).
+        seed: subset seed.
+
+    Returns:
+        dict of arrays (see `save_bank`).
+    """
+    labels = np.asarray(labels)
+    rows, names = [], []
+    for name in ("train", "val_a", "val_b", "test"):
+        idx = np.asarray(parts.get(name, []), int)
+        if name == "train" and per_class_train:
+            idx = idx[_stratified(labels[idx], per_class_train, seed)]
+        rows.append(idx)
+        names += [name] * len(idx)
+    idx = np.concatenate(rows).astype(int)
+    bank = {"features": np.asarray(features)[idx].astype(np.float16), "labels": labels[idx].astype(np.int16),
+            "part": np.array(names, dtype="U8"), "source": np.array([source] * len(idx), dtype="U64"),
+            "classes": np.array(classes, dtype="U64"),
+            "meta": np.array(json.dumps({"per_class_train": per_class_train, "seed": seed, **(meta or {})}))}
+    if early is not None:
+        bank["early"] = np.asarray(early)[idx].astype(np.float16)
+    return bank
+
+
+def concat_banks(a: dict, b: dict) -> dict:
+    """Rows of `a` then `b` (same classes list, `b`'s classes may extend `a`'s at the end)."""
+    ca, cb = list(a["classes"]), list(b["classes"])
+    if cb[: len(ca)] != ca:
+        raise ValueError(f"replay banks disagree on classes: {ca} vs {cb}")
+    out = {k: np.concatenate([a[k], b[k]]) for k in ("features", "labels", "part", "source")}
+    out["part"] = out["part"].astype("U8")
+    out["source"] = out["source"].astype("U64")
+    if "early" in a and "early" in b:
+        out["early"] = np.concatenate([a["early"], b["early"]])
+    out["classes"] = np.array(cb, dtype="U64")
+    out["meta"] = b.get("meta", a["meta"])
+    return out
+
+
+def save_bank(path, bank: dict) -> None:
+    """Write `replay.npz`: features (N, D) float16, early (N, E) float16 (optional), labels (N,) int16,
+    part (N,) one of PARTS, source (N,) str, classes (C,) str, meta JSON string."""
+    np.savez_compressed(path, **bank)
+
+
+def load_bank(path) -> dict:
+    z = np.load(path, allow_pickle=False)
+    bank = {k: z[k] for k in z.files}
+    bank["features"] = bank["features"].astype(np.float32)
+    if "early" in bank:
+        bank["early"] = bank["early"].astype(np.float32)
+    bank["labels"] = bank["labels"].astype(int)
+    return bank
+
+
+def build_for_model(model_dir, data_root, per_class_train: int = TRAIN_PER_CLASS, progress: bool = True) -> dict:
+    """Build (and write) `replay.npz` for an existing model from its split.json and the dataset root.
+
+    One compiled forward pass per batch (the model's own `Predictor.forward`), the same decoding and
+    preprocessing as training. Returns a summary (rows per part, file size).
+    """
+    from .data import load_split
+    from .inference import Predictor
+    from .training import load_images
+
+    d = Path(model_dir)
+    pred = Predictor.load(d)
+    sp = load_split(d / "split.json", data_root)
+    seed = int(pred.card.split.get("seed", pred.card.training.get("seed", 42)))
+    items = sp["train"] + sp["val"] + sp["test"]
+    labels = np.array([l for _, l in items])
+    n_tr, n_va = len(sp["train"]), len(sp["val"])
+    tr = np.arange(n_tr)
+    keep_tr = tr[_stratified(labels[tr], per_class_train, seed)]
+    a, b = val_halves(n_va, seed)
+    parts = {"train": np.arange(len(keep_tr)), "val_a": len(keep_tr) + a, "val_b": len(keep_tr) + b,
+             "test": len(keep_tr) + n_va + np.arange(len(sp["test"]))}
+    rows = np.concatenate([keep_tr, n_tr + np.arange(n_va + len(sp["test"]))])
+    x, _, problems = load_images([items[i][0] for i in rows], pred.pcfg, progress)
+    if problems:
+        raise ValueError(f"{len(problems)} split images could not be read, e.g. {problems[0]}")
+    feats, _, early = pred.forward(x)
+    bank = make_bank(feats, early, labels[rows], parts, pred.classes, source=pred.card.data.get("name", "training"),
+                     per_class_train=0, seed=seed,
+                     meta={"model_id": pred.card.model_id, "per_class_train": per_class_train,
+                           "built_from": "split.json + dataset root"})
+    save_bank(d / REPLAY_FILE, bank)
+    return {"file": str(d / REPLAY_FILE), "bytes": (d / REPLAY_FILE).stat().st_size,
+            "rows": {p: int((bank["part"] == p).sum()) for p in PARTS if (bank["part"] == p).any()}}
