@@ -26,7 +26,9 @@ STATE_DEFAULTS: dict = {
     "batch_thumbs": [],       # list[str | None]: thumbnail data URIs, same order as batch_rows
     "batch_model": None,      # str: model directory the batch was screened with
     "batch_prediction_ids": {},  # {row index: audit prediction id} for rows recorded in the audit log
-    "batch_detail": None,     # ((model dir, row index), Prediction) of the row opened from the table
+    "batch_detail": None,     # ((model dir, row index), original image, Prediction) of the open cell
+    "batch_open": None,       # int: row index of the cell open for review (decisions land on it only)
+    "batch_table_pick": (),   # tuple[int]: rows selected in the results table at the last run
     "batch_seconds": None,    # float: wall time of the last screening run
     "reviewer": "",           # str: name typed into the review form (widget key)
     "review_notice": None,    # (kind, text): outcome of the last review-form submission, shown once
@@ -127,6 +129,11 @@ def require_predictor():
         st.stop()
 
 
+def predictor_for(model_dir: str):
+    """The Predictor of a given model directory (e.g. the one a batch was screened with), cached."""
+    return _load_predictor(model_dir, _mtime(model_dir))
+
+
 def card_or_error(model_dir: str):
     """(ModelCard, None) or (None, reason) for a model directory; never raises."""
     try:
@@ -219,8 +226,9 @@ def heatmap(model_dir: str, card_mtime: float, model_input, method: str, class_i
     return explain(_load_predictor(model_dir, card_mtime), model_input, method=method, class_index=class_index)
 
 
-def explanation_heatmap(model_input, method: str, class_index: int):
-    d = current_model_dir()
+def explanation_heatmap(model_input, method: str, class_index: int, model_dir: str | None = None):
+    """Heatmap from `model_dir` (default: the selected model), cached."""
+    d = model_dir or current_model_dir()
     return heatmap(d, _mtime(d), model_input, method, int(class_index))
 
 

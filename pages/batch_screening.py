@@ -8,12 +8,13 @@ import pandas as pd
 import streamlit as st
 
 from bcc_core import charts
-from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, iter_image_sources, read_image, sources_from_uploads
+from bcc_core.io import (IMAGE_EXTENSIONS, ImageReadError, content_hash, iter_image_sources, read_image,
+                         sources_from_uploads)
 from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
-from bcc_core.ui_helpers import (GRADCAM_METHODS, flag_codes, fmt_pct, fmt_prob, png_data_uri, results_frame,
-                                 summary_counts)
+from bcc_core.ui_helpers import GRADCAM_METHODS, flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
+from bcc_core.worklist import Worklist, decision_for, review_labels
 from pages._shared import (audit_log, current_model_dir, explanation_heatmap, init_state, page_header,
-                           require_predictor, show_flags, show_status, show_suggestion)
+                           predictor_for, require_predictor, show_flags, show_status, show_suggestion)
 
 init_state()
 page_header("Batch screening", "Screen many images at once: uploaded images, a .zip of images, or "
@@ -26,9 +27,8 @@ LIVE_ROWS = 200  # rows shown while a batch runs
 MAX_THUMBNAIL_ROWS = 2000
 DISPLAY_MAX_CONFIDENCE = 0.999  # a table cell reading "100%" would claim a certainty no model has
 
-DECISION_LABELS = {"confirm": "confirm: the suggested class is right",
-                   "correct": "correct: it is another class",
-                   "reject_image": "reject: image unusable / not a single cell"}
+DECISION_LABELS = {"confirm": "confirmed the suggested class", "reject_image": "image marked unusable"}
+REJECT = "__reject_image__"  # the "Image unusable" button's label (not a cell type)
 
 TABLE_COLUMNS = {
     "#": st.column_config.NumberColumn("#", width="small"),
@@ -111,7 +111,7 @@ if run:
     ss["batch_seconds"] = time.perf_counter() - t0
     ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
     ss["batch_thumbs"] = uris
-    ss["batch_detail"] = None
+    ss["batch_detail"], ss["batch_open"], ss["batch_table_pick"] = None, None, ()
     ss["batch_prediction_ids"] = record_in_audit(rows, predictor.card.model_id)
     bar.empty()
     live.empty()
@@ -172,116 +172,176 @@ view = df[keep].reset_index(drop=True)
 if len(view) > MAX_THUMBNAIL_ROWS:  # keep each redraw of a very large table small and fast
     view = view.drop(columns="thumbnail")
     st.caption(f"Thumbnails are hidden above {MAX_THUMBNAIL_ROWS} rows; filter the table to see them.")
-st.caption(f"{len(view)} of {len(df)} row(s) shown. Select a row to open the cell and its Grad-CAM.")
+st.caption(f"{len(view)} of {len(df)} row(s) shown. Select a row to open the cell for review below.")
 event = st.dataframe(view, column_config=TABLE_COLUMNS, hide_index=True, on_select="rerun",
                      selection_mode="single-row", key=f"batch_table_{int(review_only)}_{'|'.join(show_classes)}",
                      height=min(480, 38 + 35 * max(len(view), 1)))
 selected = event.selection.rows if event is not None else []
 
-# ---------------------------------------------------------------- selected cell
-if selected:
-    idx = int(view.iloc[selected[0]]["#"])
+# ---------------------------------------------------------------- review: one open cell, decided in place
+# A decision is made on the cell shown above its buttons and nowhere else: each button carries that
+# cell's row index, so what is recorded is always the cell the reviewer was looking at.
+st.subheader("Review")
+ids = ss["batch_prediction_ids"]
+include_ok = st.toggle("Verify every cell (not only the flagged ones)", key="batch_verify_all",
+                       help="Off: the worklist holds the cells that need review. On: every readable cell.")
+log = audit_log() if ids else None
+current = (log.queue(status=None, undecided_only=False).set_index("prediction_id") if log is not None
+           else pd.DataFrame(columns=["decision", "final_class", "reviewer", "decided_at"]))
+
+
+def current_decision(i):
+    """The audit log's current decision on row i ({decision, final_class, reviewer, decided_at}) or None."""
+    pid = ids.get(i)
+    if pid is None or pid not in current.index or pd.isna(current.at[pid, "decision"]):
+        return None
+    return current.loc[pid, ["decision", "final_class", "reviewer", "decided_at"]].to_dict()
+
+
+work = Worklist.from_rows(rows, [i for i in ids if current_decision(i)], include_ok=include_ok)
+picked = tuple(int(view.iloc[j]["#"]) for j in selected)
+if picked != ss["batch_table_pick"]:  # a row clicked in the table opens that cell
+    ss["batch_table_pick"] = picked
+    if picked:
+        ss["batch_open"] = int(picked[0])
+if ss["batch_open"] is None or ss["batch_open"] >= len(rows):
+    ss["batch_open"] = work.next_pending(None) if work.pending else (work.order[0] if work.order else None)
+
+
+def go(offset=0):
+    """Navigation callback: previous/next cell of the worklist (offset -1/+1), or the next undecided one."""
+    now = ss["batch_open"]
+    ss["batch_open"] = work.next_pending(now) if offset == 0 else work.step(now, offset)
+
+
+def record(i, label):
+    """Decision callback for row i: store it in the audit log, then open the next undecided cell."""
+    reviewer = ss["reviewer"].strip()
+    comment = ss.get(f"review_comment_{i}", "").strip()
+    if not reviewer:
+        ss["review_notice"] = ("error", "Enter your name as reviewer first: every decision in the audit log "
+                                        "has an owner. Nothing was recorded.")
+        return
+    if label == REJECT:
+        decision, final = "reject_image", None
+    else:
+        decision, final = decision_for(label, rows[i]["predicted_class"])
+    try:
+        audit_log().record_decision(ids[i], reviewer, decision, final if decision == "correct" else None, comment)
+    except (ValueError, KeyError) as e:
+        ss["review_notice"] = ("error", f"The decision on #{i} was not stored: {e}")
+        return
+    ss["review_notice"] = ("success", f"Recorded for #{i} ({Path(rows[i]['file']).name}): "
+                                      + (f"{DECISION_LABELS[decision]}" if decision != "correct" else
+                                         f"corrected to {final}") + ".")
+    done = Worklist(work.order, work.decided | {i})
+    ss["batch_open"] = done.next_pending(i) if done.pending else i
+
+
+if not work.order and ss["batch_open"] is None:
+    st.success("No cell in this batch was flagged for review. Switch on 'Verify every cell' to verify them all.")
+nav = st.container(horizontal=True, vertical_alignment="center")
+nav.text_input("Reviewer", key="reviewer", placeholder="your name", width=220,
+               help="Stored with every decision in the audit log.")
+nav.button("Previous", key="review_prev", icon=":material/arrow_back:", shortcut="P", on_click=go, args=(-1,),
+           disabled=not work.order, help="Previous cell of the worklist (key P).")
+nav.button("Next", key="review_next", icon=":material/arrow_forward:", shortcut="N", on_click=go, args=(1,),
+           disabled=not work.order, help="Next cell of the worklist (key N).")
+nav.button("Next undecided", key="review_next_pending", icon=":material/skip_next:", shortcut="U", on_click=go,
+           disabled=not work.pending, help="The next cell without a decision (key U).")
+nav.caption(f"Worklist: {len(work.order)} cell(s), {len(work.order) - len(work.pending)} decided, "
+            f"{len(work.pending)} to go.")
+if ss["review_notice"]:
+    kind, text = ss["review_notice"]
+    (st.success if kind == "success" else st.error)(text)
+    ss["review_notice"] = None
+
+idx = ss["batch_open"]
+if idx is not None:
     r = rows[idx]
-    st.subheader(f"Cell #{idx}: {r['file']}")
+    pos = f" ({work.order.index(idx) + 1} of {len(work.order)} in the worklist)" if idx in work.order else ""
+    st.markdown(f"#### Cell #{idx}{pos}")
+    st.text(f"File: {r['file']}")
+    pred, original = None, None
     if r["status"] == "error":
         st.error(f"This file could not be classified: {r['reason']}", icon=":material/broken_image:")
     else:
         detail = ss["batch_detail"]
         if not detail or detail[0] != (ss["batch_model"], idx):
             try:
-                image = read_image(ss["batch_sources"][idx].load())
-                detail = ((ss["batch_model"], idx), predictor.predict([image])[0])
-            except (ImageReadError, IndexError) as e:
-                st.error(f"The image is no longer available ({e}). Run the screening again.")
-                detail = ((ss["batch_model"], idx), None)
+                data = ss["batch_sources"][idx].load()
+                if content_hash(data) != r["sha256"]:
+                    raise ImageReadError("the file has changed since it was screened")
+                original = read_image(data)
+                detail = ((ss["batch_model"], idx), original, predictor_for(ss["batch_model"]).predict([original])[0])
+            except (ImageReadError, IndexError, OSError) as e:
+                st.error(f"The image is no longer available as screened ({e}). Run the screening again.")
+                detail = ((ss["batch_model"], idx), None, None)
             ss["batch_detail"] = detail
-        pred = detail[1]
-    if r["status"] != "error" and pred is not None:
-        c1, c2, c3 = st.columns([1, 1, 1.3])
-        c1.image(pred.model_input, caption="What the model saw", width="stretch")
-        method = c3.selectbox("Explanation method", list(GRADCAM_METHODS), key="batch_cam_method")
-        alpha = c3.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="batch_cam_alpha")
+        _, original, pred = detail
+    if pred is not None:
+        c0, c1, c2 = st.columns(3)
+        c0.image(original, caption=f"Original ({original.shape[1]}×{original.shape[0]} px)", width="stretch")
+        c1.image(pred.model_input, caption="What the model saw (cropped, stain-normalised)", width="stretch")
         try:
             from bcc_core.explain import overlay
 
-            heat = explanation_heatmap(pred.model_input, GRADCAM_METHODS[method], classes.index(pred.predicted_class))
-            c2.image(overlay(pred.model_input, heat, alpha), caption=f"{method} for '{pred.predicted_class}'",
-                     width="stretch")
+            method = st.session_state.get("batch_cam_method", "Grad-CAM")
+            heat = explanation_heatmap(pred.model_input, GRADCAM_METHODS[method], classes.index(pred.predicted_class),
+                                       model_dir=ss["batch_model"])
+            c2.image(overlay(pred.model_input, heat, st.session_state.get("batch_cam_alpha", 0.45)),
+                     caption=f"{method} for '{pred.predicted_class}'", width="stretch")
         except Exception as e:
             c2.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
-        with c3:
+        s1, s2 = st.columns([1, 1.4])
+        with s1:
             show_suggestion(pred)
             show_status(pred.status, len(pred.flags))
-        show_flags(pred.flags)
-        st.plotly_chart(charts.probability_bar(pred.probabilities, classes, pred.predicted_class),
-                        config={"displayModeBar": False}, key=f"batch_prob_{idx}")
+        with s2:
+            show_flags(pred.flags)
+    if r["status"] != "error" and idx in ids:
+        now = current_decision(idx)
+        if now:
+            st.info(f"Current decision: **{now['decision']}**" + (f" → {now['final_class']}" if now["final_class"] else "")
+                    + f" by {now['reviewer']} ({now['decided_at']}). A new decision is added to the history.",
+                    icon=":material/history:")
+        st.markdown(f"**Decide on cell #{idx}** — the cell shown above. Enter confirms the suggestion; "
+                    "a number key assigns that class; X marks the image unusable.")
+        labels = review_labels(classes)
+        buttons = st.container(horizontal=True)
+        buttons.button(f"Confirm {r['predicted_class']}", key=f"decide_{idx}_confirm", type="primary",
+                       icon=":material/check:", shortcut="Enter", on_click=record, args=(idx, r["predicted_class"]))
+        for n, label in enumerate(labels):
+            key_hint = str((n + 1) % 10) if n < 10 else None
+            buttons.button(f"{key_hint} {label}" if key_hint else label, key=f"decide_{idx}_{label}",
+                           shortcut=key_hint, on_click=record, args=(idx, label),
+                           help=f"Record '{label}' for cell #{idx}" + (f" (key {key_hint})" if key_hint else ""))
+        buttons.button("Image unusable", key=f"decide_{idx}_reject", icon=":material/block:", shortcut="X",
+                       on_click=record, args=(idx, REJECT), help="Not a usable single-cell image (key X).")
+        st.text_input("Comment on this cell (optional, stored with the decision)", key=f"review_comment_{idx}")
+    elif r["status"] != "error":
+        st.warning("The audit log was not available when this batch ran, so decisions cannot be stored.")
+    if pred is not None:
+        with st.expander("Explanation settings and all class probabilities"):
+            e1, e2 = st.columns(2)
+            e1.selectbox("Explanation method", list(GRADCAM_METHODS), key="batch_cam_method")
+            e2.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="batch_cam_alpha")
+            st.plotly_chart(charts.probability_bar(pred.probabilities, classes, pred.predicted_class),
+                            config={"displayModeBar": False}, key=f"batch_prob_{idx}")
 
-# ---------------------------------------------------------------- review queue
-st.subheader("Review queue")
-queue = [i for i, r in enumerate(rows) if r["status"] == "review"]
-ids = ss["batch_prediction_ids"]
-if not queue:
-    st.success("No cell in this batch was flagged for review.")
-elif not ids:
-    st.warning("The audit log was not available when this batch ran, so decisions cannot be stored.")
-else:
-    log = audit_log()
-    current = log.queue(status="review", undecided_only=False).set_index("prediction_id")
+if work.order:
     qdf = pd.DataFrame([{
-        "#": i, "file": Path(rows[i]["file"]).name, "suggested class": rows[i]["predicted_class"],
+        "#": i, "file": Path(rows[i]["file"]).name, "status": rows[i]["status"],
+        "suggested class": rows[i]["predicted_class"],
         "confidence": min(rows[i]["confidence"], DISPLAY_MAX_CONFIDENCE), "flags": flag_codes(rows[i]["flags"]),
-        "decision": current["decision"].get(ids.get(i)), "final class": current["final_class"].get(ids.get(i)),
-        "reviewer": current["reviewer"].get(ids.get(i))} for i in queue])
-    n_done = int(qdf["decision"].notna().sum())
-    st.caption(f"{len(queue)} flagged cell(s), {n_done} decided. Each decision is stored with your name and the "
-               "time in the audit log (append-only: a changed mind is a new decision, the history is kept).")
-    st.dataframe(qdf.fillna({"decision": "pending", "final class": "", "reviewer": ""}), hide_index=True,
-                 column_config={"confidence": st.column_config.NumberColumn(format="percent"),
-                                "flags": st.column_config.TextColumn(width="medium")})
-    pending = [i for i in queue if pd.isna(qdf.set_index("#").loc[i, "decision"])]
-    if ss.get("review_pick") not in queue:
-        ss["review_pick"] = pending[0] if pending else queue[0]
+        **{k: (current_decision(i) or {}).get(v) for k, v in (("decision", "decision"), ("final class", "final_class"),
+                                                              ("reviewer", "reviewer"))}} for i in work.order])
+    with st.expander(f"Worklist: {len(work.order)} cell(s), decisions so far", expanded=False):
+        st.dataframe(qdf.fillna({"decision": "pending", "final class": "", "reviewer": ""}), hide_index=True,
+                     column_config={"confidence": st.column_config.NumberColumn(format="percent"),
+                                    "flags": st.column_config.TextColumn(width="medium")})
 
-    def record_decision():
-        """Form callback: store the decision, then move the form to the next undecided cell."""
-        pick, decision, final = ss["review_pick"], ss["review_decision"], ss["review_final"]
-        reviewer, comment = ss["reviewer"].strip(), ss["review_comment"].strip()
-        if not reviewer:
-            ss["review_notice"] = ("error", "Enter your name as reviewer: every decision in the audit log has an owner.")
-            return
-        if decision == "correct" and final == rows[pick]["predicted_class"]:
-            ss["review_notice"] = ("error", f"'{final}' is the suggested class: choose 'confirm', or pick the class "
-                                            "the cell really is.")
-            return
-        try:
-            audit_log().record_decision(ids[pick], reviewer, decision, final if decision == "correct" else None,
-                                        comment)
-        except ValueError as e:
-            ss["review_notice"] = ("error", f"The decision was not stored: {e}")
-            return
-        ss["review_notice"] = ("success", f"Recorded for #{pick} ({Path(rows[pick]['file']).name}): "
-                                          f"{DECISION_LABELS[decision]}" + (f" → {final}" if decision == "correct" else "") + ".")
-        later = [i for i in pending if i != pick]
-        if later:
-            ss["review_pick"] = later[0]
-        ss["review_comment"] = ""
-
-    with st.form("review_form"):
-        st.selectbox("Flagged cell", queue, key="review_pick",
-                     format_func=lambda i: f"#{i} {Path(rows[i]['file']).name}: suggested "
-                                           f"{rows[i]['predicted_class']} ({fmt_prob(rows[i]['confidence'])})"
-                                           + ("" if i in pending else " (decided)"))
-        r1, r2 = st.columns(2)
-        r1.radio("Decision", list(DECISION_LABELS), format_func=DECISION_LABELS.get, key="review_decision")
-        r2.selectbox("Correct class (only for 'correct')", classes, key="review_final")
-        r1.text_input("Reviewer", key="reviewer")
-        r2.text_input("Comment (optional)", key="review_comment")
-        st.form_submit_button("Record decision", type="primary", on_click=record_decision)
-    if ss["review_notice"]:
-        kind, text = ss["review_notice"]
-        (st.success if kind == "success" else st.error)(text)
-        ss["review_notice"] = None
-
+if log is not None:
     with st.expander("Audit log: all sessions (for quality review)"):
         everything = log.queue(status=None, undecided_only=False)
         agree = log.agreement()

@@ -228,38 +228,86 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     at.toggle(key="batch_review_only").set_value(True).run()
     assert len(_results_table(at)) == n_review and (_results_table(at)["status"] == "review").all()
 
-    # Review queue: record a correction for the flagged blank image; it lands in the audit log.
-    queue = at.selectbox(key="review_pick")
-    blank_idx = 2
-    assert any(o.startswith("#2 blank.png") for o in queue.options), queue.options
-    queue.set_value(blank_idx)
-    at.radio(key="review_decision").set_value("reject_image")
-    at.text_input(key="reviewer").input("Dr Test")
-    at.text_input(key="review_comment").input("no cell in the image")
-    next(b for b in at.button if b.label == "Record decision").click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert "Recorded for #2 (blank.png)" in texts(at, "success")
+    # Review: the blank image is in the worklist; a decision recorded while it is open lands on it.
     from bcc_core.audit import AuditLog
 
+    blank_idx = 2
     log = AuditLog(app_env["audit_db"])
+    opened = _open_cell(at, blank_idx)
+    assert f"Cell #{blank_idx}" in opened
+    at.text_input(key="reviewer").input("Dr Test")
+    at.text_input(key=f"review_comment_{blank_idx}").input("no cell in the image")
+    _button(at, f"decide_{blank_idx}_reject").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Recorded for #2 (blank.png)" in texts(at, "success")
     pid = at.session_state["batch_prediction_ids"][blank_idx]
-    hist = log.history(pid)
-    assert [(h["decision"], h["reviewer"], h["comment"]) for h in hist] == [
+    assert [(h["decision"], h["reviewer"], h["comment"]) for h in log.history(pid)] == [
         ("reject_image", "Dr Test", "no cell in the image")]
-    # The queue table on the page shows the decision.
-    qtable = next(d.value for d in at.dataframe if "decision" in d.value.columns)
-    assert qtable.loc[qtable["#"] == blank_idx, "decision"].item() == "reject_image"
-    # A 'correct' to the suggested class itself is refused with a message, and nothing is stored.
-    other = next(i for i in at.session_state["batch_prediction_ids"] if i != blank_idx
-                 and at.session_state["batch_rows"][i]["status"] == "review") \
-        if n_review > 1 else None
-    if other is not None:
-        at.selectbox(key="review_pick").set_value(other)
-        at.radio(key="review_decision").set_value("correct")
-        at.selectbox(key="review_final").set_value(at.session_state["batch_rows"][other]["predicted_class"])
-        next(b for b in at.button if b.label == "Record decision").click().run()
-        assert "is the suggested class" in texts(at, "error")
-        assert log.history(at.session_state["batch_prediction_ids"][other]) == []
+    # No other prediction received a decision.
+    others = [p for i, p in at.session_state["batch_prediction_ids"].items() if i != blank_idx]
+    assert all(log.history(p) == [] for p in others)
+
+
+def _button(at, key):
+    hits = [b for b in at.button if b.key == key]
+    assert hits, f"no button {key!r}; have {[b.key for b in at.button]}"
+    return hits[0]
+
+
+def _open_cell(at, idx: int) -> str:
+    """Step through the worklist with Next until cell idx is open; the page's text then."""
+    for _ in range(len(at.session_state["batch_rows"]) + 1):
+        if at.session_state["batch_open"] == idx:
+            return texts(at, "markdown")
+        _button(at, "review_next").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+    raise AssertionError(f"cell {idx} is not reachable with Next")
+
+
+def test_decisions_land_on_the_open_cell_and_move_on(app_env):
+    """Each decision is stored for the cell that was on screen, then the next undecided cell opens."""
+    from bcc_core.audit import AuditLog
+
+    at = start("pages/batch_screening.py")
+    files = [(f"cell{i}.png", png_bytes(synthetic_cell(40 + i)), "image/png") for i in range(6)]
+    at.file_uploader[0].set_value(files).run()
+    next(b for b in at.button if b.label == "Run screening").click().run()
+    at.toggle(key="batch_verify_all").set_value(True).run()   # every cell is in the worklist
+    rows, ids = at.session_state["batch_rows"], at.session_state["batch_prediction_ids"]
+    classes = json.loads((app_env["model_dir"] / "model_card.json").read_text())["classes"]
+    log = AuditLog(app_env["audit_db"])
+
+    # Nothing is recorded without a reviewer name.
+    first = at.session_state["batch_open"]
+    assert first == 0
+    _button(at, f"decide_{first}_confirm").click().run()
+    assert "Enter your name as reviewer" in texts(at, "error") and log.history(ids[first]) == []
+    at.text_input(key="reviewer").input("Dr Binding").run()
+
+    # Open cells out of order (Next twice, Previous once) and decide each with a different action.
+    _button(at, "review_next").click().run()
+    _button(at, "review_next").click().run()
+    _button(at, "review_prev").click().run()
+    assert at.session_state["batch_open"] == 1 and "Cell #1" in texts(at, "markdown")
+    other = next(c for c in classes if c != rows[1]["predicted_class"])
+    _button(at, f"decide_1_{other}").click().run()
+    assert at.session_state["batch_open"] == 2   # the next undecided cell opens
+    _button(at, "decide_2_lymphocyte").click().run()      # a cell type the model does not know
+    assert at.session_state["batch_open"] == 3
+    _button(at, "review_next").click().run()
+    assert at.session_state["batch_open"] == 4
+    _button(at, "decide_4_confirm").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+
+    current = {i: [(h["decision"], h["final_class"]) for h in log.history(ids[i])] for i in range(len(rows))}
+    assert current[1] == [("correct", other)]
+    assert current[2] == [("correct", "lymphocyte")]
+    assert current[4] == [("confirm", rows[4]["predicted_class"])]
+    assert current[0] == current[3] == current[5] == []
+    # After the last decision the next undecided cell after #4 is open, and the worklist table says so.
+    assert at.session_state["batch_open"] == 5
+    q = next(d.value for d in at.dataframe if "decision" in d.value.columns)
+    assert list(q.loc[q["decision"] != "pending", "#"]) == [1, 2, 4]
 
 
 def test_batch_screening_from_folder_and_zip(app_env, tmp_path):
