@@ -18,19 +18,39 @@ class UsageError(Exception):
     pass
 
 
+def _data(a):
+    """One `--data` without a name: that folder, the original single-source call; else the list of sources."""
+    if len(a.data) == 1 and "=" not in a.data[0]:
+        return a.data[0]
+    return list(a.data)
+
+
+def _class_options(a) -> dict:
+    classes = tuple(c.strip() for c in (a.classes or "").split(",") if c.strip())
+    cmap = {}
+    for item in a.class_map or []:
+        for pair in item.split(","):
+            src, sep, dst = pair.partition("=")
+            if not sep or not src.strip() or not dst.strip():
+                raise UsageError(f"--class-map takes FOLDER=CLASS pairs, got {pair!r}")
+            cmap[src.strip()] = dst.strip()
+    return {"classes": classes, "class_map": cmap}
+
+
 def _train_cfg(a):
     from .augment import AugmentConfig
+    from .data import Source
     from .preprocess import PreprocessConfig
     from .training import TrainConfig
 
     pcfg = PreprocessConfig(mode=a.preprocess, clahe=a.clahe, stain_norm=a.stain_norm)
     aug = {"study1": AugmentConfig.study1_only, "none": AugmentConfig.none, "crosslab": AugmentConfig.cross_lab,
            "full": AugmentConfig}[a.augment]()
-    task = a.task or Path(a.data).name
+    task = a.task or "+".join(Source.parse(d).name for d in a.data)
     return TrainConfig(task=task, backbone=a.backbone, weights=a.weights, epochs=a.epochs, batch_size=a.batch_size,
                        learning_rate=a.lr, aug_views=a.aug_views, seed=a.seed, fine_tune_layers=a.fine_tune_layers,
                        fine_tune_epochs=a.fine_tune_epochs, fine_tune_lr=a.fine_tune_lr, swa_start=a.swa_start,
-                       preprocess=pcfg.to_dict(), augment=aug.to_dict())
+                       preprocess=pcfg.to_dict(), augment=aug.to_dict(), **_class_options(a))
 
 
 def cmd_train(a) -> int:
@@ -38,10 +58,12 @@ def cmd_train(a) -> int:
 
     cfg = _train_cfg(a)
     cmd = "python -m bcc_core " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    m = train(a.data, a.out, cfg, progress=not a.quiet, cache=a.cache, limit_per_class=a.limit_per_class, reproduce=cmd)
+    m = train(_data(a), a.out, cfg, progress=not a.quiet, cache=a.cache, limit_per_class=a.limit_per_class, reproduce=cmd)
     t = m["test"]
     print(f"saved {a.out}: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, kappa {t['kappa']:.4f}, "
           f"ECE {m['calibration']['test_ece_after']:.4f}, {m['timing_s']['total']:.0f} s")
+    for name, v in m.get("test_per_source", {}).items():
+        print(f"  {name}: n={v['n']} accuracy {v['accuracy']:.4f} macro-F1 {v['macro_f1']:.4f}")
     for w in m["shortcut_audit"]["warnings"]:
         print(w, file=sys.stderr)
     return 0
@@ -128,7 +150,7 @@ def cmd_compare(a) -> int:
     if weights and len(weights) not in (1, len(backbones)):
         raise UsageError("--weights takes one value or one per backbone")
     cfg = _train_cfg(argparse.Namespace(**{**vars(a), "backbone": backbones[0], "weights": "none"}))
-    compare(a.data, backbones, weights, a.out, cfg, limit_per_class=a.limit_per_class, progress=not a.quiet)
+    compare(_data(a), backbones, weights, a.out, cfg, limit_per_class=a.limit_per_class, progress=not a.quiet)
     return 0
 
 
@@ -136,7 +158,7 @@ def cmd_cv(a) -> int:
     from .training import cross_validate
 
     cfg = _train_cfg(a)
-    res = cross_validate(a.data, a.out, cfg, k=a.folds, progress=not a.quiet, limit_per_class=a.limit_per_class)
+    res = cross_validate(_data(a), a.out, cfg, k=a.folds, progress=not a.quiet, limit_per_class=a.limit_per_class)
     for key, v in res["summary"].items():
         print(f"{key:>9}: {v['mean']:.4f} ± {v['std']:.4f}")
     return 0
@@ -182,8 +204,14 @@ def cmd_adapt(a) -> int:
 
 
 def _add_train_opts(p):
-    p.add_argument("--data", required=True, help="ImageFolder root: <root>/<class>/<image>")
-    p.add_argument("--task", help="task name recorded in the card (default: data folder name)")
+    p.add_argument("--data", required=True, action="append",
+                   help="ImageFolder root: <root>/<class>/<image>; repeat for several sources, optionally NAME=PATH "
+                        "(default name: the folder name). A groups.csv (file,cell_group) at a root keeps cells together")
+    p.add_argument("--classes", help="comma-separated classes in label order (default: every folder of every "
+                                     "source); folders of other classes are skipped and listed in the card")
+    p.add_argument("--class-map", action="append", metavar="FOLDER=CLASS",
+                   help="read a source's folder as a class, e.g. neutrophil=seg_neutrophil (repeatable)")
+    p.add_argument("--task", help="task name recorded in the card (default: the data folder names joined by +)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)

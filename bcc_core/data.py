@@ -40,6 +40,12 @@ __all__ = [
     "save_split",
     "load_split",
     "subset",
+    "Source",
+    "MultiSource",
+    "SOURCE_TERMS",
+    "list_sources",
+    "merge_group_file",
+    "subset_sources",
 ]
 
 SPLIT_FORMAT = "bcc_split/1"
@@ -645,3 +651,262 @@ def load_split(path_json: str | os.PathLike, data_root: str | os.PathLike) -> di
             f"(first: {missing[:5]}); is data_root the folder that contains the class folders?"
         )
     return out
+
+
+# --------------------------------------------------------------------------- several sources
+
+GROUPS_FILE = "groups.csv"
+"""A source may ship ``<root>/groups.csv`` with columns ``file,cell_group`` (``file`` relative to the
+root, e.g. ``monocyte/x.jpg``): files sharing a ``cell_group`` are copies of one cell and are grouped
+like duplicates (LISC ships one: each cell appears about five times, shifted)."""
+
+SOURCE_TERMS = {
+    "pbs5": {"licence": "CC BY 4.0 as published (Kaggle, S. Singh 2024; images from Acevedo et al. 2020 "
+                        "and Matek et al. 2019)",
+             "use": "training, validation and test"},
+    "lisc": {"licence": "published for research and education; cite Rezatofighi & Soltanian-Zadeh, "
+                        "Computerized Medical Imaging and Graphics 2011",
+             "use": "training and validation (research and education)"},
+    "all4": {"licence": "public (Aria, Ghaderzadeh et al., Taleqani Hospital); see the dataset page",
+             "use": "training, validation and test"},
+    "bccd": {"licence": "MIT (BCCD)", "use": "measurement only: never train, tune or fit thresholds on it"},
+}
+"""Terms of the shared datasets, keyed by their root folder name (recorded in the model card)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset root taking part in a training run.
+
+    Attributes:
+        name: Short name recorded per image and in the card (default: the root folder name).
+        root: ImageFolder root ``<root>/<class>/<image>``.
+    """
+
+    name: str
+    root: str
+
+    @classmethod
+    def parse(cls, arg: "str | os.PathLike | Source") -> "Source":
+        """``"PATH"`` or ``"NAME=PATH"`` (the CLI's ``--data``) to a :class:`Source`."""
+        if isinstance(arg, Source):
+            return arg
+        s = str(arg)
+        name, sep, path = s.partition("=")
+        if not sep or not name or "/" in name or os.sep in name:
+            name, path = Path(s).expanduser().resolve().name, s
+        return cls(name=name, root=path)
+
+
+@dataclass(frozen=True)
+class MultiSource:
+    """Several ImageFolder sources merged into one labelled :class:`Dataset`.
+
+    Attributes:
+        dataset: The merged dataset. Its ``root`` is the sources' common parent folder, so the
+            relative paths in ``split.json`` read ``<source folder>/<class folder>/<file>``.
+        sources: Source name per image, aligned with ``dataset.paths``.
+        parts: Per source, its own listing (class folders as on disk, before the class map).
+        skipped: Per source, class folders that were not used (not in the class list).
+        class_map: Folder name -> class name applied to every source.
+    """
+
+    dataset: Dataset
+    sources: tuple[str, ...]
+    parts: dict
+    skipped: dict
+    class_map: dict
+
+    def names(self) -> list[str]:
+        return list(self.parts)
+
+    def strata(self) -> np.ndarray:
+        """``(n,)`` ``"class|source"`` keys: stratify a split by class and source together."""
+        ds = self.dataset
+        return np.array([f"{ds.classes[lab]}|{s}" for lab, s in zip(ds.labels, self.sources)])
+
+    def groups(self, max_distance: int = DEFAULT_MAX_DISTANCE, progress: bool = True) -> np.ndarray:
+        """Duplicate groups: md5/pHash within each source plus each source's ``groups.csv``.
+
+        pHash is compared within a source only (single-cell crops on uniform backgrounds of two labs
+        hash alike more easily than copies do). Group ids are unique across sources.
+
+        Returns:
+            ``(n,)`` int64 group ids ``0..G-1``, numbered by first occurrence.
+        """
+        out = np.empty(len(self.dataset), np.int64)
+        src = np.asarray(self.sources)
+        offset = 0
+        for name, part in self.parts.items():
+            idx = np.flatnonzero(src == name)
+            paths = [self.dataset.paths[i] for i in idx]
+            g = group_duplicates(paths, max_distance=max_distance, progress=progress)
+            g = merge_group_file(paths, g, Path(part.root) / GROUPS_FILE)
+            out[idx] = g + offset
+            offset += int(g.max()) + 1 if len(g) else 0
+        _, first, inv = np.unique(out, return_index=True, return_inverse=True)
+        return np.argsort(np.argsort(first))[inv].astype(np.int64)
+
+    def card_sources(self) -> list[dict]:
+        """The card's per-source entries: name, folder, counts, digest, terms, use, skipped folders."""
+        rows = []
+        src = np.asarray(self.sources)
+        for name, part in self.parts.items():
+            labels = np.asarray(self.dataset.labels)[src == name]
+            counts = {c: int((labels == k).sum()) for k, c in enumerate(self.dataset.classes) if (labels == k).any()}
+            folder = Path(part.root).name
+            terms = SOURCE_TERMS.get(folder, {"licence": "unknown: check the dataset's own terms before use",
+                                              "use": "unknown"})
+            rows.append({"name": name, "root": folder, "n_images": int(len(labels)), "class_counts": counts,
+                         "file_list_sha256": part.digest(), "skipped_folders": list(self.skipped[name]),
+                         "group_file": (Path(part.root) / GROUPS_FILE).is_file(), **terms})
+        return rows
+
+
+def _mapped(folder: str, class_map: dict) -> str:
+    return class_map.get(folder, folder)
+
+
+def list_sources(
+    sources: Sequence["str | os.PathLike | Source"],
+    classes: Sequence[str] | None = None,
+    class_map: dict | None = None,
+    verify: bool = True,
+) -> MultiSource:
+    """List several ImageFolder roots as one dataset with a source per image.
+
+    Args:
+        sources: Roots as :class:`Source` or ``"PATH"`` / ``"NAME=PATH"`` strings.
+        classes: Class names in label order. ``None``: every (mapped) folder name of any source, sorted.
+            A source's folders whose mapped name is not in ``classes`` are skipped (and listed).
+        class_map: Folder name -> class name, e.g. ``{"neutrophil": "seg_neutrophil"}``.
+        verify: Decode each image cheaply (see :func:`list_imagefolder`).
+
+    Returns:
+        The :class:`MultiSource`.
+
+    Raises:
+        ValueError: No sources, duplicate source names, a requested class found in no source, or a
+            source with no folder in the class list.
+    """
+    specs = [Source.parse(s) for s in sources]
+    if not specs:
+        raise ValueError("at least one data source is needed")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"source names must be unique, got {names}; name them with NAME=PATH")
+    cmap = dict(class_map or {})
+    folders = {}
+    for s in specs:
+        root = Path(s.root).expanduser()
+        if not root.is_dir():
+            raise ValueError(f"source {s.name!r}: {s.root!r} is not a folder; expected <root>/<class>/<image>")
+        folders[s.name] = sorted(d.name for d in root.iterdir()
+                                 if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    available = sorted({_mapped(f, cmap) for fs in folders.values() for f in fs})
+    if classes is None:
+        classes = available
+    classes = list(classes)
+    if len(set(classes)) != len(classes) or not classes:
+        raise ValueError(f"classes must be unique and non-empty, got {classes}")
+    missing = [c for c in classes if c not in available]
+    if missing:
+        raise ValueError(f"class(es) {missing} are in no source; available (after the class map): {available}")
+
+    paths, labels, src, problems = [], [], [], []
+    parts, skipped = {}, {}
+    for s in specs:
+        used = [f for f in folders[s.name] if _mapped(f, cmap) in classes]
+        skipped[s.name] = [f for f in folders[s.name] if f not in used]
+        if not used:
+            raise ValueError(f"source {s.name!r} has no folder among the classes {classes} "
+                             f"(its folders: {folders[s.name]}; class map: {cmap})")
+        part = list_imagefolder(s.root, classes=used, verify=verify)
+        parts[s.name] = part
+        for p, lab in zip(part.paths, part.labels):
+            paths.append(p)
+            labels.append(classes.index(_mapped(part.classes[lab], cmap)))
+            src.append(s.name)
+        problems.extend(part.problems)
+    root = os.path.commonpath([p.root for p in parts.values()])
+    if len(parts) > 1 and root in {p.root for p in parts.values()}:
+        raise ValueError("sources must not be nested inside each other")
+    ds = Dataset(root=root if len(parts) > 1 else next(iter(parts.values())).root, classes=tuple(classes),
+                 paths=tuple(paths), labels=tuple(labels), problems=tuple(problems))
+    return MultiSource(dataset=ds, sources=tuple(src), parts=parts, skipped=skipped, class_map=cmap)
+
+
+def merge_group_file(paths: Sequence[str], groups: np.ndarray, group_file: str | os.PathLike) -> np.ndarray:
+    """Join groups that a ``groups.csv`` (``file,cell_group``, ``file`` relative to its folder) puts together.
+
+    Args:
+        paths: Absolute image paths (aligned with ``groups``).
+        groups: ``(n,)`` group ids (e.g. from :func:`group_duplicates`).
+        group_file: The CSV; when it does not exist ``groups`` is returned renumbered, unchanged.
+
+    Returns:
+        ``(n,)`` int64 group ids ``0..G-1``, numbered by first occurrence; files the CSV does not
+        list keep their own groups.
+
+    Raises:
+        ValueError: The file lacks the ``file`` or ``cell_group`` column.
+    """
+    import csv
+
+    g = np.asarray(groups, dtype=np.int64)
+    n = len(g)
+    uf = _UnionFind(n)
+    first_of_group: dict[int, int] = {}
+    for i, gi in enumerate(g.tolist()):
+        j = first_of_group.setdefault(gi, i)
+        if j != i:
+            uf.union(j, i)
+    gf = Path(group_file)
+    if gf.is_file():
+        with gf.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not {"file", "cell_group"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{gf}: needs columns file,cell_group; has {reader.fieldnames}")
+            cell = {row["file"]: row["cell_group"] for row in reader}
+        base = gf.parent.resolve()
+        first_of_cell: dict[str, int] = {}
+        for i, p in enumerate(paths):
+            try:
+                rel = Path(p).resolve().relative_to(base).as_posix()
+            except ValueError:
+                continue
+            c = cell.get(rel)
+            if c is not None:
+                j = first_of_cell.setdefault(c, i)
+                if j != i:
+                    uf.union(j, i)
+    roots = np.fromiter((uf.find(i) for i in range(n)), dtype=np.int64, count=n)
+    _, first, inv = np.unique(roots, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inv].astype(np.int64)
+
+
+def subset_sources(ms: MultiSource, per_class: int, seed: int = 0) -> MultiSource:
+    """Random subset with at most ``per_class`` images per class *and source* (quick checks, tests).
+
+    Args:
+        ms: The merged sources.
+        per_class: Maximum images per (class, source), >= 1.
+        seed: RNG seed.
+
+    Returns:
+        A :class:`MultiSource` with the same parts, paths kept in original order.
+    """
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    strata = ms.strata()
+    keep: list[int] = []
+    for key in np.unique(strata):
+        idx = np.flatnonzero(strata == key)
+        if len(idx) > per_class:
+            idx = rng.choice(idx, size=per_class, replace=False)
+        keep.extend(int(i) for i in idx)
+    keep.sort()
+    ds = replace(ms.dataset, paths=tuple(ms.dataset.paths[i] for i in keep),
+                 labels=tuple(ms.dataset.labels[i] for i in keep))
+    return replace(ms, dataset=ds, sources=tuple(ms.sources[i] for i in keep))

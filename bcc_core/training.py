@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 from . import calibration, evaluation, ood, review, shortcut
 from .augment import AugmentConfig, augment_batch
 from .backbones import get_spec
-from .data import group_duplicates, list_imagefolder, save_split, split_grouped
+from .data import group_duplicates, list_imagefolder, list_sources, merge_group_file, save_split, split_grouped
 from .io import read_image
 from .model_card import ModelCard, library_versions, use_statement
 from .models import FIXED_LAYERS
@@ -60,12 +61,15 @@ class TrainConfig:
     review_alpha: float = 0.02
     review_delta: float = 0.1
     conformal_alpha: float = 0.05
+    classes: tuple = ()
+    class_map: dict = field(default_factory=dict)
     preprocess: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["fractions"] = list(self.fractions)
+        d["classes"] = list(self.classes)
         return d
 
 
@@ -230,12 +234,99 @@ def _quality_config(pcfg: PreprocessConfig) -> dict:
     return QualityConfig(expect_single_cell=pcfg.mode == "cell").to_dict()
 
 
+def _load_data(data, cfg: TrainConfig, limit_per_class, progress):
+    """List the data (one ImageFolder root, or several sources), group duplicates, describe it for the card.
+
+    Returns:
+        (dataset, groups (N,), strata (N,) labels to stratify the split on (class, or class|source),
+        sources (N,) source name per image, card's data section without `problems`).
+    """
+    from .data import GROUPS_FILE, subset, subset_sources
+
+    several = not isinstance(data, (str, os.PathLike)) or cfg.classes or cfg.class_map
+    if not several:  # one ImageFolder root: the original behaviour, unchanged
+        ds = list_imagefolder(data)
+        if limit_per_class:
+            ds = subset(ds, limit_per_class, seed=cfg.seed)
+        groups = group_duplicates(ds.paths, max_distance=cfg.near_duplicate_distance, progress=progress)
+        groups = merge_group_file(ds.paths, groups, Path(ds.root) / GROUPS_FILE)
+        sources = np.full(len(ds), Path(data).name)
+        n_groups = int(len(np.unique(groups)))
+        card = {"name": Path(data).name, "root": Path(data).name, "n_images": len(ds.paths),
+                "class_counts": ds.counts(), "file_list_sha256": ds.digest(), "duplicate_groups": n_groups,
+                "images_in_duplicate_groups": int(len(groups) - n_groups)}
+        return ds, groups, np.asarray(ds.labels), sources, card
+    ms = list_sources([data] if isinstance(data, (str, os.PathLike)) else data, cfg.classes or None, cfg.class_map)
+    if limit_per_class:
+        ms = subset_sources(ms, limit_per_class, seed=cfg.seed)
+    groups = ms.groups(max_distance=cfg.near_duplicate_distance, progress=progress)
+    n_groups = int(len(np.unique(groups)))
+    ds = ms.dataset
+    card = {"name": "+".join(ms.names()), "root": Path(ds.root).name, "n_images": len(ds.paths),
+            "class_counts": ds.counts(), "file_list_sha256": ds.digest(), "duplicate_groups": n_groups,
+            "images_in_duplicate_groups": int(len(groups) - n_groups), "class_map": dict(ms.class_map),
+            "sources": ms.card_sources()}
+    return ds, groups, ms.strata(), np.asarray(ms.sources), card
+
+
+def per_source_metrics(labels, probs, sources, classes) -> dict:
+    """Accuracy, macro-F1 (over the classes the source has), per-class recall and n, per source.
+
+    Args:
+        labels: (N,) int true classes.
+        probs: (N, C) probabilities.
+        sources: (N,) source name per image.
+        classes: C class names.
+    """
+    from sklearn.metrics import f1_score, recall_score
+
+    pred = np.asarray(probs).argmax(1)
+    out = {}
+    for name in sorted(set(np.asarray(sources).tolist())):
+        m = np.asarray(sources) == name
+        if not m.any():
+            continue
+        y, p = np.asarray(labels)[m], pred[m]
+        present = sorted(set(y.tolist()))
+        rec = recall_score(y, p, labels=present, average=None, zero_division=0)
+        out[name] = {"n": int(m.sum()), "accuracy": float((y == p).mean()),
+                     "macro_f1": float(f1_score(y, p, labels=present, average="macro", zero_division=0)),
+                     "per_class_recall": {classes[c]: float(r) for c, r in zip(present, rec)},
+                     "per_class_n": {classes[c]: int((y == c).sum()) for c in present}}
+    return out
+
+
+def _limitations(cfg: TrainConfig, data_card: dict) -> list[str]:
+    roots = [s["root"] for s in data_card.get("sources", [])] or [data_card["root"]]
+    several = len(roots) > 1
+    out = [("Trained on public datasets from " + str(len(roots)) + " labs' collections" if several else
+            "Trained on one public dataset") + "; accuracy on images from other labs, stains and scanners is lower "
+           "than the test figure.",
+           "The review rule's guarantee assumes images exchangeable with the calibration data (same source" + ("s" if several else "") + ")."]
+    if "pbs5" in roots:
+        out.append("pbs5: each class comes from a single lab (basophil, erythroblast, monocyte: Barcelona; myeloblast, "
+                   "seg_neutrophil: Munich); cell-centred cropping and stain normalisation reduce, but cannot prove the "
+                   "absence of, lab shortcuts.")
+        if several:
+            out.append("Other sources give some classes a second lab (see data.sources); classes seen in one lab "
+                       "only (e.g. erythroblast, myeloblast) can still be suggested from the lab's look; measured "
+                       "on one external lab in bench/results/multisource.md.")
+        else:
+            out.append("pbs5: no class was imaged in both labs, so on another lab's images a monocyte can be suggested "
+                       "as myeloblast (the Munich class nearest in morphology); measured on one external lab in "
+                       "bench/results/crosslab.md. Such images are flagged out_of_distribution; a suggested myeloblast "
+                       "on an image from a lab the model was not trained on always needs a human look.")
+    return out
+
+
 def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = True, cache: bool = False,
           limit_per_class: int | None = None, reproduce: str = "", fold: tuple[int, int] | None = None) -> dict:
     """Train, evaluate, calibrate and save a model with its card.
 
     Args:
-        data_dir: ImageFolder root (`<root>/<class>/<image>`).
+        data_dir: ImageFolder root (`<root>/<class>/<image>`), or a list of sources (paths, `NAME=PATH`
+            strings or `data.Source`): merged with `cfg.classes` / `cfg.class_map`, grouped per source
+            (plus each source's groups.csv), split stratified by class x source, measured per source.
         out_dir: model directory to write (model.keras, model_card.json, metrics.json, split.json, ood_stats.npz).
         cfg: training configuration.
         progress: show progress bars.
@@ -264,22 +355,17 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     except Exception:
         pass
 
-    ds = list_imagefolder(data_dir)
-    if limit_per_class:
-        from .data import subset
-
-        ds = subset(ds, limit_per_class, seed=cfg.seed)
+    ds, groups, strata, sources, data_card = _load_data(data_dir, cfg, limit_per_class, progress)
     classes = list(ds.classes)
     n_cls = len(classes)
     labels = np.asarray(ds.labels)
-    groups = group_duplicates(ds.paths, max_distance=cfg.near_duplicate_distance, progress=progress)
     if fold is None:
-        split = split_grouped(labels, groups, tuple(cfg.fractions), seed=cfg.seed)
+        split = split_grouped(strata, groups, tuple(cfg.fractions), seed=cfg.seed)
     else:
         from .data import Split, kfold_grouped
 
-        rest, test_idx = kfold_grouped(labels, groups, k=fold[1], seed=cfg.seed)[fold[0]]
-        inner = split_grouped(labels[rest], groups[rest], (0.85, 0.15, 0.0), seed=cfg.seed)
+        rest, test_idx = kfold_grouped(strata, groups, k=fold[1], seed=cfg.seed)[fold[0]]
+        inner = split_grouped(strata[rest], groups[rest], (0.85, 0.15, 0.0), seed=cfg.seed)
         split = Split(tuple(int(rest[i]) for i in inner.train), tuple(int(rest[i]) for i in inner.val),
                       tuple(int(i) for i in test_idx))
     save_split(out / "split.json", ds, split, groups)
@@ -352,7 +438,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     from .replay import REPLAY_FILE, make_bank, save_bank  # features to replay when adapting to a lab
 
     save_bank(out / REPLAY_FILE, make_bank(feats, early, labels, {"train": tr, "val_a": va_a, "val_b": va_b, "test": te},
-                                           classes, source=Path(data_dir).name, seed=cfg.seed))
+                                           classes, source=data_card["name"], seed=cfg.seed))
     ood_cmp, scales = {}, {}
     for m in ood.methods_for(stats):
         s = ood.score(m, feats, logits, stats, T, early=early)
@@ -379,6 +465,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
 
     test_metrics = evaluation.classification_metrics(labels[te], probs[te], classes)
     uncal = evaluation.classification_metrics(labels[te], calibration.apply_temperature(logits[te], 1.0), classes)
+    by_source = per_source_metrics(labels[te], probs[te], sources[te], classes) if len(set(sources)) > 1 else {}
 
     # Shortcut audit: trivial cues on the raw images and on what the model actually sees.
     audit_raw = shortcut.audit(raw_cues, labels, n_cls, seed=cfg.seed)
@@ -396,6 +483,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     metrics = {
         "test": test_metrics,
         "test_uncalibrated": {k: uncal[k] for k in ("accuracy", "macro_f1", "log_loss")},
+        **({"test_per_source": by_source} if by_source else {}),
         "history": history,
         "calibration": calib,
         "ood": {"method": cfg.ood_method, "quantile": cfg.ood_quantile, "comparison": ood_cmp,
@@ -410,7 +498,6 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         "split_sizes": {"train": len(tr), "val": len(va), "test": len(te)},
         "data_problems": problems + list(ds.problems),
     }
-    n_groups = int(len(np.unique(groups)))
     card = ModelCard(
         model_id=out.name, task=cfg.task, classes=classes, backbone=cfg.backbone,
         weights=("imagenet (offline file)" if cfg.weights not in ("imagenet", "none", None) else str(cfg.weights)),
@@ -418,13 +505,15 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
         input={"size": pcfg.size, "channels": 3, "dtype": "float32", "range": [0, 255], "colour": "RGB"},
         training={**cfg.to_dict(), "fast_path_frozen_features": fast, "epochs_run": epochs_run,
                   "training_time_s": round(t_train - t_data, 1), "total_time_s": round(t_end - t_start, 1)},
-        data={"name": Path(data_dir).name, "root": Path(data_dir).name, "n_images": len(ds.paths),
-              "class_counts": ds.counts(), "file_list_sha256": ds.digest(), "duplicate_groups": n_groups,
-              "images_in_duplicate_groups": int(len(groups) - n_groups), "problems": len(metrics["data_problems"])},
+        data={**data_card, "problems": len(metrics["data_problems"])},
         split={"file": "split.json", "fractions": list(cfg.fractions), "seed": cfg.seed,
-               "sizes": metrics["split_sizes"], "grouping": "exact (md5) + near-duplicate (pHash) groups kept on one side"},
+               "sizes": metrics["split_sizes"],
+               "grouping": "exact (md5) + near-duplicate (pHash) groups, and a source's groups.csv, kept on one side",
+               **({"stratified_by": "class x source"} if by_source else {})},
         metrics={"test": evaluation.summary_line(test_metrics),
-                 "per_class_f1": {c: v["f1"] for c, v in test_metrics["per_class"].items()}},
+                 "per_class_f1": {c: v["f1"] for c, v in test_metrics["per_class"].items()},
+                 **({"per_source": {s: {k: v[k] for k in ("n", "accuracy", "macro_f1", "per_class_recall")}
+                                    for s, v in by_source.items()}} if by_source else {})},
         calibration={"temperature": T, "method": calib["method"], "test_ece_before": calib["test_ece_before"],
                      "test_ece_after": calib["test_ece_after"], "n_bins": 15},
         ood={"method": cfg.ood_method, "threshold": ood_thr, "quantile": cfg.ood_quantile, "stats_file": "ood_stats.npz",
@@ -443,17 +532,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
                         "chance": 1.0 / n_cls, "warnings": warnings},
         parameters=params, versions=library_versions(),
         intended_use=use_statement(pcfg.mode)[0], not_for=use_statement(pcfg.mode)[1],
-        limitations=[
-            "Trained on one public dataset; accuracy on images from other labs, stains and scanners is lower than the test figure.",
-            "The review rule's guarantee assumes images exchangeable with the calibration data (same source).",
-        ] + (["pbs5: each class comes from a single lab (basophil, erythroblast, monocyte: Barcelona; myeloblast, "
-              "seg_neutrophil: Munich); cell-centred cropping and stain normalisation reduce, but cannot prove the "
-              "absence of, lab shortcuts.",
-              "pbs5: no class was imaged in both labs, so on another lab's images a monocyte can be suggested as "
-              "myeloblast (the Munich class nearest in morphology); measured on one external lab in "
-              "bench/results/crosslab.md. Such images are flagged out_of_distribution; a suggested myeloblast on "
-              "an image from a lab the model was not trained on always needs a human look."]
-             if cfg.task == "pbs5" else []),
+        limitations=_limitations(cfg, data_card),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         reproduce=reproduce,
     )
