@@ -68,6 +68,7 @@ class ModelCard:
     created: str = ""
     schema_version: str = SCHEMA_VERSION
     reproduce: str = ""
+    lineage: dict = field(default_factory=dict)  # adapted models: parent, lab, cells, before/after
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,417 @@
+"""Adapt a model to a lab from that lab's reviewed cells: new head on frozen features, trust refitted.
+
+The backbone stays frozen, so the parent's own forward pass gives the lab cells' features; the head
+(Dense128 + logits) is retrained on those features (plus a few flipped / rotated views) together with
+the parent's replay bank (`bcc_core.replay`), so classes the lab did not label keep the parent's
+behaviour. Temperature, OOD statistics and thresholds, the review rule and the conformal quantile are
+refitted on data the head never saw: the lab's calibration part pooled with the parent's validation
+replay. The result is a complete model folder whose card names its parent (id + SHA-256), the lab, every
+cell used (content SHA-256 and part) and before/after figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import calibration, ood, review
+from .replay import REPLAY_FILE, concat_banks, load_bank, save_bank
+
+CELLS_FILE = "cells.json"
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Adaptation settings, saved in the new card (`lineage.config`).
+
+    Attributes:
+        lab: name of the lab whose cells these are.
+        add_classes: a folder that is not a parent class becomes a new output class.
+        min_new_class_cells: distinct cells (duplicate groups) needed to add a class.
+        calibration_fraction: share of the lab's cells (per class, grouped) kept out of the head's fit
+            for calibration and for the before/after figures.
+        aug_views: flipped / 90°-rotated views of each fitting cell added to the head's training data (0..7).
+        lab_weight: total training weight of the lab's cells relative to the replay (each source is
+            class-balanced within itself).
+        epochs, batch_size, learning_rate: head training (Adam, from the parent head's weights).
+        ood_components: "class_source": one Gaussian per (class, source), so the lab's own stain is
+            in-distribution for the classes it labelled; "class": one per class.
+        ood_quantile: each detector's threshold is the larger of this quantile on the parent's
+            validation half A and on the lab's calibration part (both held out from every fit).
+        review_alpha, review_delta, conformal_alpha: as in training (`TrainConfig`).
+        seed: split, initialisation and shuffling seed.
+    """
+
+    lab: str = "lab"
+    add_classes: bool = False
+    min_new_class_cells: int = 8
+    calibration_fraction: float = 0.4
+    aug_views: int = 7
+    lab_weight: float = 1.0
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    ood_components: str = "class_source"
+    ood_quantile: float = 0.95
+    review_alpha: float = 0.02
+    review_delta: float = 0.1
+    conformal_alpha: float = 0.05
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dihedral_views(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """Up to 7 non-identity flips / 90° rotations of a batch (N, S, S, 3): the cell's class does not
+    depend on orientation, and these views change no pixel statistics (stain, blur) of the lab."""
+    ops = [lambda a: a[:, :, ::-1], lambda a: a[:, ::-1], lambda a: np.rot90(a, 1, (1, 2)),
+           lambda a: np.rot90(a, 3, (1, 2)), lambda a: np.rot90(a, 2, (1, 2)),
+           lambda a: np.swapaxes(a, 1, 2), lambda a: np.rot90(a, 2, (1, 2)).swapaxes(1, 2)]
+    return [np.ascontiguousarray(op(x)) for op in ops[: max(0, min(n, len(ops)))]]
+
+
+def check_classes(lab_classes: list[str], model_classes: list[str], add_classes: bool) -> list[str]:
+    """The new model's classes; refuses lab folders that are not model classes unless `add_classes`."""
+    unknown = [c for c in lab_classes if c not in model_classes]
+    if unknown and not add_classes:
+        raise ValueError(f"lab folder(s) {unknown} are not classes of this model {list(model_classes)}; rename "
+                         f"them to a model class, remove them, or pass --add-classes to add them as new classes")
+    return list(model_classes) + unknown
+
+
+def _status(probs, flagged, conf_thr, quality_bad):
+    """ok = no OOD flag, no quality flag, calibrated confidence at or above the review threshold."""
+    ok = ~flagged & ~quality_bad
+    return ok & (probs.max(1) >= conf_thr) if conf_thr <= 1.0 else np.zeros(len(probs), bool)
+
+
+def lab_figures(y: np.ndarray, probs: np.ndarray, ok: np.ndarray, classes: list[str]) -> dict:
+    """Per-class recall (suggested class, whatever the status), shown-as-ok and wrong-and-ok rates."""
+    pred = probs.argmax(1)
+    right = pred == y
+    rec = {classes[c]: float(right[y == c].mean()) for c in np.unique(y)}
+    return {"n": int(len(y)), "recall": rec, "ok_fraction": float(ok.mean()) if len(y) else 0.0,
+            "wrong_ok_of_all": float((ok & ~right).mean()) if len(y) else 0.0,
+            "wrong_ok": int((ok & ~right).sum())}
+
+
+def _macro_f1(y, probs, n):
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, probs.argmax(1), labels=list(range(n)), average="macro", zero_division=0))
+
+
+def _train_head(parent_model, n_classes: int, x, y, w, cfg: AdaptConfig):
+    """A Study-1 head initialised from the parent's (extra logits rows for added classes), fitted on
+    features x (N, D) with per-sample weights. Returns the head layers (dropout1, dense, dropout2, logits)."""
+    import keras
+
+    from .models import LOGITS_LAYER
+
+    keras.utils.set_random_seed(cfg.seed)
+    d = x.shape[1]
+    old_dense = parent_model.get_layer("head_dense")
+    old_logits = parent_model.get_layer(LOGITS_LAYER)
+    layers = [keras.layers.Dropout(parent_model.get_layer("head_dropout1").rate, name="head_dropout1"),
+              keras.layers.Dense(old_dense.units, activation="relu", name="head_dense"),
+              keras.layers.Dropout(parent_model.get_layer("head_dropout2").rate, name="head_dropout2"),
+              keras.layers.Dense(n_classes, name=LOGITS_LAYER)]
+    inp = keras.Input((d,), name="features_in")
+    h = inp
+    for layer in layers:
+        h = layer(h)
+    head = keras.Model(inp, keras.layers.Activation("softmax", name="probs", dtype="float32")(h))
+    layers[1].set_weights(old_dense.get_weights())
+    k_old, b_old = old_logits.get_weights()
+    k_new, b_new = layers[3].get_weights()
+    n_old = k_old.shape[1]
+    k_new[:, :n_old], b_new[:n_old] = k_old, b_old
+    # A new class starts from the average old class's bias, so it is neither favoured nor excluded.
+    b_new[n_old:] = b_old.mean()
+    layers[3].set_weights([k_new, b_new])
+    head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy")
+    head.fit(x, np.eye(n_classes, dtype=np.float32)[y], sample_weight=w, epochs=cfg.epochs,
+             batch_size=cfg.batch_size, shuffle=True, verbose=0)
+    return layers
+
+
+def _sample_weights(y: np.ndarray, src: np.ndarray, lab_src: int, lab_weight: float) -> np.ndarray:
+    """Class-balanced within each source; the lab's rows together weigh `lab_weight` x the replay's."""
+    w = np.zeros(len(y))
+    for s in np.unique(src):
+        m = src == s
+        total = lab_weight if s == lab_src else 1.0
+        cls = np.unique(y[m])
+        for c in cls:
+            mc = m & (y == c)
+            w[mc] = total / (len(cls) * mc.sum())
+    return w * len(w) / w.sum()
+
+
+def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
+          progress: Callable[[float, str], None] | None = None, reproduce: str = "") -> dict:
+    """Adapt a model to a lab and write a complete new model folder.
+
+    Args:
+        parent_dir: model folder with model.keras, model_card.json, ood_stats.npz and replay.npz.
+        labelled_dir: ImageFolder of the lab's reviewed cells (`<dir>/<class>/<image>`); folder names
+            must be the model's classes unless `cfg.add_classes`.
+        out_dir: new model folder (must not be the parent's).
+        cfg: settings.
+        progress: `on_progress(fraction in [0, 1], message)` callback.
+        reproduce: command line recorded in the card.
+
+    Returns:
+        Summary: cell counts, before/after figures on the lab's calibration part, parent test
+        macro-F1 before/after (replay), time.
+
+    Raises:
+        ValueError: unknown class folders (without add_classes), too few cells, no replay bank.
+    """
+    import keras
+
+    from .data import group_duplicates, list_imagefolder, split_grouped
+    from .inference import Predictor
+    from .io import content_hash, read_image_bytes, read_image
+    from .model_card import ModelCard
+    from .models import FEATURES_LAYER, LOGITS_LAYER, head_only, save_model
+    from .training import batched_predict, compiled
+
+    say = progress or (lambda f, m: None)
+    t0 = time.perf_counter()
+    parent, out = Path(parent_dir), Path(out_dir)
+    if out.resolve() == parent.resolve():
+        raise ValueError("the adapted model needs its own folder (--out must differ from --model)")
+    if not (parent / REPLAY_FILE).is_file():
+        raise ValueError(f"{parent}: no {REPLAY_FILE}; build it first: python -m bcc_core replay-bank --model "
+                         f"{parent} --data <the dataset it was trained on>")
+    say(0.02, "loading the parent model")
+    pred = Predictor.load(parent)
+    bank = load_bank(parent / REPLAY_FILE)
+    if list(bank["classes"]) != pred.classes:
+        raise ValueError(f"{parent}/{REPLAY_FILE} lists classes {list(bank['classes'])}, the model {pred.classes}")
+
+    say(0.08, "listing the lab's cells")
+    ds = list_imagefolder(labelled_dir)
+    classes = check_classes(list(ds.classes), pred.classes, cfg.add_classes)
+    n_old, n_cls = len(pred.classes), len(classes)
+    y_lab = np.array([classes.index(ds.classes[l]) for l in ds.labels])
+    groups = group_duplicates(ds.paths, progress=False)
+    for c in classes[n_old:]:
+        distinct = len(np.unique(groups[y_lab == classes.index(c)]))
+        if distinct < cfg.min_new_class_cells:
+            raise ValueError(f"new class {c!r} has {distinct} distinct cells; adding a class needs at least "
+                             f"{cfg.min_new_class_cells}")
+    for c in np.unique(y_lab):
+        if len(np.unique(groups[y_lab == c])) < 2:
+            raise ValueError(f"class {classes[c]!r} has fewer than 2 distinct cells: one is needed to fit and "
+                             f"one to calibrate")
+    sp = split_grouped(y_lab, groups, (1 - cfg.calibration_fraction, cfg.calibration_fraction, 0.0), seed=cfg.seed)
+    fit_i, cal_i = np.asarray(sp.train, int), np.asarray(sp.val, int)
+
+    say(0.15, f"preprocessing {len(ds.paths)} cells")
+    raw = [read_image_bytes(p) for p in ds.paths]
+    prepared = [pred.prepare(read_image(b)) for b in raw]
+    x = np.stack([p[0] for p in prepared])
+    quality_bad = np.array([bool(p[1]) for p in prepared])
+    views = dihedral_views(x[fit_i], cfg.aug_views)
+    say(0.25, f"features: {len(x)} cells + {len(views)} views of {len(fit_i)} fitting cells (frozen backbone)")
+    f_all, lg_all, e_all = pred.forward(np.concatenate([x, *views]) if views else x)
+    has_early = e_all is not None and "early" in bank
+    n = len(x)
+    f_lab, lg_parent_lab = f_all[:n], lg_all[:n]
+    e_lab = e_all[:n] if has_early else None
+    f_views = f_all[n:]
+    e_views = e_all[n:] if has_early else None
+
+    # Rows: replay (fit = train + earlier labs' fitting cells), this lab's fitting cells and their views.
+    part = bank["part"]
+    rep_fit = np.isin(part, ("train", "lab_fit"))
+    sources = list(dict.fromkeys(list(bank["source"]) + [cfg.lab]))
+    src_rep = np.array([sources.index(s) for s in bank["source"]])
+    lab_src = sources.index(cfg.lab)
+    n_views = len(views)
+    fit_y_lab = np.concatenate([y_lab[fit_i]] * (1 + n_views))
+    fit_f_lab = np.concatenate([f_lab[fit_i], f_views]) if n_views else f_lab[fit_i]
+    X = np.concatenate([bank["features"][rep_fit], fit_f_lab]).astype(np.float32)
+    Y = np.concatenate([bank["labels"][rep_fit], fit_y_lab])
+    S = np.concatenate([src_rep[rep_fit], np.full(len(fit_y_lab), lab_src)])
+    W = _sample_weights(Y, S, lab_src, cfg.lab_weight)
+
+    say(0.45, f"training the head on {len(X)} feature rows")
+    layers = _train_head(pred.model, n_cls, X, Y, W, cfg)
+    feats_t = pred.model.get_layer(FEATURES_LAYER).output
+    h = feats_t
+    for layer in layers:
+        h = layer(h)
+    probs_t = keras.layers.Activation("softmax", name="probs", dtype="float32")(h)
+    model = keras.Model(pred.model.input, probs_t, name=pred.model.name)
+    head_logits = compiled(head_only(model, LOGITS_LAYER))
+    parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
+
+    say(0.65, "refitting temperature, OOD statistics and the review rule")
+    lg_bank = batched_predict(head_logits, bank["features"], batch_size=1024)
+    lg_lab = batched_predict(head_logits, f_lab, batch_size=1024)
+    val_a, val_b, test = part == "val_a", part == "val_b", part == "test"
+    val = val_a | val_b | (part == "lab_cal")
+    y_bank = bank["labels"]
+    y_cal = y_lab[cal_i]
+    T = calibration.fit_temperature(np.concatenate([lg_bank[val_a], lg_lab[cal_i]]),
+                                    np.concatenate([y_bank[val_a], y_cal]))
+
+    # OOD: one Gaussian component per (class, source) (or per class), on clean replay training rows plus
+    # this lab's fitting cells and their views; never on a calibration row.
+    comp_src = S if cfg.ood_components == "class_source" else np.zeros_like(S)
+    comp_key = Y * len(sources) + comp_src
+    uniq, comp = np.unique(comp_key, return_inverse=True)
+    E = (np.concatenate([bank["early"][rep_fit], e_lab[fit_i], e_views]) if has_early else None)
+    stats = ood.fit(X, comp, len(uniq), seed=cfg.seed, max_bank=4000, early=E)
+    methods = ood.methods_for(stats)
+    early_bank = bank.get("early") if has_early else None
+    scales, comparison = {}, {}
+    for m in methods:
+        s_bank = ood.score(m, bank["features"], lg_bank, stats, T, early=early_bank)
+        s_lab = ood.score(m, f_lab, lg_lab, stats, T, early=e_lab)
+        q_par = float(np.quantile(s_bank[val_a], cfg.ood_quantile))
+        q_lab = float(np.quantile(s_lab[cal_i], cfg.ood_quantile))
+        thr = max(q_par, q_lab)
+        med = float(np.median(np.concatenate([s_bank[val_a], s_lab[cal_i]])))
+        scales[m] = (med, thr)
+        comparison[m] = {"threshold": thr, "parent_val_a_quantile": q_par, "lab_calibration_quantile": q_lab,
+                         "val_b_flag_rate": float((s_bank[val_b] > thr).mean()),
+                         "test_flag_rate": float((s_bank[test] > thr).mean())}
+    u_bank = ood.score(ood.COMBINED, bank["features"], lg_bank, stats, T, scales, early=early_bank)
+    u_lab = ood.score(ood.COMBINED, f_lab, lg_lab, stats, T, scales, early=e_lab)
+    p_bank = calibration.apply_temperature(lg_bank, T)
+    p_lab = calibration.apply_temperature(lg_lab, T)
+
+    # Review rule on the pooled calibration set (parent validation replay + the lab's calibration part),
+    # among images the OOD and quality gates let through; conformal q on parent half B + the lab's part.
+    conf_pool = np.concatenate([p_bank[val].max(1), p_lab[cal_i].max(1)])
+    corr_pool = np.concatenate([p_bank[val].argmax(1) == y_bank[val], p_lab[cal_i].argmax(1) == y_cal])
+    pass_pool = np.concatenate([u_bank[val] <= 1.0, (u_lab[cal_i] <= 1.0) & ~quality_bad[cal_i]])
+    rule = review.fit_selective_threshold(conf_pool[pass_pool], corr_pool[pass_pool], cfg.review_alpha,
+                                          cfg.review_delta)
+    qhat = review.conformal_qhat(np.concatenate([p_bank[val_b], p_lab[cal_i]]), np.concatenate([y_bank[val_b], y_cal]),
+                                 cfg.conformal_alpha)
+
+    say(0.8, "before/after figures")
+    pc = pred.card
+    p_par_lab = calibration.apply_temperature(lg_parent_lab, pc.temperature)
+    u_par_lab = ood.score(pc.ood["method"], f_lab, lg_parent_lab, pred.ood_stats, pc.temperature,
+                          pc.ood.get("scales"), early=e_lab)
+    ok_before = _status(p_par_lab[cal_i], u_par_lab[cal_i] > float(pc.ood["threshold"]),
+                        float(pc.review_rule.get("threshold", 0.0)), quality_bad[cal_i])
+    ok_after = _status(p_lab[cal_i], u_lab[cal_i] > 1.0, rule["threshold"], quality_bad[cal_i])
+    before = lab_figures(y_cal, np.pad(p_par_lab[cal_i], ((0, 0), (0, n_cls - n_old))), ok_before, classes)
+    after = lab_figures(y_cal, p_lab[cal_i], ok_after, classes)
+    lg_par_bank = batched_predict(parent_logits, bank["features"], batch_size=1024)
+    par_test_before = _macro_f1(y_bank[test], lg_par_bank[test], n_old)
+    # Over the parent classes only: a parent test cell suggested as an added class counts as a miss.
+    par_test_after = _macro_f1(y_bank[test], lg_bank[test], n_old)
+    unlabelled = [c for c in range(n_old) if c not in set(y_lab)]
+    keep = test & np.isin(y_bank, unlabelled)
+    kept_same = float((lg_bank[keep].argmax(1) == lg_par_bank[keep].argmax(1)).mean()) if keep.any() else None
+    ok_test = (u_bank[test] <= 1.0) & (p_bank[test].max(1) >= rule["threshold"])
+    rule_test = review.evaluate_rule(p_bank[test].max(1), p_bank[test].argmax(1) == y_bank[test], u_bank[test] > 1.0,
+                                     rule["threshold"])
+
+    say(0.88, "writing the new model folder")
+    out.mkdir(parents=True, exist_ok=True)
+    ood.save_stats(out / "ood_stats.npz", stats)
+    lab_rows = np.concatenate([fit_i, cal_i])
+    lab_bank = {"features": f_lab[lab_rows].astype(np.float16), "labels": y_lab[lab_rows].astype(np.int16),
+                "part": np.array(["lab_fit"] * len(fit_i) + ["lab_cal"] * len(cal_i), dtype="U8"),
+                "source": np.array([cfg.lab] * len(lab_rows), dtype="U64"), "classes": np.array(classes, dtype="U64"),
+                "meta": bank["meta"]}
+    if has_early:
+        lab_bank["early"] = e_lab[lab_rows].astype(np.float16)
+    old = {k: (v.astype(np.float16) if k in ("features", "early") else v) for k, v in bank.items()}
+    save_bank(out / REPLAY_FILE, concat_banks(old, lab_bank))
+    if (parent / "split.json").is_file():
+        shutil.copy2(parent / "split.json", out / "split.json")
+    root = Path(ds.root)
+    part_of = {int(i): "fit" for i in fit_i} | {int(i): "calibration" for i in cal_i}
+    cells = [{"file": str(Path(ds.paths[i]).relative_to(root)), "class": classes[y_lab[i]],
+              "sha256": content_hash(raw[i]), "part": part_of[i], "group": int(groups[i])} for i in range(n)]
+    parent_sha = _sha256_file(parent / "model.keras")
+    lineage = {
+        "parent": {"model_id": pc.model_id, "model_sha256": parent_sha, "classes": pred.classes},
+        "lab": cfg.lab, "added_classes": classes[n_old:], "config": cfg.to_dict(),
+        "cells_file": CELLS_FILE, "cells": cells,
+        "n_cells": {"fit": int(len(fit_i)), "calibration": int(len(cal_i)),
+                    "per_class": {classes[c]: int((y_lab == c).sum()) for c in np.unique(y_lab)}},
+        "what_was_refitted": (
+            f"head (Dense128 + logits) on the parent's replay training features ({int(rep_fit.sum())} rows) and the "
+            f"lab's {len(fit_i)} fitting cells with {n_views} flipped/rotated views each (class-balanced per source, "
+            f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's)"),
+        "pooled_calibration": (
+            f"temperature and OOD thresholds: parent validation half A ({int(val_a.sum())}) + the lab's calibration "
+            f"part ({len(cal_i)}); each OOD threshold is the larger of the two sources' {cfg.ood_quantile:.0%} quantiles. "
+            f"Review rule: parent validation ({int(val.sum())}) + the lab's calibration part ({len(cal_i)}). Conformal: "
+            f"parent validation half B ({int(val_b.sum())}) + the lab's calibration part."),
+        "before_after": {"lab_calibration_part": {"before": before, "after": after},
+                         "parent_test_macro_f1": {"before": par_test_before, "after": par_test_after,
+                                                  "n": int(test.sum()), "on": "parent test replay features"},
+                         "unlabelled_classes_same_prediction_on_parent_test": kept_same},
+    }
+    guarantee = (
+        f"Among images shown as ok, the error rate is at most {cfg.review_alpha:.0%} with probability at least "
+        f"{1 - cfg.review_delta:.0%} for images exchangeable with the pooled calibration set: {int(val.sum())} "
+        f"validation images of the parent's training data and {len(cal_i)} cells of lab {cfg.lab!r}. The lab's cells "
+        f"are {len(cal_i) / (len(cal_i) + int(val.sum())):.1%} of that set, so for this lab's images alone the "
+        f"guarantee does not follow; measured on the lab's calibration part: {after['wrong_ok']} wrong and ok of "
+        f"{after['n']} ({after['wrong_ok_of_all']:.1%}). It does not hold for other labs.")
+    card = pc.to_dict()
+    card.update(
+        model_id=out.name, classes=classes,
+        calibration={**pc.calibration, "temperature": T,
+                     "method": "temperature scaling (Guo et al. 2017), refitted after adaptation by NLL",
+                     "fitted_on": lineage["pooled_calibration"]},
+        ood={**pc.ood, "scales": {m: list(v) for m, v in scales.items()}, "threshold": 1.0, "method": ood.COMBINED,
+             "stats_file": "ood_stats.npz", "comparison": comparison, "quantile": cfg.ood_quantile,
+             "components": cfg.ood_components, "sources": sources,
+             "fitted_on": ("statistics: parent replay training features + the lab's fitting cells (and views), one "
+                           "Gaussian per " + ("(class, source)" if cfg.ood_components == "class_source" else "class")
+                           + "; thresholds: parent validation half A and the lab's calibration part, in-distribution "
+                             "only")},
+        review_rule={**pc.review_rule, "threshold": rule["threshold"], "alpha": cfg.review_alpha,
+                     "delta": cfg.review_delta, "guarantee": guarantee, "calibration": rule,
+                     "measured_on_test": rule_test, "conformal_qhat": qhat, "conformal_alpha": cfg.conformal_alpha},
+        metrics={**pc.metrics, "parent_test_replay": {"macro_f1": par_test_after, "macro_f1_parent": par_test_before},
+                 "lab_calibration_part": after},
+        limitations=list(pc.limitations) + [
+            f"Adapted to lab {cfg.lab!r} from {n} reviewed cells ({len(fit_i)} fitting, {len(cal_i)} calibration); "
+            f"per-class figures on that lab rest on a handful of cells each.",
+            "Cell types the lab did not label keep the parent model's behaviour; on this lab's images they are only "
+            "as reliable as the parent model was on another lab."],
+        lineage=lineage, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        reproduce=reproduce or card.get("reproduce", ""))
+    card["training"] = {**pc.training, "adaptation": cfg.to_dict()}
+    t1 = time.perf_counter()
+    summary = {"n_cells": {"fit": int(len(fit_i)), "calibration": int(len(cal_i))}, "before": before, "after": after,
+               "parent_test_macro_f1": {"before": par_test_before, "after": par_test_after},
+               "unlabelled_classes_same_prediction": kept_same, "review_rule": rule, "temperature": T,
+               "ood": comparison, "time_s": t1 - t0, "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
+    save_model(model, ModelCard.from_dict(card), out,
+               extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})
+    say(1.0, "done")
+    return summary
