@@ -1,7 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from their generated outputs (nothing typed by hand).
 
 Steps (each writes bench/results/step_<step>.md): evaluate, reproduce, crosslab, quality, perf, compare, cv,
-noncells, crosslab_compare, augment, styleleak.
+noncells, crosslab_compare, augment, styleleak, multisource.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
 """
 
@@ -211,9 +211,18 @@ def step_styleleak(data):
     return _script("Style leak", "style_leak.py", "style_leak.md", "--data", data)
 
 
+def step_multisource(data, seeds="42,1,2"):
+    """pbs5 vs pbs5+LISC vs pb7 (fast path, several seeds; LISC held out for pbs5-only), then the bundled models."""
+    lines = _script("Multi-source", "multisource.py", "multisource.md", "--data", data, "--seeds", seeds)
+    models = ",".join(m for m in (MODELS["pbs5"], "models/pb7-mobilenetv2") if (ROOT / m).is_dir())
+    return lines + [""] + _script("Multi-source (bundled models)", "multisource.py", "multisource_models.md",
+                                  "--data", data, "--models", models, "--lisc-split", "models/pb7-mobilenetv2")
+
+
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
          "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
-         "crosslab_compare": step_crosslab_compare, "augment": step_augment, "styleleak": step_styleleak}
+         "crosslab_compare": step_crosslab_compare, "augment": step_augment, "styleleak": step_styleleak,
+         "multisource": step_multisource}
 
 
 def main(argv=None):
