@@ -88,6 +88,41 @@ def dihedral_views(x: np.ndarray, n: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(op(x)) for op in ops[: max(0, min(n, len(ops)))]]
 
 
+def lab_features(pred, raw: list[bytes], shas: list[str], fit_i: np.ndarray, n_views: int, cache: dict | None = None):
+    """The parent's forward pass on the lab's cells (clean) and on dihedral views of the fitting cells.
+
+    Returns:
+        (features (N, D), parent logits (N, C), early (N, E) or None, quality-flagged (N,) bool,
+        view features (V*F, D) view-major over fit_i, view early activations or None).
+    """
+    from .io import read_image
+
+    cache = {} if cache is None else cache
+    n_views = max(0, min(n_views, 7))
+    keys = [(shas[i], 0) for i in range(len(raw))] + [(shas[i], v) for v in range(1, n_views + 1) for i in fit_i]
+    todo = sorted({k for k in keys if k not in cache})
+    if todo:
+        need = sorted({s for s, _ in todo})
+        at = {s: i for i, s in enumerate(shas)}
+        prepared = {s: pred.prepare(read_image(raw[at[s]])) for s in need}
+        batch = []
+        for s, v in todo:
+            x = prepared[s][0][None]
+            batch.append(x if v == 0 else dihedral_views(x, v)[v - 1])
+        f, lg, e = pred.forward(np.concatenate(batch))
+        for j, (s, v) in enumerate(todo):
+            cache[(s, v)] = (f[j], lg[j], None if e is None else e[j], bool(prepared[s][1]))
+    got = [cache[k] for k in keys]
+    n = len(raw)
+    f_all = np.stack([g[0] for g in got])
+    has_e = got[0][2] is not None if got else False
+    e_all = np.stack([g[2] for g in got]) if has_e else None
+    lg = np.stack([g[1] for g in got[:n]])
+    q = np.array([g[3] for g in got[:n]])
+    return (f_all[:n], lg, None if e_all is None else e_all[:n], q, f_all[n:],
+            None if e_all is None else e_all[n:])
+
+
 def check_classes(lab_classes: list[str], model_classes: list[str], add_classes: bool) -> list[str]:
     """The new model's classes; refuses lab folders that are not model classes unless `add_classes`."""
     unknown = [c for c in lab_classes if c not in model_classes]
@@ -167,7 +202,8 @@ def _sample_weights(y: np.ndarray, src: np.ndarray, lab_src: int, lab_weight: fl
 
 
 def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
-          progress: Callable[[float, str], None] | None = None, reproduce: str = "") -> dict:
+          progress: Callable[[float, str], None] | None = None, reproduce: str = "",
+          cache: dict | None = None) -> dict:
     """Adapt a model to a lab and write a complete new model folder.
 
     Args:
@@ -178,6 +214,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         cfg: settings.
         progress: `on_progress(fraction in [0, 1], message)` callback.
         reproduce: command line recorded in the card.
+        cache: optional dict reused between calls (benchmarks adapting the same cells repeatedly): the
+            parent's outputs per (content SHA-256, view). The backbone is frozen, so results are identical.
 
     Returns:
         Summary: cell counts, before/after figures on the lab's calibration part, parent test
@@ -227,20 +265,14 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     sp = split_grouped(y_lab, groups, (1 - cfg.calibration_fraction, cfg.calibration_fraction, 0.0), seed=cfg.seed)
     fit_i, cal_i = np.asarray(sp.train, int), np.asarray(sp.val, int)
 
-    say(0.15, f"preprocessing {len(ds.paths)} cells")
+    say(0.15, f"preprocessing and features of {len(ds.paths)} cells (frozen backbone)")
     raw = [read_image_bytes(p) for p in ds.paths]
-    prepared = [pred.prepare(read_image(b)) for b in raw]
-    x = np.stack([p[0] for p in prepared])
-    quality_bad = np.array([bool(p[1]) for p in prepared])
-    views = dihedral_views(x[fit_i], cfg.aug_views)
-    say(0.25, f"features: {len(x)} cells + {len(views)} views of {len(fit_i)} fitting cells (frozen backbone)")
-    f_all, lg_all, e_all = pred.forward(np.concatenate([x, *views]) if views else x)
-    has_early = e_all is not None and "early" in bank
-    n = len(x)
-    f_lab, lg_parent_lab = f_all[:n], lg_all[:n]
-    e_lab = e_all[:n] if has_early else None
-    f_views = f_all[n:]
-    e_views = e_all[n:] if has_early else None
+    shas = [content_hash(b) for b in raw]
+    f_lab, lg_parent_lab, e_lab, quality_bad, f_views, e_views = lab_features(
+        pred, raw, shas, fit_i, cfg.aug_views, cache)
+    has_early = e_lab is not None and "early" in bank
+    n = len(raw)
+    n_views = len(f_views) // max(len(fit_i), 1)
 
     # Rows: replay (fit = train + earlier labs' fitting cells), this lab's fitting cells and their views.
     part = bank["part"]
@@ -248,7 +280,6 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     sources = list(dict.fromkeys(list(bank["source"]) + [cfg.lab]))
     src_rep = np.array([sources.index(s) for s in bank["source"]])
     lab_src = sources.index(cfg.lab)
-    n_views = len(views)
     fit_y_lab = np.concatenate([y_lab[fit_i]] * (1 + n_views))
     fit_f_lab = np.concatenate([f_lab[fit_i], f_views]) if n_views else f_lab[fit_i]
     X = np.concatenate([bank["features"][rep_fit], fit_f_lab]).astype(np.float32)
@@ -351,7 +382,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     root = Path(ds.root)
     part_of = {int(i): "fit" for i in fit_i} | {int(i): "calibration" for i in cal_i}
     cells = [{"file": str(Path(ds.paths[i]).relative_to(root)), "class": classes[y_lab[i]],
-              "sha256": content_hash(raw[i]), "part": part_of[i], "group": int(groups[i])} for i in range(n)]
+              "sha256": shas[i], "part": part_of[i], "group": int(groups[i])} for i in range(n)]
     parent_sha = _sha256_file(parent / "model.keras")
     lineage = {
         "parent": {"model_id": pc.model_id, "model_sha256": parent_sha, "classes": pred.classes},

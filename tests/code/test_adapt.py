@@ -1,0 +1,186 @@
+"""Adapting a model to a lab (bcc_core.adapt) on a tiny synthetic model: class checks, lineage, no
+forgetting of unlabelled classes, a loadable folder, disjoint fitting / calibration cells."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import synthetic_cell
+
+SHAPES = [("mono", 1), ("bilobed", 2), ("trilobed", 3)]
+
+
+def _write(d: Path, name: str, img: np.ndarray):
+    d.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(d / name), img[..., ::-1])
+
+
+def _lab_cell(seed, lobes):
+    """Another 'lab': bluish stain, smaller cells."""
+    img = synthetic_cell(160, 22 + seed % 4, seed=seed, lobes=lobes).astype(np.int16)
+    img[..., 2] += 20
+    img[..., 0] -= 25
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    from bcc_core.augment import AugmentConfig
+    from bcc_core.preprocess import PreprocessConfig
+    from bcc_core.training import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("adapt")
+    for k, (name, lobes) in enumerate(SHAPES):
+        for i in range(14):
+            _write(tmp / "data" / name, f"{name}_{i}.png", synthetic_cell(160, 26 + 2 * (i % 5), seed=100 * k + i, lobes=lobes))
+    cfg = TrainConfig(task="synthetic", backbone="small_cnn", weights="none", epochs=3, aug_views=0, batch_size=8,
+                      preprocess=PreprocessConfig(size=64).to_dict(), augment=AugmentConfig.none().to_dict())
+    train(tmp / "data", tmp / "parent", cfg, progress=False)
+    return tmp / "parent"
+
+
+def _lab_folder(root: Path, classes: dict, per_class=10, dup=False) -> Path:
+    for name, lobes in classes.items():
+        for i in range(per_class):
+            _write(root / name, f"{name}_{i}.png", _lab_cell(1000 + 37 * lobes + i, lobes))
+    if dup:  # a byte-identical copy must land on the same side as its original
+        first = sorted((root / list(classes)[0]).iterdir())[0]
+        shutil.copy(first, first.with_name("copy_of_" + first.name))
+    return root
+
+
+def test_training_writes_a_replay_bank(parent):
+    from bcc_core.replay import load_bank
+
+    bank = load_bank(parent / "replay.npz")
+    card = json.loads((parent / "model_card.json").read_text())
+    assert list(bank["classes"]) == card["classes"]
+    assert {"train", "val_a", "val_b", "test"} <= set(bank["part"])
+    assert bank["features"].shape[0] == len(bank["labels"]) == len(bank["part"]) and "early" in bank
+    assert (bank["part"] == "test").sum() == card["split"]["sizes"]["test"]
+
+
+def test_unknown_folder_is_refused_with_the_model_classes(parent, tmp_path):
+    from bcc_core.adapt import adapt
+
+    lab = _lab_folder(tmp_path / "lab", {"mono": 1, "quadlobed": 4})
+    with pytest.raises(ValueError, match=r"quadlobed.*bilobed.*mono.*trilobed"):
+        adapt(parent, lab, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_add_classes_needs_enough_cells_then_adds_an_output(parent, tmp_path):
+    from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.inference import Predictor
+
+    few = _lab_folder(tmp_path / "few", {"mono": 1}, per_class=10)
+    _lab_folder(tmp_path / "few", {"quadlobed": 4}, per_class=3)
+    with pytest.raises(ValueError, match="quadlobed.*3 distinct cells.*at least 8"):
+        adapt(parent, few, tmp_path / "o1", AdaptConfig(add_classes=True, epochs=5))
+    lab = _lab_folder(tmp_path / "lab", {"mono": 1, "quadlobed": 4}, per_class=10)
+    adapt(parent, lab, tmp_path / "o2", AdaptConfig(lab="lab B", add_classes=True, epochs=5))
+    p = Predictor.load(tmp_path / "o2")
+    assert p.classes == ["bilobed", "mono", "trilobed", "quadlobed"]
+    r = p.predict([_lab_cell(5, 4)])[0]
+    assert set(r.probabilities) == set(p.classes) and abs(sum(r.probabilities.values()) - 1) < 1e-5
+    parent_w = Predictor.load(parent).model.get_layer("logits").get_weights()[0]
+    assert p.model.get_layer("logits").get_weights()[0].shape == (parent_w.shape[0], 4)
+
+
+@pytest.fixture(scope="module")
+def adapted(parent, tmp_path_factory):
+    from bcc_core.adapt import AdaptConfig, adapt
+
+    tmp = tmp_path_factory.mktemp("adapted")
+    lab = _lab_folder(tmp / "lab", {"mono": 1, "bilobed": 2}, per_class=12, dup=True)
+    calls = []
+    summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1),
+                    progress=lambda f, m: calls.append((f, m)))
+    return lab, tmp / "new", summary, calls
+
+
+def test_card_names_parent_hash_lab_and_cells(parent, adapted):
+    from bcc_core.model_card import load_card
+
+    lab, new, summary, calls = adapted
+    card = load_card(new)  # validates against the schema
+    lin = card.lineage
+    assert lin["parent"]["model_id"] == "parent"
+    assert lin["parent"]["model_sha256"] == hashlib.sha256((parent / "model.keras").read_bytes()).hexdigest()
+    assert lin["lab"] == "lab B"
+    files = sorted(str(p.relative_to(lab)) for p in lab.rglob("*.png"))
+    assert sorted(c["file"] for c in lin["cells"]) == files
+    for c in lin["cells"]:
+        assert c["sha256"] == hashlib.sha256((lab / c["file"]).read_bytes()).hexdigest()
+    ba = lin["before_after"]
+    assert set(ba["lab_calibration_part"]["after"]["recall"]) == {"bilobed", "mono"}
+    assert 0 <= ba["parent_test_macro_f1"]["after"] <= 1
+    assert calls[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in calls)
+    assert [f for f, _ in calls] == sorted(f for f, _ in calls)
+
+
+def test_lab_cells_are_in_the_fit_or_the_calibration_part_never_both(adapted):
+    from bcc_core.replay import load_bank
+
+    lab, new, summary, _ = adapted
+    cells = json.loads((new / "cells.json").read_text())["cells"]
+    fit = {c["sha256"] for c in cells if c["part"] == "fit"}
+    cal = {c["sha256"] for c in cells if c["part"] == "calibration"}
+    assert fit and cal and not fit & cal
+    # the byte-identical copy shares its original's part (duplicates grouped before the split)
+    parts = {c["file"]: c["part"] for c in cells}
+    copy = next(f for f in parts if "copy_of_" in f)
+    assert parts[copy] == parts[copy.replace("copy_of_", "")]
+    # every class has cells on both sides, and the replay carries the lab's cells forward by part
+    for k in ("mono", "bilobed"):
+        assert {c["part"] for c in cells if c["class"] == k} == {"fit", "calibration"}
+    bank = load_bank(new / "replay.npz")
+    assert (bank["part"] == "lab_fit").sum() == sum(c["part"] == "fit" for c in cells)
+    assert (bank["part"] == "lab_cal").sum() == sum(c["part"] == "calibration" for c in cells)
+    assert set(bank["source"][bank["part"] == "lab_cal"]) == {"lab B"}
+
+
+def test_unlabelled_class_keeps_the_parents_predictions(parent, adapted):
+    from bcc_core.inference import Predictor
+    from bcc_core.models import LOGITS_LAYER, head_only
+    from bcc_core.replay import load_bank
+
+    _, new, summary, _ = adapted
+    bank = load_bank(parent / "replay.npz")
+    old_p, new_p = Predictor.load(parent), Predictor.load(new)
+    tri = bank["labels"] == old_p.classes.index("trilobed")
+    f = bank["features"][tri]
+    before = np.asarray(head_only(old_p.model, LOGITS_LAYER)(f)).argmax(1)
+    after = np.asarray(head_only(new_p.model, LOGITS_LAYER)(f)).argmax(1)
+    assert (before == after).mean() >= 0.9
+    assert summary["unlabelled_classes_same_prediction"] >= 0.9
+
+
+def test_adapted_folder_predicts_and_differs_from_parent(parent, adapted):
+    from bcc_core.inference import Predictor
+
+    _, new, _, _ = adapted
+    p = Predictor.load(new)
+    res = p.predict([_lab_cell(7, 1), _lab_cell(8, 2)])
+    assert len(res) == 2 and all(r.predicted_class in p.classes and r.status in ("ok", "review") for r in res)
+    w_new = p.model.get_layer("logits").get_weights()[0]
+    w_old = Predictor.load(parent).model.get_layer("logits").get_weights()[0]
+    assert not np.allclose(w_new, w_old)  # the head was retrained
+    # the backbone is the parent's, untouched
+    name = p.early_layer
+    np.testing.assert_array_equal(p.model.get_layer("block1_conv").get_weights()[0],
+                                  Predictor.load(parent).model.get_layer("block1_conv").get_weights()[0])
+    assert name == "block2_pool"
+
+
+def test_cli_adapt_refuses_unknown_class_in_its_message(parent, tmp_path, capsys):
+    from bcc_core.cli import main
+
+    lab = _lab_folder(tmp_path / "lab", {"mono": 1, "weird": 2}, per_class=3)
+    assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "weird" in capsys.readouterr().err
