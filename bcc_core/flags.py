@@ -16,13 +16,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-FLAG_CODES: tuple[str, ...] = ("low_confidence", "out_of_distribution", "image_quality")
+FLAG_CODES: tuple[str, ...] = ("low_confidence", "out_of_distribution", "image_quality", "shortcut_cue")
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 
 _NEXT_STEPS: dict[str, str] = {
     "low_confidence": (
-        "Review the cell yourself; the model could not separate the top classes. "
-        "Confirm or correct the class in the review queue."
+        "Review the cell yourself: the model could not separate the top classes. "
+        "Confirm or correct the suggested class."
     ),
     "out_of_distribution": (
         "Do not rely on the predicted class: this image is unlike the images the model was trained on "
@@ -31,6 +31,10 @@ _NEXT_STEPS: dict[str, str] = {
     "image_quality": (
         "Re-capture or re-crop the image (one stained white blood cell, centred, in focus, "
         "correctly exposed) and upload it again, or classify it manually."
+    ),
+    "shortcut_cue": (
+        "Judge the image yourself: this model's suggestions can rest on the colour of the image rather than "
+        "on the cells, so no suggestion of it is shown as OK."
     ),
 }
 
@@ -86,6 +90,42 @@ def status_for(flags: Iterable[Any] | None) -> str:
         ``"ok"`` if there are no flags, else ``"review"``.
     """
     return "review" if flags and any(True for _ in flags) else "ok"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a reviewer should read first about a result, from its most severe flag.
+
+    Attributes:
+        level: ``"ok"`` (no flag), ``"review"`` (doubt about the class), ``"unknown"`` (the image is
+            unlike anything the model was trained on) or ``"do_not_use"`` (a critical flag: not a usable
+            single-cell image, or similar).
+        headline: The words to show in large type instead of the suggested class when level is
+            ``unknown`` or ``do_not_use``; a short status line otherwise.
+        trust_suggestion: False when the suggested class must not be shown as the answer.
+    """
+
+    level: str
+    headline: str
+    trust_suggestion: bool
+
+
+def verdict(flags: Iterable[Flag] | None) -> Verdict:
+    """The most severe reading of a result's flags (critical > out of distribution > other doubts)."""
+    flags = list(flags or [])
+    critical = [f for f in flags if f.severity == "critical"]
+    if critical:
+        return Verdict("do_not_use", "Do not use — " + _first_sentence(critical[0].message), False)
+    if any(f.code == "out_of_distribution" for f in flags):
+        return Verdict("unknown", "Not recognised — classify it yourself", False)
+    if flags:
+        return Verdict("review", "Needs review — the suggestion is uncertain", True)
+    return Verdict("ok", "No flag raised — the suggestion still needs confirmation", True)
+
+
+def _first_sentence(text: str) -> str:
+    head = text.split(". ")[0].rstrip(".")
+    return head[0].lower() + head[1:] if head[:1].isupper() and head[1:2].islower() else head
 
 
 def next_step(code: str) -> str:

@@ -74,6 +74,9 @@ class Predictor:
 
         known = {f.name for f in dataclasses.fields(QualityConfig)}
         self.qcfg = QualityConfig.from_dict({k: v for k, v in (card.quality or {}).items() if k in known})
+        from .shortcut import cue_flag
+
+        self.cue_flag = cue_flag(card.shortcut_audit)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> "Predictor":
@@ -118,6 +121,8 @@ class Predictor:
             p = probs[i]
             k = int(p.argmax())
             flags = list(quality_flags[i]) if quality_flags else []
+            if self.cue_flag is not None:
+                flags.append(self.cue_flag)
             if scores[i] > ood_thr:
                 flags.append(Flag("out_of_distribution", "warning",
                                   f"This image is unlike the images the model was trained on (OOD score {scores[i]:.2f} > "

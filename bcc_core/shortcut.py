@@ -76,3 +76,29 @@ def warnings_text(result: dict, where: str) -> list[str]:
                         f"data let a model tell the classes apart by a cue that is not the cell; accuracy on "
                         f"this data overstates accuracy on other labs.")
     return msgs
+
+
+# A trivial cue on the model's own inputs that predicts the class this well means a confident answer
+# may rest on the cue: such a model's results are never shown as ok. (pbs5's cross-lab recipe leaves
+# colour at 0.84 on its inputs and is measured on another lab; all4's colour predicts at 0.96.)
+STATUS_CAP_ACCURACY = 0.90
+
+
+def cue_flag(card_audit: dict | None, limit: float = STATUS_CAP_ACCURACY):
+    """A `shortcut_cue` flag for every result of a model whose card says a trivial cue on its inputs
+    predicts the class with balanced accuracy ≥ limit; None otherwise.
+
+    Args:
+        card_audit: the card's `shortcut_audit` section ({"model_inputs": {cue: balanced accuracy}, "chance"}).
+    """
+    from .flags import Flag, next_step
+
+    seen = (card_audit or {}).get("model_inputs") or {}
+    hits = {cue: acc for cue, acc in seen.items() if acc is not None and acc >= limit}
+    if not hits:
+        return None
+    cue, acc = max(hits.items(), key=lambda kv: kv[1])
+    return Flag("shortcut_cue", "warning",
+                f"On this model's training images the {cue.replace('_', ' ')} alone predicts the class "
+                f"{acc:.0%} of the time (chance {card_audit.get('chance', 0):.0%}), so a confident suggestion "
+                f"may rest on colour, not on the cells. {next_step('shortcut_cue')}", cue)

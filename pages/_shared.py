@@ -168,11 +168,11 @@ def page_header(title: str, intro: str | None = None) -> None:
 
 SEVERITY_TITLE = {"critical": "Critical", "warning": "Warning", "info": "Note"}
 FLAG_TITLE = {"low_confidence": "Low confidence", "out_of_distribution": "Unlike the training images",
-              "image_quality": "Image quality"}
+              "image_quality": "Image quality", "shortcut_cue": "Colour shortcut in this model"}
 
 
 def show_flags(flags) -> None:
-    """Each flag as a coloured box: what is wrong and what to do next (critical → error box)."""
+    """Each flag as a coloured box (critical → red): what is wrong and what to do next, said once."""
     from bcc_core.flags import next_step
 
     for f in flags or []:
@@ -181,8 +181,9 @@ def show_flags(flags) -> None:
             step = next_step(f.code)
         except ValueError:
             step = "Review the cell yourself."
-        text = (f"**{title}** ({SEVERITY_TITLE.get(f.severity, f.severity)}): {f.message}\n\n"
-                f"**Next step:** {step}")
+        text = f"**{title}** ({SEVERITY_TITLE.get(f.severity, f.severity)}): {f.message}"
+        if step not in f.message:  # quality and shortcut messages already end with their next step
+            text += f"\n\n**Next step:** {step}"
         if f.severity == "critical":
             st.error(text, icon=":material/error:")
         elif f.severity == "warning":
@@ -191,31 +192,30 @@ def show_flags(flags) -> None:
             st.info(text, icon=":material/info:")
 
 
-def show_suggestion(pred) -> None:
-    """Suggested class and calibrated confidence, with the caveat when the confidence means little."""
+def show_result(pred) -> None:
+    """The headline a reviewer reads first, from the most severe flag, then the model's suggestion.
+
+    When the image is not recognised or not usable, that is the headline and the suggested class is
+    a secondary line in normal type; otherwise the suggestion and its calibrated confidence are shown
+    as metrics under the status.
+    """
+    from bcc_core.flags import verdict
+    from bcc_core.glossary import describe_class, term
     from bcc_core.ui_helpers import fmt_prob
 
-    st.metric("Suggested class", pred.predicted_class)
-    st.metric("Calibrated confidence", fmt_prob(pred.confidence),
-              help="Temperature-scaled probability of the suggested class: among test images given about this "
-                   "confidence, about this fraction were right (reliability diagram on the metrics page). "
-                   "It only holds for images like the training data.")
-    codes = {f.code for f in pred.flags}
-    if codes & {"out_of_distribution", "image_quality"}:
-        st.caption("This confidence is not meaningful here: the image is unlike the training data or of poor "
-                   "quality (see the flags), and models are often confidently wrong on such images.")
-
-
-def show_status(status: str, n_flags: int = 0) -> None:
-    """The overall status in words a reviewer can act on."""
-    if status == "ok":
-        st.success("**Status: OK** — no flag was raised. The suggestion still needs confirmation by a "
-                   "qualified reader.", icon=":material/check_circle:")
-    elif status == "review":
-        st.warning(f"**Status: NEEDS REVIEW** — {n_flags} flag(s) below say why this suggestion should not be "
-                   "taken at face value.", icon=":material/rate_review:")
+    v = verdict(pred.flags)
+    box = {"do_not_use": st.error, "unknown": st.error, "review": st.warning, "ok": st.success}[v.level]
+    icon = {"do_not_use": ":material/block:", "unknown": ":material/help:", "review": ":material/rate_review:",
+            "ok": ":material/check_circle:"}[v.level]
+    box(f"**{v.headline}**", icon=icon)
+    if v.trust_suggestion:
+        m1, m2 = st.columns(2)
+        m1.metric("Suggested class", pred.predicted_class, help=describe_class(pred.predicted_class))
+        m2.metric("Calibrated confidence", fmt_prob(pred.confidence), help=term("calibrated confidence"))
     else:
-        st.error(f"**Status: {status.upper()}** — the image could not be classified.", icon=":material/error:")
+        st.markdown(f"The model's guess, **not reliable for this image**: {pred.predicted_class} "
+                    f"({fmt_prob(pred.confidence)}). Models are often confidently wrong on images unlike "
+                    "their training data.", help=describe_class(pred.predicted_class))
 
 
 @st.cache_data(show_spinner="Computing the explanation heatmap…", max_entries=64)

@@ -14,7 +14,7 @@ from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
 from bcc_core.ui_helpers import GRADCAM_METHODS, flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
 from bcc_core.worklist import Worklist, decision_for, review_labels
 from pages._shared import (audit_log, current_model_dir, explanation_heatmap, init_state, page_header,
-                           predictor_for, require_predictor, show_flags, show_status, show_suggestion)
+                           predictor_for, require_predictor, show_flags, show_result)
 
 init_state()
 page_header("Batch screening", "Screen many images at once: uploaded images, a .zip of images, or "
@@ -280,7 +280,10 @@ if idx is not None:
             ss["batch_detail"] = detail
         _, original, pred = detail
     if pred is not None:
-        c0, c1, c2 = st.columns(3)
+        c_res, c0, c1, c2 = st.columns([1.5, 1, 1, 1], gap="small")
+        with c_res:
+            show_result(pred)
+            show_flags(pred.flags)
         c0.image(original, caption=f"Original ({original.shape[1]}×{original.shape[0]} px)", width="stretch")
         c1.image(pred.model_input, caption="What the model saw (cropped, stain-normalised)", width="stretch")
         try:
@@ -293,12 +296,6 @@ if idx is not None:
                      caption=f"{method} for '{pred.predicted_class}'", width="stretch")
         except Exception as e:
             c2.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
-        s1, s2 = st.columns([1, 1.4])
-        with s1:
-            show_suggestion(pred)
-            show_status(pred.status, len(pred.flags))
-        with s2:
-            show_flags(pred.flags)
     if r["status"] != "error" and idx in ids:
         now = current_decision(idx)
         if now:

@@ -8,8 +8,9 @@ from bcc_core import charts
 from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, content_hash, encode_png, read_image
 from bcc_core.report import result_to_json
 from bcc_core.ui_helpers import GRADCAM_METHODS
+from bcc_core.glossary import term
 from pages._shared import (ROOT, current_model_dir, explanation_heatmap, init_state, page_header,
-                           require_predictor, show_flags, show_status, show_suggestion)
+                           require_predictor, show_flags, show_result)
 
 init_state()
 page_header("Single image", "Upload one image like those the model was trained on. The model suggests a class "
@@ -51,9 +52,15 @@ if (st.session_state["single"] or {}).get("key") != key:
 res = st.session_state["single"]
 image, pred = res["image"], res["pred"]
 
-# ---------------------------------------------------------------- result
+# ---------------------------------------------------------------- result: what not to trust first
 st.subheader("Result")
-c_img, c_in, c_res = st.columns([1, 1, 1.4], gap="medium")
+c_res, c_img, c_in = st.columns([1.4, 1, 1], gap="medium")
+with c_res:
+    show_result(pred)
+    if pred.prediction_set and len(pred.prediction_set) > 1:
+        st.markdown(f"Classes the model cannot rule out: **{', '.join(pred.prediction_set)}**",
+                    help=term("prediction set"))
+    show_flags(pred.flags)
 with c_img:
     st.image(image, caption=f"Original: {res['name']} ({image.shape[1]}×{image.shape[0]} px)", width="stretch")
 with c_in:
@@ -61,13 +68,6 @@ with c_in:
                                        f"{pred.model_input.shape[0]}, {card.preprocessing.get('mode', '')} "
                                        f"crop, stain norm: {card.preprocessing.get('stain_norm', 'none')})",
              width="stretch")
-with c_res:
-    show_suggestion(pred)
-    show_status(pred.status, len(pred.flags))
-    if pred.prediction_set and len(pred.prediction_set) > 1:
-        st.markdown(f"Classes the model cannot rule out: **{', '.join(pred.prediction_set)}**")
-
-show_flags(pred.flags)
 st.plotly_chart(charts.probability_bar(pred.probabilities, predictor.classes, pred.predicted_class),
                 config={"displayModeBar": False})
 

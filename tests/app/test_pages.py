@@ -76,19 +76,19 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
     assert not at.exception, [e.value for e in at.exception]
 
     pred = at.session_state["single"]["pred"]
-    suggested = metric(at, "Suggested class")
-    assert suggested in classes and suggested == pred.predicted_class
-    from bcc_core.ui_helpers import fmt_prob
+    from bcc_core.flags import verdict
 
-    assert metric(at, "Calibrated confidence") == fmt_prob(pred.confidence)
-    if {"out_of_distribution", "image_quality"} & {f.code for f in pred.flags}:
-        assert "This confidence is not meaningful here" in texts(at, "caption")
-    # Status and every flag's message are on the page, each with a next step.
+    v = verdict(pred.flags)
     boxes = texts(at, "success", "warning", "error", "info")
-    assert ("Status: OK" in boxes) if pred.status == "ok" else ("Status: NEEDS REVIEW" in boxes)
+    assert v.headline in boxes
+    if v.trust_suggestion:
+        assert metric(at, "Suggested class") == pred.predicted_class in classes
+    else:  # not recognised / not usable: no large-type class, the guess is a plain line
+        assert not any(m.label == "Suggested class" for m in at.metric)
+        assert f"not reliable for this image**: {pred.predicted_class}" in texts(at, "markdown")
+    # Every flag's message is on the page, with its next step said once.
     for f in pred.flags:
         assert f.message in boxes
-    assert boxes.count("Next step:") == len(pred.flags)
     # Probability chart (plotly), Grad-CAM overlay and the two downloads.
     assert len(at.get("plotly_chart")) >= 1
     assert any(s.value == "Grad-CAM explanation" for s in at.subheader)
@@ -105,7 +105,53 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
     assert not at.exception, [e.value for e in at.exception]
     captions = [c for img in at.image for c in img.captions]
     assert f"Score-CAM for '{other}', opacity 0.80" in captions, captions
-    assert metric(at, "Suggested class") == pred.predicted_class
+    assert at.session_state["single"]["pred"] is pred
+
+
+FLAG_CASES = {
+    "none": ([], "No flag raised", True),
+    "low_confidence": ([("low_confidence", "warning", "Calibrated confidence 41% is below the threshold.")],
+                       "Needs review", True),
+    "ood": ([("low_confidence", "warning", "Unsure."),
+             ("out_of_distribution", "warning", "This image is unlike the training images.")],
+            "Not recognised — classify it yourself", False),
+    "critical": ([("out_of_distribution", "warning", "Unlike the training images."),
+                  ("image_quality", "critical", "Several cells of similar size are visible. Re-capture it.")],
+                 "Do not use — several cells of similar size are visible", False),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_result_headline_follows_the_most_severe_flag(case):
+    """What a reviewer reads first: the most severe flag's words, and the class in large type only when
+    the image is recognised and usable."""
+    flags, headline, class_in_large_type = FLAG_CASES[case]
+
+    def page(flags):
+        import numpy as np
+
+        from bcc_core.flags import Flag
+        from bcc_core.inference import Prediction
+        from pages._shared import show_flags, show_result
+
+        fl = [Flag(*f) for f in flags]
+        pred = Prediction("myeloblast", 0.938, {"myeloblast": 0.938, "monocyte": 0.062}, fl,
+                          "review" if fl else "ok", model_input=np.zeros((8, 8, 3), np.uint8))
+        show_result(pred)
+        show_flags(pred.flags)
+
+    at = AppTest.from_function(page, args=(flags,), default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    first = (at.error or at.warning or at.success)[0].value
+    assert headline in first, first
+    severe = any(f[1] == "critical" for f in flags) or any(f[0] == "out_of_distribution" for f in flags)
+    assert bool(at.error) == severe   # red only for "not recognised" / "do not use" (and critical flags)
+    assert any(m.label == "Suggested class" for m in at.metric) == class_in_large_type
+    if not class_in_large_type:
+        assert "not reliable for this image**: myeloblast (93.8%)" in texts(at, "markdown")
+    for f in flags:
+        assert f[2] in texts(at, "warning", "error")
 
 
 def test_single_image_blank_is_flagged(app_env, blank_png):
@@ -116,7 +162,7 @@ def test_single_image_blank_is_flagged(app_env, blank_png):
     assert pred.status == "review"
     assert "image_quality" in {f.code for f in pred.flags}
     boxes = texts(at, "warning", "error")
-    assert "Image quality" in boxes and "Status: NEEDS REVIEW" in boxes
+    assert "Image quality" in boxes and "Do not use — " in boxes
 
 
 def test_single_image_corrupt_upload_is_a_message_not_a_crash(app_env):

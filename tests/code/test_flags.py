@@ -4,12 +4,35 @@ import json
 
 import pytest
 
-from bcc_core.flags import FLAG_CODES, SEVERITIES, Flag, next_step, status_for
+from bcc_core.flags import FLAG_CODES, SEVERITIES, Flag, next_step, status_for, verdict
+from bcc_core.shortcut import cue_flag
 
 
-def test_flag_codes_are_the_documented_three():
-    assert FLAG_CODES == ("low_confidence", "out_of_distribution", "image_quality")
+def test_flag_codes_are_the_documented_four():
+    assert FLAG_CODES == ("low_confidence", "out_of_distribution", "image_quality", "shortcut_cue")
     assert SEVERITIES == ("info", "warning", "critical")
+
+
+def test_verdict_reads_the_most_severe_flag_first():
+    low = Flag("low_confidence", "warning", "Unsure.")
+    ood = Flag("out_of_distribution", "warning", "Unlike the training images.")
+    crit = Flag("image_quality", "critical", "The image is nearly uniform: no cell is visible. Re-capture it.")
+    assert verdict([]).level == "ok" and verdict([]).trust_suggestion
+    assert verdict([low]).level == "review" and verdict([low]).trust_suggestion
+    assert verdict([low, ood]) == verdict([ood, low])
+    assert verdict([ood]).headline == "Not recognised — classify it yourself" and not verdict([ood]).trust_suggestion
+    v = verdict([low, ood, crit])
+    assert v.level == "do_not_use" and not v.trust_suggestion
+    assert v.headline == "Do not use — the image is nearly uniform: no cell is visible"
+
+
+def test_shortcut_cue_caps_a_model_whose_colour_predicts_the_class():
+    audit = {"model_inputs": {"border_colour": 0.75, "colour_histogram": 0.958}, "chance": 0.25}
+    f = cue_flag(audit)
+    assert f.code == "shortcut_cue" and f.severity == "warning" and f.detail == "colour_histogram"
+    assert "96%" in f.message and "chance 25%" in f.message and status_for([f]) == "review"
+    assert cue_flag({"model_inputs": {"colour_histogram": 0.84}, "chance": 0.2}) is None
+    assert cue_flag(None) is None and cue_flag({}) is None
 
 
 def test_flag_to_dict_round_trip_and_json():
