@@ -48,11 +48,15 @@ def _card_command(card: dict, data: Path, out: Path) -> list:
     import shlex
 
     args = shlex.split(card["reproduce"])[3:]  # drop "python -m bcc_core"
-    swap = {"--data": str(data / card["task"]), "--weights": str(WEIGHTS), "--out": str(out)}
+    swap = {"--weights": str(WEIGHTS), "--out": str(out)}
     cmd = [PY, "-m", "bcc_core"]
     i = 0
     while i < len(args):
-        if args[i] in swap:
+        if args[i] == "--data":  # each source: this machine's copy of the same folder, NAME= kept
+            name, sep, path = args[i + 1].rpartition("=") if "=" in args[i + 1] else ("", "", args[i + 1])
+            cmd += ["--data", name + sep + str(data / Path(path).name)]
+            i += 2
+        elif args[i] in swap:
             cmd += [args[i], swap[args[i]]]
             i += 2
         else:
