@@ -218,6 +218,10 @@ def record(i, label):
     """Decision callback for row i: store it in the audit log, then open the next undecided cell."""
     reviewer = ss["reviewer"].strip()
     comment = ss.get(f"review_comment_{i}", "").strip()
+    if ss["batch_open"] != i:  # a key pressed while the page was still showing an earlier cell
+        ss["review_notice"] = ("error", f"Nothing was recorded: that decision was for cell #{i}, which is no "
+                                        f"longer the open cell (#{ss['batch_open']} is). Decide on the cell shown.")
+        return
     if not reviewer:
         ss["review_notice"] = ("error", "Enter your name as reviewer first: every decision in the audit log "
                                         "has an owner. Nothing was recorded.")
@@ -310,7 +314,7 @@ if idx is not None:
                        icon=":material/check:", shortcut="Enter", on_click=record, args=(idx, r["predicted_class"]))
         for n, label in enumerate(labels):
             key_hint = str((n + 1) % 10) if n < 10 else None
-            buttons.button(f"{key_hint} {label}" if key_hint else label, key=f"decide_{idx}_{label}",
+            buttons.button(label, key=f"decide_{idx}_{label}",
                            shortcut=key_hint, on_click=record, args=(idx, label),
                            help=f"Record '{label}' for cell #{idx}" + (f" (key {key_hint})" if key_hint else ""))
         buttons.button("Image unusable", key=f"decide_{idx}_reject", icon=":material/block:", shortcut="X",

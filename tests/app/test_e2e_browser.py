@@ -123,3 +123,137 @@ def test_single_image_in_browser(server, model_dir, tmp_path):
     if os.environ.get("BCC_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+# ---------------------------------------------------------------------------------------------- review in the browser
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+
+
+def _screen_batch(page, server, paths):
+    from playwright.sync_api import expect
+
+    page.goto(server + "batch_screening", wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Batch screening")).to_be_visible(timeout=60_000)
+    page.set_input_files("input[type=file]", [str(x) for x in paths])
+    page.get_by_role("button", name="Run screening").click()
+    expect(page.get_by_role("heading", name="Results")).to_be_visible(timeout=240_000)
+
+
+def _idle(page):
+    """Wait until the app has finished its rerun: no status widget and no stale (greyed) element left.
+    A key pressed earlier can reach buttons of the previous run (the app refuses those decisions)."""
+    page.wait_for_timeout(150)
+    page.wait_for_function("""() => !document.querySelector('[data-testid=stStatusWidget]')
+                                     && !document.querySelector('[data-stale=true]')""", timeout=120_000)
+    page.wait_for_timeout(150)
+
+
+def _open_heading(page, k):
+    """The open cell's heading ("Cell #k …"), waited for."""
+    import re
+
+    from playwright.sync_api import expect
+
+    h = page.get_by_role("heading", name=re.compile(rf"^Cell #{k}\b"))
+    expect(h).to_be_visible(timeout=60_000)
+    return h
+
+
+def _decisions(audit_db) -> dict:
+    """{file name: [(decision, final_class, reviewer), …]} from the audit log, oldest first."""
+    from bcc_core.audit import AuditLog
+
+    log = AuditLog(audit_db)
+    q = log.queue(status=None, undecided_only=False)
+    return {row.file_name: [(h["decision"], h["final_class"], h["reviewer"]) for h in log.history(row.prediction_id)]
+            for row in q.itertuples()}
+
+
+def _cells(tmp_path, n, seed=300):
+    out = []
+    for i in range(n):
+        f = tmp_path / f"cell{i:02d}.png"
+        f.write_bytes(png_bytes(synthetic_cell(seed + i)))
+        out.append(f)
+    return out
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_decisions_from_the_table_land_on_their_own_cells(server, tmp_path):
+    """Three cells opened by clicking their rows in the results table, each decided differently:
+    every decision is stored for the cell that was open, and for no other."""
+    from playwright.sync_api import expect, sync_playwright
+
+    paths = _cells(tmp_path, 12)
+    audit_db = tmp_path / "audit.sqlite"
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _screen_batch(page, server, paths)
+            page.get_by_role("textbox", name="Reviewer").fill("Dr Table")
+            page.keyboard.press("Enter")
+            grid = page.get_by_test_id("stDataFrame").filter(has_text="suggested class").first
+            for k, button in ((7, "lymphocyte"), (2, "Image unusable"), (10, "Confirm")):
+                grid.scroll_into_view_if_needed()
+                box = grid.bounding_box()
+                # Row k's selection box: the header is one row high, rows are 35 px.
+                page.mouse.click(box["x"] + 15, box["y"] + 35 + 17 + 35 * k)
+                _open_heading(page, k)
+                expect(page.get_by_text(f"Decide on cell #{k}")).to_be_visible()
+                _idle(page)
+                page.get_by_role("button", name=button).filter(visible=True).first.click()
+                expect(page.get_by_text(f"Recorded for #{k} (cell{k:02d}.png)")).to_be_visible(timeout=60_000)
+            expect(page.get_by_test_id("stException")).to_have_count(0)
+        finally:
+            browser.close()
+    got = _decisions(audit_db)
+    assert got["cell07.png"] == [("correct", "lymphocyte", "Dr Table")]
+    assert got["cell02.png"] == [("reject_image", None, "Dr Table")]
+    assert [d[0] for d in got["cell10.png"]] == ["confirm"]
+    assert all(v == [] for f, v in got.items() if f not in {"cell07.png", "cell02.png", "cell10.png"})
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path):
+    """Enter confirms, a number key assigns a label, X marks unusable, N/P move: ten cells decided
+    without the mouse, each decision on the cell that was open when its key was pressed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from bcc_core.worklist import review_labels
+
+    classes = json.loads((model_dir / "model_card.json").read_text())["classes"]
+    lymph_key = str(review_labels(classes).index("lymphocyte") + 1)
+    paths = _cells(tmp_path, 10, seed=400)
+    audit_db = tmp_path / "audit.sqlite"
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _screen_batch(page, server, paths)
+            _open_heading(page, 0)
+            page.get_by_role("textbox", name="Reviewer").focus()
+            page.keyboard.type("Dr Keys")
+            page.keyboard.press("Enter")   # commits the name; focus leaves the field
+            expect(page.get_by_role("textbox", name="Reviewer")).to_have_value("Dr Keys")
+            _idle(page)
+            # (key, cell open before it, cell open after it)
+            script = [("Enter", 0, 1), (lymph_key, 1, 2), ("N", 2, 3), ("Enter", 3, 4), ("P", 4, 3), ("P", 3, 2),
+                      ("X", 2, 4)] + [("Enter", k, k + 1) for k in range(4, 9)] + [("Enter", 9, None)]
+            for key, before, after in script:
+                _open_heading(page, before)
+                _idle(page)
+                page.keyboard.press(key)
+                if after is not None:
+                    _open_heading(page, after)
+            expect(page.get_by_text("Worklist: 10 cell(s), 10 decided, 0 to go.")).to_be_visible(timeout=60_000)
+            expect(page.get_by_test_id("stException")).to_have_count(0)
+        finally:
+            browser.close()
+    got = _decisions(audit_db)
+    assert got["cell01.png"] == [("correct", "lymphocyte", "Dr Keys")]
+    assert got["cell02.png"] == [("reject_image", None, "Dr Keys")]
+    for k in (0, 3, 4, 5, 6, 7, 8, 9):
+        assert [d[0] for d in got[f"cell{k:02d}.png"]] == ["confirm"], (k, got[f"cell{k:02d}.png"])

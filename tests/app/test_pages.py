@@ -345,6 +345,15 @@ def test_decisions_land_on_the_open_cell_and_move_on(app_env):
     _button(at, "decide_4_confirm").click().run()
     assert not at.exception, [e.value for e in at.exception]
 
+    # A button of a cell that is no longer open (a key pressed while the page still showed it) records
+    # nothing: the page shows #5's buttons; with #3 opened meanwhile, a press on them is refused.
+    at.session_state["batch_open"] = 3
+    _button(at, "decide_5_confirm").click().run()
+    assert "Nothing was recorded: that decision was for cell #5" in texts(at, "error")
+    assert log.history(ids[5]) == [] and log.history(ids[3]) == []
+    at.session_state["batch_open"] = 5
+    at.run()
+
     current = {i: [(h["decision"], h["final_class"]) for h in log.history(ids[i])] for i in range(len(rows))}
     assert current[1] == [("correct", other)]
     assert current[2] == [("correct", "lymphocyte")]
