@@ -45,6 +45,10 @@ class AdaptConfig:
         epochs, batch_size, learning_rate: head training (Adam, from the parent head's weights).
         ood_components: "class_source": one Gaussian per (class, source), so the lab's own stain is
             in-distribution for the classes it labelled; "class": one per class.
+        ood_covariance: "per_source": one shared covariance per source (lab) in the Mahalanobis
+            detectors; "shared": one for all components.
+        review_lab_no_errors: raise the review threshold above every wrong prediction among the lab's
+            calibration cells that passed the other gates (on top of the pooled Clopper-Pearson rule).
         ood_quantile: each detector's threshold is the larger of this quantile on the parent's
             validation half A and on the lab's calibration part (both held out from every fit).
         review_alpha, review_delta, conformal_alpha: as in training (`TrainConfig`).
@@ -61,6 +65,8 @@ class AdaptConfig:
     batch_size: int = 64
     learning_rate: float = 5e-4
     ood_components: str = "class_source"
+    ood_covariance: str = "per_source"
+    review_lab_no_errors: bool = True
     ood_quantile: float = 0.95
     review_alpha: float = 0.02
     review_delta: float = 0.1
@@ -314,7 +320,11 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     comp_key = Y * len(sources) + comp_src
     uniq, comp = np.unique(comp_key, return_inverse=True)
     E = (np.concatenate([bank["early"][rep_fit], e_lab[fit_i], e_views]) if has_early else None)
-    stats = ood.fit(X, comp, len(uniq), seed=cfg.seed, max_bank=4000, early=E)
+    # One covariance per source: the lab's few cells vary differently (and less) than the training data.
+    cov_groups = (uniq % len(sources)) if cfg.ood_covariance == "per_source" else None
+    if cov_groups is not None:
+        cov_groups = np.unique(cov_groups, return_inverse=True)[1]
+    stats = ood.fit(X, comp, len(uniq), seed=cfg.seed, max_bank=4000, early=E, cov_groups=cov_groups)
     methods = ood.methods_for(stats)
     early_bank = bank.get("early") if has_early else None
     scales, comparison = {}, {}
@@ -341,6 +351,16 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     pass_pool = np.concatenate([u_bank[val] <= 1.0, (u_lab[cal_i] <= 1.0) & ~quality_bad[cal_i]])
     rule = review.fit_selective_threshold(conf_pool[pass_pool], corr_pool[pass_pool], cfg.review_alpha,
                                           cfg.review_delta)
+    pooled_threshold = rule["threshold"]
+    if cfg.review_lab_no_errors and rule["threshold"] <= 1.0:
+        # The pooled set is mostly the parent's validation data, on which the model is nearly always
+        # right; the lab's own held-out cells are the only evidence about this lab, so no wrong
+        # prediction among them may pass the rule (an empirical check, not a guarantee).
+        passed = (u_lab[cal_i] <= 1.0) & ~quality_bad[cal_i]
+        wrong = passed & (p_lab[cal_i].argmax(1) != y_cal)
+        if wrong.any():
+            rule = {**rule, "threshold": max(rule["threshold"], float(np.nextafter(p_lab[cal_i][wrong].max(), 2)))}
+    rule["pooled_threshold"] = pooled_threshold
     qhat = review.conformal_qhat(np.concatenate([p_bank[val_b], p_lab[cal_i]]), np.concatenate([y_bank[val_b], y_cal]),
                                  cfg.conformal_alpha)
 

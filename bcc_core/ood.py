@@ -21,6 +21,7 @@ METHODS = ("mahalanobis", "knn", "energy")
 EARLY = "mahalanobis_early"
 COMBINED = "union"
 _EARLY_KEYS = ("early_means", "early_precision")
+_INDEX_KEYS = ("precision_index", "early_precision_index")
 
 
 def methods_for(stats: dict | None) -> tuple[str, ...]:
@@ -36,12 +37,24 @@ def _class_gaussian(f: np.ndarray, labels: np.ndarray, n_classes: int):
     return means, lw
 
 
+def _grouped_precision(f: np.ndarray, labels: np.ndarray, means: np.ndarray, cov_groups: np.ndarray) -> np.ndarray:
+    """(G, D, D) Ledoit-Wolf precision per covariance group, each from its own components' residuals
+    (e.g. one per source: another lab's cells vary differently from the training data's)."""
+    from sklearn.covariance import LedoitWolf
+
+    out = []
+    for g in range(int(cov_groups.max()) + 1):
+        rows = np.isin(labels, np.flatnonzero(cov_groups == g))
+        out.append(LedoitWolf().fit(f[rows] - means[labels[rows]]).precision_)
+    return np.stack(out)
+
+
 def _l2n(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
 
 
 def fit(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 10, max_bank: int = 1500,
-        seed: int = 0, early: np.ndarray | None = None) -> dict:
+        seed: int = 0, early: np.ndarray | None = None, cov_groups: np.ndarray | None = None) -> dict:
     """Fit the OOD statistics on clean training features.
 
     Args:
@@ -51,6 +64,8 @@ def fit(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 10, m
         k: neighbour rank for the kNN score.
         max_bank: at most this many features are kept for kNN (stratified random subset).
         early: (N, E) pooled early-layer activations of the same images (optional detector).
+        cov_groups: (n_classes,) int group of each component (label); one shared covariance per
+            group instead of one for all (adapted models: one per source). Default: one for all.
 
     Returns:
         Statistics (class means, precision matrices, kNN bank) as arrays.
@@ -62,11 +77,19 @@ def fit(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 10, m
     idx = rng.permutation(len(f))[:max_bank]
     extra = {}
     if early is not None:
-        e_means, e_lw = _class_gaussian(np.asarray(early, np.float64), labels, n_classes)
+        e = np.asarray(early, np.float64)
+        e_means, e_lw = _class_gaussian(e, labels, n_classes)
         extra = {"early_means": e_means.astype(np.float32), "early_precision": e_lw.precision_.astype(np.float32)}
+        if cov_groups is not None:
+            extra["early_precision"] = _grouped_precision(e, labels, e_means, cov_groups).astype(np.float32)
+            extra["early_precision_index"] = np.asarray(cov_groups, np.int16)
+    precision = lw.precision_
+    if cov_groups is not None:
+        precision = _grouped_precision(f, labels, means, cov_groups)
+        extra["precision_index"] = np.asarray(cov_groups, np.int16)
     return {**extra,
         "means": means.astype(np.float32),
-        "precision": lw.precision_.astype(np.float32),
+        "precision": precision.astype(np.float32),
         "shrinkage": float(lw.shrinkage_),
         "bank": _l2n(f[idx]).astype(np.float32),
         "k": int(k),
@@ -77,10 +100,12 @@ def mahalanobis(features: np.ndarray, stats: dict, prefix: str = "") -> np.ndarr
     """(N,) min class Mahalanobis distance (`prefix="early_"`: the early-layer statistics)."""
     f = np.asarray(features, np.float32)
     P = stats[prefix + "precision"]
+    index = stats.get(prefix + "precision_index")
     d = []
-    for mu in stats[prefix + "means"]:
+    for j, mu in enumerate(stats[prefix + "means"]):
         z = f - mu
-        d.append(np.einsum("nd,de,ne->n", z, P, z, optimize=True))
+        Pj = P[int(index[j])] if P.ndim == 3 else P  # (G, D, D): one precision per covariance group
+        d.append(np.einsum("nd,de,ne->n", z, Pj, z, optimize=True))
     return np.sqrt(np.maximum(np.min(np.stack(d, 1), 1), 0))
 
 
@@ -142,6 +167,7 @@ def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 def save_stats(path, stats: dict) -> None:
     """Save fitted statistics as a compressed .npz beside the model."""
     early = {k: stats[k].astype(np.float32) for k in _EARLY_KEYS if k in stats}
+    early.update({k: np.asarray(stats[k], np.int16) for k in _INDEX_KEYS if k in stats})
     np.savez_compressed(path, means=stats["means"], precision=stats["precision"].astype(np.float32), bank=stats["bank"].astype(np.float16),
                         k=np.array(stats["k"]), shrinkage=np.array(stats["shrinkage"]), **early)
 
@@ -149,5 +175,6 @@ def save_stats(path, stats: dict) -> None:
 def load_stats(path) -> dict:
     z = np.load(path)
     early = {k: z[k].astype(np.float32) for k in _EARLY_KEYS if k in z.files}
+    early.update({k: z[k].astype(int) for k in _INDEX_KEYS if k in z.files})
     return {"means": z["means"].astype(np.float32), "precision": z["precision"].astype(np.float32),
             "bank": z["bank"].astype(np.float32), "k": int(z["k"]), "shrinkage": float(z["shrinkage"]), **early}

@@ -92,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--add-classes-n", default="10", help="N values also run with --add-classes (eosinophil, "
                                                           "lymphocyte taught); empty to skip")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="AdaptConfig override (settings study), e.g. --set lab_weight=2")
     ap.add_argument("--work", default="runs/adapt_lab_bench", help="adapted models are written here (gitignored)")
     a = ap.parse_args(argv)
 
@@ -101,6 +103,11 @@ def main(argv=None):
     from bcc_core.inference import Predictor
     from bcc_core.replay import REPLAY_FILE, load_bank
 
+    import dataclasses
+
+    types = {f.name: f.type for f in dataclasses.fields(AdaptConfig)}
+    conv = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+    overrides = {k: conv[types[k]](v) for k, v in (kv.split("=", 1) for kv in a.set)}
     data = Path(a.data)
     if not (data / "bccd").is_dir():
         print(f"skip: {data}/bccd not found")
@@ -140,7 +147,8 @@ def main(argv=None):
                     d.mkdir(exist_ok=True)
                     (d / Path(ds.paths[i]).name).symlink_to(ds.paths[i])
                 out = work / f"n{n_per}{'_add' if add else ''}_r{r}"
-                summ = adapt(a.model, tmp, out, AdaptConfig(lab="bccd", add_classes=add, seed=r), cache=cache)
+                summ = adapt(a.model, tmp, out, AdaptConfig(lab="bccd", add_classes=add, seed=r, **overrides),
+                             cache=cache)
             new = Predictor.load(out)
             res = new.predict_inputs(inputs[rest], [qflags[i] for i in rest])
             truth = [target.get(names[i]) if (add or names[i] in KNOWN) else None for i in rest]
@@ -175,15 +183,19 @@ def main(argv=None):
                          "taught": sorted({target[names[i]] for i in lab_idx}),
                          "n_rest": int(len(rest)), "adapted": m_new, "parent": m_par, "logreg": m_lr})
             print(f"N={n_per} add={add} r={r}: adapted ok {m_new['ok']}/{m_new['n']} wrong&ok {m_new['wrong_ok']}, "
-                  f"recall {{{', '.join(f'{c}: {v['hits']}/{v['n']}' for c, v in m_new['per_class'].items())}}}, "
+                  f"recall {_fmt_recall(m_new)}, "
                   f"F1 {m_new['parent_f1']['after']:.4f}; logreg ok {m_lr['ok']} wrong&ok {m_lr['wrong_ok']}", flush=True)
-    res = {"model": a.model, "runs": runs, "wall_time_s": time.perf_counter() - t_start}
+    res = {"model": a.model, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start}
     lines = report(res, a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=2))
     print("\n".join(lines))
     return 0
+
+
+def _fmt_recall(m):
+    return ", ".join(f"{c}: {v['hits']}/{v['n']}" for c, v in m["per_class"].items())
 
 
 def summarise(runs, method):
