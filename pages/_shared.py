@@ -15,7 +15,7 @@ import streamlit as st
 ROOT = Path(__file__).resolve().parents[1]
 
 DISCLAIMER = ("**Decision support, not a diagnosis.** Suggestions are for a second reader; a qualified "
-              "haematologist or morphologist makes every decision.")
+              "person makes every decision.")
 
 # Every session-state key the app uses, with its initial value. Pages never invent keys elsewhere.
 STATE_DEFAULTS: dict = {
@@ -156,14 +156,12 @@ def require_card():
 
 
 def page_header(title: str, intro: str | None = None) -> None:
-    """Title, the decision-support notice and the model in use; shown at the top of every page."""
-    st.title(title)
-    st.info(DISCLAIMER, icon=":material/medical_information:")
+    """Compact header on every page: the title (what the page does in its tooltip) and one line with the
+    decision-support notice and the model in use, so results start high on the screen."""
+    st.title(title, help=intro)
     d = current_model_dir()
-    if d:
-        st.caption(f"Model: `{Path(d).name}` — change it in the sidebar.")
-    if intro:
-        st.markdown(intro)
+    model = f" Model: **{Path(d).name}** (change it in the sidebar)." if d else ""
+    st.info(DISCLAIMER + model, icon=":material/medical_information:")
 
 
 SEVERITY_TITLE = {"critical": "Critical", "warning": "Warning", "info": "Note"}
@@ -215,7 +213,8 @@ def show_result(pred) -> None:
     else:
         st.markdown(f"The model's guess, **not reliable for this image**: {pred.predicted_class} "
                     f"({fmt_prob(pred.confidence)}). Models are often confidently wrong on images unlike "
-                    "their training data.", help=describe_class(pred.predicted_class))
+                    "their training data.")
+    st.markdown(describe_class(pred.predicted_class))
 
 
 @st.cache_data(show_spinner="Computing the explanation heatmap…", max_entries=64)

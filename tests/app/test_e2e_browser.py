@@ -257,3 +257,113 @@ def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path
     assert got["cell02.png"] == [("reject_image", None, "Dr Keys")]
     for k in (0, 3, 4, 5, 6, 7, 8, 9):
         assert [d[0] for d in got[f"cell{k:02d}.png"]] == ["confirm"], (k, got[f"cell{k:02d}.png"])
+
+
+# ---------------------------------------------------------------------------------------------- above the fold
+
+FOLD = {"width": 1400, "height": 1000}
+
+
+def _above_fold(locator) -> bool:
+    box = locator.bounding_box()
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= FOLD["height"]
+
+
+def _keep_screenshot(page, tmp_path, name):
+    shot = tmp_path / name
+    page.screenshot(path=str(shot))   # the viewport only: what a reviewer sees without scrolling
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("BCC_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT.parent / name)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_unrecognised_cell_and_all4_shortcut_warning_above_the_fold(server, tmp_path):
+    """At 1400×1000, without scrolling: an out-of-distribution cell shows 'Not recognised' and its flag;
+    a smear field on the all4 model shows the colour-shortcut warning."""
+    import re
+
+    import numpy as np
+    from playwright.sync_api import expect, sync_playwright
+
+    cell = tmp_path / "unfamiliar_cell.png"
+    cell.write_bytes(png_bytes(synthetic_cell(7)))
+    rng = np.random.default_rng(3)
+    field = np.concatenate([np.concatenate([synthetic_cell(int(s), 112) for s in rng.integers(0, 99, 2)], 1)
+                            for _ in range(2)], 0)
+    field_png = tmp_path / "smear_field.png"
+    field_png.write_bytes(png_bytes(field))
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport=FOLD)
+            page.goto(server, wait_until="domcontentloaded")
+            expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
+            page.set_input_files("input[type=file]", str(cell))
+            headline = page.get_by_text("Not recognised — classify it yourself")
+            expect(headline).to_be_visible(timeout=180_000)
+            flag = page.get_by_text("Unlike the training images").first
+            expect(flag).to_be_visible()
+            _idle(page)
+            assert _above_fold(headline) and _above_fold(flag)
+            _keep_screenshot(page, tmp_path, "ood_cell_1400x1000.png")
+
+            page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").click()
+            page.get_by_role("option", name="all4-mobilenetv2").click()
+            _idle(page)
+            page.set_input_files("input[type=file]", str(field_png))
+            expect(page.get_by_text("Original: smear_field.png")).to_be_visible(timeout=180_000)
+            warning = page.get_by_text(re.compile("Colour shortcut in this model")).first
+            expect(warning).to_be_visible(timeout=180_000)
+            _idle(page)
+            expect(page.get_by_test_id("stAlertContentSuccess")).to_have_count(0)   # never a green OK
+            assert _above_fold(warning)
+            _keep_screenshot(page, tmp_path, "all4_field_1400x1000.png")
+        finally:
+            browser.close()
+
+
+# ---------------------------------------------------------------------------------------------- accessibility
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_no_contrast_violation_on_any_page(server, tmp_path):
+    """axe-core's colour-contrast rule (WCAG AA, 4.5:1 for normal text) on every page, each with content:
+    a single-image result, a screened batch with a cell open, the metrics and the model card."""
+    from axe_playwright_python.sync_playwright import Axe
+    from playwright.sync_api import expect, sync_playwright
+
+    paths = _cells(tmp_path, 3, seed=500)
+
+    def single(page):
+        page.goto(server, wait_until="domcontentloaded")
+        expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
+        page.set_input_files("input[type=file]", str(paths[0]))
+        expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=180_000)
+
+    def batch(page):
+        _screen_batch(page, server, paths)
+        _open_heading(page, 0)
+
+    def visit(path, heading):
+        def go(page):
+            page.goto(server + path, wait_until="domcontentloaded")
+            expect(page.get_by_role("heading", name=heading)).to_be_visible(timeout=60_000)
+        return go
+
+    steps = {"single image": single, "batch screening": batch, "metrics": visit("metrics", "Model metrics"),
+             "model card": visit("model_card", "Model card")}
+    axe, found = Axe(), {}
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport=FOLD)
+            for name, step in steps.items():
+                step(page)
+                _idle(page)
+                res = axe.run(page, options={"runOnly": {"type": "rule", "values": ["color-contrast"]}})
+                found[name] = [(n["html"][:80], n["any"][0]["message"][:90]) for v in res.response["violations"]
+                               for n in v["nodes"]]
+        finally:
+            browser.close()
+    assert all(v == [] for v in found.values()), found
