@@ -164,6 +164,27 @@ def cmd_cv(a) -> int:
     return 0
 
 
+def cmd_explain_check(a) -> int:
+    """Explanation sanity checks on a few images per class; writes explanation_checks.json beside the model."""
+    import numpy as np
+
+    from .data import list_imagefolder, subset
+    from .explain import CHECKS_FILE, check_methods
+    from .inference import Predictor
+    from .io import read_image
+
+    p = Predictor.load(a.model)
+    ds = list_imagefolder(a.images, classes=[c for c in p.classes if (Path(a.images) / c).is_dir()])
+    ds = subset(ds, a.per_class, seed=0)
+    x = np.stack([p.prepare(read_image(f))[0] for f in ds.paths])
+    res = check_methods(p, x)
+    res["images"] = {"root": Path(a.images).name, "n": len(ds.paths), "per_class": a.per_class}
+    (Path(a.model) / CHECKS_FILE).write_text(json.dumps(res, indent=2))
+    print(json.dumps({m: {k: r[k] for k in ("class_difference", "randomised_similarity", "passed")}
+                      for m, r in res["methods"].items()}, indent=2))
+    return 0
+
+
 def cmd_replay_bank(a) -> int:
     from .replay import build_for_model
 
@@ -272,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="comma-separated per backbone: imagenet | PATH | none (default: none)")
     c.add_argument("--out", required=True, help="output folder for models and comparison.csv/.md")
     c.set_defaults(func=cmd_compare)
+    ex = sub.add_parser("explain-check", help="explanation sanity checks (class difference, model randomisation); "
+                                              "the app offers only the methods that pass")
+    ex.add_argument("--model", required=True)
+    ex.add_argument("--images", required=True, help="ImageFolder of the model's task (class folders)")
+    ex.add_argument("--per-class", type=int, default=2)
+    ex.set_defaults(func=cmd_explain_check)
     rb = sub.add_parser("replay-bank", help="write a model's replay bank (replay.npz) from its split and the dataset")
     rb.add_argument("--model", required=True)
     rb.add_argument("--data", required=True, help="the dataset root the model was trained on")

@@ -9,17 +9,13 @@ import cv2
 import numpy as np
 
 METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
-# Visualisers are built once per (model, method) and kept here, not on the shared Predictor; the lock
+# Visualisers are built once per (predictor, method) and kept here, not on the shared Predictor; the lock
 # keeps two app sessions from building (or running) the same one at once.
 _CACHE: dict = {}
 _LOCK = threading.Lock()
 
 
-def _vis(predictor, method: str):
-    """Build (once per predictor and method) the tf-keras-vis object on a linear-output copy."""
-    key = (id(predictor.model), method)
-    if key in _CACHE:
-        return _CACHE[key]
+def _build_vis(model, method: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from tf_keras_vis.gradcam import Gradcam
@@ -28,12 +24,48 @@ def _vis(predictor, method: str):
         from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
     cls = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus, "scorecam": Scorecam}[method]
     # clone=True: the shared cached model must never be modified.
-    _CACHE[key] = cls(predictor.model, model_modifier=ReplaceToLinear(), clone=True)
+    return cls(model, model_modifier=ReplaceToLinear(), clone=True)
+
+
+def _vis(predictor, method: str):
+    """The tf-keras-vis object for (predictor, method), built once. Keyed on the predictor object,
+    which the cache keeps alive, so a key can never be reused by another model."""
+    key = (predictor, method)
+    if key not in _CACHE:
+        _CACHE[key] = _build_vis(predictor.model, method)
     return _CACHE[key]
 
 
+def _maps(vis, layer: str, model_input: np.ndarray, method: str, classes: list[int]) -> np.ndarray:
+    """Raw (unnormalised, non-negative) maps of one image for several classes in one batched call."""
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    x = np.repeat(model_input[None].astype(np.float32), len(classes), axis=0)
+    kw = {"penultimate_layer": layer, "seek_penultimate_conv_layer": False, "normalize_cam": False}
+    if method == "scorecam":
+        kw["max_N"] = 16  # the top-16 activation maps: ~1 s on a CPU instead of one pass per channel
+    cams = vis(CategoricalScore(list(classes)), x, **kw)
+    return np.maximum(np.nan_to_num(np.asarray(cams, np.float32)), 0.0)
+
+
+def class_maps(predictor, model_input: np.ndarray, method: str = "gradcam") -> np.ndarray:
+    """Heatmaps of one image for every class of the model, on ONE scale: (C, S, S) float32 in [0, 1].
+
+    The strongest map of this image reaches 1; every other class's map is scaled by the same factor,
+    so a class the model finds little evidence for shows little heat (a per-map rescaling would paint
+    a full-red hot spot for a class at < 0.1% probability).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    with _LOCK:
+        vis = _vis(predictor, method)
+        maps = _maps(vis, predictor.card.gradcam_layer, model_input, method, list(range(len(predictor.classes))))
+    top = float(maps.max())
+    return maps / top if top > 0 else maps
+
+
 def explain(predictor, model_input: np.ndarray, method: str = "gradcam", class_index: int | None = None) -> np.ndarray:
-    """Class activation map for one preprocessed image.
+    """Class activation map for one preprocessed image, on the image's common scale across classes.
 
     Args:
         predictor: a loaded `Predictor` (its card names the target conv layer).
@@ -42,25 +74,75 @@ def explain(predictor, model_input: np.ndarray, method: str = "gradcam", class_i
         class_index: class to explain (default: the predicted one).
 
     Returns:
-        (S, S) float32 heatmap in [0, 1].
+        (S, S) float32 heatmap in [0, 1] (see `class_maps`).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    from tf_keras_vis.utils.scores import CategoricalScore
-
-    x = model_input[None].astype(np.float32)
+    maps = class_maps(predictor, model_input, method)
     if class_index is None:
-        class_index = int(np.argmax(predictor.model(x, training=False)[0]))
-    with _LOCK:
-        vis = _vis(predictor, method)
-    kw = {"penultimate_layer": predictor.card.gradcam_layer, "seek_penultimate_conv_layer": False}
-    if method == "scorecam":
-        kw["max_N"] = 16  # the top-16 activation maps: ~1 s on a CPU instead of one pass per channel
-    with _LOCK:
-        cam = vis(CategoricalScore([class_index]), x, **kw)[0]
-    cam = np.nan_to_num(np.asarray(cam, np.float32))
-    lo, hi = float(cam.min()), float(cam.max())
-    return (cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)
+        class_index = int(np.argmax(predictor.model(model_input[None].astype(np.float32), training=False)[0]))
+    return maps[int(class_index)]
+
+
+# ---------------------------------------------------------------- sanity checks (Adebayo et al. 2018)
+
+# A method passes when its maps tell classes apart and depend on the learned weights. Thresholds: a map
+# that changes by less than 5% of the image's strongest map between classes, or whose pixel ranking
+# survives randomising the classifier's top (Spearman > 0.5), explains the input, not the decision.
+MIN_CLASS_DIFFERENCE = 0.05
+MAX_RANDOMISED_SIMILARITY = 0.5
+
+
+def randomised_top(model, n_top_layers: int = 8, seed: int = 0):
+    """A copy of `model` whose top weighted layers (head and last convolution block) are re-initialised
+    at random, the rest kept: the cascading model-randomisation test's first steps."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    copy = keras.models.clone_model(model)   # fresh initial weights everywhere
+    weighted = [l for l in model.layers if l.weights]
+    keep = weighted[:-n_top_layers] if n_top_layers else weighted
+    for layer in keep:
+        copy.get_layer(layer.name).set_weights(layer.get_weights())
+    return copy
+
+
+def sanity_check(predictor, inputs: np.ndarray, method: str, n_top_layers: int = 8) -> dict:
+    """Do the method's maps differ across classes, and change when the model's top weights are randomised?
+
+    Args:
+        predictor: a loaded Predictor.
+        inputs: (N, S, S, 3) uint8 model inputs (a few real images of the model's task).
+        method: explanation method.
+        n_top_layers: weighted layers re-initialised for the randomisation test.
+
+    Returns:
+        {"method", "n_images", "class_difference" (mean |map_a - map_b| over class pairs, common scale),
+         "randomised_similarity" (mean Spearman correlation of the suggested class's map before/after),
+         "passed", thresholds}.
+    """
+    from scipy.stats import spearmanr
+
+    rand_vis = _build_vis(randomised_top(predictor.model, n_top_layers), method)
+    layer = predictor.card.gradcam_layer
+    n_cls = len(predictor.classes)
+    diffs, sims = [], []
+    for x in inputs:
+        maps = class_maps(predictor, x, method)
+        k = int(np.argmax([m.sum() for m in maps]))
+        top = int(np.argmax(predictor.model(x[None].astype(np.float32), training=False)[0]))
+        pairs = [(a, b) for a in range(n_cls) for b in range(a + 1, n_cls)]
+        diffs.append(float(np.mean([np.abs(maps[a] - maps[b]).mean() for a, b in pairs])))
+        rmap = _maps(rand_vis, layer, x, method, [top])[0]
+        orig = maps[top]
+        if orig.std() == 0 or rmap.std() == 0:
+            sims.append(0.0 if orig.std() != rmap.std() else 1.0)
+        else:
+            sims.append(float(spearmanr(orig[::8, ::8].ravel(), rmap[::8, ::8].ravel())[0]))
+        del k
+    diff, sim = float(np.mean(diffs)), float(np.mean(sims))
+    return {"method": method, "n_images": int(len(inputs)), "class_difference": diff, "randomised_similarity": sim,
+            "passed": bool(diff >= MIN_CLASS_DIFFERENCE and sim <= MAX_RANDOMISED_SIMILARITY),
+            "min_class_difference": MIN_CLASS_DIFFERENCE, "max_randomised_similarity": MAX_RANDOMISED_SIMILARITY,
+            "n_top_layers_randomised": n_top_layers}
 
 
 def overlay(model_input: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -68,3 +150,35 @@ def overlay(model_input: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -
     h = cv2.resize(heatmap.astype(np.float32), (model_input.shape[1], model_input.shape[0]))
     colour = cv2.applyColorMap(np.uint8(255 * np.clip(h, 0, 1)), cv2.COLORMAP_JET)[..., ::-1]
     return cv2.addWeighted(model_input, 1 - alpha, colour, alpha, 0)
+
+
+CHECKS_FILE = "explanation_checks.json"
+
+
+def check_methods(predictor, inputs: np.ndarray, methods=tuple(METHODS)) -> dict:
+    """Sanity checks for every method; {"methods": {name: result}, "offered": [names that passed]}."""
+    results = {m: sanity_check(predictor, inputs, m) for m in methods}
+    return {"methods": results, "offered": [m for m, r in results.items() if r["passed"]],
+            "reference": "Adebayo et al. 2018, Sanity checks for saliency maps (model randomisation test)"}
+
+
+def offered_methods(model_dir) -> tuple[list[str], str]:
+    """Methods the app may offer for a model: those that passed its recorded sanity checks.
+
+    Returns:
+        (method names, note). Without a checks file only Grad-CAM is offered, and the note says so.
+    """
+    import json
+    from pathlib import Path
+
+    f = Path(model_dir) / CHECKS_FILE
+    if not f.is_file():
+        return ["gradcam"], (f"The explanation sanity checks have not been run for this model ({CHECKS_FILE} is "
+                             "missing): only Grad-CAM is offered. Run `python -m bcc_core explain-check`.")
+    doc = json.loads(f.read_text())
+    res = doc.get("methods", {})
+    failed = [METHODS[m] for m, r in res.items() if not r.get("passed") and m in METHODS]
+    note = ("Only methods that pass the sanity checks are offered (their maps differ between classes and "
+            "change when the model's top layers are randomised)."
+            + (f" Not offered, failed the checks: {', '.join(failed)}." if failed else ""))
+    return [m for m in doc.get("offered", []) if m in METHODS], note
