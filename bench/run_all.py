@@ -1,7 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from their generated outputs (nothing typed by hand).
 
 Steps (each writes bench/results/step_<step>.md): evaluate, reproduce, crosslab, quality, perf, compare, cv,
-noncells, crosslab_compare, augment, styleleak, multisource.
+noncells, crosslab_compare, augment, styleleak, multisource, adapt.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
 """
 
@@ -223,10 +223,15 @@ def step_multisource(data, seeds="42,1,2"):
                                   "--data", data, "--models", models, "--lisc-split", "models/pb7-mobilenetv2")
 
 
+def step_adapt(data):
+    """The bundled pbs5 model adapted to BCCD from N reviewed cells per class, measured on the rest of BCCD."""
+    return _script("Learning a new lab", "adapt_lab.py", "adapt_lab.md", "--model", MODELS["pbs5"], "--data", data)
+
+
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
          "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
          "crosslab_compare": step_crosslab_compare, "augment": step_augment, "styleleak": step_styleleak,
-         "multisource": step_multisource}
+         "multisource": step_multisource, "adapt": step_adapt}
 
 
 def main(argv=None):
