@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import calibration, ood, review
+from . import calibration, evaluation, ood, review
 from .replay import REPLAY_FILE, concat_banks, load_bank, save_bank
 
 CELLS_FILE = "cells.json"
@@ -385,6 +385,13 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     rule_test = review.evaluate_rule(p_bank[test].max(1), p_bank[test].argmax(1) == y_bank[test], u_bank[test] > 1.0,
                                      rule["threshold"])
 
+    try:
+        m_test = evaluation.classification_metrics(y_bank[test], p_bank[test], classes)
+        test_metrics = {"test": evaluation.summary_line(m_test),
+                        "per_class_f1": {c: v["f1"] for c, v in m_test["per_class"].items()}}
+    except ValueError:  # added classes have no parent test images: some metrics are undefined
+        test_metrics = {"test": {"macro_f1": par_test_after, "n": int(test.sum())}}
+
     say(0.88, "writing the new model folder")
     out.mkdir(parents=True, exist_ok=True)
     ood.save_stats(out / "ood_stats.npz", stats)
@@ -407,6 +414,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     lineage = {
         "parent": {"model_id": pc.model_id, "model_sha256": parent_sha, "classes": pred.classes},
         "lab": cfg.lab, "added_classes": classes[n_old:], "config": cfg.to_dict(),
+        "files_not_used": [{"file": str(f), "reason": r} for f, r in ds.problems],
         "cells_file": CELLS_FILE, "cells": cells,
         "n_cells": {"fit": int(len(fit_i)), "calibration": int(len(cal_i)),
                     "per_class": {classes[c]: int((y_lab == c).sum()) for c in np.unique(y_lab)}},
@@ -447,7 +455,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         review_rule={**pc.review_rule, "threshold": rule["threshold"], "alpha": cfg.review_alpha,
                      "delta": cfg.review_delta, "guarantee": guarantee, "calibration": rule,
                      "measured_on_test": rule_test, "conformal_qhat": qhat, "conformal_alpha": cfg.conformal_alpha},
-        metrics={**pc.metrics, "parent_test_replay": {"macro_f1": par_test_after, "macro_f1_parent": par_test_before},
+        metrics={**test_metrics, "test_on": "the parent's test split (replay features; backbone frozen, so the same "
+                                            "outputs as on the images)",
+                 "parent_test_replay": {"macro_f1": par_test_after, "macro_f1_parent": par_test_before},
                  "lab_calibration_part": after},
         limitations=list(pc.limitations) + [
             f"Adapted to lab {cfg.lab!r} from {n} reviewed cells ({len(fit_i)} fitting, {len(cal_i)} calibration); "
