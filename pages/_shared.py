@@ -225,6 +225,22 @@ def heatmap(model_dir: str, card_mtime: float, model_input, method: str, class_i
     return explain(_load_predictor(model_dir, card_mtime), model_input, method=method, class_index=class_index)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _offered(model_dir: str, card_mtime: float):
+    from bcc_core.explain import offered_methods
+
+    return offered_methods(model_dir)
+
+
+def explanation_methods(model_dir: str | None = None) -> tuple[dict, str]:
+    """{label: method} the app may offer for the model (those that passed its sanity checks), and a note."""
+    from bcc_core.ui_helpers import GRADCAM_METHODS
+
+    d = model_dir or current_model_dir()
+    names, note = _offered(d, _mtime(d))
+    return {label: m for label, m in GRADCAM_METHODS.items() if m in names}, note
+
+
 def explanation_heatmap(model_input, method: str, class_index: int, model_dir: str | None = None):
     """Heatmap from `model_dir` (default: the selected model), cached."""
     d = model_dir or current_model_dir()

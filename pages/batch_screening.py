@@ -11,9 +11,10 @@ from bcc_core import charts
 from bcc_core.io import (IMAGE_EXTENSIONS, ImageReadError, content_hash, iter_image_sources, read_image,
                          sources_from_uploads)
 from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
-from bcc_core.ui_helpers import GRADCAM_METHODS, flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
+from bcc_core.ui_helpers import flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
 from bcc_core.worklist import Worklist, decision_for, review_labels
-from pages._shared import (audit_log, current_model_dir, explanation_heatmap, init_state, page_header,
+from pages._shared import (audit_log, current_model_dir, explanation_heatmap, explanation_methods, init_state,
+                           page_header,
                            predictor_for, require_predictor, show_flags, show_result)
 
 init_state()
@@ -293,8 +294,10 @@ if idx is not None:
         try:
             from bcc_core.explain import overlay
 
-            method = st.session_state.get("batch_cam_method", "Grad-CAM")
-            heat = explanation_heatmap(pred.model_input, GRADCAM_METHODS[method], classes.index(pred.predicted_class),
+            methods, methods_note = explanation_methods(ss["batch_model"])
+            method = st.session_state.get("batch_cam_method") or next(iter(methods))
+            method = method if method in methods else next(iter(methods))
+            heat = explanation_heatmap(pred.model_input, methods[method], classes.index(pred.predicted_class),
                                        model_dir=ss["batch_model"])
             c2.image(overlay(pred.model_input, heat, st.session_state.get("batch_cam_alpha", 0.45)),
                      caption=f"{method} for '{pred.predicted_class}'", width="stretch")
@@ -325,7 +328,8 @@ if idx is not None:
     if pred is not None:
         with st.expander("Explanation settings and all class probabilities"):
             e1, e2 = st.columns(2)
-            e1.selectbox("Explanation method", list(GRADCAM_METHODS), key="batch_cam_method")
+            e1.selectbox("Explanation method", list(explanation_methods(ss["batch_model"])[0]), key="batch_cam_method",
+                         help=explanation_methods(ss["batch_model"])[1])
             e2.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="batch_cam_alpha")
             st.plotly_chart(charts.probability_bar(pred.probabilities, classes, pred.predicted_class),
                             config={"displayModeBar": False}, key=f"batch_prob_{idx}")

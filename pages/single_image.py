@@ -7,10 +7,10 @@ import streamlit as st
 from bcc_core import charts
 from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, content_hash, encode_png, read_image
 from bcc_core.report import result_to_json
-from bcc_core.ui_helpers import GRADCAM_METHODS
+from bcc_core.ui_helpers import fmt_prob
 from bcc_core.glossary import term
-from pages._shared import (ROOT, current_model_dir, explanation_heatmap, init_state, page_header,
-                           require_predictor, show_flags, show_result)
+from pages._shared import (ROOT, current_model_dir, explanation_heatmap, explanation_methods, init_state,
+                           page_header, require_predictor, show_flags, show_result)
 
 init_state()
 page_header("Single image", "Upload one image like those the model was trained on. The model suggests a class "
@@ -74,17 +74,19 @@ st.plotly_chart(charts.probability_bar(pred.probabilities, predictor.classes, pr
 # ---------------------------------------------------------------- explanation
 st.subheader("Grad-CAM explanation")
 st.caption("Where the model found evidence for the chosen class, on the image it saw. It is not a segmentation: "
-           "a hot spot on the background or the slide edge means the model may be using the wrong cue.")
+           "a hot spot on the background or the slide edge means the model may be using the wrong cue. All "
+           "classes share one colour scale: a class the model finds little evidence for shows little heat.")
+methods, methods_note = explanation_methods()
 e_ctl, e_over, e_in = st.columns(3, gap="medium")
 with e_ctl:
-    method_label = st.selectbox("Method", list(GRADCAM_METHODS), key="single_cam_method",
-                                help="Score-CAM is slower (several forward passes).")
+    method_label = st.selectbox("Method", list(methods), key="single_cam_method", help=methods_note)
     target = st.selectbox("Explain class", predictor.classes, index=predictor.classes.index(pred.predicted_class),
                           key=f"single_cam_target_{res['sha256'][:12]}",
                           help="Default: the suggested class. Pick another to see what speaks for it.")
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="single_cam_alpha")
+    st.caption(methods_note)
 try:
-    heat = explanation_heatmap(pred.model_input, GRADCAM_METHODS[method_label], predictor.classes.index(target))
+    heat = explanation_heatmap(pred.model_input, methods[method_label], predictor.classes.index(target))
 except Exception as e:  # an explanation failure must not hide the prediction
     heat = None
     e_over.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
@@ -92,7 +94,8 @@ if heat is not None:
     from bcc_core.explain import overlay
 
     over = overlay(pred.model_input, heat, alpha)
-    e_over.image(over, caption=f"{method_label} for '{target}', opacity {alpha:.2f}", width="stretch")
+    e_over.image(over, caption=f"{method_label} for '{target}' (probability {fmt_prob(pred.probabilities[target])}), "
+                               f"opacity {alpha:.2f}", width="stretch")
     e_in.image(pred.model_input, caption="Model input without overlay", width="stretch")
 
 # ---------------------------------------------------------------- downloads
@@ -110,5 +113,5 @@ except ValueError as e:  # the result is still on screen; say why it cannot be e
     downloads.warning(f"JSON export is not available: {e}")
 if heat is not None:
     downloads.download_button("Overlay (PNG)", encode_png(over), mime="image/png", icon=":material/download:",
-                              file_name=f"{Path(res['name']).stem}_{GRADCAM_METHODS[method_label]}.png",
+                              file_name=f"{Path(res['name']).stem}_{methods[method_label]}.png",
                               on_click="ignore")

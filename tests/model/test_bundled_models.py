@@ -88,3 +88,33 @@ def test_other_lab_bccd_is_safe(pbs5):
     assert not any(r.status == "ok" for r, n in zip(res, names) if n not in truth)
     neutro = [r.predicted_class == "seg_neutrophil" for r, n in zip(res, names) if n == "neutrophil"]
     assert np.mean(neutro) >= 0.90
+
+
+TASK_DATA = {"pbs5": "pbs5", "all4": "all4", "pb7": "pbs5"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_dir", _bundled(), ids=lambda p: p.name)
+def test_explanation_sanity_checks_on_the_bundled_model(model_dir):
+    """Adebayo et al.'s checks run here on each bundled model with images of its task: Grad-CAM passes
+    (maps differ between classes, and lose their ranking when the top layers are randomised), and the
+    methods the app offers (explanation_checks.json) are exactly those that pass in this run."""
+    from bcc_core.data import list_imagefolder, subset
+    from bcc_core.explain import check_methods, offered_methods
+    from bcc_core.inference import Predictor
+    from bcc_core.io import read_image
+
+    shared = require_shared()
+    p = Predictor.load(model_dir)
+    root = shared / TASK_DATA.get(p.card.task, p.card.task)
+    ds = subset(list_imagefolder(root, classes=[c for c in p.classes if (root / c).is_dir()]), 1, seed=1)
+    x = np.stack([p.prepare(read_image(f))[0] for f in ds.paths])
+    res = check_methods(p, x)
+    assert res["methods"]["gradcam"]["passed"], res["methods"]["gradcam"]
+    offered, _ = offered_methods(model_dir)
+    assert set(offered) == set(res["offered"]), (offered, {m: r for m, r in res["methods"].items()})
+    # One colour scale across classes: the image's strongest map reaches 1, the others are not rescaled.
+    from bcc_core.explain import class_maps
+
+    maps = class_maps(p, x[0])
+    assert maps.max() == pytest.approx(1.0) and sorted(m.max() for m in maps)[0] < 0.99

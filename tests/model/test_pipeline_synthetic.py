@@ -116,9 +116,15 @@ def test_gradcam_methods(trained):
     _, model_dir, _ = trained
     p = Predictor.load(model_dir)
     r = p.predict([synthetic_cell(200, 32, seed=3)])[0]
+    from bcc_core.explain import class_maps
+
     for m in ("gradcam", "gradcam++", "scorecam"):
         h = explain(p, r.model_input, m)
         assert h.shape == (224, 224) and 0 <= h.min() and h.max() <= 1
+        maps = class_maps(p, r.model_input, m)
+        # One scale for all classes: the strongest map reaches 1 (an all-zero map would not).
+        assert maps.shape == (3, 224, 224) and maps.max() == pytest.approx(1.0)
+        assert np.array_equal(h, maps[p.classes.index(r.predicted_class)])
     o = overlay(r.model_input, h, 0.5)
     assert o.shape == (224, 224, 3) and o.dtype == np.uint8
     with pytest.raises(ValueError, match="method"):
