@@ -159,26 +159,29 @@ def status_bar(counts: Mapping[str, int], title: str | None = None) -> go.Figure
 
 
 def confusion_matrix_heatmap(matrix: Sequence[Sequence[int]] | None, classes: Sequence[str] | None,
-                             title: str | None = "Confusion matrix (test split; rows = true class)") -> go.Figure:
+                             title: str | None = "Confusion matrix (test split; rows = true class)",
+                             columns: Sequence[str] | None = None) -> go.Figure:
     """Heatmap of a confusion matrix coloured by row-normalised rate, annotated with counts and %.
 
     Args:
-        matrix: ``C x C`` counts, rows = true class, columns = predicted class.
-        classes: ``C`` class names.
+        matrix: ``R x C`` counts, rows = true class, columns = suggested class.
+        classes: ``R`` row labels (true classes; may include cell types the model does not know).
         title: Figure title.
+        columns: ``C`` column labels (suggested classes); default: the row labels (a square matrix).
     """
-    if not matrix or not classes or len(matrix) != len(classes):
+    columns = list(columns) if columns is not None else (list(classes) if classes else None)
+    if not matrix or not classes or len(matrix) != len(classes) or any(len(r) != len(columns) for r in matrix):
         return empty_figure("Confusion matrix not available in metrics.json.")
     rows = [[int(v) for v in r] for r in matrix]
     rates = [[v / sum(r) if sum(r) else 0.0 for v in r] for r in rows]
     text = [[f"{v}<br>{p:.0%}" for v, p in zip(r, pr)] for r, pr in zip(rows, rates)]
     fig = go.Figure(go.Heatmap(
-        z=rates, x=list(classes), y=list(classes), text=text, texttemplate="%{text}",
+        z=rates, x=list(columns), y=list(classes), text=text, texttemplate="%{text}",
         colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="row %", tickformat=".0%"),
         hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>",
     ))
     fig.update_yaxes(autorange="reversed", title_text="true class", showgrid=False)
-    fig.update_xaxes(title_text="predicted class", showgrid=False, side="bottom")
+    fig.update_xaxes(title_text="suggested class", showgrid=False, side="bottom")
     return _layout(fig, title, height=max(360, 120 + 70 * len(classes)))
 
 
@@ -261,7 +264,19 @@ def reliability_diagram(after: Mapping | None, before: Mapping | None = None,
         if not pts:
             continue
         label = f"{name} (ECE {ece:.3f})" if isinstance(ece, (int, float)) else name
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=label,
+        # Each bin's count is printed and its accuracy carries a Wilson 95% interval: a bin of three
+        # images can swing to 0% and must look as uncertain as it is.
+        from .evaluation import wilson
+
+        cis = [wilson(round(a * n), n) for _, a, n in pts]
+        shown = data is after
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=label,
+                                 mode="lines+markers+text" if shown else "lines+markers",
+                                 text=[f"n={p[2]}" for p in pts] if shown else None, textposition="bottom right",
+                                 textfont=dict(size=10, color="#333333"),
+                                 error_y=dict(type="data", symmetric=False, array=[hi - p[1] for p, (lo, hi) in zip(pts, cis)],
+                                              arrayminus=[p[1] - lo for p, (lo, hi) in zip(pts, cis)],
+                                              thickness=1, width=3) if shown else None,
                                  line=dict(color=colour, dash=dash), marker=dict(size=7),
                                  customdata=[p[2] for p in pts],
                                  hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>n=%{customdata}"

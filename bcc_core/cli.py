@@ -78,6 +78,8 @@ def cmd_evaluate(a) -> int:
     from .io import read_image
 
     pred = Predictor.load(a.model)
+    if a.external:
+        return _evaluate_external(pred, a)
     if a.split == "all":
         ds = list_imagefolder(a.data)
         cls_map = {c: pred.classes.index(c) for c in ds.classes if c in pred.classes}
@@ -100,6 +102,31 @@ def cmd_evaluate(a) -> int:
     if a.json:
         print(json.dumps({**evaluation.summary_line(m), "ok_fraction": m["ok_fraction"],
                           "wrong_ok_of_all": m["wrong_ok_of_all"], "split": a.split}))
+    return 0
+
+
+def _evaluate_external(pred, a) -> int:
+    """Every image of a labelled folder from another lab, unknown cell types included; per class with
+    Wilson 95% intervals; `--save NAME` keeps the report beside the model (shown on the metrics page)."""
+    import argparse
+
+    from .verification import save_report, verify_folder
+
+    cmap = _class_options(argparse.Namespace(classes=None, class_map=a.class_map))["class_map"]
+    rep = verify_folder(pred, a.data, cmap, name=a.save or Path(a.data).name)
+
+    def f(r):
+        return "n/a" if r["value"] is None else f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+    print(f"external {rep['name']}: n={rep['n']} shown as ok {f(rep['shown_as_ok'])} "
+          f"wrong-and-ok {f(rep['wrong_and_ok'])} kappa (known classes) {rep['kappa_known']}")
+    for c, v in rep["per_true_label"].items():
+        rec = f(v["recall"]) if v["recall"] else "(not a model class)"
+        print(f"  {c:>16}: n {v['n']:4d} recall {rec} shown as ok {f(v['shown_as_ok'])}")
+    if a.save:
+        print(f"saved {save_report(a.model, rep)}")
+    if a.json:
+        print(json.dumps(rep))
     return 0
 
 
@@ -268,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     e.add_argument("--json", action="store_true", help="last line printed is one JSON object")
+    e.add_argument("--external", action="store_true",
+                   help="--data is a labelled folder from another lab: every image, unknown cell types included, "
+                        "per class with 95%% intervals, shown-as-ok and wrong-and-ok")
+    e.add_argument("--class-map", action="append", metavar="FOLDER=CLASS", help="with --external: folder name to class")
+    e.add_argument("--save", metavar="NAME", help="with --external: keep the report as <model>/external/NAME.json")
     e.set_defaults(func=cmd_evaluate)
     pr = sub.add_parser("predict", help="classify one image (JSON: class, probabilities, flags)")
     pr.add_argument("image")

@@ -1,4 +1,6 @@
-"""Model metrics dashboard: what the selected model achieved on its held-out test split, and how far to trust it."""
+"""Model metrics for a quality manager: what the model is measured on and what it is not, every figure
+with its 95% interval, the test split beside other labs' cells, calibration with per-bin counts, the
+review rule's operating point; developer details last."""
 
 from pathlib import Path
 
@@ -6,12 +8,15 @@ import pandas as pd
 import streamlit as st
 
 from bcc_core import charts
-from bcc_core.ui_helpers import comparison_table, fmt_num, fmt_pct, read_json
-from pages._shared import ROOT, current_model_dir, init_state, page_header, require_card
+from bcc_core.evaluation import confusion_report, ece_interval
+from bcc_core.glossary import term
+from bcc_core.ui_helpers import fmt_num, fmt_pct, read_json
+from bcc_core.verification import load_reports
+from pages._shared import current_model_dir, init_state, page_header, require_card
 
 init_state()
-page_header("Model metrics", "Measured once on the model's held-out test split (images never used for training, "
-                             "calibration or thresholds). Expect lower figures on images from other labs.")
+page_header("Model metrics", "How the selected model did on images it never saw in training (its test split, "
+                             "from the same labs), and on other labs' cells where they have been measured.")
 card = require_card()
 model_dir = Path(current_model_dir())
 metrics, note = read_json(model_dir / "metrics.json")
@@ -19,168 +24,195 @@ if metrics is None:
     st.warning(f"{note} Only the summary recorded in the model card is shown.")
     metrics = {}
 test = metrics.get("test") or {}
-summary = test or (card.metrics or {}).get("test", {})
 
-# ---------------------------------------------------------------- shortcut audit first: it qualifies every number
+
+def with_ci(r: dict | None, digits: int = 1) -> str:
+    """'93.4% (95% CI 90.1–95.6%, 412/441)' for a rate dict from bcc_core.evaluation.rate."""
+    if not r or r.get("value") is None:
+        return "n/a (no images)"
+    lo, hi = r["ci95"]
+    return f"{fmt_pct(r['value'], digits)} (95% CI {fmt_pct(lo, digits)}–{fmt_pct(hi, digits)}; {r['k']}/{r['n']})"
+
+
+def num_ci(v, ci, digits: int = 3) -> str:
+    return f"{fmt_num(v, digits)} (95% CI {fmt_num(ci[0], digits)}–{fmt_num(ci[1], digits)})" if ci else fmt_num(v, digits)
+
+
+# ---------------------------------------------------------------- read this first
+st.subheader("Read this first")
+for line in card.limitations or []:
+    st.warning(line, icon=":material/report:")
 sa = card.shortcut_audit or metrics.get("shortcut_audit") or {}
-for w in sa.get("warnings", []):
-    st.error(w, icon=":material/report:")
+seen = sa.get("model_inputs") or {}
+if seen:
+    worst = max(seen.items(), key=lambda kv: kv[1] or 0)
+    st.warning(f"On this model's own inputs the {worst[0].replace('_', ' ')} alone predicts the class "
+               f"{fmt_pct(worst[1], 0)} of the time (chance {fmt_pct(sa.get('chance'), 0)}). The test figures below "
+               "come from the same labs as training and overstate accuracy elsewhere; the other-lab figures "
+               "beside them are the better guide.", icon=":material/report:")
 
-# ---------------------------------------------------------------- headline
-st.subheader("Test metrics")
-n = summary.get("n")
-st.caption(f"Test split: {n if n is not None else 'n/a'} images. Confidence intervals are wide on small splits.")
-cols = st.columns(6)
-cols[0].metric("Accuracy", fmt_pct(summary.get("accuracy")))
-cols[1].metric("Macro F1", fmt_num(summary.get("macro_f1")), help="Unweighted mean of the per-class F1 scores.")
-cols[2].metric("Macro precision", fmt_num(test.get("macro_precision")))
-cols[3].metric("Macro recall", fmt_num(test.get("macro_recall")))
-cols[4].metric("Cohen's kappa", fmt_num(summary.get("kappa")))
-cols[5].metric("ROC-AUC (macro, one-vs-rest)", fmt_num(summary.get("roc_auc")))
+# ---------------------------------------------------------------- at a glance: test split beside other labs
+externals = load_reports(model_dir)
+cm = test.get("confusion_matrix")
+rep = confusion_report(cm, test.get("classes") or card.classes) if cm else None
+measured = (card.review_rule or {}).get("measured_on_test") or (metrics.get("review") or {}).get("test") or {}
+st.subheader("At a glance")
+left, right = st.columns(2, gap="large")
+with left:
+    st.markdown(f"**Test split** — same labs as training, {rep['accuracy']['n'] if rep else 'n/a'} images never "
+                "used for fitting")
+    if rep:
+        ci = rep["intervals"]
+        st.markdown(f"- Accuracy: {with_ci(rep['accuracy'])}\n"
+                    f"- Macro-F1: {num_ci(rep['macro_f1'], ci['macro_f1'])}\n"
+                    f"- Agreement beyond chance (kappa): {num_ci(rep['kappa'], ci['kappa'])}", help=term("macro-F1"))
+        if measured.get("n"):
+            n_t, n_ok = measured["n"], measured.get("ok", 0)
+            wrong_ok = round(measured.get("wrong_ok_of_all", 0) * n_t)
+            from bcc_core.evaluation import rate
 
-per_class = test.get("per_class") or {}
-if per_class:
-    tbl = pd.DataFrame([{"class": c, **{k: v.get(k) for k in ("precision", "recall", "f1", "specificity", "roc_auc",
-                                                              "support")}} for c, v in per_class.items()])
-    num = {k: st.column_config.NumberColumn(k, format="%.3f") for k in
-           ("precision", "recall", "f1", "specificity", "roc_auc")}
-    st.dataframe(tbl, hide_index=True, column_config={**num, "f1": st.column_config.NumberColumn("F1", format="%.3f"),
-                                                      "roc_auc": st.column_config.NumberColumn("ROC-AUC", format="%.3f")})
-else:
-    st.info("Per-class metrics are not available (metrics.json missing or incomplete).")
+            st.markdown(f"- Shown as OK: {with_ci(rate(n_ok, n_t))}\n"
+                        f"- Wrong and shown as OK: {with_ci(rate(wrong_ok, n_t), 2)}", help=term("wrong and OK"))
+    else:
+        st.info("No test-split confusion matrix is recorded (metrics.json missing or incomplete).")
+with right:
+    if not externals:
+        st.markdown("**Other labs** — not measured for this model")
+        st.info("No external validation is recorded. Measure on your lab's labelled cells with "
+                "`python -m bcc_core evaluate --model DIR --data FOLDER --external --save NAME`.")
+    for ext in externals:
+        known = [c for c, v in ext["per_true_label"].items() if v["known_to_model"]]
+        unknown = [c for c, v in ext["per_true_label"].items() if not v["known_to_model"]]
+        st.markdown(f"**Other lab: {ext['name']}** — {ext['n']} images, never used for training or fitting")
+        st.markdown(f"- Agreement on known classes: {with_ci(ext['agreement_known'])}\n"
+                    f"- Shown as OK: {with_ci(ext['shown_as_ok'])}\n"
+                    f"- Wrong and shown as OK: {with_ci(ext['wrong_and_ok'], 2)}\n"
+                    + "".join(f"- Recall {c}: {with_ci(ext['per_true_label'][c]['recall'], 0)}\n" for c in known)
+                    + (f"- Cell types the model does not know ({', '.join(unknown)}): "
+                       f"{sum(ext['per_true_label'][c]['n'] for c in unknown)} images, "
+                       f"{sum(ext['per_true_label'][c]['shown_as_ok']['k'] for c in unknown)} shown as OK\n"
+                       if unknown else ""), help=term("95% interval"))
+
+# ---------------------------------------------------------------- per class
+st.subheader("Per class")
+if rep:
+    st.caption("Operating point of the suggested class. Recall: of the cells of a class, the share suggested as "
+               "that class; precision: of the cells suggested as a class, the share that were. Intervals are "
+               "Wilson 95% intervals.")
+    st.dataframe(pd.DataFrame([{"class": c, "cells": v["support"], "recall (test)": with_ci(v["recall"]),
+                                "precision (test)": with_ci(v["precision"])} for c, v in rep["per_class"].items()]),
+                 hide_index=True)
+for ext in externals:
+    rows = []
+    for c, v in ext["per_true_label"].items():
+        prec = ext["per_suggested_class"].get(c, {}).get("precision")
+        rows.append({"true label": c, "cells": v["n"], f"recall ({ext['name']})": with_ci(v["recall"], 0)
+                     if v["recall"] else "not a model class",
+                     f"precision ({ext['name']})": with_ci(prec, 0) if prec else "—",
+                     "shown as OK": with_ci(v["shown_as_ok"], 0), "wrong and OK": v["wrong_and_ok"]})
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 c1, c2 = st.columns(2)
 with c1:
-    st.plotly_chart(charts.confusion_matrix_heatmap(test.get("confusion_matrix"), test.get("classes") or card.classes),
+    st.plotly_chart(charts.confusion_matrix_heatmap(cm, test.get("classes") or card.classes),
                     config={"displayModeBar": False})
-with c2:
-    st.plotly_chart(charts.roc_curves(test.get("roc_curves"), {c: v.get("roc_auc") for c, v in per_class.items()}),
-                    config={"displayModeBar": False})
-
-st.subheader("Training history")
-st.plotly_chart(charts.training_curves(metrics.get("history"), title=None), config={"displayModeBar": False})
+for i, ext in enumerate(externals[:1]):
+    with c2:
+        conf = ext["confusion"]
+        st.plotly_chart(charts.confusion_matrix_heatmap(conf["matrix"], conf["rows"], columns=conf["columns"],
+                                                        title=f"Confusion matrix ({ext['name']}; rows = true label)"),
+                        config={"displayModeBar": False})
 
 # ---------------------------------------------------------------- calibration
-st.subheader("Calibration")
+st.subheader("Does the confidence mean what it says?")
 cal = metrics.get("calibration") or {}
 ccal = card.calibration or {}
-k = st.columns(3)
-k[0].metric("Temperature", fmt_num(cal.get("temperature", ccal.get("temperature"))))
-k[1].metric("ECE before scaling", fmt_num(cal.get("test_ece_before", ccal.get("test_ece_before"))))
-k[2].metric("ECE after scaling", fmt_num(cal.get("test_ece_after", ccal.get("test_ece_after"))),
-            help="Expected calibration error on the test split: average gap between confidence and accuracy.")
-st.plotly_chart(charts.reliability_diagram(cal.get("reliability_after"), cal.get("reliability_before"),
-                                           cal.get("test_ece_after"), cal.get("test_ece_before")),
+after, before = cal.get("reliability_after"), cal.get("reliability_before")
+k = st.columns(2)
+k[0].metric("Calibration error before scaling", num_ci(cal.get("test_ece_before", ccal.get("test_ece_before")),
+                                                        ece_interval(before)), help=term("ECE"))
+k[1].metric("Calibration error after scaling", num_ci(cal.get("test_ece_after", ccal.get("test_ece_after")),
+                                                       ece_interval(after)), help=term("ECE"))
+st.caption("Each point is a confidence bin of the test split with its number of images (n) and a 95% interval "
+           "on its accuracy; points near the diagonal mean the stated confidence is right. Bins with few images "
+           "say little.")
+st.plotly_chart(charts.reliability_diagram(after, before, cal.get("test_ece_after"), cal.get("test_ece_before")),
                 config={"displayModeBar": False})
 
 # ---------------------------------------------------------------- review rule
-st.subheader("Review rule and its guarantee")
+st.subheader("Which results are shown as OK")
 rr = card.review_rule or {}
-measured = rr.get("measured_on_test") or (metrics.get("review") or {}).get("test") or {}
+thr = rr.get("threshold")
 if rr.get("guarantee"):
-    st.markdown(f"> {rr['guarantee']}")
+    st.markdown(f"> {rr['guarantee']}", help=term("review rule") + " " + term("exchangeable"))
 else:
     st.warning("The model card states no review rule: every result should be reviewed.")
-thr = rr.get("threshold")
 if isinstance(thr, (int, float)) and thr > 1.0:
     st.warning("On its calibration data this model could not meet the guarantee at any threshold, so the rule "
                "accepts nothing: **every result is marked 'needs review'.**")
-if measured:
-    q = st.columns(4)
-    q[0].metric("Confidence threshold", fmt_num(thr))
-    q[1].metric("Shown as ok (test)", fmt_pct(measured.get("ok_fraction")))
-    q[2].metric("Error rate among ok (test)", fmt_pct(measured.get("selective_error")),
-                help=f"Target at most {fmt_pct(rr.get('alpha'), 0)}.")
-    q[3].metric("Accuracy of the reviewed ones", fmt_pct(measured.get("accuracy_of_reviewed")))
-    if measured.get("conformal_coverage") is not None:
-        st.caption(f"Conformal prediction sets on test: coverage {fmt_pct(measured.get('conformal_coverage'))}, "
-                   f"mean set size {fmt_num(measured.get('conformal_mean_set_size'), 2)}, single-class sets "
-                   f"{fmt_pct(measured.get('singleton_fraction'))}.")
-else:
-    st.info("No measurement of the review rule on the test split is recorded.")
+if measured.get("n"):
+    from bcc_core.evaluation import rate
 
-# ---------------------------------------------------------------- OOD
-st.subheader("Out-of-distribution detection")
+    n_ok = measured.get("ok", 0)
+    wrong_ok = round(measured.get("selective_error", 0) * n_ok)
+    st.markdown(f"- Confidence needed to be shown as OK (and no flag): {fmt_pct(thr)}\n"
+                f"- Errors among results shown as OK (test): {with_ci(rate(wrong_ok, n_ok), 2)}; target at most "
+                f"{fmt_pct(rr.get('alpha'), 0)}\n"
+                f"- Accuracy of the results sent to review (test): {fmt_pct(measured.get('accuracy_of_reviewed'))}")
+
+# ---------------------------------------------------------------- unlike the training images
+st.subheader("Images unlike the training images")
 ood = card.ood or {}
 mood = metrics.get("ood") or {}
 if ood:
-    method = ood.get("method", "n/a")
-    how = ("an image is flagged when any of the detectors below fires (each score is rescaled so that its "
-           "own threshold maps to 1)" if method == "union" else "an image is flagged when its score exceeds the threshold")
-    st.markdown(f"Method **{method}**, threshold {fmt_num(ood.get('threshold'), 2)}: {how}. Thresholds sit at the "
-                f"{fmt_pct(ood.get('quantile'), 0)} quantile of in-distribution validation scores (fitted on "
-                f"{ood.get('fitted_on', 'n/a')}). Share of test images flagged: **{fmt_pct(mood.get('test_flag_rate'))}**.")
-    if ood.get("early_layer"):
-        st.markdown(f"`mahalanobis_early` scores the pooled activations of the mid-network layer "
-                    f"`{ood['early_layer']}` in the same forward pass: the fine-tuned top learned to ignore the "
-                    "lab's colour and texture, this layer did not, so cells from an unseen lab or of an unknown type "
-                    "go to review even when the top is confident.")
+    st.markdown(f"An image is flagged *unlike the training images* when any of the detectors fires; "
+                f"{fmt_pct(mood.get('test_flag_rate'))} of test images (same labs) are flagged. "
+                "How well other labs and unknown cell types are caught is in the other-lab figures above.",
+                help=term("out of distribution"))
     comp = mood.get("comparison") or ood.get("comparison") or {}
     if comp:
-        tbl = pd.DataFrame([{"detector": m, **v} for m, v in comp.items()])
-        st.dataframe(tbl, hide_index=True, column_config={
-            "threshold": st.column_config.NumberColumn(format="%.3f"),
-            **{c: st.column_config.NumberColumn(c.replace("_", " "), format="percent")
-               for c in tbl.columns if c.endswith("flag_rate")}})
-    st.caption("These are flag rates on in-distribution images (the cost in needless reviews). How well the "
-               "detectors catch other labs and unknown cell types is measured on external data, not here.")
+        plain = {"mahalanobis": "distance to the classes (top features)", "knn": "distance to the nearest training "
+                 "images", "energy": "overall evidence for any class", "mahalanobis_early":
+                 "colour and texture (mid-network layer)"}
+        st.dataframe(pd.DataFrame([{"detector": plain.get(m, m), "technical name": m,
+                                    "test images flagged": v.get("test_flag_rate")} for m, v in comp.items()]),
+                     hide_index=True, column_config={"test images flagged": st.column_config.NumberColumn(
+                         format="percent")})
 else:
-    st.info("This model has no OOD detector configured: unusual images are not flagged.")
+    st.info("This model has no detector for unfamiliar images: unusual images are not flagged.")
 
 # ---------------------------------------------------------------- shortcut audit table
-st.subheader("Shortcut audit")
+st.subheader("Could a trivial cue predict the class?")
 if sa:
-    st.caption(f"Balanced accuracy of a simple classifier using one trivial cue alone (chance "
+    st.caption(f"Balanced accuracy of a simple classifier that sees one trivial cue only (chance "
                f"{fmt_pct(sa.get('chance'))}). High values mean the data let a model learn the lab, not the cell.")
-    recs = []
-    for where in ("raw_images", "model_inputs"):
-        for cue, v in (sa.get(where) or {}).items():
-            recs.append({"measured on": where.replace("_", " "), "cue": cue.replace("_", " "),
-                         "balanced accuracy": v if not isinstance(v, dict) else v.get("balanced_accuracy")})
+    recs = [{"measured on": where.replace("_", " "), "cue": cue.replace("_", " "),
+             "balanced accuracy": v if not isinstance(v, dict) else v.get("balanced_accuracy")}
+            for where in ("raw_images", "model_inputs") for cue, v in (sa.get(where) or {}).items()]
     if recs:
         st.dataframe(pd.DataFrame(recs), hide_index=True,
                      column_config={"balanced accuracy": st.column_config.NumberColumn(format="%.3f")})
-    if not sa.get("warnings"):
-        st.success("No trivial cue predicts the class far above chance.")
 else:
     st.info("No shortcut audit is recorded for this model.")
 
-# ---------------------------------------------------------------- efficiency
-st.subheader("Speed and size")
-lat = metrics.get("latency") or {}
-par = metrics.get("parameters") or card.parameters or {}
-e = st.columns(4)
-e[0].metric("Latency, batch 1", f"{fmt_num(lat.get('batch1_ms_per_image'), 1)} ms/image")
-e[1].metric("Latency, batch 32", f"{fmt_num(lat.get('batch32_ms_per_image'), 1)} ms/image")
-e[2].metric("Parameters", f"{par['total']:,}" if isinstance(par.get("total"), int) else "n/a")
-e[3].metric("Trainable parameters", f"{par['trainable']:,}" if isinstance(par.get("trainable"), int) else "n/a")
-if lat:
-    st.caption("Measured on the training machine's CPU; model forward pass only (no decoding or preprocessing).")
-
-# ---------------------------------------------------------------- comparison
-st.subheader("Model comparison")
-table, where = comparison_table(ROOT, card.task)
-if table:
-    st.markdown(table)
-    st.caption(where)
-else:
-    st.info(where)
-
-# ---------------------------------------------------------------- provenance and use
-st.subheader("Data provenance")
-data = card.data or {}
-if data:
-    st.markdown(f"Dataset **{data.get('name', 'n/a')}**, {data.get('n_images', 'n/a')} images; class counts: "
-                + ", ".join(f"{c} {n}" for c, n in (data.get("class_counts") or {}).items()))
-    split = card.split or {}
-    if split:
-        sizes = split.get("sizes") or {}
-        st.markdown("Split: " + (", ".join(f"{k} {v}" for k, v in sizes.items()) or "sizes not recorded")
-                    + f" (seed {split.get('seed', 'n/a')}); {split.get('grouping', '')}.")
-else:
-    st.info("No data provenance is recorded in the model card.")
-st.subheader("Intended use and limitations")
-st.markdown(card.intended_use)
-st.markdown("**Not for:**\n" + "\n".join(f"- {x}" for x in card.not_for))
-if card.limitations:
-    st.markdown("**Limitations:**\n" + "\n".join(f"- {x}" for x in card.limitations))
+# ---------------------------------------------------------------- for developers
+with st.expander("Training, speed, size and data (for developers)"):
+    st.plotly_chart(charts.training_curves(metrics.get("history"), title=None), config={"displayModeBar": False})
+    lat = metrics.get("latency") or {}
+    par = metrics.get("parameters") or card.parameters or {}
+    e = st.columns(4)
+    e[0].metric("Latency, batch 1", f"{fmt_num(lat.get('batch1_ms_per_image'), 1)} ms/image")
+    e[1].metric("Latency, batch 32", f"{fmt_num(lat.get('batch32_ms_per_image'), 1)} ms/image")
+    e[2].metric("Parameters", f"{par['total']:,}" if isinstance(par.get("total"), int) else "n/a")
+    e[3].metric("Trainable parameters", f"{par['trainable']:,}" if isinstance(par.get("trainable"), int) else "n/a")
+    data = card.data or {}
+    if data:
+        st.markdown(f"Dataset **{data.get('name', 'n/a')}**, {data.get('n_images', 'n/a')} images; class counts: "
+                    + ", ".join(f"{c} {n}" for c, n in (data.get("class_counts") or {}).items()))
+        split = card.split or {}
+        if split:
+            st.markdown("Split: " + (", ".join(f"{k} {v}" for k, v in (split.get("sizes") or {}).items())
+                                     or "sizes not recorded") + f" (seed {split.get('seed', 'n/a')}); "
+                        f"{split.get('grouping', '')}.")
+    st.markdown("Backbone comparisons are in `bench/RESULTS.md`; they were not run under equal conditions "
+                "(initialisation and budget differ), so no comparison table is shown here.")

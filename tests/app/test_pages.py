@@ -188,29 +188,42 @@ def test_single_image_corrupt_upload_is_a_message_not_a_crash(app_env):
 
 
 def test_metrics_page(app_env):
+    """A quality manager's page: the confound first, intervals on the figures, the other lab beside the test
+    split, per-bin counts in the reliability diagram, no ROC curves and no comparison of unequals."""
+    from bcc_core.evaluation import confusion_report
+    from bcc_core.verification import load_reports
+
     at = start("pages/metrics.py")
+    assert not at.exception, [e.value for e in at.exception]
     assert at.title[0].value == "Model metrics"
     assert DISCLAIMER in texts(at, "info")
-    labels = [m.label for m in at.metric]
-    for lab in ("Accuracy", "Macro F1", "Cohen's kappa", "ROC-AUC (macro, one-vs-rest)", "ECE after scaling",
-                "Latency, batch 1", "Parameters"):
-        assert lab in labels
-    metrics = json.loads((app_env["model_dir"] / "metrics.json").read_text())
-    assert metric(at, "Macro F1") == f"{metrics['test']['macro_f1']:.3f}"
-    # Per-class table has one row per class; confusion matrix, ROC, history and reliability are charts.
-    per_class = at.dataframe[0].value
-    assert list(per_class["class"]) == metrics["test"]["classes"]
-    assert {"precision", "recall", "f1", "specificity"} <= set(per_class.columns)
-    assert len(at.get("plotly_chart")) >= 4
     card = json.loads((app_env["model_dir"] / "model_card.json").read_text())
-    # Shortcut warnings from the card are shown loudly, verbatim.
-    errors = texts(at, "error")
-    for w in card.get("shortcut_audit", {}).get("warnings", []):
-        assert w in errors
-    body = texts(at)
-    assert card["review_rule"]["guarantee"] in body
-    assert "Model comparison" in body
-    assert card["not_for"][0] in body
+    metrics = json.loads((app_env["model_dir"] / "metrics.json").read_text())
+    # The card's limitations (the one-lab-per-class confound) come first, before any figure.
+    assert at.subheader[0].value == "Read this first"
+    warnings = texts(at, "warning")
+    for line in card["limitations"]:
+        assert line in warnings
+    # Test figures carry 95% intervals computed from the recorded confusion matrix.
+    rep = confusion_report(metrics["test"]["confusion_matrix"], metrics["test"]["classes"])
+    body = texts(at, "markdown")
+    lo, hi = rep["accuracy"]["ci95"]
+    assert f"Accuracy: {rep['accuracy']['value'] * 100:.1f}% (95% CI {lo * 100:.1f}%–{hi * 100:.1f}%" in body
+    assert "Macro-F1: " in body and "(95% CI " in body.split("Macro-F1: ")[1].split("\n")[0]
+    per_class = next(d.value for d in at.dataframe if "recall (test)" in d.value.columns)
+    assert list(per_class["class"]) == metrics["test"]["classes"]
+    assert per_class["recall (test)"].str.contains("95% CI").all()
+    # External figures from saved reports (the bundled pbs5 model has one for BCCD) sit beside the test split.
+    for ext in load_reports(app_env["model_dir"]):
+        assert f"Other lab: {ext['name']}" in body
+        assert any(f"recall ({ext['name']})" in d.value.columns for d in at.dataframe)
+    # Calibration error with an interval; the reliability diagram labels each bin with its count.
+    assert "95% CI" in metric(at, "Calibration error after scaling")
+    figs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any('"n=' in f for f in figs)
+    assert not any("ROC" in f for f in figs)
+    assert "Model comparison" not in texts(at, "subheader")
+    assert card["review_rule"]["guarantee"] in texts(at)
 
 
 def test_model_card_page(app_env):
@@ -428,4 +441,7 @@ def test_model_selector_drives_every_page(app_env):
     assert at.session_state["model_dir"] == str(other)
     metrics_file = other / "metrics.json"
     if metrics_file.is_file():
-        assert metric(at, "Macro F1") == f"{json.loads(metrics_file.read_text())['test']['macro_f1']:.3f}"
+        from bcc_core.evaluation import confusion_report
+
+        t = json.loads(metrics_file.read_text())["test"]
+        assert f"Macro-F1: {confusion_report(t['confusion_matrix'], t['classes'])['macro_f1']:.3f}" in texts(at)
