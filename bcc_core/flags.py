@@ -18,6 +18,9 @@ from typing import Any
 
 FLAG_CODES: tuple[str, ...] = ("low_confidence", "out_of_distribution", "image_quality", "shortcut_cue")
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+# Short names a reviewer sees for each flag code (tables, box titles).
+FLAG_TITLES: dict[str, str] = {"low_confidence": "Low confidence", "out_of_distribution": "Unlike the training images",
+                               "image_quality": "Image quality", "shortcut_cue": "Colour shortcut in this model"}
 
 _NEXT_STEPS: dict[str, str] = {
     "low_confidence": (
@@ -108,6 +111,12 @@ class Verdict:
     level: str
     headline: str
     trust_suggestion: bool
+
+    @property
+    def label(self) -> str:
+        """One or two words for a table cell."""
+        return {"do_not_use": "Do not use", "unknown": "Not recognised", "review": "Needs review",
+                "ok": "OK"}[self.level]
 
 
 def verdict(flags: Iterable[Flag] | None) -> Verdict:

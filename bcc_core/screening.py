@@ -20,7 +20,7 @@ from .io import content_hash, read_image
 class ScreeningConfig:
     batch_size: int = 32
     workers: int = 2
-    thumbnail: int = 64
+    thumbnail: int = 96  # px kept per image for the results table (48 px by default, 96 on demand)
 
 
 def _load(src, predictor, cfg: ScreeningConfig):

@@ -132,10 +132,13 @@ def results_frame(rows: Sequence[Mapping[str, Any]], thumbnails: bool = True,
         start: Position of ``rows[0]`` in the whole batch (for the ``#`` column).
 
     Returns:
-        Columns ``#`` (position in the batch), ``thumbnail`` (when requested), file, status,
-        predicted_class, confidence (0..1, missing for errors), flags (codes), reason.
+        Columns ``#`` (position in the batch), ``thumbnail`` (when requested), file, status, verdict (the
+        most severe flag in words, as the detail view says it), predicted_class, confidence (0..1, missing
+        for errors), why (flag titles, or an error's reason), flags (codes), reason (full messages).
     """
     import pandas as pd
+
+    from .flags import FLAG_TITLES, Flag, verdict
 
     recs = []
     for i, r in enumerate(rows):
@@ -143,17 +146,21 @@ def results_frame(rows: Sequence[Mapping[str, Any]], thumbnails: bool = True,
         if thumbnails:
             rec["thumbnail"] = thumbnail_uris[i] if thumbnail_uris is not None else png_data_uri(r.get("thumbnail"))
         conf = r.get("confidence")
+        flags = [f for f in (r.get("flags") or []) if isinstance(f, Flag)]
         rec.update({
             "file": str(r.get("file", "")),
             "status": r.get("status", ""),
+            "verdict": "Error (unreadable)" if r.get("status") == "error" else verdict(flags).label,
             "predicted_class": r.get("predicted_class") or "",
             "confidence": float(conf) if conf is not None else None,
+            "why": (r.get("reason") or "") if r.get("status") == "error" else
+                   "; ".join(dict.fromkeys(FLAG_TITLES.get(f.code, f.code) for f in flags)),
             "flags": flag_codes(r.get("flags")),
             "reason": r.get("reason") or "",
         })
         recs.append(rec)
-    cols = ["#"] + (["thumbnail"] if thumbnails else []) + ["file", "status", "predicted_class", "confidence",
-                                                               "flags", "reason"]
+    cols = ["#"] + (["thumbnail"] if thumbnails else []) + ["file", "status", "verdict", "predicted_class",
+                                                               "confidence", "why", "flags", "reason"]
     return pd.DataFrame.from_records(recs, columns=cols)
 
 

@@ -24,6 +24,7 @@ STATE_DEFAULTS: dict = {
     "batch_rows": [],         # list[dict]: screening rows (bcc_core.screening.screen), input order
     "batch_sources": [],      # list[ImageSource]: the sources behind batch_rows, same order
     "batch_thumbs": [],       # list[str | None]: thumbnail data URIs, same order as batch_rows
+    "batch_run_id": "",       # str: identifies the screening run (cache key for its large thumbnails)
     "batch_model": None,      # str: model directory the batch was screened with
     "batch_prediction_ids": {},  # {row index: audit prediction id} for rows recorded in the audit log
     "batch_detail": None,     # ((model dir, row index), original image, Prediction) of the open cell
@@ -165,16 +166,14 @@ def page_header(title: str, intro: str | None = None) -> None:
 
 
 SEVERITY_TITLE = {"critical": "Critical", "warning": "Warning", "info": "Note"}
-FLAG_TITLE = {"low_confidence": "Low confidence", "out_of_distribution": "Unlike the training images",
-              "image_quality": "Image quality", "shortcut_cue": "Colour shortcut in this model"}
 
 
 def show_flags(flags) -> None:
     """Each flag as a coloured box (critical → red): what is wrong and what to do next, said once."""
-    from bcc_core.flags import next_step
+    from bcc_core.flags import FLAG_TITLES, next_step
 
     for f in flags or []:
-        title = FLAG_TITLE.get(f.code, f.code)
+        title = FLAG_TITLES.get(f.code, f.code)
         try:
             step = next_step(f.code)
         except ValueError:

@@ -35,13 +35,31 @@ TABLE_COLUMNS = {
     "#": st.column_config.NumberColumn("#", width="small"),
     "thumbnail": st.column_config.ImageColumn("cell", width="small"),
     "file": st.column_config.TextColumn("file", width="medium"),
-    "status": st.column_config.TextColumn("status", width="small"),
+    "verdict": st.column_config.TextColumn("result", width="small",
+                                           help="The most severe flag in words, as the cell's detail view says it."),
     "predicted_class": st.column_config.TextColumn("suggested class"),
-    "confidence": st.column_config.ProgressColumn("confidence", min_value=0.0, max_value=1.0, format="percent",
+    "confidence": st.column_config.ProgressColumn("confidence", min_value=0.0, max_value=100.0, format="%.1f%%",
                                                   help="Calibrated. Shown at most as 99.9%: never as a certainty."),
-    "flags": st.column_config.TextColumn("flags", width="medium"),
-    "reason": st.column_config.TextColumn("reason", width="large"),
+    "why": st.column_config.TextColumn("why", width="large",
+                                       help="The flags raised; open the cell for each flag's full explanation."),
 }
+# Shown columns; the full flag messages (`reason`) are in the cell's detail view and in the CSV.
+TABLE_ORDER = ["#", "thumbnail", "file", "verdict", "predicted_class", "confidence", "why"]
+
+
+LARGE_THUMB = 96  # px, the size screening keeps (ScreeningConfig.thumbnail)
+
+
+@st.cache_data(show_spinner="Encoding larger thumbnails…", max_entries=2)
+def large_thumbnails(run_id: str, n: int) -> list:
+    """Data URIs of the batch's thumbnails at full kept size (computed once per run, on demand)."""
+    return [png_data_uri(r.get("thumbnail"), max_side=LARGE_THUMB) for r in st.session_state["batch_rows"][:n]]
+
+
+def display(frame):
+    """The table as shown: confidence in percent (one decimal everywhere), capped below certainty."""
+    return frame.assign(confidence=frame["confidence"].clip(upper=DISPLAY_MAX_CONFIDENCE) * 100)
+
 
 # ---------------------------------------------------------------- inputs
 mode = st.radio("Input", ["Upload images or a .zip", "Folder on the server"], horizontal=True, key="batch_mode")
@@ -102,9 +120,8 @@ if run:
             with live.container():
                 if k:
                     st.caption(f"Latest {LIVE_ROWS} results; the full table follows when the run ends.")
-                st.dataframe(results_frame(done_rows[k:], thumbnail_uris=uris[k:], start=k).assign(
-                                 confidence=lambda d: d["confidence"].clip(upper=DISPLAY_MAX_CONFIDENCE)),
-                             column_config=TABLE_COLUMNS, hide_index=True,
+                st.dataframe(display(results_frame(done_rows[k:], thumbnail_uris=uris[k:], start=k)),
+                             column_config=TABLE_COLUMNS, column_order=TABLE_ORDER, hide_index=True,
                              height=min(400, 38 + 35 * (len(done_rows) - k)))
 
     t0 = time.perf_counter()
@@ -112,6 +129,7 @@ if run:
     ss["batch_seconds"] = time.perf_counter() - t0
     ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
     ss["batch_thumbs"] = uris
+    ss["batch_run_id"] = f"{time.time_ns()}"
     ss["batch_detail"], ss["batch_open"], ss["batch_table_pick"] = None, None, ()
     ss["batch_prediction_ids"] = record_in_audit(rows, predictor.card.model_id)
     bar.empty()
@@ -159,13 +177,15 @@ exports.download_button("Download FHIR R4 Bundle (JSON)",
 
 # ---------------------------------------------------------------- results table
 st.subheader("Results")
-f1, f2 = st.columns([1, 3])
+f1, f2, f3 = st.columns([1, 1, 3])
 review_only = f1.toggle("Needs review only", key="batch_review_only")
-show_classes = f2.multiselect("Suggested class", classes, default=classes, key="batch_class_filter",
+large = f2.toggle("Large thumbnails", key="batch_large_thumbs", help=f"{LARGE_THUMB} px instead of 48 px.")
+show_classes = f3.multiselect("Suggested class", classes, default=classes, key="batch_class_filter",
                               help="Error rows (no class) are shown whenever 'Needs review only' is off.")
 thumbs = ss["batch_thumbs"] if len(ss["batch_thumbs"]) == len(rows) else None
+if large:
+    thumbs = large_thumbnails(ss["batch_run_id"], len(rows))
 df = results_frame(rows, thumbnail_uris=thumbs)
-df["confidence"] = df["confidence"].clip(upper=DISPLAY_MAX_CONFIDENCE)
 keep = df["predicted_class"].isin(show_classes) | (df["status"] == "error")
 if review_only:
     keep &= df["status"] == "review"
@@ -174,9 +194,11 @@ if len(view) > MAX_THUMBNAIL_ROWS:  # keep each redraw of a very large table sma
     view = view.drop(columns="thumbnail")
     st.caption(f"Thumbnails are hidden above {MAX_THUMBNAIL_ROWS} rows; filter the table to see them.")
 st.caption(f"{len(view)} of {len(df)} row(s) shown. Select a row to open the cell for review below.")
-event = st.dataframe(view, column_config=TABLE_COLUMNS, hide_index=True, on_select="rerun",
-                     selection_mode="single-row", key=f"batch_table_{int(review_only)}_{'|'.join(show_classes)}",
-                     height=min(480, 38 + 35 * max(len(view), 1)))
+row_h = LARGE_THUMB + 8 if large else 35
+event = st.dataframe(display(view), column_config=TABLE_COLUMNS, column_order=TABLE_ORDER, hide_index=True,
+                     on_select="rerun", selection_mode="single-row", row_height=row_h,
+                     key=f"batch_table_{int(review_only)}_{'|'.join(show_classes)}",
+                     height=min(560, 38 + row_h * max(len(view), 1)))
 selected = event.selection.rows if event is not None else []
 
 # ---------------------------------------------------------------- review: one open cell, decided in place

@@ -280,6 +280,24 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     classes = json.loads((app_env["model_dir"] / "model_card.json").read_text())["classes"]
     assert set(table.loc[table["status"] != "error", "predicted_class"]) <= set(classes)
     assert table.loc[table["status"] != "error", "thumbnail"].str.startswith("data:image/png;base64,").all()
+    # The table says what the detail view says (the most severe flag in words); the blank field is unusable.
+    assert table.loc[table["file"] == "blank.png", "verdict"].item() == "Do not use"
+    assert table.loc[table["file"] == "corrupt.png", "verdict"].item() == "Error (unreadable)"
+    assert "Image quality" in table.loc[table["file"] == "blank.png", "why"].item()
+    # Larger thumbnails on demand: the kept 96 px images instead of 48 px.
+    import base64
+    import io as _io
+
+    from PIL import Image
+
+    def thumb_side(t):
+        uri = t.loc[t["file"] == "cell0.png", "thumbnail"].item()
+        return Image.open(_io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size[0]
+
+    assert thumb_side(table) == 48
+    at.toggle(key="batch_large_thumbs").set_value(True).run()
+    assert thumb_side(_results_table(at)) == 96
+    at.toggle(key="batch_large_thumbs").set_value(False).run()
 
     # Summary: counts, errors, the differential and the exports.
     n_review = int((table["status"] == "review").sum())
