@@ -395,6 +395,37 @@ class AuditLog:
                 "per_class": dict(sorted(per.items()))}
 
 
+    def summary(self) -> dict[str, Any]:
+        """Counts for a quality review, one image counted once: predictions are grouped by (image SHA-256,
+        model id), so re-screening the same files (another session, a rerun) adds no images, and an
+        image's current decision is the latest decision on any of its predictions.
+
+        Returns:
+            ``{"predictions", "images", "flagged_images", "undecided_flagged_images", "decided_images",
+            "agreement": {"k", "n", "value", "ci95"}}``; agreement is confirmed / (confirmed + corrected)
+            over images, with a Wilson 95% interval.
+        """
+        from .evaluation import rate
+
+        sql = ("WITH latest_pred AS (SELECT image_sha256, model_id, status, ROW_NUMBER() OVER (PARTITION BY"
+               "   image_sha256, model_id ORDER BY id DESC) AS rn FROM predictions),"
+               " latest_dec AS (SELECT p.image_sha256, p.model_id, d.decision, ROW_NUMBER() OVER (PARTITION BY"
+               "   p.image_sha256, p.model_id ORDER BY d.id DESC) AS rn"
+               "   FROM decisions d JOIN predictions p ON p.id = d.prediction_id)"
+               " SELECT lp.status, ld.decision FROM latest_pred lp LEFT JOIN latest_dec ld ON"
+               "  ld.image_sha256 = lp.image_sha256 AND ld.model_id = lp.model_id AND ld.rn = 1 WHERE lp.rn = 1")
+        with self._connect() as con:
+            n_pred = int(con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+            rows = [(r[0], r[1]) for r in con.execute(sql).fetchall()]
+        confirmed = sum(d == "confirm" for _, d in rows)
+        corrected = sum(d == "correct" for _, d in rows)
+        return {"predictions": n_pred, "images": len(rows),
+                "flagged_images": sum(s == "review" for s, _ in rows),
+                "undecided_flagged_images": sum(s == "review" and d is None for s, d in rows),
+                "decided_images": sum(d is not None for _, d in rows),
+                "agreement": rate(confirmed, confirmed + corrected)}
+
+
 def _safe_cell(v: Any) -> Any:
     # Reviewer comments and file names are free text opened in spreadsheets: neutralise formulas.
     if isinstance(v, str) and v.startswith(("=", "+", "-", "@", "\t", "\r")):

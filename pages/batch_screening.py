@@ -370,13 +370,19 @@ if work.order:
 
 if log is not None:
     with st.expander("Audit log: all sessions (for quality review)"):
-        everything = log.queue(status=None, undecided_only=False)
-        agree = log.agreement()
+        summ = log.summary()
+        agree = summ["agreement"]
         a = st.columns(3)
-        a[0].metric("Predictions logged", len(everything))
-        a[1].metric("Flagged, still undecided", int(((everything["status"] == "review")
-                                                    & everything["decision"].isna()).sum()))
-        a[2].metric("Reviewer agreement with the model", fmt_pct(agree.get("overall")),
-                    help="Confirmed / (confirmed + corrected), from each cell's current decision.")
+        a[0].metric("Images logged", summ["images"],
+                    help=f"Distinct images per model ({summ['predictions']} predictions: re-screened files count once).")
+        a[1].metric("Flagged images still undecided", summ["undecided_flagged_images"],
+                    help=f"Of {summ['flagged_images']} flagged images, by their latest screening.")
+        a[2].metric("Reviewer agreement with the model",
+                    "n/a" if agree["value"] is None else fmt_pct(agree["value"]),
+                    help="Confirmed / (confirmed + corrected), one current decision per image.")
+        if agree["n"]:
+            st.caption(f"Agreement rests on {agree['n']} decided image(s); 95% interval "
+                       f"{fmt_pct(agree['ci95'][0])}–{fmt_pct(agree['ci95'][1])}"
+                       + (" — too few decisions to judge the model." if agree["n"] < 30 else "."))
         st.download_button("Download the full audit trail (CSV)", log.export_csv(), file_name="audit_trail.csv",
                            mime="text/csv", icon=":material/download:", on_click="ignore")

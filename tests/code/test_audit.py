@@ -201,3 +201,26 @@ def test_in_memory_log():
     pid = _pred(log)
     log.record_decision(pid, "dr.a", "confirm")
     assert len(log.history(pid)) == 1
+
+
+def test_summary_counts_each_image_once_and_gives_agreement_an_interval(tmp_path):
+    """The same batch screened twice (another session) adds predictions, not images; an image's current
+    decision is the latest on any of its predictions; agreement shows its n and a 95% interval."""
+    log = AuditLog(tmp_path / "a.sqlite")
+    shas = [f"{i:02x}" * 32 for i in range(4)]
+    first = [log.record_prediction(h, f"c{i}.png", "m1", "monocyte", 0.9, "review", ["low_confidence"])
+             for i, h in enumerate(shas)]
+    second = [log.record_prediction(h, f"c{i}.png", "m1", "monocyte", 0.9, "review", ["low_confidence"])
+              for i, h in enumerate(shas)]
+    log.record_decision(first[0], "dr", "confirm")
+    log.record_decision(second[1], "dr", "correct", "myeloblast")
+    log.record_decision(second[2], "dr", "confirm")
+    s = log.summary()
+    assert s["predictions"] == 8 and s["images"] == 4 and s["flagged_images"] == 4
+    assert s["undecided_flagged_images"] == 1 and s["decided_images"] == 3
+    assert s["agreement"]["k"] == 2 and s["agreement"]["n"] == 3
+    lo, hi = s["agreement"]["ci95"]
+    assert lo < 2 / 3 < hi
+    # The same image under another model is another image for these counts.
+    log.record_prediction(shas[0], "c0.png", "m2", "monocyte", 0.9, "ok", [])
+    assert log.summary()["images"] == 5
