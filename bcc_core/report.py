@@ -322,45 +322,56 @@ def validate_fhir_bundle(bundle: dict[str, Any]) -> bool:
     return True
 
 
-def differential(rows: list[dict[str, Any]], classes: list[str]) -> pd.DataFrame:
-    """Differential count of the predicted classes, plus summary rows.
+def differential(rows: list[dict[str, Any]], classes: list[str],
+                 decisions: dict[int, tuple[str, str | None]] | None = None) -> pd.DataFrame:
+    """Working differential of a batch: what the cells are, as far as anyone can say yet.
+
+    A cell counts under a class only when it is settled: shown as ok by the model (no flag), or decided
+    by a reviewer (their final class; a cell type the model does not know becomes its own row). A
+    flagged cell nobody has decided is "awaiting review", never a finding. Every percentage has one
+    denominator, all images of the batch, so the column sums to 100.
 
     Args:
         rows: Result rows (see module docstring).
         classes: Model classes, in display order.
+        decisions: {row index: (decision, final_class)} of the reviewers' current decisions.
 
     Returns:
-        DataFrame with columns ``category``, ``kind``, ``count``, ``percent``:
-            * one ``kind == "class"`` row per class: count of non-error rows predicting it and percent of
-              all non-error rows that have a predicted class (these percents sum to 100 when any exist);
-            * ``kind == "summary"`` rows: ``"flagged for review"`` (status ``review``, percent of non-error
-              rows), ``"no class assigned"`` (non-error rows without a class, percent of non-error rows)
-              and ``"errors"`` (status ``error``, percent of all rows).
+        DataFrame with columns ``category``, ``kind`` ("class" | "summary"), ``count``, ``percent`` (of all
+        images): one class row per model class (then reviewer-assigned labels), and the summary rows
+        "awaiting review", "rejected by reviewer", "errors".
 
     Raises:
         ValueError: If a row has an invalid status or a class not in ``classes``.
     """
     classes = list(classes)
+    decisions = decisions or {}
     for r in rows:
         _check_row(r, classes)
-    valid = [r for r in rows if r["status"] != "error"]
-    classified = [r for r in valid if r.get("predicted_class") is not None]
-    n_err = len(rows) - len(valid)
+    counts: dict[str, int] = {c: 0 for c in classes}
+    waiting = rejected = errors = 0
+    for i, r in enumerate(rows):
+        if r["status"] == "error":
+            errors += 1
+        elif i in decisions:
+            decision, final = decisions[i]
+            if decision == "reject_image":
+                rejected += 1
+            else:
+                label = final if decision == "correct" else r.get("predicted_class")
+                counts[label] = counts.get(label, 0) + 1
+        elif r["status"] == "ok" and r.get("predicted_class") is not None:
+            counts[r["predicted_class"]] += 1
+        else:
+            waiting += 1
+    total = len(rows)
 
-    def pct(n: int, d: int) -> float:
-        return 100.0 * n / d if d else 0.0
+    def pct(n: int) -> float:
+        return 100.0 * n / total if total else 0.0
 
-    out = []
-    for c in classes:
-        n = sum(r["predicted_class"] == c for r in classified)
-        out.append({"category": c, "kind": "class", "count": n, "percent": pct(n, len(classified))})
-    n_review = sum(r["status"] == "review" for r in valid)
-    out.append({"category": "flagged for review", "kind": "summary", "count": n_review,
-                "percent": pct(n_review, len(valid))})
-    n_none = len(valid) - len(classified)
-    out.append({"category": "no class assigned", "kind": "summary", "count": n_none,
-                "percent": pct(n_none, len(valid))})
-    out.append({"category": "errors", "kind": "summary", "count": n_err, "percent": pct(n_err, len(rows))})
+    out = [{"category": c, "kind": "class", "count": n, "percent": pct(n)} for c, n in counts.items()]
+    out += [{"category": k, "kind": "summary", "count": n, "percent": pct(n)}
+            for k, n in (("awaiting review", waiting), ("rejected by reviewer", rejected), ("errors", errors))]
     df = pd.DataFrame(out, columns=["category", "kind", "count", "percent"])
     df["count"] = df["count"].astype(int)
     df["percent"] = df["percent"].astype(float)

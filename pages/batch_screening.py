@@ -142,6 +142,23 @@ if ss["batch_model"] != current_model_dir():
     st.warning(f"These results come from model `{Path(ss['batch_model']).name}`, not the one selected now. "
                "Run the screening again to use the selected model.")
 
+# ---------------------------------------------------------------- decisions so far (audit log)
+ids = ss["batch_prediction_ids"]
+log = audit_log() if ids else None
+current = (log.queue(status=None, undecided_only=False).set_index("prediction_id") if log is not None
+           else pd.DataFrame(columns=["decision", "final_class", "reviewer", "decided_at"]))
+
+
+def current_decision(i):
+    """The audit log's current decision on row i ({decision, final_class, reviewer, decided_at}) or None."""
+    pid = ids.get(i)
+    if pid is None or pid not in current.index or pd.isna(current.at[pid, "decision"]):
+        return None
+    return current.loc[pid, ["decision", "final_class", "reviewer", "decided_at"]].to_dict()
+
+
+decided = {i: (d["decision"], d["final_class"]) for i in ids if (d := current_decision(i))}
+
 # ---------------------------------------------------------------- summary
 counts = summary_counts(rows, classes)
 st.subheader("Summary")
@@ -152,17 +169,22 @@ m[2].metric("Needs review", counts["flagged"])
 m[3].metric("Errors (unreadable)", counts["error"])
 m[4].metric("Time", f"{ss['batch_seconds']:.1f} s" if ss["batch_seconds"] else "n/a")
 s1, s2 = st.columns([1.3, 1])
-with s1:
-    st.plotly_chart(charts.differential_bar(counts["per_class"], classes), config={"displayModeBar": False})
-with s2:
-    try:
-        st.markdown("**Differential** (suggested classes, readable images)")
-        st.dataframe(differential(rows, classes), hide_index=True,
+try:
+    diff = differential(rows, classes, decided)
+except ValueError as e:  # an export problem must not hide the results
+    diff = None
+    s2.warning(f"Differential not available: {e}")
+if diff is not None:
+    with s1:
+        st.plotly_chart(charts.differential_bar(dict(zip(diff["category"], diff["count"])), list(diff["category"]),
+                                                title="Working differential (all images of the batch)"),
+                        config={"displayModeBar": False})
+    with s2:
+        st.markdown("**Working differential** (percent of all images)")
+        st.dataframe(diff, hide_index=True,
                      column_config={"percent": st.column_config.NumberColumn("percent", format="%.1f%%")})
-    except Exception as e:  # an export problem must not hide the results
-        st.warning(f"Differential table not available: {e}")
-st.caption("Flagged cells are counted under the suggested class until a reviewer corrects them. "
-           "A differential from a model is a screening aid, not a count to report.")
+st.caption("A cell counts under a class only when it is shown as OK or a reviewer has decided it; flagged cells "
+           "wait under 'awaiting review'. A differential from a model is a screening aid, not a count to report.")
 
 exports = st.container(horizontal=True)
 export_rows = [{k: v for k, v in r.items() if k != "thumbnail"} for r in rows]
@@ -205,22 +227,8 @@ selected = event.selection.rows if event is not None else []
 # A decision is made on the cell shown above its buttons and nowhere else: each button carries that
 # cell's row index, so what is recorded is always the cell the reviewer was looking at.
 st.subheader("Review")
-ids = ss["batch_prediction_ids"]
 include_ok = st.toggle("Verify every cell (not only the flagged ones)", key="batch_verify_all",
                        help="Off: the worklist holds the cells that need review. On: every readable cell.")
-log = audit_log() if ids else None
-current = (log.queue(status=None, undecided_only=False).set_index("prediction_id") if log is not None
-           else pd.DataFrame(columns=["decision", "final_class", "reviewer", "decided_at"]))
-
-
-def current_decision(i):
-    """The audit log's current decision on row i ({decision, final_class, reviewer, decided_at}) or None."""
-    pid = ids.get(i)
-    if pid is None or pid not in current.index or pd.isna(current.at[pid, "decision"]):
-        return None
-    return current.loc[pid, ["decision", "final_class", "reviewer", "decided_at"]].to_dict()
-
-
 work = Worklist.from_rows(rows, [i for i in ids if current_decision(i)], include_ok=include_ok)
 picked = tuple(int(view.iloc[j]["#"]) for j in selected)
 if picked != ss["batch_table_pick"]:  # a row clicked in the table opens that cell

@@ -306,8 +306,11 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     assert int(metric(at, "OK")) + n_review == 3
     diff = next(d.value for d in at.dataframe if "category" in d.value.columns)
     assert list(diff.loc[diff["kind"] == "class", "category"]) == classes
-    assert diff.loc[diff["kind"] == "class", "count"].sum() == 3
+    # Only cells shown as OK count under a class; flagged ones await review; one denominator (all 4 images).
+    assert diff.loc[diff["kind"] == "class", "count"].sum() == int(metric(at, "OK"))
+    assert diff.loc[diff["category"] == "awaiting review", "count"].item() == n_review
     assert diff.loc[diff["category"] == "errors", "count"].item() == 1
+    assert diff["percent"].sum() == pytest.approx(100.0)
     labels = [b.label for b in at.download_button]
     assert "Download results (CSV)" in labels and "Download FHIR R4 Bundle (JSON)" in labels
 
@@ -330,6 +333,8 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     pid = at.session_state["batch_prediction_ids"][blank_idx]
     assert [(h["decision"], h["reviewer"], h["comment"]) for h in log.history(pid)] == [
         ("reject_image", "Dr Test", "no cell in the image")]
+    diff = next(d.value for d in at.dataframe if "category" in d.value.columns).set_index("category")
+    assert diff.loc["rejected by reviewer", "count"] == 1 and diff.loc["awaiting review", "count"] == n_review - 1
     # No other prediction received a decision.
     others = [p for i, p in at.session_state["batch_prediction_ids"].items() if i != blank_idx]
     assert all(log.history(p) == [] for p in others)

@@ -157,16 +157,27 @@ def test_fhir_bundle_without_patient_has_no_subject():
 # ---------------------------------------------------------------- differential
 
 
-def test_differential_percentages_and_summary_rows():
+def test_differential_counts_only_settled_cells_with_one_denominator():
+    """Flagged, undecided cells are 'awaiting review', not findings; every percent is of all images."""
     df = differential(_rows(), CLASSES)
     assert list(df.columns) == ["category", "kind", "count", "percent"]
     cls = df[df.kind == "class"].set_index("category")
     assert list(cls.index) == CLASSES
-    assert cls["percent"].sum() == pytest.approx(100.0)
-    assert cls.loc["monocyte", "count"] == 2 and cls.loc["monocyte", "percent"] == pytest.approx(50.0)
+    assert cls.loc["monocyte", "count"] == 1 and cls.loc["monocyte", "percent"] == pytest.approx(20.0)
+    assert cls.loc["basophil", "count"] == 0   # suggested for b.jpg, but flagged and undecided
     summ = df[df.kind == "summary"].set_index("category")
-    assert summ.loc["flagged for review", "count"] == 3
+    assert summ.loc["awaiting review", "count"] == 3
     assert summ.loc["errors", "count"] == 1 and summ.loc["errors", "percent"] == pytest.approx(20.0)
+    assert df["percent"].sum() == pytest.approx(100.0) and df["count"].sum() == 5
+
+
+def test_differential_uses_reviewers_decisions():
+    decisions = {1: ("confirm", "basophil"), 2: ("correct", "lymphocyte"), 3: ("reject_image", None)}
+    df = differential(_rows(), CLASSES, decisions).set_index("category")
+    assert df.loc["basophil", "count"] == 1 and df.loc["monocyte", "count"] == 1
+    assert df.loc["lymphocyte", "kind"] == "class" and df.loc["lymphocyte", "count"] == 1
+    assert df.loc["awaiting review", "count"] == 0 and df.loc["rejected by reviewer", "count"] == 1
+    assert df["percent"].sum() == pytest.approx(100.0)
 
 
 def test_differential_empty_and_all_errors():
