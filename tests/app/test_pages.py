@@ -236,7 +236,11 @@ def test_model_card_page(app_env):
         assert item in texts(at, "error")
     assert card["intended_use"] in body
     for c in card["classes"]:
-        assert f"`{c}`" in body
+        assert f"`{c}` — " in body   # each class with its plain-language description
+    # Clinical content first; developer settings only inside the technical expander.
+    assert [e.label for e in at.expander] == ["Technical details (for developers and auditors)"]
+    assert "Grad-CAM target layer" in "\n".join(m.value for m in at.expander[0].markdown)
+    assert card["review_rule"]["guarantee"] in body
     for lim in card["limitations"]:
         assert lim in body
     assert any(card["reproduce"] == c.value for c in at.code) if card.get("reproduce") else True
