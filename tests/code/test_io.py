@@ -176,11 +176,17 @@ def test_16bit_full_range_scaled_to_8bit():
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
 
 
-def test_12bit_data_in_16bit_container_uses_inferred_depth():
+def test_16bit_scaled_by_bit_depth_not_by_each_images_maximum():
+    # The same stored value must give the same grey in every image (it used to be stretched by each
+    # image's own maximum: 1000 became 249 in one image and 62 in another).
     a = np.zeros((10, 10), np.uint16)
-    a[:, 5:] = 4095  # 12-bit white; dividing by 257 would give 16 (nearly black)
-    out = read_image(_encode(Image.fromarray(a), "TIFF"))
-    assert out[0, 9, 0] == 255 and out[0, 0, 0] == 0
+    a[:, 5:] = 1000
+    b = a.copy()
+    b[0, 0] = 4095
+    out_a = read_image(_encode(Image.fromarray(a), "TIFF"))
+    out_b = read_image(_encode(Image.fromarray(b), "TIFF"))
+    assert out_a[5, 9, 0] == out_b[5, 9, 0] == round(1000 / 257)
+    assert out_b[0, 0, 0] == round(4095 / 257)
 
 
 def test_float_tiff_in_unit_range_scaled():
@@ -192,12 +198,15 @@ def test_float_tiff_in_unit_range_scaled():
     assert out[0, 9, 0] == 255 and out[0, 0, 0] in (127, 128)
 
 
-def test_multiframe_tiff_uses_first_frame():
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP"])
+def test_multiframe_images_refused_not_silently_cut(fmt):
     red = Image.new("RGB", (16, 16), (255, 0, 0))
     blue = Image.new("RGB", (16, 16), (0, 0, 255))
-    data = _encode(red, "TIFF", save_all=True, append_images=[blue])
+    data = _encode(red, fmt, save_all=True, append_images=[blue])
     assert Image.open(io.BytesIO(data)).n_frames == 2
-    np.testing.assert_array_equal(read_image(data)[0, 0], (255, 0, 0))
+    with pytest.raises(ImageReadError, match="holds 2 images"):
+        read_image(data)
+    assert read_image(_encode(red, fmt, save_all=True)).shape == (16, 16, 3)  # one frame is fine
 
 
 @pytest.mark.parametrize(
@@ -237,8 +246,8 @@ def _bmp_with_header_size(w: int, h: int) -> bytes:
 
 @pytest.mark.parametrize("w, h", [(12_000, 10_000), (20_000, 20_000)])
 def test_huge_images_refused_without_decoding(w, h):
-    # 120 MP is above our 100 MP limit but below Pillow's own bomb error; 400 MP trips Pillow's.
-    with pytest.raises(ImageReadError, match="too large"):
+    # 120 MP is above our 40 MP limit but below Pillow's own bomb error; 400 MP trips Pillow's.
+    with pytest.raises(ImageReadError, match="decompression bomb"):
         read_image(_bmp_with_header_size(w, h))
 
 
@@ -338,9 +347,14 @@ def test_zip_members_listed_sorted_and_readable(tmp_path):
     zp = tmp_path / "batch.zip"
     zp.write_bytes(_zip_bytes(_zip_members()))
     srcs = list(iter_image_sources([zp]))
-    assert [s.name for s in srcs] == [f"{zp}:1.PNG", f"{zp}:z/2.png"]
+    # Every member but the folder is a row; the ones not read say why when loaded.
+    assert [s.name for s in srcs] == [f"{zp}:1.PNG", f"{zp}:__MACOSX/z/._2.png", f"{zp}:readme.txt",
+                                      f"{zp}:z/.hidden.png", f"{zp}:z/2.png"]
     np.testing.assert_array_equal(read_image(srcs[0].load()), _pattern(seed=11))
-    np.testing.assert_array_equal(read_image(srcs[1].load()), _pattern(seed=12))
+    np.testing.assert_array_equal(read_image(srcs[4].load()), _pattern(seed=12))
+    for s, why in zip(srcs[1:4], ["hidden", "unsupported file type '.txt'", "hidden"]):
+        with pytest.raises(ImageReadError, match=why):
+            s.load()
 
 
 def test_missing_path_non_image_file_and_corrupt_zip_become_error_sources(tmp_path, tree):
@@ -401,33 +415,34 @@ def test_sources_from_uploads_images_zip_and_errors():
         FakeUpload("empty.jpg", b""),
     ]
     srcs = sources_from_uploads(ups)
-    assert [s.name for s in srcs] == ["cell.png", "batch.zip:1.PNG", "batch.zip:z/2.png", "report.pdf", "bad.zip", "empty.jpg"]
+    assert [s.name for s in srcs] == ["cell.png", "batch.zip:1.PNG", "batch.zip:__MACOSX/z/._2.png",
+                                      "batch.zip:readme.txt", "batch.zip:z/.hidden.png", "batch.zip:z/2.png",
+                                      "report.pdf", "bad.zip", "empty.jpg"]
     np.testing.assert_array_equal(read_image(srcs[0].load()), _pattern(seed=30))
-    np.testing.assert_array_equal(read_image(srcs[2].load()), _pattern(seed=12))
+    np.testing.assert_array_equal(read_image(srcs[5].load()), _pattern(seed=12))
     with pytest.raises(ImageReadError, match="unsupported file type '.pdf'"):
-        srcs[3].load()
+        srcs[6].load()
     with pytest.raises(ImageReadError, match="zip"):
-        srcs[4].load()
+        srcs[7].load()
     with pytest.raises(ImageReadError, match="empty"):
-        read_image(srcs[5].load())
+        read_image(srcs[8].load())
 
 
 def test_extensions_constant():
     assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
-def test_zip_member_size_limit_and_bad_crc(tmp_path, monkeypatch):
-    import bcc_core.io as bio
+def test_zip_member_size_limit_and_bad_crc(tmp_path):
+    from bcc_core.io import ArchiveLimits
 
     png = encode_png(_pattern(seed=40))
     zp = tmp_path / "a.zip"
     with zipfile.ZipFile(zp, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.writestr("ok.png", png)
-    (src,) = list(iter_image_sources([zp]))
-    monkeypatch.setattr(bio, "MAX_MEMBER_BYTES", len(png) - 1)
+    (src,) = list(iter_image_sources([zp], archive=ArchiveLimits(max_member_bytes=len(png) - 1)))
     with pytest.raises(ImageReadError, match="limit"):
         src.load()
-    monkeypatch.undo()
+    assert read_image(next(iter(iter_image_sources([zp], archive=ArchiveLimits(max_member_bytes=len(png))))).load()).shape == (24, 40, 3)
 
     raw = bytearray(zp.read_bytes())
     k = raw.index(png[100:120])  # stored member data: flip a byte so the CRC no longer matches
