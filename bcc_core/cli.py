@@ -212,6 +212,69 @@ def cmd_explain_check(a) -> int:
     return 0
 
 
+def cmd_users(a) -> int:
+    """users add NAME --role R (password from $BCC_NEW_PASSWORD or a prompt) | list | disable NAME."""
+    import getpass
+
+    from . import store, users
+
+    engine = store.open_store(a.db)
+    if a.action == "list":
+        for u in users.list_users(engine):
+            print(f"{u['username']:<20} {u['role']:<9} {'active' if u['active'] else 'disabled':<8} {u['created_at']}")
+        return 0
+    if not a.name:
+        raise UsageError(f"users {a.action} needs a user name")
+    if a.action == "add":
+        if not a.role:
+            raise UsageError(f"users add needs --role ({', '.join(store.ROLES)})")
+        pw = os.environ.get("BCC_NEW_PASSWORD") or getpass.getpass(f"Password for {a.name}: ")
+        try:
+            users.add_user(engine, a.name, pw, a.role, actor=f"cli:{getpass.getuser()}")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        print(f"added {a.name} ({a.role})")
+    else:
+        users.set_active(engine, a.name, a.action == "enable", actor=f"cli:{getpass.getuser()}")
+        print(f"{a.action}d {a.name}")
+    return 0
+
+
+def cmd_audit(a) -> int:
+    """audit verify: recompute the hash chain and check every row; exit 1 naming the first problem."""
+    from . import store, trail
+
+    v = trail.verify(store.open_store(a.db))
+    if v["ok"]:
+        print(f"audit trail verifies: {v['entries']} entries, every row accounted for")
+        return 0
+    first = v["problems"][0]
+    named = (f"first broken entry: {v['first_broken']}" if v["first_broken"] is not None
+             else f"first problem: {first['entity']} row {first['id']}")
+    print(f"AUDIT TRAIL BROKEN: {len(v['problems'])} problem(s); {named}")
+    for p in v["problems"][:20]:
+        where = f"entry {p['entry']}" if "entry" in p else f"{p['entity']} row {p['id']}"
+        print(f"  {where}: {p['what']}")
+    return 1
+
+
+def cmd_case(a) -> int:
+    """case list [--search TEXT] | show ID."""
+    from . import cases, store
+
+    engine = store.open_store(a.db)
+    if a.action == "list":
+        for c in cases.list_cases(engine, a.search or ""):
+            print(f"{c['id']:>5}  {c['sample_label']:<24} {c['status']:<10} {c['n_inputs']:>6} inputs  "
+                  f"{c['model_id']}  {c['created_by']}  {c['created_at']}")
+        return 0
+    if a.id is None:
+        raise UsageError("case show needs a case id")
+    case, rows = cases.case_rows(engine, a.id)
+    print(json.dumps({"case": case, "results": rows}, indent=2, default=str))
+    return 0
+
+
 def cmd_replay_bank(a) -> int:
     from .replay import build_for_model
 
@@ -325,6 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="comma-separated per backbone: imagenet | PATH | none (default: none)")
     c.add_argument("--out", required=True, help="output folder for models and comparison.csv/.md")
     c.set_defaults(func=cmd_compare)
+    db_help = "database URL or SQLite file (default: $BCC_DATABASE_URL, else $BCC_DATA_DIR/bcc.sqlite)"
+    us = sub.add_parser("users", help="local users and roles (viewer, reviewer, signer, admin)")
+    us.add_argument("action", choices=["add", "list", "disable", "enable"])
+    us.add_argument("name", nargs="?")
+    us.add_argument("--role", choices=["viewer", "reviewer", "signer", "admin"])
+    us.add_argument("--db", help=db_help)
+    us.set_defaults(func=cmd_users)
+    au = sub.add_parser("audit", help="verify the tamper-evident audit trail (exit 1 naming the first broken entry)")
+    au.add_argument("action", choices=["verify"])
+    au.add_argument("--db", help=db_help)
+    au.set_defaults(func=cmd_audit)
+    ca = sub.add_parser("case", help="list or show saved cases")
+    ca.add_argument("action", choices=["list", "show"])
+    ca.add_argument("id", nargs="?", type=int)
+    ca.add_argument("--search", help="text in the sample label")
+    ca.add_argument("--db", help=db_help)
+    ca.set_defaults(func=cmd_case)
     ex = sub.add_parser("explain-check", help="explanation sanity checks (class difference, model randomisation); "
                                               "the app offers only the methods that pass")
     ex.add_argument("--model", required=True)

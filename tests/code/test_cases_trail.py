@@ -1,0 +1,200 @@
+"""Cases, users and the tamper-evident trail on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+
+from db_fixtures import postgres_url  # noqa: F401  (pytest fixture)
+
+from bcc_core import cases, store, trail, users
+from bcc_core.flags import Flag
+
+PASSWORD = "correct horse battery"
+
+
+def _row(i: int, status: str = "review", cls: str = "monocyte") -> dict:
+    flags = [Flag("low_confidence", "warning", "Unsure.")] if status == "review" else []
+    return {"file": f"/srv/patients/DOE_JOHN/slide7/cell{i}.png", "status": status, "predicted_class": cls,
+            "confidence": 0.61 + i / 100, "flags": flags, "reason": "Unsure." if flags else "",
+            "probabilities": {"monocyte": 0.61 + i / 100, "myeloblast": 0.39 - i / 100}, "sha256": f"{i:02x}" * 32}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path):
+    url = str(tmp_path / "bcc.sqlite") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    eng = store.open_store(url)
+    if request.param == "postgresql":  # one database for the session: start each test empty
+        with eng.begin() as con:
+            for t in ("trail", "decisions", "results", "cases", "users"):
+                con.execute(sa.text(f"DELETE FROM {t}"))
+            con.execute(sa.update(store.trail_head).values(last_id=0, last_hash=store.GENESIS, writes=0))
+    yield eng
+    eng.dispose()
+
+
+def _people(engine):
+    users.add_user(engine, "rita", PASSWORD, "reviewer")
+    users.add_user(engine, "sam", PASSWORD, "signer")
+    users.add_user(engine, "vic", PASSWORD, "viewer")
+    return users.login(engine, "rita", PASSWORD), users.login(engine, "sam", PASSWORD), \
+        users.login(engine, "vic", PASSWORD)
+
+
+def _case(engine, user, n=4):
+    cid = cases.create_case(engine, user, "SLIDE-0042", "pbs5-mobilenetv2", "ab" * 32, n)
+    ids = [cases.add_result(engine, user, cid, i, _row(i, "review" if i % 2 == 0 else "ok")) for i in range(n)]
+    return cid, ids
+
+
+def test_a_case_from_screening_to_sign_off_and_amendment(engine):
+    rita, sam, vic = _people(engine)
+    cid, ids = _case(engine, rita)
+    assert cases.finish(engine, rita, cid) == "complete"
+    case, rows = cases.case_rows(engine, cid)
+    # Names are relative to the case: no server path, no patient folder.
+    assert [r["name"] for r in rows] == [f"cell{i}.png" for i in range(4)]
+    with pytest.raises(users.AuthError):
+        cases.decide(engine, vic, ids[0], "confirm")                     # a viewer may not decide
+    cases.decide(engine, rita, ids[0], "confirm")
+    with pytest.raises(cases.CaseError, match="1 flagged cell"):
+        cases.sign(engine, sam, cid)                                     # #2 is still undecided
+    cases.decide(engine, rita, ids[2], "correct", "lymphocyte", "small round cell")
+    with pytest.raises(users.AuthError):
+        cases.sign(engine, rita, cid)                                    # a reviewer may not sign
+    cases.sign(engine, sam, cid)
+    with pytest.raises(users.AuthError):
+        cases.decide(engine, rita, ids[2], "confirm")                    # signed: read-only for reviewers
+    with pytest.raises(cases.CaseError, match="needs a reason"):
+        cases.decide(engine, sam, ids[2], "confirm")
+    cases.decide(engine, sam, ids[2], "correct", "eosinophil", reason="granules were missed")
+    _, rows = cases.case_rows(engine, cid)
+    assert rows[2]["final_class"] == "eosinophil" and rows[2]["amendment"] and rows[0]["decision"] == "confirm"
+    v = trail.verify(engine)
+    assert v["ok"], v["problems"]
+    with engine.connect() as con:
+        actions = [r.action for r in con.execute(sa.select(store.trail.c.action).order_by(store.trail.c.id))]
+    assert actions.count("login") == 3 and "case.sign" in actions and actions[-1] == "decision.amend"
+
+
+def test_login_refuses_wrong_password_and_disabled_users(engine):
+    _people(engine)
+    with pytest.raises(users.AuthError):
+        users.login(engine, "rita", "wrong password!")
+    users.set_active(engine, "rita", False, actor="admin")
+    with pytest.raises(users.AuthError):
+        users.login(engine, "rita", PASSWORD)
+    with pytest.raises(ValueError):
+        users.add_user(engine, "rita", PASSWORD, "reviewer")             # duplicate
+    assert trail.verify(engine)["ok"]
+
+
+def test_an_incomplete_case_keeps_its_rows_and_resumes(engine):
+    rita, _, _ = _people(engine)
+    cid = cases.create_case(engine, rita, "SLIDE-7", "m", "cd" * 32, 5)
+    for i in range(3):                                                   # the run was killed after 3 rows
+        cases.add_result(engine, rita, cid, i, _row(i))
+    assert cases.finish(engine, rita, cid) == "incomplete"
+    assert cases.screened_seqs(engine, cid) == {0, 1, 2}
+    for i in (3, 4):
+        cases.add_result(engine, rita, cid, i, _row(i))
+    assert cases.finish(engine, rita, cid) == "complete"
+    with pytest.raises(cases.CaseError, match="complete"):
+        cases.add_result(engine, rita, cid, 4, _row(4))                 # a complete case takes no more rows
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as con:    # one row per input position
+        con.execute(sa.insert(store.results).values(case_id=cid, seq=1, name="x", status="ok", flags="[]",
+                                                    reason="", created_at="t"))
+
+
+# ---------------------------------------------------------------- tampering (SQLite, plain SQL)
+
+@pytest.fixture
+def sqlite_case(tmp_path):
+    path = tmp_path / "bcc.sqlite"
+    eng = store.open_store(str(path))
+    rita, sam, _ = _people(eng)
+    cid, ids = _case(eng, rita)
+    cases.finish(eng, rita, cid)
+    cases.decide(eng, rita, ids[0], "confirm")
+    cases.decide(eng, rita, ids[2], "correct", "lymphocyte")
+    cases.sign(eng, sam, cid)
+    assert trail.verify(eng)["ok"]
+    eng.dispose()
+    return path
+
+
+def _tamper(path, sql):
+    con = sqlite3.connect(path)
+    con.execute(sql)
+    con.commit()
+    con.close()
+    return trail.verify(store.open_store(str(path)))
+
+
+@pytest.mark.parametrize("sql, named", [
+    ("UPDATE results SET predicted_class = 'myeloblast' WHERE id = 2", {"entity": "result", "id": 2}),
+    ("UPDATE decisions SET final_class = 'monocyte' WHERE id = 2", {"entity": "decision", "id": 2}),
+    ("UPDATE cases SET signed_by = 'mallory'", {"entity": "case", "id": 1}),
+    ("UPDATE users SET role = 'admin' WHERE username = 'vic'", {"entity": "user", "id": 3}),
+    ("DELETE FROM decisions WHERE id = 1", {"entity": "decision", "id": 1}),
+    ("INSERT INTO decisions (case_id, result_id, actor, decided_at, decision, final_class, comment, amendment) "
+     "VALUES (1, 2, 'mallory', 't', 'confirm', 'monocyte', '', 0)", {"entity": "decision", "id": 3}),
+])
+def test_verify_names_a_row_changed_behind_the_apps_back(sqlite_case, sql, named):
+    v = _tamper(sqlite_case, sql)
+    assert not v["ok"]
+    assert any(p.get("entity") == named["entity"] and p.get("id") == named["id"] for p in v["problems"]), v
+
+
+@pytest.mark.parametrize("sql, entry", [
+    ("UPDATE trail SET actor = 'mallory' WHERE id = 5", 5),
+    ("DELETE FROM trail WHERE id = 7", 7),
+    ("UPDATE trail SET after = replace(after, 'lymphocyte', 'monocyte') WHERE action = 'decision.add'", None),
+])
+def test_verify_names_the_first_broken_trail_entry(sqlite_case, sql, entry):
+    v = _tamper(sqlite_case, sql)
+    assert not v["ok"]
+    if entry is not None:
+        assert v["first_broken"] == entry
+    else:
+        assert v["first_broken"] is not None
+
+
+def test_removing_entries_from_the_end_is_detected(sqlite_case):
+    v = _tamper(sqlite_case, "DELETE FROM trail WHERE id = (SELECT MAX(id) FROM trail)")
+    assert not v["ok"]
+
+
+# ---------------------------------------------------------------- two processes at once
+
+def _review_many(url: str, label: str, n: int) -> None:
+    eng = store.open_store(url)
+    user = users.login(eng, "sam", PASSWORD)
+    cid = cases.create_case(eng, user, label, "m", "ef" * 32, n)
+    for i in range(n):
+        rid = cases.add_result(eng, user, cid, i, _row(i))
+        cases.decide(eng, user, rid, "confirm")
+    cases.finish(eng, user, cid)
+    eng.dispose()
+
+
+def test_two_processes_reviewing_different_cases_lose_nothing(engine):
+    _people(engine)
+    url = engine.url.render_as_string(hide_password=False)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_review_many, args=(url, f"CASE-{k}", 15)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+        assert p.exitcode == 0
+    listed = cases.list_cases(engine)
+    assert sorted(c["sample_label"] for c in listed) == ["CASE-0", "CASE-1"]
+    for c in listed:
+        _, rows = cases.case_rows(engine, c["id"])
+        assert len(rows) == 15 and all(r["decision"] == "confirm" for r in rows)
+    v = trail.verify(engine)
+    assert v["ok"], v["problems"][:3]
