@@ -19,6 +19,7 @@ import struct
 import threading
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -428,8 +429,8 @@ class _ZipReader:
                 # the header declares.
                 with self._zf.open(info) as f:
                     data = f.read(self._max + 1)
-            except (zipfile.BadZipFile, OSError, KeyError, EOFError, RuntimeError, NotImplementedError,
-                    ValueError) as exc:
+            except (zipfile.BadZipFile, zlib.error, OSError, KeyError, EOFError, RuntimeError, NotImplementedError,
+                    ValueError, struct.error, OverflowError) as exc:
                 # RuntimeError: encrypted member; NotImplementedError: unsupported compression.
                 raise ImageReadError(f"{self._label}:{shown}: cannot extract from archive ({exc})") from exc
         if len(data) > self._max:
@@ -462,7 +463,7 @@ def _member_problem(info: zipfile.ZipInfo, parts: list[str], limits: ArchiveLimi
     raw = info.filename.replace("\\", "/")
     if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":") or ".." in parts:
         return "unsafe path in the archive (absolute or with '..'); not read"
-    if _is_hidden_parts(parts):
+    if _is_hidden_parts(p for p in parts if p != "."):
         return "hidden file or macOS metadata (name starting with '.' or __MACOSX); not read"
     if raw.lower().endswith(".zip"):
         return "a .zip inside the archive is not opened; unzip it and add its images or the inner .zip directly"
@@ -491,7 +492,7 @@ def _zip_sources(opener: Callable[[], Any], label: str, limits: ArchiveLimits = 
     try:
         with zipfile.ZipFile(opener()) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error, OverflowError) as exc:
         return [_error_source(label, f"{label}: not a readable zip archive ({exc}); {_ACCEPTED}, or a .zip of them")]
     if len(infos) > limits.max_members:
         return [_error_source(label, f"{label}: archive lists {len(infos)} entries, over the limit of "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 from .backbones import get_spec, resolve_weights
@@ -12,6 +14,18 @@ FEATURES_LAYER = "features"   # GlobalAveragePooling output: penultimate feature
 LOGITS_LAYER = "logits"        # pre-softmax scores: temperature scaling and energy OOD
 PROBS_LAYER = "probs"
 FIXED_LAYERS = ("caffe_preprocess",)  # input normalisation held in weights: never trained
+HASH_KEY = "model_sha256"  # card key: SHA-256 of model.keras, written by save_model, checked by load_model
+
+_log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks (model files are tens of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _normalise(x, normalisation: str):
@@ -136,7 +150,8 @@ def count_params(model) -> dict:
 
 
 def save_model(model, card: ModelCard, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write `model.keras`, `model_card.json` (validated) and any extra JSON files to out_dir."""
+    """Write `model.keras`, `model_card.json` (validated, with the SHA-256 of model.keras under
+    `model_sha256`, which `load_model` checks) and any extra JSON files to out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     validate_card(card.to_dict())
@@ -145,14 +160,41 @@ def save_model(model, card: ModelCard, out_dir: str | Path, extra: dict | None =
     clean = type(model).from_config(model.get_config())
     clean.set_weights(model.get_weights())
     clean.save(out / "model.keras")
-    (out / "model_card.json").write_text(json.dumps(card.to_dict(), indent=2))
+    card_dict = {**card.to_dict(), HASH_KEY: file_sha256(out / "model.keras")}
+    (out / "model_card.json").write_text(json.dumps(card_dict, indent=2))
     for name, obj in (extra or {}).items():
         (out / name).write_text(json.dumps(obj, indent=2))
     return out
 
 
+def check_model_hash(model_dir: str | Path) -> str | None:
+    """Compare model.keras with the hash its card records.
+
+    Returns:
+        The file's SHA-256, or None when the card records none (cards written before hashes were
+        kept: loaded, with a warning in the log).
+
+    Raises:
+        ValueError: The card records a hash and model.keras does not match it.
+    """
+    d = Path(model_dir)
+    recorded = json.loads((d / "model_card.json").read_text()).get(HASH_KEY)
+    if not recorded:
+        _log.warning("%s: model_card.json records no %s; model.keras is loaded unverified "
+                     "(run scripts/add_model_hashes.py once to record it)", d, HASH_KEY)
+        return None
+    actual = file_sha256(d / "model.keras")
+    if actual != recorded:
+        raise ValueError(f"{d}: model.keras has SHA-256 {actual[:12]}… but its card records {recorded[:12]}…; "
+                         "the file was changed or replaced after the model was saved. Refusing to load it: "
+                         "restore the original file or save the model again")
+    return actual
+
+
 def load_model(model_dir: str | Path):
-    """Load a saved model and its card; refuse a missing or inconsistent card.
+    """Load a saved model and its card; refuse a missing or inconsistent card, a model.keras whose
+    SHA-256 differs from the card's `model_sha256`, and any layer that is not built into Keras
+    (safe mode: a Lambda layer's code is never run).
 
     Returns:
         (keras.Model, ModelCard)
@@ -166,7 +208,14 @@ def load_model(model_dir: str | Path):
     if not (d / "model.keras").is_file():
         raise FileNotFoundError(f"{d}: no model.keras here; a model directory holds model.keras + model_card.json")
     card = load_card(d)
-    model = keras.models.load_model(d / "model.keras", compile=False, safe_mode=False)
+    check_model_hash(d)
+    try:
+        # safe_mode: a Lambda layer (Python bytecode in the file) is refused, never run; unknown layer
+        # classes are refused as well. Our models use built-in layers only.
+        model = keras.models.load_model(d / "model.keras", compile=False, safe_mode=True)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"{d}: refusing to load model.keras: it holds something other than built-in Keras "
+                         f"layers (a Lambda layer, custom code or an unknown layer type): {e}") from None
     n_out = model.output_shape[-1]
     if n_out != len(card.classes):
         raise ValueError(f"{d}: model has {n_out} outputs but its card lists {len(card.classes)} classes {card.classes}")
