@@ -49,6 +49,8 @@ class AdaptConfig:
             detectors; "shared": one for all components.
         review_lab_no_errors: raise the review threshold above every wrong prediction among the lab's
             calibration cells that passed the other gates (on top of the pooled Clopper-Pearson rule).
+        review_unlabelled_classes: a suggestion of a class the lab did not label is always sent to
+            review (card `review_rule.review_classes`): nothing shows it holds on this lab's images.
         ood_quantile: each detector's threshold is the larger of this quantile on the parent's
             validation half A and on the lab's calibration part (both held out from every fit).
         review_alpha, review_delta, conformal_alpha: as in training (`TrainConfig`).
@@ -67,6 +69,7 @@ class AdaptConfig:
     ood_components: str = "class_source"
     ood_covariance: str = "per_source"
     review_lab_no_errors: bool = True
+    review_unlabelled_classes: bool = True
     ood_quantile: float = 0.95
     review_alpha: float = 0.02
     review_delta: float = 0.1
@@ -371,7 +374,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                           pc.ood.get("scales"), early=e_lab)
     ok_before = _status(p_par_lab[cal_i], u_par_lab[cal_i] > float(pc.ood["threshold"]),
                         float(pc.review_rule.get("threshold", 0.0)), quality_bad[cal_i])
-    ok_after = _status(p_lab[cal_i], u_lab[cal_i] > 1.0, rule["threshold"], quality_bad[cal_i])
+    review_classes = [classes[c] for c in range(n_cls) if c not in set(y_lab)] if cfg.review_unlabelled_classes else []
+    not_reviewed = np.isin(p_lab[cal_i].argmax(1), [classes.index(c) for c in review_classes])
+    ok_after = _status(p_lab[cal_i], u_lab[cal_i] > 1.0, rule["threshold"], quality_bad[cal_i]) & ~not_reviewed
     before = lab_figures(y_cal, np.pad(p_par_lab[cal_i], ((0, 0), (0, n_cls - n_old))), ok_before, classes)
     after = lab_figures(y_cal, p_lab[cal_i], ok_after, classes)
     lg_par_bank = batched_predict(parent_logits, bank["features"], batch_size=1024)
@@ -438,7 +443,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         f"validation images of the parent's training data and {len(cal_i)} cells of lab {cfg.lab!r}. The lab's cells "
         f"are {len(cal_i) / (len(cal_i) + int(val.sum())):.1%} of that set, so for this lab's images alone the "
         f"guarantee does not follow; measured on the lab's calibration part: {after['wrong_ok']} wrong and ok of "
-        f"{after['n']} ({after['wrong_ok_of_all']:.1%}). It does not hold for other labs.")
+        f"{after['n']} ({after['wrong_ok_of_all']:.1%}). It does not hold for other labs. Suggestions of classes the "
+        f"lab did not review ({', '.join(review_classes) or 'none'}) are always sent to review.")
     card = pc.to_dict()
     card.update(
         model_id=out.name, classes=classes,
@@ -454,7 +460,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                              "only")},
         review_rule={**pc.review_rule, "threshold": rule["threshold"], "alpha": cfg.review_alpha,
                      "delta": cfg.review_delta, "guarantee": guarantee, "calibration": rule,
-                     "measured_on_test": rule_test, "conformal_qhat": qhat, "conformal_alpha": cfg.conformal_alpha},
+                     "measured_on_test": rule_test, "conformal_qhat": qhat, "conformal_alpha": cfg.conformal_alpha,
+                     "review_classes": review_classes},
         metrics={**test_metrics, "test_on": "the parent's test split (replay features; backbone frozen, so the same "
                                             "outputs as on the images)",
                  "parent_test_replay": {"macro_f1": par_test_after, "macro_f1_parent": par_test_before},

@@ -116,6 +116,10 @@ class Predictor:
         rr = self.card.review_rule or {}
         conf_thr = float(rr.get("threshold", 0.0))
         qhat = rr.get("conformal_qhat")
+        # An adapted model (bcc_core.adapt) lists the classes its lab did not review: no evidence that
+        # a suggestion of them holds on that lab's images.
+        unreviewed = set(rr.get("review_classes") or [])
+        lab = (self.card.lineage or {}).get("lab", "the lab")
         out = []
         for i in range(len(inputs)):
             p = probs[i]
@@ -136,6 +140,11 @@ class Predictor:
                 flags.append(Flag("low_confidence", "warning",
                                   f"Calibrated confidence {p[k]:.0%} is below the review threshold {conf_thr:.0%}; "
                                   f"the model is unsure between classes. Review the cell.", "below_threshold"))
+            if self.classes[k] in unreviewed:
+                flags.append(Flag("low_confidence", "warning",
+                                  f"{self.classes[k]} was not among the reviewed cells this model was adapted on "
+                                  f"({lab}), so this suggestion is not validated for these images. Review the cell.",
+                                  "class_not_reviewed_in_lab"))
             pset = [self.classes[j] for j in np.nonzero(review.prediction_sets(p[None], qhat)[0])[0]] if qhat is not None else [self.classes[k]]
             out.append(Prediction(self.classes[k], float(p[k]), dict(zip(self.classes, map(float, p))), flags,
                                   status_for(flags), float(scores[i]), pset, inputs[i]))
