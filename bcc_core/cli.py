@@ -145,22 +145,107 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def _csv_rows_done(partial: Path, n_cols: int) -> list[tuple[int, list[str]]]:
+    """Complete data rows of an unfinished screening CSV: (byte offset just after the row, cells).
+
+    A row counts when its last line ends with a newline and it has every column: a run killed in the
+    middle of writing a row leaves at most that row incomplete, and it is dropped."""
+    import csv
+
+    offsets: list[int] = []
+    pos = [0]
+
+    def lines(f):
+        for raw in f:
+            pos[0] += len(raw)
+            offsets.append(pos[0] if raw.endswith(b"\n") else -1)
+            yield raw.decode("utf-8")
+
+    done: list[tuple[int, list[str]]] = []
+    with open(partial, "rb") as f:
+        reader = csv.reader(lines(f))
+        try:
+            for i, cells in enumerate(reader):
+                end = offsets[-1]
+                if end < 0 or len(cells) != n_cols:
+                    break
+                if i:  # the header
+                    done.append((end, cells))
+        except (csv.Error, UnicodeDecodeError):
+            pass
+    return done
+
+
 def cmd_screen(a) -> int:
+    """Screen into a CSV written row by row to `<out>.partial`, renamed to `<out>` when the run ends, so
+    `<out>` is never half-written; `--resume` continues an unfinished `<out>.partial`."""
+    import csv
+
     from .inference import Predictor
     from .io import iter_image_sources
-    from .report import results_to_csv
-    from .screening import ScreeningConfig, screen, summary
+    from .report import _cell, results_to_csv
+    from .screening import ROW_KEYS, ScreeningConfig, iter_screen, summary
 
+    # The CLI is its user's own shell: it reads any path that user can read (no folder allow-list, which
+    # only the app applies: see BCC_IMAGE_ROOTS in the README).
     sources = list(iter_image_sources(a.inputs))
     if not sources:
         raise UsageError("no image files found in the given inputs")
+    if a.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
     pred = Predictor.load(a.model)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial, meta_file = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+    meta = {"inputs": [str(x) for x in a.inputs], "n_sources": len(sources), "model": str(pred.model_dir),
+            "model_id": pred.card.model_id, "batch_size": a.batch_size}
+    blank = {k: None for k in ROW_KEYS if k != "thumbnail"} | {"file": "", "status": "error", "flags": []}
+    header = results_to_csv([blank], pred.classes).split("\n", 1)[0]
+    n_cols = len(next(csv.reader([header])))
+    done: list[tuple[int, list[str]]] = []
+    if a.resume and partial.is_file() and meta_file.is_file():
+        old = json.loads(meta_file.read_text())
+        if old != meta:
+            diff = ", ".join(k for k in meta if old.get(k) != meta[k])
+            raise UsageError(f"--resume: {partial} was started with other settings ({diff}); "
+                             "run with the same inputs, model and --batch-size, or without --resume to start again")
+        done = _csv_rows_done(partial, n_cols)
+        # Continue at a batch boundary: the model then sees the same batches as in an uninterrupted run.
+        done = done[:len(done) - len(done) % a.batch_size]
+        for (_, cells), src in zip(done, sources):
+            if cells[0] != _cell(src.name):
+                raise UsageError(f"--resume: {partial} lists {cells[0]!r} where the inputs give {src.name!r}; "
+                                 "run without --resume to start again")
+        print(f"resuming after {len(done)} of {len(sources)} images", file=sys.stderr)
+    elif a.resume:
+        print(f"--resume: no unfinished run at {partial}; starting from the beginning", file=sys.stderr)
+    counts = [{"status": c[1], "predicted_class": c[2] or None} for _, c in done]
+    meta_file.write_text(json.dumps(meta))
     t = time.perf_counter()
-    rows = screen(sources, pred, ScreeningConfig(batch_size=a.batch_size), progress=sys.stderr.isatty() and not a.quiet)
+    with open(partial, "r+b" if done else "wb") as f:
+        if done:
+            f.truncate(done[-1][0])
+            f.seek(done[-1][0])
+        else:
+            f.write((header + "\n").encode("utf-8"))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sources), initial=len(done), desc="screening", unit="img",
+                   disable=not (sys.stderr.isatty() and not a.quiet))
+        for row in iter_screen(sources[len(done):], pred, ScreeningConfig(batch_size=a.batch_size, thumbnail=0)):
+            row.pop("thumbnail", None)
+            head, line = results_to_csv([row], pred.classes).split("\n", 1)
+            assert head == header, (head, header)  # every row has the keys of ROW_KEYS, in that order
+            f.write(line.encode("utf-8"))
+            f.flush()  # a killed run keeps every row written so far
+            counts.append({"status": row["status"], "predicted_class": row["predicted_class"]})
+            bar.update(1)
+        bar.close()
+        os.fsync(f.fileno())
+    os.replace(partial, out)  # atomic: readers see the old file or the complete new one
+    meta_file.unlink(missing_ok=True)
     dt = time.perf_counter() - t
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(results_to_csv([{k: v for k, v in r.items() if k != "thumbnail"} for r in rows], pred.classes))
-    s = summary(rows)
+    s = summary(counts)
     print(f"screened {s['n']} images in {dt:.1f} s: ok {s['ok']}, review {s['review']}, error {s['error']} -> {a.out}")
     n_valid = s["ok"] + s["review"]
     for c in pred.classes:
@@ -373,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--out", required=True, help="results CSV")
     s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--resume", action="store_true",
+                   help="continue an unfinished run (its rows are in OUT.partial) with the same inputs, model and "
+                        "--batch-size, without repeating or losing a row")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_screen)
     cv = sub.add_parser("cv", help="grouped stratified k-fold cross-validation (mean ± std over folds)")

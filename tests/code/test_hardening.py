@@ -414,3 +414,99 @@ def test_save_model_records_the_hash(tmp_path):
     save_model(model, ModelCard.from_dict(card), tmp_path)
     saved = json.loads((tmp_path / "model_card.json").read_text())
     assert saved[HASH_KEY] == file_sha256(tmp_path / "model.keras")
+
+
+# ------------------------------------------------------------------------------------------------ screening
+
+
+class _FakePrediction:
+    def __init__(self, v):
+        self.status, self.predicted_class, self.confidence = "ok", "a", float(v)
+        self.flags, self.probabilities, self.ood_score, self.prediction_set = [], {"a": 1.0}, 0.0, None
+
+
+class _FakePredictor:
+    """prepare() fails on images whose top-left red value is 13; predict_inputs fails on its 2nd call."""
+
+    classes = ["a"]
+
+    def __init__(self):
+        self.calls = 0
+
+    def prepare(self, img):
+        if img[0, 0, 0] == 13:
+            raise RuntimeError("stain normalisation blew up")
+        return np.zeros((4, 4, 3), np.uint8) + img[0, 0, 0], []
+
+    def predict_inputs(self, x, quality, batch_size):
+        self.calls += 1
+        if self.calls == 2:
+            raise MemoryError("out of memory in the model")
+        return [_FakePrediction(v) for v in x[:, 0, 0, 0]]
+
+
+def test_screen_never_loses_a_batch():
+    from bcc_core.io import ImageSource
+    from bcc_core.screening import ROW_KEYS, ScreeningConfig, screen
+
+    def src(i, v):
+        data = encode_png(np.full((8, 8, 3), v, np.uint8))
+        return ImageSource(name=f"{i}.png", load=lambda d=data: d)
+
+    sources = [src(i, 13 if i == 1 else 100 + i) for i in range(10)]
+    rows = screen(sources, _FakePredictor(), ScreeningConfig(batch_size=4, workers=1, thumbnail=0))
+    assert [r["file"] for r in rows] == [f"{i}.png" for i in range(10)]
+    assert all(tuple(r) == ROW_KEYS for r in rows)
+    st_ = [r["status"] for r in rows]
+    assert st_[1] == "error" and "could not be prepared" in rows[1]["reason"] and "blew up" in rows[1]["reason"]
+    assert st_[4:8] == ["error"] * 4 and all("model failed on this batch" in r["reason"] for r in rows[4:8])
+    assert st_[0] == st_[2] == st_[3] == st_[8] == st_[9] == "ok"
+    assert rows[9]["confidence"] == 109.0  # the run went on after the failed batch
+
+
+@pytest.mark.slow
+def test_screen_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not (ROOT / "models" / "pbs5-mobilenetv2" / "model.keras").is_file():
+        pytest.skip("bundled model missing")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import synthetic_cell
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(120):
+        (imgs / f"c{i:03d}.png").write_bytes(encode_png(synthetic_cell(size=160, nucleus=25 + i % 15, seed=i,
+                                                                        lobes=1 + i % 3)))
+    (imgs / "c050_bad.png").write_bytes(b"not an image")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "bcc_core", "screen", str(imgs), "--out", str(out), "--batch-size", "8",
+                "--quiet", *extra]
+
+    full = tmp_path / "full.csv"
+    subprocess.run(cmd(full), cwd=ROOT, env=env, check=True, capture_output=True)
+
+    out = tmp_path / "killed.csv"
+    partial = tmp_path / "killed.csv.partial"
+    p = subprocess.Popen(cmd(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while p.poll() is None and (not partial.is_file() or partial.read_bytes().count(b"\n") < 30):
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    assert not out.exists(), "the run finished before it could be killed"
+    n_written = partial.read_bytes().count(b"\n") - 1
+    assert 0 < n_written < 121
+    with open(partial, "ab") as f:  # as if killed in the middle of writing a row
+        f.write(b"/half/written.png,rev")
+    r = subprocess.run(cmd(out, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resuming after" in r.stderr
+    assert out.read_text().splitlines() == full.read_text().splitlines()
+    assert not partial.exists()
