@@ -1,6 +1,7 @@
 """Batch screening: many images → a results table that fills as it runs, a review queue, a summary, a CSV."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import streamlit as st
 
 from bcc_core import charts
 from bcc_core.io import (IMAGE_EXTENSIONS, ImageReadError, content_hash, iter_image_sources, read_image,
-                         sources_from_uploads)
+                         server_folder_policy, sources_from_uploads)
 from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
 from bcc_core.ui_helpers import flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
 from bcc_core.worklist import Worklist, decision_for, review_labels
@@ -56,13 +57,23 @@ def large_thumbnails(run_id: str, n: int) -> list:
     return [png_data_uri(r.get("thumbnail"), max_side=LARGE_THUMB) for r in st.session_state["batch_rows"][:n]]
 
 
+def literal(text) -> str:
+    """`text` escaped so Markdown shows it as typed: file names (and reasons that quote them) are user input.
+    Only emphasis, code, link, HTML, table, strike-through and maths marks are escaped (a name is never at the
+    start of a line, so list and heading marks cannot act); line breaks become spaces."""
+    return re.sub(r"([\\`*_\[\]<>|~$])", r"\\\1", " ".join(str(text).splitlines()))
+
+
 def display(frame):
     """The table as shown: confidence in percent (one decimal everywhere), capped below certainty."""
     return frame.assign(confidence=frame["confidence"].clip(upper=DISPLAY_MAX_CONFIDENCE) * 100)
 
 
 # ---------------------------------------------------------------- inputs
-mode = st.radio("Input", ["Upload images or a .zip", "Folder on the server"], horizontal=True, key="batch_mode")
+# Server folders only under the roots an administrator allowed (BCC_IMAGE_ROOTS); off otherwise.
+folder_policy = server_folder_policy()
+mode = (st.radio("Input", ["Upload images or a .zip", "Folder on the server"], horizontal=True, key="batch_mode")
+        if folder_policy.roots else "Upload images or a .zip")
 if mode == "Upload images or a .zip":
     uploads = st.file_uploader("Images (PNG, JPEG, TIFF, BMP, WebP) and/or .zip archives of them",
                                accept_multiple_files=True, key="batch_uploads",
@@ -71,7 +82,9 @@ if mode == "Upload images or a .zip":
 else:
     uploads = []
     folder = st.text_input("Folder path on the server (searched recursively; a .zip path also works)",
-                           key="batch_folder", placeholder="/data/smears/2024-05-01")
+                           key="batch_folder", placeholder=folder_policy.roots[0])
+    st.caption(f"Folders the administrator allowed: {literal(', '.join(folder_policy.roots))}. At most "
+               f"{folder_policy.max_files} images are listed from one folder.")
 
 run = st.button("Run screening", type="primary", icon=":material/play_arrow:",
                 disabled=not (uploads or folder.strip()))
@@ -95,7 +108,7 @@ if run:
     if uploads:
         sources = sources_from_uploads(uploads)
     else:
-        sources = list(iter_image_sources([folder.strip()]))
+        sources = list(iter_image_sources([folder.strip()], policy=folder_policy))
     if not sources:
         st.warning("No image files found there. Accepted: " + ", ".join(IMAGE_EXTENSIONS) + ", or a .zip of them.")
         st.stop()
@@ -266,7 +279,7 @@ def record(i, label):
     except (ValueError, KeyError) as e:
         ss["review_notice"] = ("error", f"The decision on #{i} was not stored: {e}")
         return
-    ss["review_notice"] = ("success", f"Recorded for #{i} ({Path(rows[i]['file']).name}): "
+    ss["review_notice"] = ("success", f"Recorded for #{i} ({literal(Path(rows[i]['file']).name)}): "
                                       + (f"{DECISION_LABELS[decision]}" if decision != "correct" else
                                          f"corrected to {final}") + ".")
     done = Worklist(work.order, work.decided | {i})
@@ -299,7 +312,7 @@ if idx is not None:
     st.text(f"File: {r['file']}")
     pred, original = None, None
     if r["status"] == "error":
-        st.error(f"This file could not be classified: {r['reason']}", icon=":material/broken_image:")
+        st.error(f"This file could not be classified: {literal(r['reason'])}", icon=":material/broken_image:")
     else:
         detail = ss["batch_detail"]
         if not detail or detail[0] != (ss["batch_model"], idx):

@@ -1,5 +1,6 @@
 """Single image: one cell image → suggested class, calibrated confidence, flags and Grad-CAM."""
 
+import re
 from pathlib import Path
 
 import streamlit as st
@@ -37,6 +38,14 @@ else:
     pick = st.selectbox("Sample", samples, format_func=lambda p: p.name)
     src, name, data = pick, Path(pick).name, Path(pick).read_bytes()
 
+
+def literal(text) -> str:
+    """`text` escaped so Markdown shows it as typed: file names (and messages that quote them) are user input.
+    Only emphasis, code, link, HTML, table, strike-through and maths marks are escaped (a name is never at the
+    start of a line, so list and heading marks cannot act); line breaks become spaces."""
+    return re.sub(r"([\\`*_\[\]<>|~$])", r"\\\1", " ".join(str(text).splitlines()))
+
+
 # ---------------------------------------------------------------- one core call (cached per image and model)
 key = (current_model_dir(), content_hash(data))
 if (st.session_state["single"] or {}).get("key") != key:
@@ -44,7 +53,8 @@ if (st.session_state["single"] or {}).get("key") != key:
         image = read_image(src)  # (not the bytes: the error message then names the file)
     except ImageReadError as e:
         st.session_state["single"] = None
-        st.error(f"This file cannot be used: {e}", icon=":material/broken_image:")
+        # The message quotes the file name, which is user input: shown as typed, never as Markdown.
+        st.error("This file cannot be used: " + literal(e), icon=":material/broken_image:")
         st.stop()
     with st.spinner("Classifying…"):
         pred = predictor.predict([image])[0]
@@ -62,7 +72,7 @@ with c_res:
                     help=term("prediction set"))
     show_flags(pred.flags)
 with c_img:
-    st.image(image, caption=f"Original: {res['name']} ({image.shape[1]}×{image.shape[0]} px)", width="stretch")
+    st.image(image, caption=f"Original: {literal(res['name'])} ({image.shape[1]}×{image.shape[0]} px)", width="stretch")
 with c_in:
     st.image(pred.model_input, caption=f"What the model saw ({pred.model_input.shape[1]}×"
                                        f"{pred.model_input.shape[0]}, {card.preprocessing.get('mode', '')} "

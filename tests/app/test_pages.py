@@ -415,7 +415,8 @@ def test_decisions_land_on_the_open_cell_and_move_on(app_env):
     assert list(q.loc[q["decision"] != "pending", "#"]) == [1, 2, 4]
 
 
-def test_batch_screening_from_folder_and_zip(app_env, tmp_path):
+def test_batch_screening_from_folder_and_zip(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("BCC_IMAGE_ROOTS", str(tmp_path))  # server folders are off unless allowed
     folder = tmp_path / "smear"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.png").write_bytes(png_bytes(synthetic_cell(31)))
@@ -449,7 +450,7 @@ def test_batch_screening_from_folder_and_zip(app_env, tmp_path):
     next(b for b in at.button if b.label == "Run screening").click().run()
     assert not at.exception
     table = _results_table(at)
-    assert len(table) == 1 and table["status"].item() == "error" and "does not exist" in table["reason"].item()
+    assert len(table) == 1 and table["status"].item() == "error" and "not found" in table["reason"].item()
 
 
 def test_model_selector_drives_every_page(app_env):
