@@ -510,3 +510,40 @@ def test_screen_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
     assert "resuming after" in r.stderr
     assert out.read_text().splitlines() == full.read_text().splitlines()
     assert not partial.exists()
+
+
+def test_a_hostile_batch_gives_one_row_per_input_with_reasons(tmp_path):
+    """The awkward inputs of issue 13 and before, screened together: nothing crashes, nothing vanishes."""
+    from bcc_core.screening import ScreeningConfig, screen
+
+    d = tmp_path / "in"
+    d.mkdir()
+    jpeg = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)), "JPEG")
+    files = {
+        "empty.png": b"",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "png_named.jpg": _png(seed=7),  # wrong extension, fine content: read
+        "text.png": b"hello, not an image",
+        "sixteen.png": _encode(Image.fromarray(np.full((12, 12), 30000, np.uint16)), "PNG"),
+        "cmyk.jpg": _encode(Image.new("CMYK", (16, 16), (0, 100, 100, 0)), "JPEG"),
+        "bomb16.png": _encode(Image.new("I;16", (9000, 9000)), "PNG", optimize=True),
+        "tiny.png": _png(2, 2),
+        "pages.tiff": _encode(Image.new("RGB", (16, 16)), "TIFF", save_all=True,
+                              append_images=[Image.new("RGB", (16, 16), (9, 9, 9))]),
+        "eps.png": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n",
+        "gif.png": _encode(Image.new("RGB", (16, 16)), "GIF"),
+    }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    z = tmp_path / "mixed.zip"
+    z.write_bytes(_zip([("../slip.png", _png(seed=1)), (".DS_Store", b"x"), ("inner.zip", b"PK"),
+                        ("a.png", _png(seed=2)), ("a.png", _png(seed=3)), ("notes.txt", b"x")]))
+    inputs = [d, z, tmp_path / "missing.png", tmp_path / "readme.md"]
+    (tmp_path / "readme.md").write_text("x")
+    sources = list(iter_image_sources(inputs))
+    rows = screen(sources, _FakePredictor(), ScreeningConfig(batch_size=64, workers=2, thumbnail=0))
+    assert len(rows) == len(files) + 6 + 2
+    by = {Path(r["file"].split(":", 1)[-1] if ".zip:" in r["file"] else r["file"]).name: r for r in rows}
+    ok = {"png_named.jpg", "sixteen.png", "cmyk.jpg", "a.png", "a (2).png"}
+    assert {n for n, r in by.items() if r["status"] == "ok"} == ok
+    assert all(r["reason"] for r in rows if r["status"] == "error")
