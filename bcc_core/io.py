@@ -455,7 +455,10 @@ def _dedupe(name: str, seen: dict[str, int]) -> str:
         return name
     stem, dot, ext = name.rpartition(".")
     candidate = f"{stem} ({k}).{ext}" if dot and "/" not in ext else f"{name} ({k})"
-    return _dedupe(candidate, seen) if candidate in seen else (seen.setdefault(candidate, 1) and candidate)
+    if candidate in seen:  # a member really named "x (2).png" came first
+        return _dedupe(candidate, seen)
+    seen[candidate] = 1
+    return candidate
 
 
 def _member_problem(info: zipfile.ZipInfo, parts: list[str], limits: ArchiveLimits, decode: DecodeLimits) -> str | None:
