@@ -310,7 +310,7 @@ if idx is not None:
     pos = f" ({work.order.index(idx) + 1} of {len(work.order)} in the worklist)" if idx in work.order else ""
     st.markdown(f"#### Cell #{idx}{pos}")
     st.text(f"File: {r['file']}")
-    pred, original = None, None
+    pred, original, heat_slot = None, None, None
     if r["status"] == "error":
         st.error(f"This file could not be classified: {literal(r['reason'])}", icon=":material/broken_image:")
     else:
@@ -334,18 +334,9 @@ if idx is not None:
             show_flags(pred.flags)
         c0.image(original, caption=f"Original ({original.shape[1]}×{original.shape[0]} px)", width="stretch")
         c1.image(pred.model_input, caption="What the model saw (cropped, stain-normalised)", width="stretch")
-        try:
-            from bcc_core.explain import overlay
-
-            methods, methods_note = explanation_methods(ss["batch_model"])
-            method = st.session_state.get("batch_cam_method") or next(iter(methods))
-            method = method if method in methods else next(iter(methods))
-            heat = explanation_heatmap(pred.model_input, methods[method], classes.index(pred.predicted_class),
-                                       model_dir=ss["batch_model"])
-            c2.image(overlay(pred.model_input, heat, st.session_state.get("batch_cam_alpha", 0.45)),
-                     caption=f"{method} for '{pred.predicted_class}'", width="stretch")
-        except Exception as e:
-            c2.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")
+        # The heatmap is drawn last (end of the page): the decision buttons must not wait for it.
+        heat_slot = c2.empty()
+        heat_slot.caption("Computing the explanation…")
     if r["status"] != "error" and idx in ids:
         now = current_decision(idx)
         if now:
@@ -407,3 +398,19 @@ if log is not None:
                        + (" — too few decisions to judge the model." if agree["n"] < 30 else "."))
         st.download_button("Download the full audit trail (CSV)", log.export_csv(), file_name="audit_trail.csv",
                            mime="text/csv", icon=":material/download:", on_click="ignore")
+
+# ---------------------------------------------------------------- the open cell's explanation, drawn last
+if idx is not None and heat_slot is not None and pred is not None:
+    try:
+        from bcc_core.explain import overlay
+
+        methods, _ = explanation_methods(ss["batch_model"])
+        method = st.session_state.get("batch_cam_method") or next(iter(methods))
+        method = method if method in methods else next(iter(methods))
+        heat = explanation_heatmap(pred.model_input, methods[method], classes.index(pred.predicted_class),
+                                   model_dir=ss["batch_model"])
+        heat_slot.image(overlay(pred.model_input, heat, st.session_state.get("batch_cam_alpha", 0.45)),
+                        caption=f"{method} for '{pred.predicted_class}' "
+                                f"({pred.probabilities[pred.predicted_class]:.1%})", width="stretch")
+    except Exception as e:
+        heat_slot.error(f"The explanation could not be computed ({type(e).__name__}: {e}).")

@@ -209,7 +209,7 @@ def test_decisions_from_the_table_land_on_their_own_cells(server, tmp_path):
                 # Row k's selection box: the header is one row high, rows are 35 px.
                 page.mouse.click(box["x"] + 15, box["y"] + 35 + 17 + 35 * k)
                 _open_heading(page, k)
-                expect(page.get_by_text(f"Decide on cell #{k}")).to_be_visible()
+                expect(page.get_by_text(f"Decide on cell #{k}")).to_be_visible(timeout=120_000)
                 _idle(page)
                 page.get_by_role("button", name=button).filter(visible=True).first.click()
                 expect(page.get_by_text(f"Recorded for #{k} (cell{k:02d}.png)")).to_be_visible(timeout=60_000)
