@@ -19,6 +19,7 @@ pages = [
     st.Page("pages/single_image.py", title="Single image", icon=":material/image_search:", default=True),
     st.Page("pages/batch_screening.py", title="Batch screening", icon=":material/grid_view:"),
     st.Page("pages/metrics.py", title="Model metrics", icon=":material/monitoring:"),
+    st.Page("pages/your_lab.py", title="Your lab", icon=":material/science:"),
     st.Page("pages/model_card.py", title="Model card", icon=":material/description:"),
 ]
 page = st.navigation(pages)
@@ -28,7 +29,8 @@ with st.sidebar:
     if models:
         if st.session_state["model_dir"] not in models:
             st.session_state["model_dir"] = models[0]
-        st.selectbox("Model", models, key="model_dir", format_func=lambda p: Path(p).name,
+        st.selectbox("Model", models, key="model_dir",
+                     format_func=lambda p: Path(p).name + ("" if Path(p).parent == models_root() else " (your lab)"),
                      help=f"Every folder in `{models_root()}` that holds a model card. The choice applies to "
                           "every page.")
         card, error = card_or_error(st.session_state["model_dir"])

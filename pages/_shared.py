@@ -31,8 +31,11 @@ STATE_DEFAULTS: dict = {
     "batch_open": None,       # int: row index of the cell open for review (decisions land on it only)
     "batch_table_pick": (),   # tuple[int]: rows selected in the results table at the last run
     "batch_seconds": None,    # float: wall time of the last screening run
-    "reviewer": "",           # str: name typed into the review form (widget key)
+    "reviewer": "",           # str: the reviewer's name, kept across pages (its widget is `reviewer_field`)
     "review_notice": None,    # (kind, text): outcome of the last review-form submission, shown once
+    "lab_cells": None,        # ((upload name, size), folder): the unpacked labelled .zip on the Your lab page
+    "lab_candidate": None,    # {"dir", "summary", "parent"}: the last adapted, not yet promoted model
+    "lab_notice": None,       # str: outcome of the last promotion / roll-back, shown once
 }
 
 
@@ -42,10 +45,12 @@ def models_root() -> Path:
 
 
 def available_models() -> list[str]:
-    """Model directories (as str) that hold a model_card.json, default model first."""
+    """Model directories (as str) that hold a model_card.json: the bundled ones (default first), then the
+    lab's promoted models (bcc_core.lab_models)."""
     from bcc_core.inference import list_models
+    from bcc_core.lab_models import list_lab_models
 
-    return [str(p) for p in list_models(models_root())]
+    return [str(p) for p in list_models(models_root())] + [str(p) for p in list_lab_models()]
 
 
 def _ensure_app_shell(shell: bool) -> None:
@@ -254,3 +259,17 @@ def audit_log():
     p = audit_db_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     return AuditLog(p)
+
+
+def reviewer_field(container=st, label: str = "Reviewer", **kw) -> str:
+    """A text box for the reviewer's name whose value survives page changes (Streamlit drops the state of
+    a widget that a page does not draw, so the name is kept under a plain key and copied in and out)."""
+    st.session_state["reviewer_field"] = st.session_state["reviewer"]
+    container.text_input(label, key="reviewer_field",
+                         on_change=lambda: st.session_state.update(reviewer=st.session_state["reviewer_field"]), **kw)
+    return st.session_state["reviewer"].strip()
+
+
+def reviewer_name() -> str:
+    """The name in the reviewer box now (a callback can run before the box's own on_change copied it)."""
+    return (st.session_state.get("reviewer_field") or st.session_state["reviewer"] or "").strip()

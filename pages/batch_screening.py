@@ -15,7 +15,7 @@ from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
 from bcc_core.ui_helpers import flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
 from bcc_core.worklist import Worklist, decision_for, review_labels
 from pages._shared import (audit_log, current_model_dir, explanation_heatmap, explanation_methods, init_state,
-                           page_header,
+                           page_header, reviewer_field, reviewer_name,
                            predictor_for, require_predictor, show_flags, show_result)
 
 init_state()
@@ -260,7 +260,7 @@ def go(offset=0):
 
 def record(i, label):
     """Decision callback for row i: store it in the audit log, then open the next undecided cell."""
-    reviewer = ss["reviewer"].strip()
+    reviewer = reviewer_name()
     comment = ss.get(f"review_comment_{i}", "").strip()
     if ss["batch_open"] != i:  # a key pressed while the page was still showing an earlier cell
         ss["review_notice"] = ("error", f"Nothing was recorded: that decision was for cell #{i}, which is no "
@@ -289,8 +289,7 @@ def record(i, label):
 if not work.order and ss["batch_open"] is None:
     st.success("No cell in this batch was flagged for review. Switch on 'Verify every cell' to verify them all.")
 nav = st.container(horizontal=True, vertical_alignment="center")
-nav.text_input("Reviewer", key="reviewer", placeholder="your name", width=220,
-               help="Stored with every decision in the audit log.")
+reviewer_field(nav, "Reviewer", placeholder="your name", width=220, help="Stored with every decision in the audit log.")
 nav.button("Previous", key="review_prev", icon=":material/arrow_back:", shortcut="P", on_click=go, args=(-1,),
            disabled=not work.order, help="Previous cell of the worklist (key P).")
 nav.button("Next", key="review_next", icon=":material/arrow_forward:", shortcut="N", on_click=go, args=(1,),

@@ -46,7 +46,8 @@ def app_env(model_dir, tmp_path, monkeypatch):
     """Environment the app runs under in tests: the model's root and a throw-away audit database."""
     monkeypatch.setenv("BCC_MODELS_DIR", str(model_dir.parent))
     monkeypatch.setenv("BCC_AUDIT_DB", str(tmp_path / "audit.sqlite"))
-    return {"model_dir": model_dir, "audit_db": tmp_path / "audit.sqlite"}
+    monkeypatch.setenv("BCC_DATA_DIR", str(tmp_path / "data"))   # lab models, cases: never the user's ~/.bcc
+    return {"model_dir": model_dir, "audit_db": tmp_path / "audit.sqlite", "data_dir": tmp_path / "data"}
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 def server(model_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "BCC_MODELS_DIR": str(model_dir.parent), "BCC_AUDIT_DB": str(tmp_path / "audit.sqlite"),
+           "BCC_DATA_DIR": str(tmp_path / "data"),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",

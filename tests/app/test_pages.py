@@ -7,6 +7,7 @@ selector and session-state initialisation are exercised as a user would.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import json
 import zipfile
 
@@ -329,7 +330,7 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     log = AuditLog(app_env["audit_db"])
     opened = _open_cell(at, blank_idx)
     assert f"Cell #{blank_idx}" in opened
-    at.text_input(key="reviewer").input("Dr Test")
+    at.text_input(key="reviewer_field").input("Dr Test")
     at.text_input(key=f"review_comment_{blank_idx}").input("no cell in the image")
     _button(at, f"decide_{blank_idx}_reject").click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -378,7 +379,7 @@ def test_decisions_land_on_the_open_cell_and_move_on(app_env):
     assert first == 0
     _button(at, f"decide_{first}_confirm").click().run()
     assert "Enter your name as reviewer" in texts(at, "error") and log.history(ids[first]) == []
-    at.text_input(key="reviewer").input("Dr Binding").run()
+    at.text_input(key="reviewer_field").input("Dr Binding").run()
 
     # Open cells out of order (Next twice, Previous once) and decide each with a different action.
     _button(at, "review_next").click().run()
@@ -473,3 +474,63 @@ def test_model_selector_drives_every_page(app_env):
 
         t = json.loads(metrics_file.read_text())["test"]
         assert f"Macro-F1: {confusion_report(t['confusion_matrix'], t['classes'])['macro_f1']:.3f}" in texts(at)
+
+
+# ---------------------------------------------------------------------------------------------- your lab
+
+
+def _labelled_zip(classes, n, seed=900) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k, c in enumerate(classes):
+            for i in range(n):
+                zf.writestr(f"lab_cells/{c}/cell{i:02d}.png", png_bytes(synthetic_cell(seed + 100 * k + i)))
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
+    """The lab's page end to end: a labelled .zip is adapted on, parent and adapted model are compared on
+    held-out cells, the adapted model is promoted into the selector, selected, and rolled back."""
+    from bcc_core import store, trail
+
+    at = start("pages/your_lab.py")
+    assert at.title[0].value == "Your lab"
+    at.file_uploader[0].set_value(("lab.zip", _labelled_zip(["monocyte", "seg_neutrophil"], 12), "application/zip"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    counts = next(d.value for d in at.dataframe if "cells" in d.value.columns)
+    assert dict(zip(counts["class"], counts["cells"])) == {"monocyte": 12, "seg_neutrophil": 12}
+    at.text_input(key="lab_name").input("Test Lab")
+    at.text_input(key="reviewer_field").input("Dr Lab")
+    at.run()
+    next(b for b in at.button if b.label == "Adapt the model").click().run(timeout=600)
+    assert not at.exception, [e.value for e in at.exception]
+    cand = at.session_state["lab_candidate"]
+    assert cand and Path(cand["dir"]).is_dir() and Path(cand["dir"]).parent == app_env["data_dir"] / "candidates"
+    table = next(d.value for d in at.dataframe if "adapted" in d.value.columns)
+    assert {"recall monocyte", "recall seg_neutrophil", "shown as OK", "wrong and shown as OK",
+            "macro-F1 on the parent's test split"} <= set(table["figure"])
+
+    next(b for b in at.button if b.label == "Promote: use the adapted model").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    promoted = app_env["data_dir"] / "models" / Path(cand["dir"]).name
+    assert promoted.is_dir() and at.session_state["model_dir"] == str(promoted)
+    assert f"{promoted.name} (your lab)" in at.sidebar.selectbox[0].options   # beside the bundled models
+    card = json.loads((promoted / "model_card.json").read_text())
+    assert card["lineage"]["lab"] == "Test Lab" and card["lineage"]["parent"]["model_id"] == "pbs5-mobilenetv2"
+    at.switch_page("pages/single_image.py").run()                       # the promoted model is in use
+    assert not at.exception and f"Model: **{promoted.name}**" in texts(at, "info")
+
+    at.switch_page("pages/your_lab.py").run()
+    next(b for b in at.button if b.key == f"rollback_{promoted.name}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not promoted.exists() and (app_env["data_dir"] / "retired" / promoted.name).is_dir()
+    assert f"{promoted.name} (your lab)" not in at.sidebar.selectbox[0].options
+    eng = store.open_store()
+    with eng.connect() as con:
+        import sqlalchemy as sa
+
+        acts = [(r.action, r.actor) for r in con.execute(sa.select(store.trail.c.action, store.trail.c.actor))]
+    assert ("model.promote", "Dr Lab") in acts and ("model.rollback", "Dr Lab") in acts
+    assert trail.verify(eng)["ok"]
