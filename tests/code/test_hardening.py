@@ -547,3 +547,44 @@ def test_a_hostile_batch_gives_one_row_per_input_with_reasons(tmp_path):
     ok = {"png_named.jpg", "sixteen.png", "cmyk.jpg", "a.png", "a (2).png"}
     assert {n for n, r in by.items() if r["status"] == "ok"} == ok
     assert all(r["reason"] for r in rows if r["status"] == "error")
+
+
+def test_unknown_layer_type_is_refused_with_a_clear_message(tmp_path):
+    import keras
+
+    from bcc_core.models import HASH_KEY, file_sha256, load_model
+
+    inp = keras.Input((4,))
+    _write_model_dir(tmp_path / "m", keras.Model(inp, keras.layers.Dense(2, name="d")(inp)))
+    # Rewrite the saved config so the Dense layer claims to be a class from some other package.
+    src = tmp_path / "m" / "model.keras"
+    with zipfile.ZipFile(src) as zin:
+        parts = {n: zin.read(n) for n in zin.namelist()}
+    cfg = json.loads(parts["config.json"])
+    layer = next(l for l in cfg["config"]["layers"] if l["config"].get("name") == "d")
+    layer.update({"module": "evil_pkg.layers", "class_name": "Backdoor", "registered_name": "evil_pkg>Backdoor"})
+    parts["config.json"] = json.dumps(cfg).encode()
+    with zipfile.ZipFile(src, "w") as zout:
+        for n, b in parts.items():
+            zout.writestr(n, b)
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    card[HASH_KEY] = file_sha256(src)
+    (tmp_path / "m" / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="refusing to load model.keras"):
+        load_model(tmp_path / "m")
+
+
+def test_resume_refuses_an_unfinished_run_with_other_settings(tmp_path):
+    from bcc_core.cli import main
+
+    if not (ROOT / "models" / "pbs5-mobilenetv2" / "model.keras").is_file():
+        pytest.skip("bundled model missing")
+    img = tmp_path / "a.png"
+    img.write_bytes(_png(seed=1))
+    out = tmp_path / "r.csv"
+    (tmp_path / "r.csv.partial").write_text("file\n")
+    (tmp_path / "r.csv.partial.json").write_text(json.dumps({"inputs": ["elsewhere"], "batch_size": 32}))
+    assert main(["screen", str(img), "--out", str(out), "--resume", "--quiet"]) == 2
+    assert not out.exists()
+    assert main(["screen", str(img), "--out", str(out), "--quiet"]) == 0  # without --resume: starts again
+    assert out.read_text().count("\n") == 2 and not (tmp_path / "r.csv.partial").exists()
