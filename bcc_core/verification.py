@@ -80,3 +80,47 @@ def load_reports(model_dir) -> list[dict]:
         if rep.get("model", {}).get("weights_sha256") == ident["weights_sha256"]:
             out.append(rep)
     return out
+
+
+def report_html(rep: dict) -> str:
+    """A self-contained, printable HTML verification report (no scripts, no external resources)."""
+    from html import escape
+
+    def r(x, digits=1):
+        if not x or x.get("value") is None:
+            return "n/a"
+        return (f"{x['value']:.{digits}%} (95% CI {x['ci95'][0]:.{digits}%}–{x['ci95'][1]:.{digits}%}; "
+                f"{x['k']}/{x['n']})")
+
+    m = rep.get("model", {})
+    rows = "".join(
+        f"<tr><td>{escape(c)}</td><td>{v['n']}</td><td>{r(v['recall']) if v['recall'] else 'not a model class'}</td>"
+        f"<td>{r((rep['per_suggested_class'].get(c) or {}).get('precision'))}</td><td>{r(v['shown_as_ok'])}</td>"
+        f"<td>{v['wrong_and_ok']}</td></tr>" for c, v in rep["per_true_label"].items())
+    conf = rep["confusion"]
+    cm = "<tr><th>true \\ suggested</th>" + "".join(f"<th>{escape(c)}</th>" for c in conf["columns"]) + "</tr>" + "".join(
+        f"<tr><th>{escape(rname)}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+        for rname, row in zip(conf["rows"], conf["matrix"]))
+    kappa = "n/a" if rep.get("kappa_known") is None else f"{rep['kappa_known']:.3f}"
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Local verification: {escape(rep['name'])}</title>
+<style>body{{font-family:sans-serif;color:#111;max-width:960px;margin:2em auto}}table{{border-collapse:collapse;
+margin:1em 0}}td,th{{border:1px solid #999;padding:4px 8px;text-align:left}}.note{{background:#fff4d6;padding:8px}}</style>
+</head><body>
+<h1>Local verification report — {escape(rep['name'])}</h1>
+<p class="note">Decision support for a second reader, not a diagnosis. Figures are measured on the labelled cells
+listed below; a lab's verification needs enough cells per class for the intervals to be narrow.</p>
+<h2>Model</h2><p>{escape(str(m.get('model_id')))} — weights SHA-256 <code>{escape(str(m.get('weights_sha256')))}</code>,
+created {escape(str(m.get('created')))}</p>
+<h2>Data</h2><p>{rep['n']} labelled images from <code>{escape(str(rep.get('data', {}).get('root')))}</code>
+(file list SHA-256 <code>{escape(str(rep.get('data', {}).get('file_list_sha256')))}</code>), measured
+{escape(str(rep.get('measured')))}.</p>
+<h2>Summary</h2><ul><li>Agreement on the model's classes: {r(rep['agreement_known'])}</li>
+<li>Cohen's kappa (model's classes): {kappa}</li><li>Shown as OK: {r(rep['shown_as_ok'])}</li>
+<li>Wrong and shown as OK: {r(rep['wrong_and_ok'], 2)}</li><li>Errors among results shown as OK:
+{r(rep['error_among_ok'], 2)}</li></ul>
+<h2>Per class</h2><table><tr><th>true label</th><th>cells</th><th>recall</th><th>precision</th><th>shown as OK</th>
+<th>wrong and OK</th></tr>{rows}</table>
+<h2>Confusion matrix</h2><table>{cm}</table>
+<p>Intervals: Wilson score, 95%. Cells of a type the model does not know count as wrong when shown as OK.</p>
+</body></html>"""

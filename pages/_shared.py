@@ -36,6 +36,7 @@ STATE_DEFAULTS: dict = {
     "lab_cells": None,        # ((upload name, size), folder): the unpacked labelled .zip on the Your lab page
     "lab_candidate": None,    # {"dir", "summary", "parent"}: the last adapted, not yet promoted model
     "lab_notice": None,       # str: outcome of the last promotion / roll-back, shown once
+    "lab_report": None,       # dict: the last local verification report (bcc_core.verification)
 }
 
 

@@ -133,6 +133,29 @@ if ss["lab_notice"]:
     st.success(ss["lab_notice"])
     ss["lab_notice"] = None
 
+# ---------------------------------------------------------------- verification report
+st.subheader("Verify a model on your cells")
+st.caption("Measures the selected model on the labelled cells above: per-class agreement with 95% intervals, "
+           "kappa, shown as OK, wrong and OK, the confusion matrix. Use cells the model was not adapted on.")
+if st.button("Verify the selected model", icon=":material/fact_check:", disabled=not (cells_dir and lab.strip())):
+    from bcc_core.verification import save_report, verify_folder
+    from pages._shared import require_predictor
+
+    with st.spinner("Classifying your cells…"):
+        rep = verify_folder(require_predictor(), cells_dir, name=lab.strip())
+    save_report(current_model_dir(), rep)
+    ss["lab_report"] = rep
+rep = ss["lab_report"]
+if rep:
+    from bcc_core.verification import report_html
+
+    st.markdown(f"**{rep['model']['model_id']}** on {rep['n']} cells of **{rep['name']}**: agreement "
+                f"{fmt_pct(rep['agreement_known']['value'])} (95% CI {fmt_pct(rep['agreement_known']['ci95'][0])}–"
+                f"{fmt_pct(rep['agreement_known']['ci95'][1])}), shown as OK {fmt_pct(rep['shown_as_ok']['value'])}, "
+                f"wrong and OK {rep['wrong_and_ok']['k']} of {rep['n']}. Also on the Model metrics page.")
+    st.download_button("Download the verification report (HTML)", report_html(rep), mime="text/html",
+                       file_name=f"verification_{rep['name']}.html", icon=":material/download:", on_click="ignore")
+
 # ---------------------------------------------------------------- lab models in use
 st.subheader("Your lab's models")
 lab_models = list_lab_models()

@@ -523,6 +523,18 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     assert not at.exception and f"Model: **{promoted.name}**" in texts(at, "info")
 
     at.switch_page("pages/your_lab.py").run()
+    # Local verification report of the promoted model on the lab's cells: per class with intervals, saved
+    # beside the model (the metrics page shows it) and downloadable as HTML.
+    at.file_uploader[0].set_value(("lab.zip", _labelled_zip(["monocyte", "seg_neutrophil"], 12), "application/zip"))
+    at.text_input(key="lab_name").input("Test Lab")
+    at.run()
+    next(b for b in at.button if b.label == "Verify the selected model").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    rep = at.session_state["lab_report"]
+    assert rep["n"] == 24 and rep["model"]["model_id"] == promoted.name
+    assert set(rep["per_true_label"]) == {"monocyte", "seg_neutrophil"} and rep["agreement_known"]["ci95"][0] is not None
+    assert (promoted / "external" / "Test Lab.json").is_file()
+    assert "Download the verification report (HTML)" in [b.label for b in at.download_button]
     next(b for b in at.button if b.key == f"rollback_{promoted.name}").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert not promoted.exists() and (app_env["data_dir"] / "retired" / promoted.name).is_dir()

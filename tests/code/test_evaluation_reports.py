@@ -57,3 +57,16 @@ def test_ece_interval_contains_the_ece_and_widens_with_fewer_images():
     s_lo, s_hi = ece_interval(small)
     assert s_hi - s_lo > hi - lo
     assert ece_interval(None) is None
+
+
+def test_verification_html_report_is_self_contained_and_escapes_names():
+    from bcc_core.verification import report_html
+
+    rep = labelled_set_report(["a", "b", "<script>x</script>"], ["a", "a", "b"], [True, False, True], ["a", "b"],
+                              name="Lab <b>1</b>")
+    rep.update({"model": {"model_id": "m", "weights_sha256": "ab" * 32, "created": "2026"},
+                "data": {"root": "cells", "file_list_sha256": "cd" * 32}, "measured": "now"})
+    html = report_html(rep)
+    assert html.startswith("<!doctype html>") and "<script>" not in html and "&lt;script&gt;" in html
+    assert "Lab &lt;b&gt;1&lt;/b&gt;" in html and "95% CI" in html and "ab" * 32 in html
+    assert "http" not in html   # no external resources
