@@ -7,6 +7,10 @@ across train/val/test, or the test score measures memory instead of generalisati
     groups = group_duplicates(ds.paths)         # exact (md5) + near (pHash) duplicate groups
     split = split_grouped(ds.labels, groups)    # stratified, groups kept whole, seeded
     save_split("split.json", ds, split, groups) # relative paths + dataset digest
+
+Several sources (labs) in one run: ``ms = list_sources(["../pbs5", "lisc=../lisc"], classes, class_map)``
+gives the merged ``ms.dataset`` with a source per image; ``ms.groups()`` groups duplicates per source
+(plus a source's ``groups.csv``) and ``split_grouped(ms.strata(), groups)`` stratifies by class x source.
 """
 
 from __future__ import annotations
