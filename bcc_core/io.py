@@ -513,6 +513,8 @@ def _zip_sources(opener: Callable[[], Any], label: str, limits: ArchiveLimits = 
         # "./x.png" is x.png: drop empty and "." segments for display, keep ".." to refuse it.
         shown = "/".join(p for p in parts if p not in ("", ".")) or info.filename
         listed.append((shown, info, parts))
+    if not listed:  # an empty archive (or one whose directory lists none) is still a row
+        return [_error_source(label, f"{label}: the archive holds no files; {_ACCEPTED}, or a .zip of them")]
     listed.sort(key=lambda t: t[0])  # stable: members sharing a name keep their archive order
     seen: dict[str, int] = {}
     out = []

@@ -16,6 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+# No example database: nothing is written into the checkout (.hypothesis/); each run draws new examples.
+settings.register_profile("bcc_hardening", database=None)
+settings.load_profile("bcc_hardening")
 from PIL import Image
 
 from bcc_core.io import (ArchiveLimits, DecodeLimits, FolderPolicy, ImageReadError, encode_png, iter_image_sources,
@@ -213,6 +217,11 @@ def test_duplicate_member_names_are_disambiguated_and_read_their_own_bytes():
     srcs = sources_from_uploads([Upload("d.zip", _zip([("x.png", one), ("x.png", two)]))])
     assert [s.name for s in srcs] == ["d.zip:x.png", "d.zip:x (2).png"]
     assert srcs[0].load() == one and srcs[1].load() == two
+
+
+def test_an_empty_archive_is_a_row():
+    (src,) = sources_from_uploads([Upload("e.zip", _zip([("only/", b"")]))])
+    assert src.name == "e.zip" and "holds no files" in _outcome(src)[1]
 
 
 def test_member_count_limit():
