@@ -6,6 +6,11 @@ Batch inputs (files, folders, archives, uploads) are expanded by :func:`iter_ima
 :func:`sources_from_uploads` into lazy :class:`ImageSource` objects; a source that cannot be read
 still exists and raises :class:`ImageReadError` on ``load()``, so batch work can emit an error row
 with the reason instead of crashing or silently dropping the input.
+
+Hostile or unlucky input is bounded before it costs anything: :class:`DecodeLimits` (formats allowed by
+content, pixels and decode memory read from the header, file size), :class:`ArchiveLimits` (member count,
+total and per-member size, compression ratio, from the zip directory) and, for the app only,
+:class:`FolderPolicy` (server paths inside administrator-allowed roots, ``BCC_IMAGE_ROOTS``).
 """
 
 from __future__ import annotations
