@@ -375,3 +375,53 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
         finally:
             browser.close()
     assert all(v == [] for v in found.values()), found
+
+
+# ---------------------------------------------------------------------------------------------- your lab
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_your_lab_in_the_browser(server, tmp_path):
+    """Upload a labelled .zip, adapt, compare, promote (the sidebar now offers and uses it), roll back."""
+    import io
+    import zipfile
+
+    from playwright.sync_api import expect, sync_playwright
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k, c in enumerate(["monocyte", "seg_neutrophil"]):
+            for i in range(12):
+                zf.writestr(f"{c}/cell{i:02d}.png", png_bytes(synthetic_cell(700 + 100 * k + i)))
+    lab_zip = tmp_path / "our_lab.zip"
+    lab_zip.write_bytes(buf.getvalue())
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport=FOLD)
+            page.goto(server + "your_lab", wait_until="domcontentloaded")
+            expect(page.get_by_role("heading", name="Your lab", exact=True)).to_be_visible(timeout=60_000)
+            page.set_input_files("input[type=file]", str(lab_zip))
+            expect(page.get_by_test_id("stDataFrame").first).to_be_visible(timeout=60_000)
+            page.get_by_role("textbox", name="Lab name").fill("Browser Lab")
+            page.keyboard.press("Enter")
+            _idle(page)
+            page.get_by_role("textbox", name="Your name").fill("Dr Browser")
+            page.keyboard.press("Enter")
+            _idle(page)
+            page.get_by_role("button", name="Adapt the model").click()
+            expect(page.get_by_role("heading", name="3. Parent and adapted model, side by side")).to_be_visible(
+                timeout=600_000)
+            expect(page.get_by_text("held out from the adaptation")).to_be_visible()
+            _idle(page)
+            page.get_by_role("button", name="Promote: use the adapted model").click()
+            expect(page.get_by_text("Promoted as pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)
+            model_box = page.get_by_role("combobox", name="Model")
+            expect(model_box).to_have_value("pbs5-mobilenetv2--browser-lab-v1 (your lab)")   # offered and in use
+            _idle(page)
+            page.get_by_role("button", name="Roll back").click()
+            expect(page.get_by_text("Rolled back pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)
+            expect(model_box).to_have_value("pbs5-mobilenetv2")                               # the parent again
+            expect(page.get_by_test_id("stException")).to_have_count(0)
+        finally:
+            browser.close()
+    assert (tmp_path / "data" / "retired" / "pbs5-mobilenetv2--browser-lab-v1" / "model_card.json").is_file()
