@@ -7,6 +7,7 @@ BCC_UPDATE_SCREENSHOT=1, so a plain test run leaves the checkout clean).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,55 +79,50 @@ def server(model_dir, tmp_path):
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
 def test_single_image_in_browser(server, model_dir, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     classes = json.loads((model_dir / "model_card.json").read_text())["classes"]
     img = tmp_path / "cell.png"
     img.write_bytes(png_bytes(synthetic_cell(1)))
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(server, wait_until="domcontentloaded")
-            expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("Decision support, not a diagnosis").first).to_be_visible()
+    with _app_page() as page:
+        page.goto(server, wait_until="domcontentloaded")
+        expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Decision support, not a diagnosis").first).to_be_visible()
 
-            page.set_input_files("input[type=file]", str(img))
-            # Model loading on first use and TF warm-up can take a while on a shared 2-core machine.
-            # The headline is the verdict; the class is a metric when it can be trusted, else a plain line.
-            import re
+        page.set_input_files("input[type=file]", str(img))
+        # Model loading on first use and TF warm-up can take a while on a shared 2-core machine.
+        # The headline is the verdict; the class is a metric when it can be trusted, else a plain line.
+        import re
 
-            headline = page.get_by_text(re.compile("^(Not recognised|Do not use|Needs review|No flag raised) — "))
-            expect(headline.first).to_be_visible(timeout=180_000)
-            value = page.get_by_test_id("stMetric").filter(has_text="Suggested class").get_by_test_id("stMetricValue")
-            if value.count():
-                suggested = value.inner_text().strip()
-            else:
-                guess = page.locator("p", has_text="not reliable for this image").first.inner_text()
-                suggested = guess.split("not reliable for this image:")[1].split("(")[0].strip()
-            assert suggested in classes, suggested
+        headline = page.get_by_text(re.compile("^(Not recognised|Do not use|Needs review|No flag raised) — "))
+        expect(headline.first).to_be_visible(timeout=180_000)
+        value = page.get_by_test_id("stMetric").filter(has_text="Suggested class").get_by_test_id("stMetricValue")
+        if value.count():
+            suggested = value.inner_text().strip()
+        else:
+            guess = page.locator("p", has_text="not reliable for this image").first.inner_text()
+            suggested = guess.split("not reliable for this image:")[1].split("(")[0].strip()
+        assert suggested in classes, suggested
 
-            heading = page.get_by_role("heading", name="Grad-CAM explanation")
-            expect(heading).to_be_visible()
-            cam = page.get_by_test_id("stImage").filter(has_text="Grad-CAM for").locator("img")
-            expect(cam.first).to_be_visible(timeout=120_000)
-            # The overlay sits below its heading and has really loaded (non-zero natural size).
-            assert cam.first.bounding_box()["y"] > heading.bounding_box()["y"]
-            assert cam.first.evaluate("el => el.complete && el.naturalWidth") > 0
-            expect(page.get_by_test_id("stException")).to_have_count(0)
+        heading = page.get_by_role("heading", name="Grad-CAM explanation")
+        expect(heading).to_be_visible()
+        cam = page.get_by_test_id("stImage").filter(has_text="Grad-CAM for").locator("img")
+        expect(cam.first).to_be_visible(timeout=120_000)
+        # The overlay sits below its heading and has really loaded (non-zero natural size).
+        assert cam.first.bounding_box()["y"] > heading.bounding_box()["y"]
+        assert cam.first.evaluate("el => el.complete && el.naturalWidth") > 0
+        expect(page.get_by_test_id("stException")).to_have_count(0)
 
-            # Streamlit scrolls an inner container, so a "full page" shot of the document would only
-            # show the viewport: grow the viewport to the content's height first.
-            height = page.evaluate("""() => Math.max(document.body.scrollHeight, ...Array.from(
-                document.querySelectorAll('[data-testid=stMain], [data-testid=stAppViewContainer], '
-                                          + '[data-testid=stSidebarContent]')).map(e => e.scrollHeight))""")
-            page.set_viewport_size({"width": 1400, "height": min(int(height) + 40, 12000)})
-            page.wait_for_timeout(1500)  # let charts re-layout and finish drawing
-            shot = tmp_path / "single_image.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+        # Streamlit scrolls an inner container, so a "full page" shot of the document would only
+        # show the viewport: grow the viewport to the content's height first.
+        height = page.evaluate("""() => Math.max(document.body.scrollHeight, ...Array.from(
+            document.querySelectorAll('[data-testid=stMain], [data-testid=stAppViewContainer], '
+                                      + '[data-testid=stSidebarContent]')).map(e => e.scrollHeight))""")
+        page.set_viewport_size({"width": 1400, "height": min(int(height) + 40, 12000)})
+        page.wait_for_timeout(1500)  # let charts re-layout and finish drawing
+        shot = tmp_path / "single_image.png"
+        page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     if os.environ.get("BCC_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -135,8 +131,20 @@ def test_single_image_in_browser(server, model_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- review in the browser
 
-def _browser(p):
-    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+FOLD = {"width": 1400, "height": 1000}
+
+
+@contextlib.contextmanager
+def _app_page():
+    """A page of headless Chromium at 1400x1000, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_page(viewport=FOLD)
+        finally:
+            browser.close()
 
 
 def _screen_batch(page, server, paths):
@@ -192,31 +200,26 @@ def _cells(tmp_path, n, seed=300):
 def test_decisions_from_the_table_land_on_their_own_cells(server, tmp_path):
     """Three cells opened by clicking their rows in the results table, each decided differently:
     every decision is stored for the cell that was open, and for no other."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     paths = _cells(tmp_path, 12)
     audit_db = tmp_path / "audit.sqlite"
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            _screen_batch(page, server, paths)
-            page.get_by_role("textbox", name="Reviewer").fill("Dr Table")
-            page.keyboard.press("Enter")
-            grid = page.get_by_test_id("stDataFrame").filter(has_text="suggested class").first
-            for k, button in ((7, "lymphocyte"), (2, "Image unusable"), (10, "Confirm")):
-                grid.scroll_into_view_if_needed()
-                box = grid.bounding_box()
-                # Row k's selection box: the header is one row high, rows are 35 px.
-                page.mouse.click(box["x"] + 15, box["y"] + 35 + 17 + 35 * k)
-                _open_heading(page, k)
-                expect(page.get_by_text(f"Decide on cell #{k}")).to_be_visible(timeout=120_000)
-                _idle(page)
-                page.get_by_role("button", name=button).filter(visible=True).first.click()
-                expect(page.get_by_text(f"Recorded for #{k} (cell{k:02d}.png)")).to_be_visible(timeout=60_000)
-            expect(page.get_by_test_id("stException")).to_have_count(0)
-        finally:
-            browser.close()
+    with _app_page() as page:
+        _screen_batch(page, server, paths)
+        page.get_by_role("textbox", name="Reviewer").fill("Dr Table")
+        page.keyboard.press("Enter")
+        grid = page.get_by_test_id("stDataFrame").filter(has_text="suggested class").first
+        for k, button in ((7, "lymphocyte"), (2, "Image unusable"), (10, "Confirm")):
+            grid.scroll_into_view_if_needed()
+            box = grid.bounding_box()
+            # Row k's selection box: the header is one row high, rows are 35 px.
+            page.mouse.click(box["x"] + 15, box["y"] + 35 + 17 + 35 * k)
+            _open_heading(page, k)
+            expect(page.get_by_text(f"Decide on cell #{k}")).to_be_visible(timeout=120_000)
+            _idle(page)
+            page.get_by_role("button", name=button).filter(visible=True).first.click()
+            expect(page.get_by_text(f"Recorded for #{k} (cell{k:02d}.png)")).to_be_visible(timeout=60_000)
+        expect(page.get_by_test_id("stException")).to_have_count(0)
     got = _decisions(audit_db)
     assert got["cell07.png"] == [("correct", "lymphocyte", "Dr Table")]
     assert got["cell02.png"] == [("reject_image", None, "Dr Table")]
@@ -228,7 +231,7 @@ def test_decisions_from_the_table_land_on_their_own_cells(server, tmp_path):
 def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path):
     """Enter confirms, a number key assigns a label, X marks unusable, N/P move: ten cells decided
     without the mouse, each decision on the cell that was open when its key was pressed."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from bcc_core.worklist import review_labels
 
@@ -236,30 +239,25 @@ def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path
     lymph_key = str(review_labels(classes).index("lymphocyte") + 1)
     paths = _cells(tmp_path, 10, seed=400)
     audit_db = tmp_path / "audit.sqlite"
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            _screen_batch(page, server, paths)
-            _open_heading(page, 0)
-            page.get_by_role("textbox", name="Reviewer").focus()
-            page.keyboard.type("Dr Keys")
-            page.keyboard.press("Enter")   # commits the name; focus leaves the field
-            expect(page.get_by_role("textbox", name="Reviewer")).to_have_value("Dr Keys")
+    with _app_page() as page:
+        _screen_batch(page, server, paths)
+        _open_heading(page, 0)
+        page.get_by_role("textbox", name="Reviewer").focus()
+        page.keyboard.type("Dr Keys")
+        page.keyboard.press("Enter")   # commits the name; focus leaves the field
+        expect(page.get_by_role("textbox", name="Reviewer")).to_have_value("Dr Keys")
+        _idle(page)
+        # (key, cell open before it, cell open after it)
+        script = [("Enter", 0, 1), (lymph_key, 1, 2), ("N", 2, 3), ("Enter", 3, 4), ("P", 4, 3), ("P", 3, 2),
+                  ("X", 2, 4)] + [("Enter", k, k + 1) for k in range(4, 9)] + [("Enter", 9, None)]
+        for key, before, after in script:
+            _open_heading(page, before)
             _idle(page)
-            # (key, cell open before it, cell open after it)
-            script = [("Enter", 0, 1), (lymph_key, 1, 2), ("N", 2, 3), ("Enter", 3, 4), ("P", 4, 3), ("P", 3, 2),
-                      ("X", 2, 4)] + [("Enter", k, k + 1) for k in range(4, 9)] + [("Enter", 9, None)]
-            for key, before, after in script:
-                _open_heading(page, before)
-                _idle(page)
-                page.keyboard.press(key)
-                if after is not None:
-                    _open_heading(page, after)
-            expect(page.get_by_text("Worklist: 10 cell(s), 10 decided, 0 to go.")).to_be_visible(timeout=60_000)
-            expect(page.get_by_test_id("stException")).to_have_count(0)
-        finally:
-            browser.close()
+            page.keyboard.press(key)
+            if after is not None:
+                _open_heading(page, after)
+        expect(page.get_by_text("Worklist: 10 cell(s), 10 decided, 0 to go.")).to_be_visible(timeout=60_000)
+        expect(page.get_by_test_id("stException")).to_have_count(0)
     got = _decisions(audit_db)
     assert got["cell01.png"] == [("correct", "lymphocyte", "Dr Keys")]
     assert got["cell02.png"] == [("reject_image", None, "Dr Keys")]
@@ -268,8 +266,6 @@ def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- above the fold
-
-FOLD = {"width": 1400, "height": 1000}
 
 
 def _above_fold(locator) -> bool:
@@ -293,7 +289,7 @@ def test_unrecognised_cell_and_all4_shortcut_warning_above_the_fold(server, tmp_
     import re
 
     import numpy as np
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     cell = tmp_path / "unfamiliar_cell.png"
     cell.write_bytes(png_bytes(synthetic_cell(7)))
@@ -302,34 +298,29 @@ def test_unrecognised_cell_and_all4_shortcut_warning_above_the_fold(server, tmp_
                             for _ in range(2)], 0)
     field_png = tmp_path / "smear_field.png"
     field_png.write_bytes(png_bytes(field))
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport=FOLD)
-            page.goto(server, wait_until="domcontentloaded")
-            expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
-            page.set_input_files("input[type=file]", str(cell))
-            headline = page.get_by_text("Not recognised — classify it yourself")
-            expect(headline).to_be_visible(timeout=180_000)
-            flag = page.get_by_text("Unlike the training images").first
-            expect(flag).to_be_visible()
-            _idle(page)
-            assert _above_fold(headline) and _above_fold(flag)
-            _keep_screenshot(page, tmp_path, "ood_cell_1400x1000.png")
+    with _app_page() as page:
+        page.goto(server, wait_until="domcontentloaded")
+        expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
+        page.set_input_files("input[type=file]", str(cell))
+        headline = page.get_by_text("Not recognised — classify it yourself")
+        expect(headline).to_be_visible(timeout=180_000)
+        flag = page.get_by_text("Unlike the training images").first
+        expect(flag).to_be_visible()
+        _idle(page)
+        assert _above_fold(headline) and _above_fold(flag)
+        _keep_screenshot(page, tmp_path, "ood_cell_1400x1000.png")
 
-            page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").click()
-            page.get_by_role("option", name="all4-mobilenetv2").click()
-            _idle(page)
-            page.set_input_files("input[type=file]", str(field_png))
-            expect(page.get_by_text("Original: smear_field.png")).to_be_visible(timeout=180_000)
-            warning = page.get_by_text(re.compile("Colour shortcut in this model")).first
-            expect(warning).to_be_visible(timeout=180_000)
-            _idle(page)
-            expect(page.get_by_test_id("stAlertContentSuccess")).to_have_count(0)   # never a green OK
-            assert _above_fold(warning)
-            _keep_screenshot(page, tmp_path, "all4_field_1400x1000.png")
-        finally:
-            browser.close()
+        page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").click()
+        page.get_by_role("option", name="all4-mobilenetv2").click()
+        _idle(page)
+        page.set_input_files("input[type=file]", str(field_png))
+        expect(page.get_by_text("Original: smear_field.png")).to_be_visible(timeout=180_000)
+        warning = page.get_by_text(re.compile("Colour shortcut in this model")).first
+        expect(warning).to_be_visible(timeout=180_000)
+        _idle(page)
+        expect(page.get_by_test_id("stAlertContentSuccess")).to_have_count(0)   # never a green OK
+        assert _above_fold(warning)
+        _keep_screenshot(page, tmp_path, "all4_field_1400x1000.png")
 
 
 # ---------------------------------------------------------------------------------------------- accessibility
@@ -339,7 +330,7 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
     """axe-core's colour-contrast rule (WCAG AA, 4.5:1 for normal text) on every page, each with content:
     a single-image result, a screened batch with a cell open, the metrics and the model card."""
     from axe_playwright_python.sync_playwright import Axe
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     paths = _cells(tmp_path, 3, seed=500)
 
@@ -362,18 +353,13 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
     steps = {"single image": single, "batch screening": batch, "metrics": visit("metrics", "Model metrics"),
              "model card": visit("model_card", "Model card")}
     axe, found = Axe(), {}
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport=FOLD)
-            for name, step in steps.items():
-                step(page)
-                _idle(page)
-                res = axe.run(page, options={"runOnly": {"type": "rule", "values": ["color-contrast"]}})
-                found[name] = [(n["html"][:80], n["any"][0]["message"][:90]) for v in res.response["violations"]
-                               for n in v["nodes"]]
-        finally:
-            browser.close()
+    with _app_page() as page:
+        for name, step in steps.items():
+            step(page)
+            _idle(page)
+            res = axe.run(page, options={"runOnly": {"type": "rule", "values": ["color-contrast"]}})
+            found[name] = [(n["html"][:80], n["any"][0]["message"][:90]) for v in res.response["violations"]
+                           for n in v["nodes"]]
     assert all(v == [] for v in found.values()), found
 
 
@@ -385,7 +371,7 @@ def test_your_lab_in_the_browser(server, tmp_path):
     import io
     import zipfile
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -394,34 +380,29 @@ def test_your_lab_in_the_browser(server, tmp_path):
                 zf.writestr(f"{c}/cell{i:02d}.png", png_bytes(synthetic_cell(700 + 100 * k + i)))
     lab_zip = tmp_path / "our_lab.zip"
     lab_zip.write_bytes(buf.getvalue())
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport=FOLD)
-            page.goto(server + "your_lab", wait_until="domcontentloaded")
-            expect(page.get_by_role("heading", name="Your lab", exact=True)).to_be_visible(timeout=60_000)
-            page.set_input_files("input[type=file]", str(lab_zip))
-            expect(page.get_by_test_id("stDataFrame").first).to_be_visible(timeout=60_000)
-            page.get_by_role("textbox", name="Lab name").fill("Browser Lab")
-            page.keyboard.press("Enter")
-            _idle(page)
-            page.get_by_role("textbox", name="Your name").fill("Dr Browser")
-            page.keyboard.press("Enter")
-            _idle(page)
-            page.get_by_role("button", name="Adapt the model").click()
-            expect(page.get_by_role("heading", name="3. Parent and adapted model, side by side")).to_be_visible(
-                timeout=600_000)
-            expect(page.get_by_text("held out from the adaptation")).to_be_visible()
-            _idle(page)
-            page.get_by_role("button", name="Promote: use the adapted model").click()
-            expect(page.get_by_text("Promoted as pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)
-            model_box = page.get_by_role("combobox", name="Model")
-            expect(model_box).to_have_value("pbs5-mobilenetv2--browser-lab-v1 (your lab)")   # offered and in use
-            _idle(page)
-            page.get_by_role("button", name="Roll back").click()
-            expect(page.get_by_text("Rolled back pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)
-            expect(model_box).to_have_value("pbs5-mobilenetv2")                               # the parent again
-            expect(page.get_by_test_id("stException")).to_have_count(0)
-        finally:
-            browser.close()
+    with _app_page() as page:
+        page.goto(server + "your_lab", wait_until="domcontentloaded")
+        expect(page.get_by_role("heading", name="Your lab", exact=True)).to_be_visible(timeout=60_000)
+        page.set_input_files("input[type=file]", str(lab_zip))
+        expect(page.get_by_test_id("stDataFrame").first).to_be_visible(timeout=60_000)
+        page.get_by_role("textbox", name="Lab name").fill("Browser Lab")
+        page.keyboard.press("Enter")
+        _idle(page)
+        page.get_by_role("textbox", name="Your name").fill("Dr Browser")
+        page.keyboard.press("Enter")
+        _idle(page)
+        page.get_by_role("button", name="Adapt the model").click()
+        expect(page.get_by_role("heading", name="3. Parent and adapted model, side by side")).to_be_visible(
+            timeout=600_000)
+        expect(page.get_by_text("held out from the adaptation")).to_be_visible()
+        _idle(page)
+        page.get_by_role("button", name="Promote: use the adapted model").click()
+        expect(page.get_by_text("Promoted as pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)
+        model_box = page.get_by_role("combobox", name="Model")
+        expect(model_box).to_have_value("pbs5-mobilenetv2--browser-lab-v1 (your lab)")   # offered and in use
+        _idle(page)
+        page.get_by_role("button", name="Roll back").click()
+        expect(page.get_by_text("Rolled back pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)
+        expect(model_box).to_have_value("pbs5-mobilenetv2")                               # the parent again
+        expect(page.get_by_test_id("stException")).to_have_count(0)
     assert (tmp_path / "data" / "retired" / "pbs5-mobilenetv2--browser-lab-v1" / "model_card.json").is_file()

@@ -198,3 +198,16 @@ def test_two_processes_reviewing_different_cases_lose_nothing(engine):
         assert len(rows) == 15 and all(r["decision"] == "confirm" for r in rows)
     v = trail.verify(engine)
     assert v["ok"], v["problems"][:3]
+
+
+def test_the_migrations_build_the_schema_the_code_uses(tmp_path):
+    """store.py's tables (what the code reads and writes) and the Alembic migrations (what a database
+    is built from) are written twice on purpose — a migration is history and never changes; this keeps
+    the two from drifting apart."""
+    eng = store.open_store(str(tmp_path / "schema.sqlite"))
+    insp = sa.inspect(eng)
+    for t in store.metadata.sorted_tables:
+        cols = {c["name"]: c for c in insp.get_columns(t.name)}
+        assert set(cols) == {c.name for c in t.columns}, t.name
+        assert {n for n, c in cols.items() if not c["nullable"]} >= {c.name for c in t.columns if not c.nullable
+                                                                      and not c.primary_key}, t.name
