@@ -181,6 +181,7 @@ def cmd_screen(a) -> int:
     `<out>` is never half-written; `--resume` continues an unfinished `<out>.partial`."""
     import csv
 
+    from . import cases
     from .inference import Predictor
     from .io import iter_image_sources
     from .report import _cell, results_to_csv
@@ -220,6 +221,7 @@ def cmd_screen(a) -> int:
     elif a.resume:
         print(f"--resume: no unfinished run at {partial}; starting from the beginning", file=sys.stderr)
     counts = [{"status": c[1], "predicted_class": c[2] or None} for _, c in done]
+    case = _open_case(a, pred, len(sources)) if a.case else None
     meta_file.write_text(json.dumps(meta))
     t = time.perf_counter()
     with open(partial, "r+b" if done else "wb") as f:
@@ -238,11 +240,18 @@ def cmd_screen(a) -> int:
             assert head == header, (head, header)  # every row has the keys of ROW_KEYS, in that order
             f.write(line.encode("utf-8"))
             f.flush()  # a killed run keeps every row written so far
+            if case is not None:
+                engine, user, case_id, stored = case
+                seq = len(counts)
+                if seq not in stored:
+                    cases.add_result(engine, user, case_id, seq, row)
             counts.append({"status": row["status"], "predicted_class": row["predicted_class"]})
             bar.update(1)
         bar.close()
         os.fsync(f.fileno())
     os.replace(partial, out)  # atomic: readers see the old file or the complete new one
+    if case is not None:
+        print(f"case {a.case!r} (id {case[2]}): {cases.finish(case[0], case[1], case[2])}", file=sys.stderr)
     meta_file.unlink(missing_ok=True)
     dt = time.perf_counter() - t
     s = summary(counts)
@@ -252,6 +261,30 @@ def cmd_screen(a) -> int:
         k = s["per_class"].get(c, 0)
         print(f"  {c:>16}: {k:5d}  ({100 * k / n_valid:.1f}%)" if n_valid else f"  {c:>16}: 0")
     return 0
+
+
+def _open_case(a, pred, n_inputs: int):
+    """(engine, user, case id, input positions already stored) for `screen --case LABEL --db DB`.
+
+    The CLI runs as its shell user (recorded as `cli:<login>`); with --resume the latest unfinished case
+    of that label continues, otherwise a new case is created. Rows are stored as they are produced.
+    """
+    import getpass
+
+    from . import cases, store
+    from .users import User
+    from .verification import model_identity
+
+    engine = store.open_store(a.db)
+    user = User(f"cli:{getpass.getuser()}", "reviewer")
+    if a.resume:
+        open_ = [c for c in cases.list_cases(engine) if c["sample_label"] == a.case.strip()
+                 and c["status"] in ("running", "incomplete")]
+        if open_:
+            return engine, user, open_[0]["id"], cases.screened_seqs(engine, open_[0]["id"])
+    ident = model_identity(pred.model_dir)
+    case_id = cases.create_case(engine, user, a.case, ident["model_id"], ident["weights_sha256"], n_inputs)
+    return engine, user, case_id, set()
 
 
 def cmd_compare(a) -> int:
@@ -462,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an unfinished run (its rows are in OUT.partial) with the same inputs, model and "
                         "--batch-size, without repeating or losing a row")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--case", metavar="LABEL", help="also record the run as a case (sample label) in the database")
+    s.add_argument("--db", help="with --case: database URL or SQLite file (default: $BCC_DATABASE_URL, else "
+                                "$BCC_DATA_DIR/bcc.sqlite)")
     s.set_defaults(func=cmd_screen)
     cv = sub.add_parser("cv", help="grouped stratified k-fold cross-validation (mean ± std over folds)")
     _add_train_opts(cv)

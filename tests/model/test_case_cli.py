@@ -1,0 +1,46 @@
+"""`screen --case X --db D` then `audit verify --db D`: exit 0; a row changed with plain SQLite (no app)
+or an entry deleted from the middle of the trail makes it exit 1 and name the entry or row."""
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, require_model
+
+sys.path.insert(0, str(ROOT / "tests" / "app"))
+from app_test_images import png_bytes, synthetic_cell  # noqa: E402
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "bcc_core", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_screen_records_a_case_and_audit_verify_detects_tampering(tmp_path):
+    model = require_model("pbs5-mobilenetv2")
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for i in range(5):
+        (cells / f"cell{i}.png").write_bytes(png_bytes(synthetic_cell(60 + i)))
+    db = tmp_path / "lab.sqlite"
+    r = _cli("screen", str(cells), "--model", str(model), "--out", str(tmp_path / "r.csv"), "--case", "SLIDE-9",
+             "--db", str(db), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "case 'SLIDE-9'" in r.stderr and "complete" in r.stderr
+    ok = _cli("audit", "verify", "--db", str(db))
+    assert ok.returncode == 0 and "verifies" in ok.stdout
+    con = sqlite3.connect(db)
+    names = [n for (n,) in con.execute("SELECT name FROM results ORDER BY seq")]
+    assert names == [f"cell{i}.png" for i in range(5)]               # relative to the case, not server paths
+    con.execute("UPDATE results SET predicted_class = 'basophil', confidence = 0.99 WHERE seq = 3")
+    con.commit()
+    bad = _cli("audit", "verify", "--db", str(db))
+    assert bad.returncode == 1 and "result row 4" in bad.stdout, bad.stdout
+    con.execute("DELETE FROM trail WHERE id = 3")
+    con.commit()
+    con.close()
+    bad = _cli("audit", "verify", "--db", str(db))
+    assert bad.returncode == 1 and "first broken entry: 3" in bad.stdout, bad.stdout
