@@ -347,11 +347,11 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
     def visit(path, heading):
         def go(page):
             page.goto(server + path, wait_until="domcontentloaded")
-            expect(page.get_by_role("heading", name=heading)).to_be_visible(timeout=60_000)
+            expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible(timeout=60_000)
         return go
 
     steps = {"single image": single, "batch screening": batch, "metrics": visit("metrics", "Model metrics"),
-             "model card": visit("model_card", "Model card")}
+             "model card": visit("model_card", "Model card"), "your lab": visit("your_lab", "Your lab")}
     axe, found = Axe(), {}
     with _app_page() as page:
         for name, step in steps.items():
