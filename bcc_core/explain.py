@@ -48,6 +48,49 @@ def _maps(vis, layer: str, model_input: np.ndarray, method: str, classes: list[i
     return np.maximum(np.nan_to_num(np.asarray(cams, np.float32)), 0.0)
 
 
+def _gradcam_fn(predictor):
+    """Every class's Grad-CAM from one compiled forward pass to the target layer, in closed form.
+
+    In every model build_classifier makes, the target layer feeds global average pooling and then the
+    head Dense(ReLU) → Dense(logits) (dropout is the identity at inference). The gradient of logit c with
+    respect to activation A[h, w, k] is therefore the same at every position, (1 / HW) · ∂logit_c/∂f_k with
+    ∂logits/∂f = W1 · diag(ReLU'(f·W1 + b1)) · W2, which is exactly Grad-CAM's channel weight. Same
+    maps as tf-keras-vis' Gradcam on a linear output (tested against it), several times faster.
+    """
+    key = (predictor, "gradcam_fn")
+    if key not in _CACHE:
+        import keras
+
+        from .models import LOGITS_LAYER
+        from .training import compiled
+
+        m = predictor.model
+        to_conv = compiled(keras.Model(m.input, m.get_layer(predictor.card.gradcam_layer).output))
+        w1, b1 = (np.asarray(v, np.float64) for v in m.get_layer("head_dense").get_weights())
+        w2, _ = (np.asarray(v, np.float64) for v in m.get_layer(LOGITS_LAYER).get_weights())
+
+        def f(x):
+            conv = np.asarray(to_conv(x), np.float64)[0]                # (h, w, k)
+            feats = conv.mean(axis=(0, 1))                              # the GAP features
+            jac = (w1 * (feats @ w1 + b1 > 0)[None, :]) @ w2            # (k, C): ∂logits/∂features
+            weights = jac.T / (conv.shape[0] * conv.shape[1])           # (C, k): mean gradient per channel
+            return np.maximum(np.einsum("hwk,ck->chw", conv, weights), 0.0)
+
+        _CACHE[key] = f
+    return _CACHE[key]
+
+
+def _gradcam_all(predictor, model_input: np.ndarray) -> np.ndarray:
+    """(C, S, S) raw Grad-CAM maps of one image, upsampled as tf-keras-vis does (bilinear spline zoom)."""
+    from scipy.ndimage import zoom
+
+    with _LOCK:
+        cams = np.asarray(_gradcam_fn(predictor)(model_input[None].astype(np.float32)), np.float32)
+    h, w = cams.shape[1:]
+    cams = zoom(cams, (1, model_input.shape[0] / h, model_input.shape[1] / w), order=1)
+    return np.maximum(np.nan_to_num(cams), 0.0)
+
+
 def class_maps(predictor, model_input: np.ndarray, method: str = "gradcam") -> np.ndarray:
     """Heatmaps of one image for every class of the model, on ONE scale: (C, S, S) float32 in [0, 1].
 
@@ -57,9 +100,12 @@ def class_maps(predictor, model_input: np.ndarray, method: str = "gradcam") -> n
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    with _LOCK:
-        vis = _vis(predictor, method)
-        maps = _maps(vis, predictor.card.gradcam_layer, model_input, method, list(range(len(predictor.classes))))
+    if method == "gradcam":
+        maps = _gradcam_all(predictor, model_input)
+    else:
+        with _LOCK:
+            vis = _vis(predictor, method)
+            maps = _maps(vis, predictor.card.gradcam_layer, model_input, method, list(range(len(predictor.classes))))
     top = float(maps.max())
     return maps / top if top > 0 else maps
 

@@ -125,6 +125,12 @@ def test_gradcam_methods(trained):
         # One scale for all classes: the strongest map reaches 1 (an all-zero map would not).
         assert maps.shape == (3, 224, 224) and maps.max() == pytest.approx(1.0)
         assert np.array_equal(h, maps[p.classes.index(r.predicted_class)])
+    # The compiled all-classes Grad-CAM gives tf-keras-vis' Gradcam maps, class by class.
+    from bcc_core.explain import _gradcam_all, _maps, _vis
+
+    mine = _gradcam_all(p, r.model_input)
+    theirs = _maps(_vis(p, "gradcam"), p.card.gradcam_layer, r.model_input, "gradcam", [0, 1, 2])
+    np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-4 * float(theirs.max()))
     o = overlay(r.model_input, h, 0.5)
     assert o.shape == (224, 224, 3) and o.dtype == np.uint8
     with pytest.raises(ValueError, match="method"):
