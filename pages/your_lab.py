@@ -47,13 +47,14 @@ else:
         from pages._shared import audit_log
 
         current = audit_log().queue(status=None, undecided_only=False).set_index("prediction_id")
-        items = []
-        for i, pid in ids.items():
-            if pid in current.index and current.at[pid, "decision"] in ("confirm", "correct"):
-                items.append((current.at[pid, "final_class"], rows[i]["file"], ss["batch_sources"][i].load()))
-        if items:
-            folder = write_reviewed_cells(items, Path(tempfile.mkdtemp(prefix="bcc-lab-")) / "cells")
-            cells_dir = str(folder)
+        chosen = tuple((i, current.at[pid, "final_class"]) for i, pid in sorted(ids.items())
+                       if pid in current.index and current.at[pid, "decision"] in ("confirm", "correct"))
+        key = ("session", ss["batch_run_id"], chosen)
+        if chosen and (ss["lab_cells"] is None or ss["lab_cells"][0] != key):  # write the folder once per set
+            items = [(label, rows[i]["file"], ss["batch_sources"][i].load()) for i, label in chosen]
+            ss["lab_cells"] = (key, str(write_reviewed_cells(items, Path(tempfile.mkdtemp(prefix="bcc-lab-")) / "cells")))
+        if chosen:
+            cells_dir = ss["lab_cells"][1]
         else:
             st.info("No cell of this session's batch has a confirm or correct decision yet.")
 if cells_dir:

@@ -546,3 +546,23 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
         acts = [(r.action, r.actor) for r in con.execute(sa.select(store.trail.c.action, store.trail.c.actor))]
     assert ("model.promote", "Dr Lab") in acts and ("model.rollback", "Dr Lab") in acts
     assert trail.verify(eng)["ok"]
+
+
+def test_your_lab_takes_this_sessions_reviewed_cells(app_env):
+    """Cells confirmed or corrected on the batch page become the lab's labelled cells, under their final class."""
+    at = start("pages/batch_screening.py")
+    files = [(f"c{i}.png", png_bytes(synthetic_cell(80 + i)), "image/png") for i in range(4)]
+    at.file_uploader[0].set_value(files).run()
+    next(b for b in at.button if b.label == "Run screening").click().run()
+    at.toggle(key="batch_verify_all").set_value(True).run()
+    at.text_input(key="reviewer_field").input("Dr Lab").run()
+    for i, label in enumerate(["monocyte", "lymphocyte", "monocyte"]):
+        assert at.session_state["batch_open"] == i
+        _button(at, f"decide_{i}_{label}").click().run()
+    _button(at, "decide_3_reject").click().run()                  # unusable: not a labelled cell
+    at.switch_page("pages/your_lab.py").run()
+    at.radio(key="lab_source").set_value("Cells reviewed in this session (batch screening)").run()
+    assert not at.exception, [e.value for e in at.exception]
+    counts = next(d.value for d in at.dataframe if "cells" in d.value.columns)
+    assert dict(zip(counts["class"], counts["cells"])) == {"lymphocyte": 1, "monocyte": 2}
+    assert dict(zip(counts["class"], counts["a class of the model"])) == {"lymphocyte": False, "monocyte": True}
