@@ -36,7 +36,7 @@ TABLE_COLUMNS = {
     "#": st.column_config.NumberColumn("#", width="small"),
     "thumbnail": st.column_config.ImageColumn("cell", width="small"),
     "file": st.column_config.TextColumn("file", width="medium"),
-    "verdict": st.column_config.TextColumn("result", width="small",
+    "verdict": st.column_config.TextColumn("result", width="medium",
                                            help="The most severe flag in words, as the cell's detail view says it."),
     "predicted_class": st.column_config.TextColumn("suggested class"),
     "confidence": st.column_config.ProgressColumn("confidence", min_value=0.0, max_value=100.0, format="%.1f%%",
