@@ -6,10 +6,11 @@ PORT ?= 8501
 
 .PHONY: setup run test test-fast bench clean
 
-$(BIN)/activate: requirements.txt
+$(BIN)/activate: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(BIN)/activate
 
 setup: $(BIN)/activate
