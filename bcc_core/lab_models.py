@@ -123,6 +123,21 @@ def _record(engine, actor: str, action: str, details: dict) -> None:
     trail.record(engine or store.open_store(), actor, action, "model", None, details)
 
 
+def reviewed_labels(prediction_ids: dict, current) -> tuple[tuple[int, str], ...]:
+    """(row index, final class) of a batch's cells whose current decision is confirm or correct.
+
+    Args:
+        prediction_ids: {row index: audit prediction id}.
+        current: the audit log's current decisions (`AuditLog.queue(status=None, undecided_only=False)`)
+            indexed by prediction_id.
+    """
+    out = []
+    for i, pid in sorted(prediction_ids.items()):
+        if pid in current.index and current.at[pid, "decision"] in ("confirm", "correct"):
+            out.append((i, str(current.at[pid, "final_class"])))
+    return tuple(out)
+
+
 def write_reviewed_cells(items, dest: Path) -> Path:
     """Reviewed cells as an ImageFolder: items are (final class, file name, image bytes)."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,18 @@ def num_ci(v, ci, digits: int = 3) -> str:
     return f"{fmt_num(v, digits)} (95% CI {fmt_num(ci[0], digits)}–{fmt_num(ci[1], digits)})" if ci else fmt_num(v, digits)
 
 
+def _stamp(path: Path) -> float:
+    """Latest modification time of a file, or of any file in a folder (0 when absent)."""
+    files = [path] if path.is_file() else (list(path.glob("*")) if path.is_dir() else [])
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def cached_reports(model_dir: str, weights_mtime: float, reports_mtime: float) -> list:
+    """Saved external reports (hashing the weights to match them once per change, not on every rerun)."""
+    return load_reports(model_dir)
+
+
 # ---------------------------------------------------------------- read this first
 st.subheader("Read this first")
 for line in card.limitations or []:
@@ -52,7 +64,7 @@ if seen:
                "beside them are the better guide.", icon=":material/report:")
 
 # ---------------------------------------------------------------- at a glance: test split beside other labs
-externals = load_reports(model_dir)
+externals = cached_reports(str(model_dir), _stamp(model_dir / "model.keras"), _stamp(model_dir / "external"))
 cm = test.get("confusion_matrix")
 rep = confusion_report(cm, test.get("classes") or card.classes) if cm else None
 measured = (card.review_rule or {}).get("measured_on_test") or (metrics.get("review") or {}).get("test") or {}

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from bcc_core.lab_models import (list_lab_models, new_candidate_dir, promote, rollback, unpack_labelled_zip,
-                                 write_reviewed_cells)
+from bcc_core.lab_models import (list_lab_models, new_candidate_dir, promote, reviewed_labels, rollback,
+                                 unpack_labelled_zip, write_reviewed_cells)
 from bcc_core.ui_helpers import fmt_pct
 from pages._shared import (available_models, current_model_dir, init_state, page_header, require_card,
                            reviewer_field, reviewer_name)
@@ -47,8 +47,7 @@ else:
         from pages._shared import audit_log
 
         current = audit_log().queue(status=None, undecided_only=False).set_index("prediction_id")
-        chosen = tuple((i, current.at[pid, "final_class"]) for i, pid in sorted(ids.items())
-                       if pid in current.index and current.at[pid, "decision"] in ("confirm", "correct"))
+        chosen = reviewed_labels(ids, current)
         key = ("session", ss["batch_run_id"], chosen)
         if chosen and (ss["lab_cells"] is None or ss["lab_cells"][0] != key):  # write the folder once per set
             items = [(label, rows[i]["file"], ss["batch_sources"][i].load()) for i, label in chosen]
