@@ -173,7 +173,6 @@ def sanity_check(predictor, inputs: np.ndarray, method: str, n_top_layers: int =
     diffs, sims = [], []
     for x in inputs:
         maps = class_maps(predictor, x, method)
-        k = int(np.argmax([m.sum() for m in maps]))
         top = int(np.argmax(predictor.model(x[None].astype(np.float32), training=False)[0]))
         pairs = [(a, b) for a in range(n_cls) for b in range(a + 1, n_cls)]
         diffs.append(float(np.mean([np.abs(maps[a] - maps[b]).mean() for a, b in pairs])))
@@ -183,7 +182,6 @@ def sanity_check(predictor, inputs: np.ndarray, method: str, n_top_layers: int =
             sims.append(0.0 if orig.std() != rmap.std() else 1.0)
         else:
             sims.append(float(spearmanr(orig[::8, ::8].ravel(), rmap[::8, ::8].ravel())[0]))
-        del k
     diff, sim = float(np.mean(diffs)), float(np.mean(sims))
     return {"method": method, "n_images": int(len(inputs)), "class_difference": diff, "randomised_similarity": sim,
             "passed": bool(diff >= MIN_CLASS_DIFFERENCE and sim <= MAX_RANDOMISED_SIMILARITY),

@@ -361,8 +361,8 @@ if idx is not None:
     if pred is not None:
         with st.expander("Explanation settings and all class probabilities"):
             e1, e2 = st.columns(2)
-            e1.selectbox("Explanation method", list(explanation_methods(ss["batch_model"])[0]), key="batch_cam_method",
-                         help=explanation_methods(ss["batch_model"])[1])
+            offered, offered_note = explanation_methods(ss["batch_model"])
+            e1.selectbox("Explanation method", list(offered), key="batch_cam_method", help=offered_note)
             e2.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="batch_cam_alpha")
             st.plotly_chart(charts.probability_bar(pred.probabilities, classes, pred.predicted_class),
                             config={"displayModeBar": False}, key=f"batch_prob_{idx}")

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from bcc_core import charts
-from bcc_core.evaluation import confusion_report, ece_interval
+from bcc_core.evaluation import confusion_report, ece_interval, rate
 from bcc_core.glossary import term
 from bcc_core.ui_helpers import fmt_num, fmt_pct, read_json
 from bcc_core.verification import load_reports
@@ -81,8 +81,6 @@ with left:
         if measured.get("n"):
             n_t, n_ok = measured["n"], measured.get("ok", 0)
             wrong_ok = round(measured.get("wrong_ok_of_all", 0) * n_t)
-            from bcc_core.evaluation import rate
-
             st.markdown(f"- Shown as OK: {with_ci(rate(n_ok, n_t))}\n"
                         f"- Wrong and shown as OK: {with_ci(rate(wrong_ok, n_t), 2)}", help=term("wrong and OK"))
     else:
@@ -128,11 +126,11 @@ c1, c2 = st.columns(2)
 with c1:
     st.plotly_chart(charts.confusion_matrix_heatmap(cm, test.get("classes") or card.classes),
                     config={"displayModeBar": False})
-for i, ext in enumerate(externals[:1]):
+if externals:  # the first other lab's matrix beside the test split's (every lab's table is above)
+    conf = externals[0]["confusion"]
     with c2:
-        conf = ext["confusion"]
         st.plotly_chart(charts.confusion_matrix_heatmap(conf["matrix"], conf["rows"], columns=conf["columns"],
-                                                        title=f"Confusion matrix ({ext['name']}; rows = true label)"),
+                                                        title=f"Confusion matrix ({externals[0]['name']}; rows = true label)"),
                         config={"displayModeBar": False})
 
 # ---------------------------------------------------------------- calibration
@@ -163,8 +161,6 @@ if isinstance(thr, (int, float)) and thr > 1.0:
     st.warning("On its calibration data this model could not meet the guarantee at any threshold, so the rule "
                "accepts nothing: **every result is marked 'needs review'.**")
 if measured.get("n"):
-    from bcc_core.evaluation import rate
-
     n_ok = measured.get("ok", 0)
     wrong_ok = round(measured.get("selective_error", 0) * n_ok)
     st.markdown(f"- Confidence needed to be shown as OK (and no flag): {fmt_pct(thr)}\n"

@@ -1,5 +1,7 @@
 """Your lab: adapt the selected model to this lab's reviewed cells, compare, promote, roll back."""
 
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -94,8 +96,6 @@ def do_promote():
 
 
 def do_discard():
-    import shutil
-
     shutil.rmtree(ss["lab_candidate"]["dir"], ignore_errors=True)
     ss["lab_candidate"] = None
 
@@ -162,8 +162,6 @@ lab_models = list_lab_models()
 if not lab_models:
     st.caption("None promoted yet: the sidebar lists the bundled models only.")
 for m in lab_models:
-    import json
-
     lc = json.loads((m / "model_card.json").read_text())
     lin = lc.get("lineage") or {}
     r1, r2 = st.columns([4, 1])
