@@ -1,7 +1,7 @@
 """Streamlit glue shared by app.py and the pages: session state, cached model/card, banner, flags.
 
 Not a page itself (app.py lists the pages explicitly with st.navigation). Everything that is not
-Streamlit-specific lives in bcc_core (charts, ui_helpers) so it can be tested without a browser.
+Streamlit-specific lives here; charts and display helpers live in pages/_lib (tested without a browser).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def show_result(pred) -> None:
     """
     from bcc_core.flags import verdict
     from bcc_core.glossary import describe_class, term
-    from bcc_core.ui_helpers import fmt_prob
+    from pages._lib.ui_helpers import fmt_prob
 
     v = verdict(pred.flags)
     box = {"do_not_use": st.error, "unknown": st.error, "review": st.warning, "ok": st.success}[v.level]
@@ -239,7 +239,7 @@ def _offered(model_dir: str, card_mtime: float):
 
 def explanation_methods(model_dir: str | None = None) -> tuple[dict, str]:
     """{label: method} the app may offer for the model (those that passed its sanity checks), and a note."""
-    from bcc_core.ui_helpers import GRADCAM_METHODS
+    from pages._lib.ui_helpers import GRADCAM_METHODS
 
     d = model_dir or current_model_dir()
     names, note = _offered(d, _mtime(d))
@@ -255,7 +255,7 @@ def explanation_heatmap(model_input, method: str, class_index: int, model_dir: s
 def audit_log():
     """The audit log at $BCC_AUDIT_DB or ~/.bcc/audit.sqlite (opened per call: cheap, thread-safe)."""
     from bcc_core.audit import AuditLog
-    from bcc_core.ui_helpers import audit_db_path
+    from pages._lib.ui_helpers import audit_db_path
 
     p = audit_db_path()
     p.parent.mkdir(parents=True, exist_ok=True)

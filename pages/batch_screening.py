@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from bcc_core import charts
+from pages._lib import charts
 from bcc_core.io import (IMAGE_EXTENSIONS, ImageReadError, content_hash, iter_image_sources, read_image,
                          server_folder_policy, sources_from_uploads)
 from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
-from bcc_core.ui_helpers import flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
+from pages._lib.ui_helpers import flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
 from bcc_core.worklist import Worklist, decision_for, review_labels
 from pages._shared import (audit_log, current_model_dir, explanation_heatmap, explanation_methods, init_state,
                            page_header, reviewer_field, reviewer_name,

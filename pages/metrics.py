@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from bcc_core import charts
+from pages._lib import charts
 from bcc_core.evaluation import confusion_report, ece_interval, rate
 from bcc_core.glossary import term
-from bcc_core.ui_helpers import fmt_num, fmt_pct, read_json
+from pages._lib.ui_helpers import fmt_num, fmt_pct, read_json
 from bcc_core.verification import load_reports
 from pages._shared import current_model_dir, init_state, page_header, require_card
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from bcc_core.glossary import describe_class, term
-from bcc_core.ui_helpers import fmt_num, fmt_pct
+from pages._lib.ui_helpers import fmt_num, fmt_pct
 from pages._shared import current_model_dir, init_state, page_header, require_card
 
 init_state()

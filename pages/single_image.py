@@ -5,10 +5,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from bcc_core import charts
+from pages._lib import charts
 from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, content_hash, encode_png, read_image
 from bcc_core.report import result_to_json
-from bcc_core.ui_helpers import fmt_prob
+from pages._lib.ui_helpers import fmt_prob
 from bcc_core.glossary import term
 from pages._shared import (ROOT, current_model_dir, explanation_heatmap, explanation_methods, init_state,
                            page_header, require_predictor, show_flags, show_result)

@@ -10,7 +10,7 @@ import streamlit as st
 
 from bcc_core.lab_models import (list_lab_models, new_candidate_dir, promote, reviewed_labels, rollback,
                                  unpack_labelled_zip, write_reviewed_cells)
-from bcc_core.ui_helpers import fmt_pct
+from pages._lib.ui_helpers import fmt_pct
 from pages._shared import (available_models, current_model_dir, init_state, page_header, require_card,
                            reviewer_field, reviewer_name)
 

@@ -1,4 +1,4 @@
-"""Figure builders (bcc_core.charts) and page helpers (bcc_core.ui_helpers): pure, no model needed."""
+"""Figure builders (pages._lib.charts) and page helpers (pages._lib.ui_helpers): pure, no model needed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bcc_core import charts, ui_helpers
+from pages._lib import charts, ui_helpers
 from bcc_core.flags import Flag
 
 PBS5 = ["basophil", "erythroblast", "monocyte", "myeloblast", "seg_neutrophil"]

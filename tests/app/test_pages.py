@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from app_fixtures import app_env, blank_png, cell_png, model_dir  # noqa: F401  (pytest fixtures)
 from app_test_images import png_bytes, synthetic_cell
-from bcc_core.ui_helpers import GRADCAM_METHODS, fmt_prob
+from pages._lib.ui_helpers import GRADCAM_METHODS, fmt_prob
 
 GRADCAM_LABELS = {m: label for label, m in GRADCAM_METHODS.items()}
 

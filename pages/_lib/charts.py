@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .ui_helpers import fmt_prob
+from pages._lib.ui_helpers import fmt_prob
 
 # Colour-blind-safe palette (Okabe-Ito first, then Tableau) so adjacent classes stay distinguishable.
 _PALETTE = (
@@ -266,7 +266,7 @@ def reliability_diagram(after: Mapping | None, before: Mapping | None = None,
         label = f"{name} (ECE {ece:.3f})" if isinstance(ece, (int, float)) else name
         # Each bin's count is printed and its accuracy carries a Wilson 95% interval: a bin of three
         # images can swing to 0% and must look as uncertain as it is.
-        from .evaluation import wilson
+        from bcc_core.evaluation import wilson
 
         cis = [wilson(round(a * n), n) for _, a, n in pts]
         shown = data is after

@@ -138,7 +138,7 @@ def results_frame(rows: Sequence[Mapping[str, Any]], thumbnails: bool = True,
     """
     import pandas as pd
 
-    from .flags import FLAG_TITLES, Flag, verdict
+    from bcc_core.flags import FLAG_TITLES, Flag, verdict
 
     recs = []
     for i, r in enumerate(rows):
