@@ -101,7 +101,9 @@ def cmd_evaluate(a) -> int:
         print(f"  {c:>16}: precision {v['precision']:.3f} recall {v['recall']:.3f} f1 {v['f1']:.3f}")
     if a.json:
         print(json.dumps({**evaluation.summary_line(m), "ok_fraction": m["ok_fraction"],
-                          "wrong_ok_of_all": m["wrong_ok_of_all"], "split": a.split}))
+                          "wrong_ok_of_all": m["wrong_ok_of_all"], "n_ok": int(ok.sum()),
+                          "n_wrong_ok": int((ok & ~correct).sum()), "confusion_matrix": m["confusion_matrix"],
+                          "classes": list(pred.classes), "split": a.split}))
     return 0
 
 

@@ -124,3 +124,37 @@ created {escape(str(m.get('created')))}</p>
 <h2>Confusion matrix</h2><table>{cm}</table>
 <p>Intervals: Wilson score, 95%. Cells of a type the model does not know count as wrong when shown as OK.</p>
 </body></html>"""
+
+
+def _rate_md(x, digits=1) -> str:
+    if not x or x.get("value") is None:
+        return "n/a"
+    return f"{x['value']:.{digits}%} ({x['ci95'][0]:.{digits}%}–{x['ci95'][1]:.{digits}%}; {x['k']}/{x['n']})"
+
+
+def report_markdown(rep: dict, heading: str = "##") -> list[str]:
+    """The same report as `report_html`, as Markdown lines (for bench/RESULTS.md): per true label recall,
+    precision of the suggestion, shown as ok and wrong-and-ok, each with a Wilson 95% interval; the summary
+    rates; the confusion matrix."""
+    m = rep.get("model", {})
+    per_true, per_sugg = rep["per_true_label"], rep["per_suggested_class"]
+    known = [c for c, v in per_true.items() if v["known_to_model"]]
+    mean_recall = (sum(per_true[c]["recall"]["value"] for c in known) / len(known)) if known else None
+    kappa = "n/a" if rep.get("kappa_known") is None else f"{rep['kappa_known']:.3f}"
+    lines = [f"{heading} {rep['name']}: model `{m.get('model_id')}` (weights SHA-256 {str(m.get('weights_sha256'))[:12]}…)", "",
+             f"- {rep['n']} labelled images (file list SHA-256 {str(rep.get('data', {}).get('file_list_sha256'))[:12]}…, "
+             f"class map {rep.get('data', {}).get('class_map') or {}})",
+             f"- shown as ok: {_rate_md(rep['shown_as_ok'])}; **wrong and shown as ok: {_rate_md(rep['wrong_and_ok'], 2)}**; "
+             f"errors among ok: {_rate_md(rep['error_among_ok'], 2)}",
+             f"- agreement on the model's classes: {_rate_md(rep['agreement_known'])} (pooled, dominated by the largest "
+             f"class); **mean per-class recall {'n/a' if mean_recall is None else f'{mean_recall:.1%}'}**; kappa {kappa}", "",
+             "| true label | n | recall (95% CI) | shown as ok (95% CI) | wrong and ok |", "|---|---|---|---|---|"]
+    for c, v in per_true.items():
+        rec = _rate_md(v["recall"]) if v["known_to_model"] else "not a model class"
+        lines.append(f"| {c} | {v['n']} | {rec} | {_rate_md(v['shown_as_ok'])} | {v['wrong_and_ok']} |")
+    lines += ["", "| suggested class | precision (95% CI) | precision among ok (95% CI) |", "|---|---|---|"]
+    lines += [f"| {c} | {_rate_md(v['precision'])} | {_rate_md(v['precision_among_ok'])} |" for c, v in per_sugg.items()]
+    conf = rep["confusion"]
+    lines += ["", "| true \\ suggested | " + " | ".join(conf["columns"]) + " |", "|---|" + "---|" * len(conf["columns"])]
+    lines += [f"| {r} | " + " | ".join(map(str, row)) + " |" for r, row in zip(conf["rows"], conf["matrix"])]
+    return lines

@@ -1,7 +1,9 @@
-"""Run the benchmarks and write bench/RESULTS.md from their generated outputs (nothing typed by hand).
+"""Run the benchmarks and write bench/RESULTS.md from one run (nothing typed by hand, nothing copied from older runs).
 
-Steps (each writes bench/results/step_<step>.md): evaluate, reproduce, crosslab, quality, perf, compare, cv,
-noncells, crosslab_compare, augment, styleleak, multisource, adapt.
+Steps (each writes bench/results/step_<step>.md, stamped with the commit and the time it ran): evaluate, reproduce,
+crosslab, quality, perf, compare, cv, noncells, augment, styleleak, multisource, adapt.
+`make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
+(`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,7 +23,8 @@ RES = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "_work"
 PY = sys.executable
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
-MODELS = {"pbs5": "models/pbs5-mobilenetv2", "all4": "models/all4-mobilenetv2"}
+MODELS = {"pbs5": "models/pbs5-mobilenetv2", "all4": "models/all4-mobilenetv2", "pb7": "models/pb7-mobilenetv2"}
+DATASET = {"pbs5": "pbs5", "all4": "all4", "pb7": "pbs5"}  # the dataset whose recorded split holds each model's test part
 
 
 def run(cmd, **kw):
@@ -29,27 +33,43 @@ def run(cmd, **kw):
 
 
 def step_evaluate(data):
-    lines = ["# Bundled models on their held-out test splits", "", "`python -m bcc_core evaluate --split test --json` (duplicate groups kept on one side of the split).", "",
-             "| model | n | accuracy | macro-F1 | kappa | ROC-AUC | ECE (card) | shown as ok | wrong & ok (of all) |", "|---|---|---|---|---|---|---|---|---|"]
+    """Each bundled model once on its own held-out test part (used by evaluation only), with 95% intervals."""
+    from bcc_core.evaluation import confusion_report, rate
+
+    def r(x, d=1):
+        return f"{x['value']:.{d}%} ({x['ci95'][0]:.{d}%}–{x['ci95'][1]:.{d}%})"
+
+    lines = ["# Bundled models on their held-out test parts", "",
+             "`python -m bcc_core evaluate --split test --json`: duplicate groups kept on one side of the split; the "
+             "test part is touched by evaluation only. Accuracy, shown as ok and wrong-and-ok: Wilson 95% intervals; "
+             "macro-F1 and kappa: bootstrap 95% intervals from the confusion matrix. pb7's test part holds its pbs5 "
+             "images only (its LISC test cells are in the multi-source section).", "",
+             "| model | n | accuracy | macro-F1 | kappa | shown as ok | wrong & ok (of all) |", "|---|---|---|---|---|---|---|"]
+    per_class = []
     for task, m in MODELS.items():
-        r = run([PY, "-m", "bcc_core", "evaluate", "--model", m, "--data", data / task, "--split", "test", "--json"])
-        if r.returncode:
-            lines.append(f"| {m} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'} |")
+        r_ = run([PY, "-m", "bcc_core", "evaluate", "--model", m, "--data", data / DATASET[task], "--split", "test", "--json"])
+        if r_.returncode:
+            lines.append(f"| {m} | failed: {r_.stderr.strip().splitlines()[-1] if r_.stderr else '?'} |")
             continue
-        j = json.loads(r.stdout.strip().splitlines()[-1])
-        card = json.loads((ROOT / m / "model_card.json").read_text())
-        lines.append(f"| {m} | {j['n']} | {j['accuracy']:.4f} | {j['macro_f1']:.4f} | {j['kappa']:.4f} | {j['roc_auc']:.4f} | "
-                     f"{card['calibration']['test_ece_after']:.4f} | {j['ok_fraction']:.1%} | {j['wrong_ok_of_all']:.2%} |")
-    return lines
+        j = json.loads(r_.stdout.strip().splitlines()[-1])
+        rep = confusion_report(j["confusion_matrix"], j["classes"])
+        f1, kap = rep["intervals"]["macro_f1"], rep["intervals"]["kappa"]
+        lines.append(f"| {m} | {j['n']} | {r(rep['accuracy'])} | {j['macro_f1']:.3f} ({f1[0]:.3f}–{f1[1]:.3f}) | "
+                     f"{j['kappa']:.3f} ({kap[0]:.3f}–{kap[1]:.3f}) | {r(rate(j['n_ok'], j['n']))} | "
+                     f"{r(rate(j['n_wrong_ok'], j['n']), 2)} |")
+        per_class += ["", f"## {m}: per class", "", "| class | n | recall (95% CI) | precision (95% CI) |", "|---|---|---|---|"]
+        per_class += [f"| {c} | {v['support']} | {r(v['recall'])} | {r(v['precision'])} |" for c, v in rep["per_class"].items()]
+    return lines + per_class
 
 
-def _card_command(card: dict, data: Path, out: Path) -> list:
-    """The training command recorded in the card, with this machine's data, weights and output paths."""
+def _card_command(card: dict, data: Path, out: Path, subcommand: str = "train") -> list:
+    """The training command recorded in the card, with this machine's data, weights and output paths
+    (`subcommand="cv"`: the same recipe under grouped cross-validation)."""
     import shlex
 
-    args = shlex.split(card["reproduce"])[3:]  # drop "python -m bcc_core"
+    args = shlex.split(card["reproduce"])[4:]  # drop "python -m bcc_core train"
     swap = {"--weights": str(WEIGHTS), "--out": str(out)}
-    cmd = [PY, "-m", "bcc_core"]
+    cmd = [PY, "-m", "bcc_core", subcommand]
     i = 0
     while i < len(args):
         if args[i] == "--data":  # each source: this machine's copy of the same folder, NAME= kept
@@ -92,7 +112,8 @@ def _script(title: str, script: str, out: str, *args) -> list:
 
 
 def step_crosslab(data):
-    return _script("Cross-lab", "crosslab.py", "crosslab.md", "--model", MODELS["pbs5"], "--data", data)
+    return _script("Cross-lab", "crosslab.py", "crosslab.md", "--model", MODELS["pbs5"], "--model", MODELS["pb7"],
+                   "--data", data)
 
 
 def step_quality(data):
@@ -104,14 +125,16 @@ def step_perf(data):
 
 
 def step_compare(data, limit=80, epochs=3):
-    lines = ["# Backbone comparisons (Study 1 and Study 2), identical conditions per table", "",
-             f"Each table: same split, preprocessing, augmentation, {epochs} epochs max, {limit} images per class "
-             "(CPU budget); only MobileNetV2 has ImageNet weights obtainable here, the others are trained from scratch "
-             "(the `weights` column says which).", ""]
+    lines = ["# Backbone comparisons: equal initialisation and budget", "",
+             f"The backbones of Study 2's Table 4 and Study 1, each trained with the same split, preprocessing, "
+             f"augmentation, initialisation and budget ({epochs} epochs, {limit} images per class: a CPU budget). ImageNet "
+             "weights exist offline here only for MobileNetV2, so every backbone trains from scratch: these tables rank "
+             "architectures under a small from-scratch budget. They do not reproduce, and cannot confirm or refute, "
+             "the studies' pretrained figures.", ""]
     for task, bbs in (("all4", "small_cnn,resnet50,mobilenetv2"), ("pbs5", "mobilenetv2,efficientnetb0")):
         out = WORK / f"compare-{task}"
-        r = run([PY, "-m", "bcc_core", "compare", "--data", data / task, "--backbones", bbs, "--out", out,
-                 "--limit-per-class", limit, "--epochs", epochs, "--quiet"]
+        r = run([PY, "-m", "bcc_core", "compare", "--data", data / task, "--backbones", bbs, "--weights", "none",
+                 "--out", out, "--limit-per-class", limit, "--epochs", epochs, "--quiet"]
                 + (["--preprocess", "letterbox"] if task == "all4" else []))
         if r.returncode:
             lines += [f"## {task}", "", "failed: " + r.stderr[-1500:], ""]
@@ -119,21 +142,24 @@ def step_compare(data, limit=80, epochs=3):
         md = (out / "comparison.md").read_text()
         (RES / f"comparison_{task}.md").write_text(md)
         (RES / f"comparison_{task}.csv").write_text((out / "comparison.csv").read_text())
-        lines += [f"## {task} ({'Study 2, Table 4' if task == 'all4' else 'Study 1'})", "", md, ""]
+        lines += [f"## {task} (backbones of {'Study 2, Table 4' if task == 'all4' else 'Study 1'})", "", md, ""]
     return lines
 
 
-def step_cv(data, limit=100, folds=5):
+def step_cv(data, folds=5):
+    """Grouped stratified k-fold cross-validation of the bundled pbs5 recipe (the card's own command)."""
+    card = json.loads((ROOT / MODELS["pbs5"] / "model_card.json").read_text())
     out = WORK / "cv-pbs5"
-    r = run([PY, "-m", "bcc_core", "cv", "--data", data / "pbs5", "--weights", WEIGHTS, "--folds", folds,
-             "--limit-per-class", limit, "--aug-views", 1, "--out", out, "--quiet"])
+    r = run(_card_command(card, data, out, "cv") + ["--folds", folds])
     if r.returncode:
         return ["# Cross-validation", "", "failed: " + r.stderr[-1500:]]
     res = json.loads((out / "cv.json").read_text())
-    lines = ["# Grouped stratified 5-fold cross-validation (pbs5)", "",
-             f"`python -m bcc_core cv` — {limit} images per class (CPU budget), 1 augmented view, duplicate groups kept together.", "",
-             "| metric | mean | std |", "|---|---|---|"]
-    lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in res["summary"].items()]
+    lines = [f"# Grouped stratified {folds}-fold cross-validation of the bundled pbs5 recipe", "",
+             f"The card's own training command under `python -m bcc_core cv`: `{card['reproduce']}`; duplicate groups "
+             "kept together; each fold's held-out part is used by its evaluation only.", "",
+             "| metric | mean | std | per fold |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | " + ", ".join(f"{f[k]:.4f}" for f in res["folds"]) + " |"
+              for k, v in res["summary"].items()]
     return lines
 
 
@@ -162,51 +188,6 @@ def step_noncells(data):
     return lines
 
 
-# Earlier bundled pbs5 recipes, each measured by bench/crosslab.py when it was bundled (kept as generated then).
-PREVIOUS_CROSSLAB = [
-    ("frozen features (09c24d3)", RES / "crosslab_previous_model_09c24d3.json"),
-    ("fine-tuned, blur only (27ff3e7)", RES / "crosslab_previous_model_27ff3e7.json"),
-    ("+ unsharp, normalised search (7a9e0f4)", RES / "crosslab_previous_model_7a9e0f4.json"),
-    ("tried: lab-symmetric mixing (not bundled)", RES / "crosslab_tried_lab_symmetric_mixing.json"),
-]
-
-
-def step_crosslab_compare(data):
-    """Before/after table from generated crosslab.json files: the earlier bundled pbs5 models (same
-    script, kept as generated then) and the current bundled model."""
-    runs = [(name, f) for name, f in PREVIOUS_CROSSLAB if f.is_file()] + [("current", RES / "crosslab.json")]
-    if not (RES / "crosslab.json").is_file() or len(runs) < 2:
-        return ["# Cross-lab: previous vs current recipe", "", "crosslab.json files missing: run the crosslab step."]
-    res = [json.loads(f.read_text()) for _, f in runs]
-    lines = ["# Cross-lab: previous vs current pbs5 recipes", "",
-             "frozen features: frozen ImageNet features + head. Fine-tuned, blur only: cross-lab augmentation (amplitude "
-             "mixing, LAB jitter, tight crops, blur, resolution loss), top of MobileNetV2 fine-tuned with weight "
-             "averaging, early-layer OOD detector. + unsharp, normalised search: the same plus unsharp masking in "
-             "training (a sharp image no longer tells the sharper lab's classes apart) and the cell searched on a "
-             "stain-normalised copy (another lab's stain no longer turns the crop into the whole field). Tried: the "
-             "current code with amplitude mixing on every image, weight uniform on [0, 1], partner from the other "
-             "lab (global style then barely tells the labs apart, `style_leak.md`), same seed; not bundled. "
-             "Current: the same recipe as 7a9e0f4 retrained on the faster Reinhard (its rounding differs), same "
-             "seed. All measured by `bench/crosslab.py`; BCCD has only 20 monocytes: one image is 5 points of "
-             "recall.", "",
-             "| measure | " + " | ".join(n for n, _ in runs) + " |", "|---|" + "---|" * len(runs)]
-    ext = [r["external_bccd"] for r in res]
-    for t in ext[-1]["per_class"]:
-        lines.append(f"| BCCD {t} recall (n={ext[-1]['per_class'][t]['n']}) | "
-                     + " | ".join(f"{e['per_class'][t]['recall']:.1%}" for e in ext) + " |")
-    lines += ["| BCCD shown as ok | " + " | ".join(f"{e['ok_fraction']:.1%}" for e in ext) + " |",
-              "| BCCD wrong and ok (of all) | " + " | ".join(f"{e['wrong_ok_of_all']:.2%}" for e in ext) + " |",
-              "| BCCD unknown types shown as ok | " + " | ".join(f"{e['unknown_types_ok']} of {e['unknown_types_n']}" for e in ext) + " |"]
-    for k in res[-1]["simulated"]:
-        cells = [f"{r['simulated'][k]['accuracy']:.1%}" if k in r["simulated"] else "–" for r in res]
-        lines.append(f"| test accuracy, {k} | " + " | ".join(cells) + " |")
-    stain = "stain of the other lab (Reinhard transfer)"
-    worst = [f"{r['simulated'][stain]['worst_class']} {r['simulated'][stain]['worst_recall']:.1%}"
-             if "worst_class" in r["simulated"].get(stain, {}) else "–" for r in res]
-    lines.append("| worst class recall, stain of the other lab | " + " | ".join(worst) + " |")
-    return lines
-
-
 def step_augment(data):
     return _script("Augmentation speed", "augment_speed.py", "augment_speed.md", "--data", data)
 
@@ -230,8 +211,20 @@ def step_adapt(data):
 
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
          "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
-         "crosslab_compare": step_crosslab_compare, "augment": step_augment, "styleleak": step_styleleak,
+         "augment": step_augment, "styleleak": step_styleleak,
          "multisource": step_multisource, "adapt": step_adapt}
+
+
+def _commit() -> str:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (sha or "unknown") + (" with uncommitted changes" if dirty else "")
+
+
+def _stamp(name: str, started: datetime, wall_s: float, commit: str) -> str:
+    return (f"_Section `{name}`: generated {started:%Y-%m-%d %H:%M} UTC at commit {commit} by `bench/run_all.py`, "
+            f"{wall_s / 60:.1f} min._")
 
 
 def main(argv=None):
@@ -243,15 +236,29 @@ def main(argv=None):
     if not data.is_dir():
         print(f"{data} not found: benchmarks need the datasets")
         return 1
+    names = [n for n in a.only.split(",") if n]
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        print(f"unknown steps {unknown}; known: {', '.join(STEPS)}")
+        return 2
     RES.mkdir(parents=True, exist_ok=True)
-    for name in a.only.split(","):
+    commit, t0 = _commit(), datetime.now(timezone.utc)
+    sections = []
+    for name in names:
+        started, t = datetime.now(timezone.utc), time.perf_counter()
         lines = STEPS[name](data)
-        (RES / f"step_{name}.md").write_text("\n".join(lines) + "\n")
-    parts = [f"# Benchmark results", "", f"Generated by `bench/run_all.py` on a 2-core CPU; last run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", ""]
-    for name in STEPS:
-        f = RES / f"step_{name}.md"
-        if f.is_file():
-            parts += ["", f.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1)]
+        text = "\n".join([lines[0], "", _stamp(name, started, time.perf_counter() - t, commit), *lines[1:]]) + "\n"
+        (RES / f"step_{name}.md").write_text(text)
+        sections.append(text)
+    if names != list(STEPS):
+        print(f"Partial run ({', '.join(names)}): wrote bench/results/step_<name>.md for these steps only; "
+              "bench/RESULTS.md is written by a full run (`make bench`) and was left unchanged.")
+        return 0
+    parts = ["# Benchmark results", "",
+             f"One run of `bench/run_all.py` (`make bench`) on a {os.cpu_count()}-core CPU at commit {commit}, from "
+             f"{t0:%Y-%m-%d %H:%M} to {datetime.now(timezone.utc):%H:%M} UTC. Every section below was generated in this "
+             "run; each says when and how long it took.", ""]
+    parts += ["", *(sec.replace("\n# ", "\n## ").replace("# ", "## ", 1) for sec in sections)]
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(parts) + "\n")
     return 0
 

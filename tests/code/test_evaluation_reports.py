@@ -70,3 +70,18 @@ def test_verification_html_report_is_self_contained_and_escapes_names():
     assert html.startswith("<!doctype html>") and "<script>" not in html and "&lt;script&gt;" in html
     assert "Lab &lt;b&gt;1&lt;/b&gt;" in html and "95% CI" in html and "ab" * 32 in html
     assert "http" not in html   # no external resources
+
+
+def test_verification_markdown_reports_per_class_precision_intervals_and_mean_recall():
+    from bcc_core.verification import report_markdown
+
+    true = ["a"] * 8 + ["b"] * 2 + ["x"] * 2
+    sugg = ["a"] * 8 + ["a", "b"] + ["b", "a"]
+    ok = [True] * 8 + [False, True, True, False]
+    rep = labelled_set_report(true, sugg, ok, ["a", "b"], name="lab Z")
+    rep.update(model={"model_id": "m", "weights_sha256": "ab" * 32}, data={"file_list_sha256": "cd" * 32})
+    md = "\n".join(report_markdown(rep))
+    assert "mean per-class recall 75.0%" in md  # (8/8 + 1/2) / 2, not the pooled 9/10
+    assert "| a | 80.0% (" in md and "8/10)" in md  # precision of a: 8 of the 10 suggested (one b, one x)
+    assert "| x | 2 | not a model class | 50.0% (" in md and "| x | " in md.split("suggested")[0]
+    assert "wrong and shown as ok: 8.33%" in md  # the unknown x shown as ok as b
