@@ -265,6 +265,17 @@ def cmd_screen(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    """Export the model's forward pass for screening without TensorFlow (runtime.onnx + runtime.json)."""
+    from .export import export_runtime
+
+    m = export_runtime(a.model)
+    for b, r in m["backends"].items():
+        print(f"  {b:>12}: " + (f"{r['ms_per_image']:.1f} ms/image, parity {r['parity']}" if "parity" in r else r["error"]))
+    print(f"exported {a.model}: {m['file']} run by {m['backend']} (SHA-256 {m['sha256'][:12]}…)")
+    return 0
+
+
 def _open_case(a, pred, n_inputs: int):
     """(engine, user, case id, input positions already stored) for `screen --case LABEL --db DB`.
 
@@ -501,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", help="with --case: database URL or SQLite file (default: $BCC_DATABASE_URL, else "
                                 "$BCC_DATA_DIR/bcc.sqlite)")
     s.set_defaults(func=cmd_screen)
+    ex = sub.add_parser("export", help="export a model for screening without TensorFlow (ONNX Runtime / OpenVINO)")
+    ex.add_argument("--model", required=True, help="model folder (model.keras + model_card.json)")
+    ex.set_defaults(func=cmd_export)
     cv = sub.add_parser("cv", help="grouped stratified k-fold cross-validation (mean ± std over folds)")
     _add_train_opts(cv)
     cv.add_argument("--backbone", default="mobilenetv2", choices=["mobilenetv2", "efficientnetb0", "resnet50", "small_cnn"])
