@@ -9,6 +9,7 @@ write is a trail entry (bcc_core.trail), in the same transaction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import PurePosixPath
@@ -34,7 +35,9 @@ def relative_name(name: str) -> str:
     return PurePosixPath(name.replace("\\", "/")).name
 
 
-def create_case(engine, user: User, sample_label: str, model_id: str, model_sha256: str, n_inputs: int) -> int:
+def create_case(engine, user: User, sample_label: str, model_id: str, model_sha256: str, n_inputs: int,
+                model_version: str = "") -> int:
+    """A new case for a screening run of `n_inputs` images (status "running" until `finish`)."""
     user.require("screen")
     label = sample_label.strip()
     if not label:
@@ -42,11 +45,14 @@ def create_case(engine, user: User, sample_label: str, model_id: str, model_sha2
     with engine.begin() as con:
         return trail.write(con, user.username, "case.create", "case", {
             "uid": str(uuid.uuid4()), "sample_label": label, "created_by": user.username, "created_at": trail.now(),
-            "model_id": model_id, "model_sha256": model_sha256, "n_inputs": int(n_inputs), "status": "running"})
+            "model_id": model_id, "model_sha256": model_sha256, "n_inputs": int(n_inputs), "status": "running",
+            "model_version": model_version or None})
 
 
 def add_result(engine, user: User, case_id: int, seq: int, row: dict) -> int:
-    """Store one screening row (bcc_core.screening row dict) as it arrives."""
+    """Store one screening row (bcc_core.screening row dict) as it arrives, with its thumbnail if it has one
+    (`row["thumbnail"]`: (h, w, 3) uint8 RGB, kept as PNG under its SHA-256)."""
+    png = _thumbnail_png(row.get("thumbnail"))
     flags = [f.to_dict() if hasattr(f, "to_dict") else f for f in (row.get("flags") or [])]
     values = {"case_id": case_id, "seq": int(seq), "name": relative_name(str(row["file"])),
               "image_sha256": row.get("sha256"), "status": row["status"],
@@ -55,10 +61,40 @@ def add_result(engine, user: User, case_id: int, seq: int, row: dict) -> int:
               "flags": trail.canonical(flags),
               "probabilities": None if row.get("probabilities") is None else
               trail.canonical({k: round(float(v), 6) for k, v in row["probabilities"].items()}),
-              "reason": row.get("reason") or "", "created_at": trail.now()}
+              "reason": row.get("reason") or "", "created_at": trail.now(),
+              "thumb_sha256": None if png is None else hashlib.sha256(png).hexdigest()}
     with engine.begin() as con:
         _require_status(con, case_id, ("running", "incomplete"))
-        return trail.write(con, user.username, "result.add", "result", values)
+        rid = trail.write(con, user.username, "result.add", "result", values)
+        # After trail.write: the chain head is locked, so two writers never insert the same image at once.
+        if png is not None and con.execute(sa.select(store.cell_images.c.sha256).where(
+                store.cell_images.c.sha256 == values["thumb_sha256"])).first() is None:
+            con.execute(sa.insert(store.cell_images).values(sha256=values["thumb_sha256"], png=png))
+        return rid
+
+
+def _thumbnail_png(img) -> bytes | None:
+    if img is None:
+        return None
+    import numpy as np
+
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
+        return None
+    from .io import encode_png
+
+    return encode_png(arr.astype(np.uint8))
+
+
+def cell_image(engine, thumb_sha256: str | None) -> bytes | None:
+    """A result's thumbnail PNG, or None when there is none or its bytes no longer match the recorded hash."""
+    if not thumb_sha256:
+        return None
+    with engine.connect() as con:
+        png = con.execute(sa.select(store.cell_images.c.png).where(store.cell_images.c.sha256 == thumb_sha256)).scalar()
+    if png is None or hashlib.sha256(bytes(png)).hexdigest() != thumb_sha256:
+        return None
+    return bytes(png)
 
 
 def finish(engine, user: User, case_id: int) -> str:
@@ -79,8 +115,13 @@ def screened_seqs(engine, case_id: int) -> set[int]:
 
 
 def decide(engine, user: User, result_id: int, decision: str, final_class: str | None = None, comment: str = "",
-           reason: str = "") -> int:
-    """A reviewer's decision on one cell. On a signed case only a signer may amend, with a reason."""
+           reason: str = "", expect_sha256: str | None = None) -> int:
+    """A reviewer's decision on one cell. On a signed case only a signer may amend, with a reason.
+
+    Args:
+        expect_sha256: the content hash of the image the reviewer was shown; the decision is refused when
+            the stored result is of another image (a decision lands only on the prediction that was seen).
+    """
     if decision not in DECISIONS:
         raise ValueError(f"decision {decision!r} is not one of {DECISIONS}")
     with engine.begin() as con:
@@ -95,6 +136,8 @@ def decide(engine, user: User, result_id: int, decision: str, final_class: str |
                 raise CaseError("case is signed: a change is an amendment and needs a reason")
         else:
             user.require("decide")
+        if expect_sha256 is not None and res.image_sha256 != expect_sha256:
+            raise CaseError(f"cell #{res.seq} of this case is a different image from the one shown; nothing recorded")
         if res.status == "error":
             raise CaseError("an unreadable image has no result to decide on")
         if decision == "correct":
@@ -128,12 +171,102 @@ def sign(engine, user: User, case_id: int) -> None:
                     {"status": "signed", "signed_by": user.username, "signed_at": trail.now()}, case_id)
 
 
-def list_cases(engine, search: str = "") -> list[dict]:
+def list_cases(engine, search: str = "", statuses: tuple[str, ...] | None = None) -> list[dict]:
+    """Cases, newest first, whose sample label contains `search` (any case), optionally of some statuses.
+
+    Each has, besides its columns, `rows` (results stored), `flagged` and `pending` (flagged cells with no
+    decision yet)."""
     q = sa.select(store.cases).order_by(store.cases.c.id.desc())
     if search.strip():
         q = q.where(store.cases.c.sample_label.ilike(f"%{search.strip()}%"))
+    if statuses:
+        q = q.where(store.cases.c.status.in_(list(statuses)))
+    r, d = store.results, store.decisions
+    decided = sa.exists().where(d.c.result_id == r.c.id)
+    counts = (sa.select(r.c.case_id, sa.func.count().label("rows"),
+                        sa.func.sum(sa.case((r.c.status == "review", 1), else_=0)).label("flagged"),
+                        sa.func.sum(sa.case((sa.and_(r.c.status == "review", ~decided), 1), else_=0)).label("pending"))
+              .group_by(r.c.case_id))
     with engine.connect() as con:
-        return [trail.row_dict(r) for r in con.execute(q)]
+        per = {c.case_id: c for c in con.execute(counts)}
+        out = []
+        for row in con.execute(q):
+            c = trail.row_dict(row)
+            k = per.get(c["id"])
+            c.update(rows=int(k.rows) if k else 0, flagged=int(k.flagged or 0) if k else 0,
+                     pending=int(k.pending or 0) if k else 0)
+            out.append(c)
+        return out
+
+
+def find_unfinished(engine, sample_label: str) -> dict | None:
+    """The latest running or incomplete case of a sample label (to resume it), or None."""
+    found = list_cases(engine, statuses=("running", "incomplete"))
+    return next((c for c in found if c["sample_label"] == sample_label.strip()), None)
+
+
+def history(engine, case_id: int) -> list[dict]:
+    """Every decision on a case, oldest first, superseded ones and amendments included (nothing is ever
+    overwritten): id, seq, name, actor, decided_at, decision, final_class, comment, amendment."""
+    r, d = store.results, store.decisions
+    q = (sa.select(d.c.id, r.c.seq, r.c.name, r.c.predicted_class, d.c.actor, d.c.decided_at, d.c.decision,
+                   d.c.final_class, d.c.comment, d.c.amendment)
+         .select_from(d.join(r, r.c.id == d.c.result_id)).where(d.c.case_id == case_id).order_by(d.c.id))
+    with engine.connect() as con:
+        return [dict(x._mapping) for x in con.execute(q)]
+
+
+def record_view(engine, user: User, case_id: int) -> None:
+    """Opening a case is an entry in the trail (who looked at which sample, when)."""
+    user.require("view")
+    trail.record(engine, user.username, "case.view", "case_view", case_id)
+
+
+def record_export(engine, user: User, case_id: int, details: dict) -> None:
+    """An export (format, what was included, the SHA-256 of each file produced) as a trail entry."""
+    user.require("view")
+    trail.record(engine, user.username, "case.export", "export", case_id, details)
+
+
+def agreement(engine) -> dict:
+    """Model against the reviewers' final classes over every signed case (current decisions, amendments
+    included), with Wilson 95% intervals.
+
+    Only cells a person decided count (an OK cell nobody opened says nothing about the model). Returns
+    {"cases", "cells", "reviewed", "agreement", "kappa", "labels", "confusion" (rows: model, columns:
+    final), "flagged_corrected", "ok_corrected", "ok_reviewed", "rejected"}; rates as
+    bcc_core.evaluation.rate dicts ({"k", "n", "value", "ci95"}).
+    """
+    from .evaluation import rate
+
+    with engine.connect() as con:
+        signed = [c.id for c in con.execute(sa.select(store.cases.c.id).where(store.cases.c.status == "signed"))]
+        rows = [r for cid in signed for r in _current(con, cid) if r["status"] != "error"]
+    decided = [r for r in rows if r["decision"] in ("confirm", "correct")]
+    model = [r["predicted_class"] for r in decided]
+    final = [r["final_class"] for r in decided]
+    labels = sorted(set(model) | set(final))
+    idx = {c: i for i, c in enumerate(labels)}
+    cm = [[0] * len(labels) for _ in labels]
+    for m, f in zip(model, final):
+        cm[idx[m]][idx[f]] += 1
+    kappa = None
+    if len(decided) >= 2 and len(labels) >= 2:
+        from sklearn.metrics import cohen_kappa_score
+
+        kappa = float(cohen_kappa_score(model, final, labels=labels))
+
+    def corrected(status):
+        sel = [r for r in decided if r["status"] == status]
+        return rate(sum(r["decision"] == "correct" for r in sel), len(sel))
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    return {"cases": len(signed), "cells": len(rows), "reviewed": len(decided),
+            "agreement": rate(sum(m == f for m, f in zip(model, final)), len(decided)),
+            "kappa": None if kappa is None or kappa != kappa else kappa, "labels": labels, "confusion": cm,
+            "flagged_corrected": corrected("review"), "ok_corrected": corrected("ok"),
+            "ok_reviewed": rate(sum(r["decision"] is not None for r in ok), len(ok)),
+            "rejected": sum(r["decision"] == "reject_image" for r in rows)}
 
 
 def case_rows(engine, case_id: int) -> tuple[dict, list[dict]]:

@@ -376,3 +376,314 @@ def differential(rows: list[dict[str, Any]], classes: list[str],
     df["count"] = df["count"].astype(int)
     df["percent"] = df["percent"].astype(float)
     return df
+
+
+# ---------------------------------------------------------------------------------------------- case reports
+# A case (bcc_core.cases) exported as the lab's record: CSV, JSON, a FHIR R4 DiagnosticReport and a PDF.
+# Pseudonymised by default: the case is named by its random uid, cells by their position; the sample label,
+# file names and reviewers' free-text comments appear only when the caller asks for them. Every export
+# names the model (id, version, weights SHA-256).
+
+# LOINC terms of the manual differential panel (24318-8, "/100 leukocytes in Blood", method-less), for the
+# classes where one exists and means the same cell type; other classes are reported with text only.
+LOINC = "http://loinc.org"
+LOINC_PER_100_LEUKOCYTES = {
+    "basophil": ("30180-4", "Basophils/100 leukocytes in Blood"),
+    "eosinophil": ("26450-7", "Eosinophils/100 leukocytes in Blood"),
+    "lymphocyte": ("26478-8", "Lymphocytes/100 leukocytes in Blood"),
+    "monocyte": ("26485-3", "Monocytes/100 leukocytes in Blood"),
+    "myeloblast": ("26446-5", "Blasts/100 leukocytes in Blood"),
+}
+# Final labels that are not leukocytes: counted, but not in the leukocyte denominator (erythroblasts are
+# reported per 100 leukocytes, as nucleated red cells are in a manual differential).
+NOT_LEUKOCYTES = ("erythroblast", "not_a_cell", "artefact")
+EXPORT_FORMATS = ("csv", "json", "fhir", "pdf")
+
+
+def cell_final_class(r: Mapping[str, Any]) -> str | None:
+    """What a stored cell counts as: the reviewer's final class, else the model's class when shown as OK;
+    None for an unusable image, an error, or a flagged cell nobody has decided yet."""
+    if r["status"] == "error" or r.get("decision") == "reject_image":
+        return None
+    if r.get("decision") in ("confirm", "correct"):
+        return r.get("final_class")
+    return r.get("predicted_class") if r["status"] == "ok" else None
+
+
+def case_differential(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The case's differential from its stored rows (bcc_core.cases.case_rows) and current decisions.
+
+    Returns:
+        One dict per final class ({"category", "kind": "class", "count", "percent"}: percent of the
+        leukocytes counted, or None for non-cells), then "awaiting review", "unusable (reviewer)" and
+        "errors" ({"kind": "summary", "percent": of all images}).
+    """
+    counts: dict[str, int] = {}
+    waiting = rejected = errors = 0
+    for r in rows:
+        if r["status"] == "error":
+            errors += 1
+            continue
+        c = cell_final_class(r)
+        if c is not None:
+            counts[c] = counts.get(c, 0) + 1
+        elif r.get("decision") == "reject_image":
+            rejected += 1
+        else:
+            waiting += 1
+    leuk = sum(n for c, n in counts.items() if c not in NOT_LEUKOCYTES)
+    out = [{"category": c, "kind": "class", "count": n,
+            "percent": (100.0 * n / leuk if leuk else None) if c not in ("not_a_cell", "artefact") else None}
+           for c, n in sorted(counts.items())]
+    total = len(rows)
+    out += [{"category": k, "kind": "summary", "count": n, "percent": 100.0 * n / total if total else 0.0}
+            for k, n in (("awaiting review", waiting), ("unusable (reviewer)", rejected), ("errors", errors))]
+    return out
+
+
+def case_document(case: Mapping[str, Any], rows: list[Mapping[str, Any]], decisions: list[Mapping[str, Any]],
+                  include_label: bool = False, include_names: bool = False,
+                  include_comments: bool = False) -> dict[str, Any]:
+    """The one description of a case every export is made from (pseudonymised unless asked otherwise).
+
+    Args:
+        case, rows: from bcc_core.cases.case_rows (rows carry their current decision).
+        decisions: bcc_core.cases.history (every decision, amendments included).
+        include_label: include the sample label (it may be an accession number).
+        include_names: include the cells' file names (they often carry patient names).
+        include_comments: include reviewers' free-text comments (amendment reasons are always included:
+            they are part of the signed record).
+    """
+    amendments = [d for d in decisions if d["amendment"]]
+    doc: dict[str, Any] = {
+        "case": {"id": case["uid"], "status": case["status"], "amended": bool(amendments),
+                 "created_by": case["created_by"], "created_at": case["created_at"],
+                 "signed_by": case.get("signed_by"), "signed_at": case.get("signed_at"),
+                 "n_inputs": case["n_inputs"]},
+        "model": {"id": case["model_id"], "version": case.get("model_version") or "",
+                  "weights_sha256": case["model_sha256"]},
+        "differential": case_differential(rows),
+        "cells": [],
+        "amendments": [],
+        "pseudonymised": not (include_label or include_names),
+        "intended_use": DISCLAIMER,
+        "generated_at": utc_now_iso(),
+    }
+    if include_label:
+        doc["case"]["sample_label"] = case["sample_label"]
+    for r in rows:
+        cell = {"seq": r["seq"], "image_sha256": r.get("image_sha256"), "status": r["status"],
+                "predicted_class": r.get("predicted_class"), "confidence": r.get("confidence"),
+                "flags": [f["code"] for f in flag_dicts(r.get("flags"))], "decision": r.get("decision"),
+                "final_class": cell_final_class(r), "decided_by": r.get("decided_by"),
+                "decided_at": r.get("decided_at"), "amended": bool(r.get("amendment"))}
+        if include_names:
+            cell["name"] = r["name"]
+        if r["status"] == "error":
+            cell["reason"] = r.get("reason") if include_names else "unreadable image"
+        doc["cells"].append(cell)
+    for d in amendments:
+        reason, _, comment = str(d["comment"]).removeprefix("AMENDMENT: ").partition(" — ")
+        a = {"seq": d["seq"], "by": d["actor"], "at": d["decided_at"], "decision": d["decision"],
+             "final_class": d["final_class"], "reason": reason}
+        if include_comments and comment:
+            a["comment"] = comment
+        doc["amendments"].append(a)
+    if include_comments:
+        doc["comments"] = [{"seq": d["seq"], "by": d["actor"], "at": d["decided_at"], "comment": d["comment"]}
+                           for d in decisions if d["comment"] and not d["amendment"]]
+    return doc
+
+
+CASE_CSV_COLUMNS = ("seq", "name", "image_sha256", "status", "predicted_class", "confidence", "flags",
+                    "decision", "final_class", "decided_by", "decided_at", "amended")
+
+
+def case_to_csv(doc: Mapping[str, Any]) -> str:
+    """The case's cells as CSV: a commented header names the case, the model and the disclaimer."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    m, c = doc["model"], doc["case"]
+    w.writerow([f"# case {c['id']}" + (f" ({_cell(c['sample_label'])})" if "sample_label" in c else "")
+                + f"; status {c['status']}; model {m['id']} version {m['version']} weights SHA-256 "
+                f"{m['weights_sha256']}; {DISCLAIMER}"])
+    cols = [k for k in CASE_CSV_COLUMNS if k != "name" or any("name" in x for x in doc["cells"])]
+    w.writerow(cols)
+    for x in doc["cells"]:
+        w.writerow([_cell(x.get(k)) for k in cols])
+    return buf.getvalue()
+
+
+def case_to_json(doc: Mapping[str, Any]) -> str:
+    return json.dumps(_plain(dict(doc)), indent=2, ensure_ascii=False)
+
+
+def _fhir_status(doc: Mapping[str, Any]) -> str:
+    if doc["case"]["status"] != "signed":
+        return "preliminary"
+    return "amended" if doc["case"]["amended"] else "final"
+
+
+def case_to_fhir(doc: Mapping[str, Any], patient_ref: str | None = None) -> dict[str, Any]:
+    """A FHIR R4 Bundle (collection): the DiagnosticReport of the case, one Observation per differential
+    category (LOINC where a term exists, counts as components) and the Device (model id, version, weights
+    SHA-256) every Observation names. Validated with fhir.resources.
+
+    Args:
+        doc: case_document(...).
+        patient_ref: a FHIR reference for `subject` (e.g. "Patient/123"); none unless the user gives one.
+    """
+    status = _fhir_status(doc)
+    m, c = doc["model"], doc["case"]
+    now = utc_now_iso()
+    device_id = str(uuid.uuid4())
+    device = {"resourceType": "Device", "id": device_id,
+              "identifier": [{"type": {"text": "model weights SHA-256"}, "value": m["weights_sha256"]}],
+              "deviceName": [{"name": m["id"], "type": "model-name"}],
+              "version": [{"value": m["version"] or "unversioned"}],
+              "note": [{"text": DISCLAIMER}]}
+    entries = [{"fullUrl": f"urn:uuid:{device_id}", "resource": device}]
+    hm = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "HM",
+                      "display": "Hematology"}]}
+    lab = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                       "code": "laboratory", "display": "Laboratory"}]}
+    refs = []
+    for d in doc["differential"]:
+        oid = str(uuid.uuid4())
+        code: dict[str, Any] = {"text": f"{d['category']} (digital morphology, reviewed)"}
+        if d["kind"] == "class" and d["category"] in LOINC_PER_100_LEUKOCYTES:
+            lc, display = LOINC_PER_100_LEUKOCYTES[d["category"]]
+            code["coding"] = [{"system": LOINC, "code": lc, "display": display}]
+        obs: dict[str, Any] = {"resourceType": "Observation", "id": oid, "status": status, "category": [lab],
+                               "code": code, "issued": now, "device": {"reference": f"urn:uuid:{device_id}"},
+                               "component": [{"code": {"text": "cells counted"}, "valueInteger": int(d["count"])}]}
+        if patient_ref:
+            obs["subject"] = {"reference": patient_ref}
+        if d["percent"] is not None:
+            obs["valueQuantity"] = {"value": round(float(d["percent"]), 2), "unit": "%",
+                                    "system": "http://unitsofmeasure.org", "code": "%"}
+        else:
+            obs["dataAbsentReason"] = {"text": "not a leukocyte: counted only"}
+        obs["note"] = [{"text": ("percent of the leukocytes counted" if d["kind"] == "class" else
+                                 "percent of all images of the case") + ". " + DISCLAIMER}]
+        entries.append({"fullUrl": f"urn:uuid:{oid}", "resource": obs})
+        refs.append({"reference": f"urn:uuid:{oid}"})
+    rid = str(uuid.uuid4())
+    conclusion = (f"Digital morphology of {c['n_inputs']} cell image(s), model {m['id']} {m['version']}. "
+                  + (f"Signed by {c['signed_by']} at {c['signed_at']}." if c["status"] == "signed" else
+                     f"NOT SIGNED (status {c['status']}): preliminary.")
+                  + (f" Amended {len(doc['amendments'])} time(s): "
+                     + "; ".join(f"cell #{a['seq']} by {a['by']}: {a['reason']}" for a in doc["amendments"])
+                     if doc["amendments"] else "") + f" {DISCLAIMER}")
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport", "id": rid, "status": status, "category": [hm],
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{c['id']}"}],
+        "code": {"text": "Blood cell morphology, digital pre-classification with human review"},
+        "issued": now, "result": refs, "conclusion": conclusion}
+    if c["status"] == "signed":
+        report["effectiveDateTime"] = c["signed_at"]
+        report["resultsInterpreter"] = [{"display": c["signed_by"]}]
+    if patient_ref:
+        report["subject"] = {"reference": patient_ref}
+    if "sample_label" in c:
+        report["specimen"] = [{"display": c["sample_label"]}]
+    entries.insert(0, {"fullUrl": f"urn:uuid:{rid}", "resource": report})
+    bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection", "timestamp": now,
+              "entry": entries}
+    validate_fhir_bundle(bundle)
+    return bundle
+
+
+def _latin1(text: Any) -> str:
+    """PDF core fonts are Latin-1: other characters become '?' (said in the report's footer)."""
+    return str("" if text is None else text).encode("latin-1", "replace").decode("latin-1")
+
+
+def case_to_pdf(doc: Mapping[str, Any], thumbnails: Mapping[int, bytes] | None = None, compress: bool = True) -> bytes:
+    """A printable report of the case (fpdf2): status, model, differential, flagged cells with their
+    decisions (and thumbnails when given: {seq: PNG bytes}), amendments, the disclaimer on every page.
+    `compress=False` leaves the page text readable in the file (tests search it)."""
+    from fpdf import FPDF
+
+    c, m = doc["case"], doc["model"]
+    status = {"preliminary": "PRELIMINARY - NOT SIGNED", "final": "SIGNED",
+              "amended": "SIGNED, AMENDED"}[_fhir_status(doc)]
+
+    class Report(FPDF):
+        def footer(self):
+            self.set_y(-12)
+            self.set_font("Helvetica", size=7)
+            self.cell(0, 5, _latin1(f"{DISCLAIMER}  Case {c['id']}  -  page {self.page_no()}/{{nb}}"), align="C")
+
+    pdf = Report(format="A4")
+    pdf.set_compression(compress)
+    pdf.set_auto_page_break(True, margin=15)
+    pdf.add_page()
+    pdf.set_font("Helvetica", "B", 15)
+    pdf.cell(0, 9, "Blood cell morphology - digital pre-classification", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", "B", 11)
+    pdf.cell(0, 7, status, new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", size=9)
+    lines = [("Case", c["id"]), ("Sample label", c.get("sample_label", "(withheld: pseudonymised export)")),
+             ("Screened by / at", f"{c['created_by']} / {c['created_at']}"),
+             ("Signed by / at", f"{c['signed_by']} / {c['signed_at']}" if c.get("signed_by") else "not signed"),
+             ("Images", c["n_inputs"]), ("Model", f"{m['id']}  version {m['version'] or 'n/a'}"),
+             ("Weights SHA-256", m["weights_sha256"]), ("Generated", doc["generated_at"])]
+    for k, v in lines:
+        pdf.set_font("Helvetica", "B", 9)
+        pdf.cell(38, 5, _latin1(k))
+        pdf.set_font("Helvetica", size=9)
+        pdf.multi_cell(0, 5, _latin1(v), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(2)
+    pdf.set_font("Helvetica", "B", 11)
+    pdf.cell(0, 7, "Differential", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", size=9)
+    with pdf.table(col_widths=(60, 25, 45), width=130, align="LEFT") as t:
+        t.row(["category", "cells", "percent"])
+        for d in doc["differential"]:
+            pct = "" if d["percent"] is None else f"{d['percent']:.1f}%" + (" of leukocytes" if d["kind"] == "class"
+                                                                          else " of images")
+            t.row([_latin1(d["category"]), str(d["count"]), pct])
+    pdf.ln(3)
+    pdf.set_font("Helvetica", "B", 11)
+    pdf.cell(0, 7, "Flagged and reviewed cells", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", size=8)
+    shown = [x for x in doc["cells"] if x["status"] == "review" or x["decision"]]
+    names = any("name" in x for x in shown)
+    thumbs = thumbnails or {}
+    with pdf.table(col_widths=(12, 14, 34, 26, 40, 34, 30) if not names else (10, 12, 26, 30, 22, 32, 28, 30),
+                   line_height=4.5) as t:
+        t.row(["#", "cell", *(["file"] if names else []), "suggested", "confidence / flags", "decision", "by"])
+        for x in shown:
+            row = t.row()
+            row.cell(str(x["seq"]))
+            png = thumbs.get(x["seq"])
+            if png:
+                row.cell(img=io.BytesIO(png), img_fill_width=True)
+            else:
+                row.cell("")
+            if names:
+                row.cell(_latin1(x.get("name", "")))
+            conf = "" if x["confidence"] is None else f"{x['confidence']:.0%}"
+            row.cell(_latin1(x["predicted_class"] or ""))
+            row.cell(_latin1(f"{conf} {', '.join(x['flags'])}".strip()))
+            dec = {"confirm": "confirmed", "correct": f"-> {x['final_class']}", "reject_image": "unusable",
+                   None: "AWAITING REVIEW"}[x["decision"]] + (" (amended)" if x["amended"] else "")
+            row.cell(_latin1(dec))
+            row.cell(_latin1(f"{x['decided_by'] or ''}"))
+    if doc["amendments"]:
+        pdf.ln(3)
+        pdf.set_font("Helvetica", "B", 11)
+        pdf.cell(0, 7, "Amendments after sign-off (the original decisions are kept in the record)",
+                 new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font("Helvetica", size=8)
+        for a in doc["amendments"]:
+            pdf.multi_cell(0, 4.5, _latin1(f"Cell #{a['seq']}: {a['decision']} {a['final_class'] or ''} by {a['by']} "
+                                           f"at {a['at']}. Reason: {a['reason']}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(3)
+    pdf.set_font("Helvetica", "I", 8)
+    pdf.multi_cell(0, 4, _latin1(f"{DISCLAIMER} A cell counts under a class only when shown as OK by the model "
+                                 "or decided by a reviewer; flagged cells never count as findings. Percentages of "
+                                 "classes are of the leukocytes counted. Characters outside Latin-1 are printed "
+                                 "as '?'; the JSON and FHIR exports keep them."), new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())

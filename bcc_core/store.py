@@ -43,6 +43,7 @@ cases = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("signed_by", sa.String(120)),
     sa.Column("signed_at", sa.String(40)),
+    sa.Column("model_version", sa.String(40)),             # the card's creation stamp (migration 0002)
 )
 
 results = sa.Table(
@@ -59,6 +60,7 @@ results = sa.Table(
     sa.Column("probabilities", sa.Text),                   # JSON {class: p}
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("thumb_sha256", sa.String(64)),              # the cell's PNG thumbnail in cell_images (0002)
     sa.UniqueConstraint("case_id", "seq", name="uq_results_case_seq"),
 )
 
@@ -97,6 +99,15 @@ trail_head = sa.Table(
     sa.Column("last_id", sa.Integer, nullable=False),
     sa.Column("last_hash", sa.String(64), nullable=False),
     sa.Column("writes", sa.Integer, nullable=False),
+)
+
+# Content-addressed cell thumbnails (PNG, at most 96 px): shown when a case is reopened and printed in its
+# report. Not trail rows: each result row records its image's SHA-256, which the trail covers, and an image
+# is shown only when its bytes still hash to that value.
+cell_images = sa.Table(
+    "cell_images", metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("png", sa.LargeBinary, nullable=False),
 )
 
 GENESIS = "0" * 64

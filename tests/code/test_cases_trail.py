@@ -211,3 +211,85 @@ def test_the_migrations_build_the_schema_the_code_uses(tmp_path):
         assert set(cols) == {c.name for c in t.columns}, t.name
         assert {n for n, c in cols.items() if not c["nullable"]} >= {c.name for c in t.columns if not c.nullable
                                                                       and not c.primary_key}, t.name
+
+
+# ---------------------------------------------------------------- the app's needs: binding, images, agreement, users
+
+def test_a_decision_lands_only_on_the_image_that_was_shown(tmp_path):
+    eng = store.open_store(str(tmp_path / "b.sqlite"))
+    rita, _, _ = _people(eng)
+    cid, ids = _case(eng, rita)
+    with pytest.raises(cases.CaseError, match="different image"):
+        cases.decide(eng, rita, ids[0], "confirm", expect_sha256="ff" * 32)
+    cases.decide(eng, rita, ids[0], "confirm", expect_sha256=_row(0)["sha256"])
+    assert [d["seq"] for d in cases.history(eng, cid)] == [0]
+
+
+def test_cell_thumbnails_are_kept_and_shown_only_while_their_hash_holds(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "t.sqlite"
+    eng = store.open_store(str(path))
+    rita, _, _ = _people(eng)
+    cid = cases.create_case(eng, rita, "S", "m", "cd" * 32, 2, model_version="v1")
+    img = np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    cases.add_result(eng, rita, cid, 0, {**_row(0), "thumbnail": img})
+    cases.add_result(eng, rita, cid, 1, {**_row(1), "thumbnail": img})      # the same image is stored once
+    case, rows = cases.case_rows(eng, cid)
+    assert case["model_version"] == "v1" and rows[0]["thumb_sha256"] == rows[1]["thumb_sha256"]
+    png = cases.cell_image(eng, rows[0]["thumb_sha256"])
+    from PIL import Image
+    import io
+
+    assert (np.asarray(Image.open(io.BytesIO(png))) == img).all()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE cell_images SET png = X'00'")
+    con.commit()
+    con.close()
+    assert cases.cell_image(eng, rows[0]["thumb_sha256"]) is None          # swapped bytes are never shown
+
+
+def test_agreement_over_signed_cases_counts_only_decided_cells(tmp_path):
+    eng = store.open_store(str(tmp_path / "a.sqlite"))
+    rita, sam, _ = _people(eng)
+    cid, ids = _case(eng, rita)          # 0, 2 flagged (monocyte); 1, 3 ok (monocyte)
+    cases.finish(eng, rita, cid)
+    cases.decide(eng, rita, ids[0], "confirm")
+    cases.decide(eng, rita, ids[2], "correct", "lymphocyte")
+    cases.decide(eng, rita, ids[1], "confirm")
+    open_cid, open_ids = _case(eng, rita)                                 # not signed: not counted
+    cases.decide(eng, rita, open_ids[0], "correct", "basophil")
+    assert cases.agreement(eng)["cases"] == 0
+    cases.sign(eng, sam, cid)
+    a = cases.agreement(eng)
+    assert (a["cases"], a["cells"], a["reviewed"]) == (1, 4, 3)
+    assert (a["agreement"]["k"], a["agreement"]["n"]) == (2, 3) and a["agreement"]["ci95"][0] < 2 / 3 < \
+        a["agreement"]["ci95"][1]
+    assert (a["flagged_corrected"]["k"], a["flagged_corrected"]["n"]) == (1, 2)
+    assert (a["ok_corrected"]["k"], a["ok_corrected"]["n"]) == (0, 1) and a["ok_reviewed"]["k"] == 1
+    assert a["labels"] == ["lymphocyte", "monocyte"] and a["confusion"] == [[0, 0], [1, 2]]
+
+
+def test_user_administration_keeps_an_admin_and_locks_out_guessing(tmp_path):
+    eng = store.open_store(str(tmp_path / "u.sqlite"))
+    users.add_user(eng, "ada", PASSWORD, "admin")
+    users.add_user(eng, "rita", PASSWORD, "reviewer")
+    assert users.count_users(eng) == 2
+    with pytest.raises(ValueError, match="only active administrator"):
+        users.set_active(eng, "ada", False, actor="ada")
+    with pytest.raises(ValueError, match="only active administrator"):
+        users.set_role(eng, "ada", "signer", actor="ada")
+    users.set_role(eng, "rita", "signer", actor="ada")
+    assert users.current(eng, "rita") == users.User("rita", "signer")
+    users.set_password(eng, "rita", "a new long password", actor="ada")
+    with pytest.raises(users.AuthError):
+        users.login(eng, "rita", PASSWORD)
+    for _ in range(users.MAX_FAILED_LOGINS - 1):
+        with pytest.raises(users.AuthError):
+            users.login(eng, "rita", "guess guess guess")
+    with pytest.raises(users.AuthError):                                   # locked: even the right password
+        users.login(eng, "rita", "a new long password")
+    assert users.login(eng, "ada", PASSWORD).role == "admin"               # other accounts are not affected
+    users.set_active(eng, "rita", False, actor="ada")
+    assert users.current(eng, "rita") is None
+    assert trail.verify(eng)["ok"]

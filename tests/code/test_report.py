@@ -186,3 +186,107 @@ def test_differential_empty_and_all_errors():
     df = differential([_rows()[-1]], CLASSES)
     assert df[df.kind == "class"]["count"].sum() == 0
     assert df.set_index("category").loc["errors", "count"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- case exports
+
+def _signed_case(tmp_path):
+    """A signed, amended case of 5 cells kept in a throw-away SQLite store: (engine, case id)."""
+    from bcc_core import cases, store, users
+
+    eng = store.open_store(str(tmp_path / "bcc.sqlite"))
+    users.add_user(eng, "rita", "correct horse battery", "reviewer")
+    users.add_user(eng, "sam", "correct horse battery", "signer")
+    rita, sam = users.User("rita", "reviewer"), users.User("sam", "signer")
+    cid = cases.create_case(eng, rita, "MRN-778899 DOE JOHN", "pbs5-mobilenetv2", "ab" * 32, 5, "2026-11-30T10:00")
+    flag = Flag("low_confidence", "warning", "Unsure.")
+    thumb = np.full((8, 8, 3), 120, np.uint8)
+    specs = [("ok", "monocyte", []), ("review", "myeloblast", [flag]), ("review", "monocyte", [flag]),
+             ("ok", "basophil", []), ("error", None, [])]
+    ids = []
+    for i, (status, cls, flags) in enumerate(specs):
+        ids.append(cases.add_result(eng, rita, cid, i, {
+            "file": f"/srv/patients/DOE_JOHN/cell{i}.png", "status": status, "predicted_class": cls,
+            "confidence": None if cls is None else 0.7, "flags": flags, "reason": "broken file" if cls is None else "",
+            "probabilities": None if cls is None else {cls: 0.7}, "sha256": f"{i:02x}" * 32,
+            "thumbnail": thumb if cls else None}))
+    cases.finish(eng, rita, cid)
+    cases.decide(eng, rita, ids[1], "correct", "lymphocyte", comment="atypical lymph, patient DOE")
+    cases.decide(eng, rita, ids[2], "reject_image")
+    cases.sign(eng, sam, cid)
+    cases.decide(eng, sam, ids[1], "confirm", reason="second look: a myeloblast after all")
+    return eng, cid
+
+
+def test_case_exports_are_pseudonymised_and_name_the_model(tmp_path):
+    from bcc_core import cases
+    from bcc_core.report import case_document, case_to_csv, case_to_fhir, case_to_json, case_to_pdf
+
+    eng, cid = _signed_case(tmp_path)
+    case, rows = cases.case_rows(eng, cid)
+    doc = case_document(case, rows, cases.history(eng, cid))
+    files = {"csv": case_to_csv(doc), "json": case_to_json(doc), "fhir": json.dumps(case_to_fhir(doc)),
+             "pdf": case_to_pdf(doc, compress=False).decode("latin-1")}
+    for fmt, text in files.items():
+        # No file name, server path, sample label or comment in any pseudonymised export ...
+        for secret in ("DOE", "/srv", "cell1.png", "MRN-778899", "patient"):
+            assert secret not in text, (fmt, secret)
+        # ... and every export names the model: id, version, weights SHA-256.
+        assert "pbs5-mobilenetv2" in text and "ab" * 32 in text and "2026-11-30T10:00" in text, fmt
+    assert files["pdf"].startswith("%PDF") and case_to_pdf(doc)[:4] == b"%PDF"
+    # The amendment's reason is part of the signed record; the final class follows the amendment.
+    assert doc["amendments"] == [{"seq": 1, "by": "sam", "at": doc["amendments"][0]["at"], "decision": "confirm",
+                                  "final_class": "myeloblast", "reason": "second look: a myeloblast after all"}]
+    diff = {d["category"]: d for d in doc["differential"]}
+    assert diff["myeloblast"]["count"] == 1 and diff["monocyte"]["count"] == 1 and diff["basophil"]["count"] == 1
+    assert diff["myeloblast"]["percent"] == pytest.approx(100 / 3)       # of the three leukocytes counted
+    assert diff["unusable (reviewer)"]["count"] == 1 and diff["errors"]["count"] == 1
+    assert diff["awaiting review"]["count"] == 0
+
+
+def test_case_fhir_report_validates_with_loinc_codings_and_its_status(tmp_path):
+    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    from bcc_core import cases
+    from bcc_core.report import LOINC, case_document, case_to_fhir
+
+    eng, cid = _signed_case(tmp_path)
+    case, rows = cases.case_rows(eng, cid)
+    doc = case_document(case, rows, cases.history(eng, cid), include_label=True, include_names=True,
+                        include_comments=True)
+    bundle = case_to_fhir(doc, patient_ref="Patient/123")
+    Bundle.model_validate(bundle)
+    report = bundle["entry"][0]["resource"]
+    DiagnosticReport.model_validate(report)
+    assert report["status"] == "amended" and report["subject"] == {"reference": "Patient/123"}
+    assert report["specimen"] == [{"display": "MRN-778899 DOE JOHN"}]       # only because it was asked for
+    assert len(report["result"]) == len(doc["differential"])
+    obs = {e["resource"]["code"]["text"].split(" (")[0]: e["resource"] for e in bundle["entry"]
+           if e["resource"]["resourceType"] == "Observation"}
+    assert obs["monocyte"]["code"]["coding"] == [{"system": LOINC, "code": "26485-3",
+                                                 "display": "Monocytes/100 leukocytes in Blood"}]
+    assert "coding" not in obs["awaiting review"]["code"]
+    device = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device")
+    assert device["identifier"][0]["value"] == "ab" * 32 and device["version"][0]["value"] == "2026-11-30T10:00"
+    assert all(c.get("system") for e in bundle["entry"] for c in
+               (e["resource"].get("code") or {}).get("coding", []))          # every coding carries its system
+    assert [c["name"] for c in doc["cells"]][:2] == ["cell0.png", "cell1.png"]
+    assert doc["comments"][0]["comment"] == "atypical lymph, patient DOE"
+
+
+def test_an_unsigned_case_exports_as_preliminary(tmp_path):
+    from bcc_core import cases, store, users
+    from bcc_core.report import case_document, case_to_fhir
+
+    eng = store.open_store(str(tmp_path / "bcc.sqlite"))
+    rita = users.User("rita", "reviewer")
+    cid = cases.create_case(eng, rita, "S1", "m", "cd" * 32, 1)
+    cases.add_result(eng, rita, cid, 0, {"file": "a.png", "status": "review", "predicted_class": "monocyte",
+                                         "confidence": 0.5, "flags": [], "reason": "", "sha256": "00" * 32})
+    case, rows = cases.case_rows(eng, cid)
+    doc = case_document(case, rows, [])
+    bundle = case_to_fhir(doc)
+    assert bundle["entry"][0]["resource"]["status"] == "preliminary"
+    assert "NOT SIGNED" in bundle["entry"][0]["resource"]["conclusion"]
+    assert {d["category"]: d["count"] for d in doc["differential"]}["awaiting review"] == 1
