@@ -414,9 +414,36 @@ def cmd_replay_bank(a) -> int:
     return 0
 
 
+def _adapt_from_audit(a) -> int:
+    """`adapt --from-audit`: the reviewed cells become a temporary ImageFolder, then the usual adaptation;
+    the new card names the decisions (ids, cases, image hashes) it learnt from."""
+    import tempfile
+
+    from . import lab_models, store
+
+    if not a.images:
+        raise UsageError("--from-audit needs --images DIR: the folder(s) holding the screened images")
+    engine = store.open_store(a.from_audit or None)
+    cells, summary = lab_models.reviewed_from_store(engine, a.images, signed_only=not a.include_unsigned,
+                                                    sample_labels=a.case or None)
+    print(f"reviewed cells: {summary['reviewed']} ({'signed cases' if summary['signed_only'] else 'all cases'}); "
+          f"images found under --images: {summary['images_found']}, missing: {summary['images_missing']}; "
+          f"used: {summary['cells_used']}")
+    if not cells:
+        raise UsageError("no reviewed cell could be matched to an image: check --images (and --include-unsigned)")
+    with tempfile.TemporaryDirectory(prefix="bcc-reviewed-") as tmp:
+        folder = lab_models.write_reviewed_cells([(c["class"], c["name"], c["data"]) for c in cells], Path(tmp) / "cells")
+        rc = cmd_adapt(argparse.Namespace(**{**vars(a), "from_audit": None, "data": str(folder),
+                                             "lab": a.lab or "reviewed cells"}))
+    lab_models.record_review_source(Path(a.out), cells, summary)
+    return rc
+
+
 def cmd_adapt(a) -> int:
     from .adapt import AdaptConfig, adapt
 
+    if a.from_audit is not None:
+        return _adapt_from_audit(a)
     cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed)
     bar = None
     if not a.quiet:
@@ -559,7 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
     rb.set_defaults(func=cmd_replay_bank)
     ad = sub.add_parser("adapt", help="adapt a model to a lab from the lab's reviewed cells (new model folder)")
     ad.add_argument("--model", required=True, help="parent model directory (needs its replay.npz)")
-    ad.add_argument("--data", required=True, help="ImageFolder of the lab's reviewed cells: <dir>/<class>/<image>")
+    src = ad.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="ImageFolder of the lab's reviewed cells: <dir>/<class>/<image>")
+    src.add_argument("--from-audit", nargs="?", const="", metavar="DATABASE_URL",
+                     help="reviewers' confirmed/corrected cells from the case store (default: $BCC_DATABASE_URL or "
+                          "the data folder's bcc.sqlite), matched by content hash to the images under --images")
+    ad.add_argument("--images", action="append", default=[], metavar="DIR",
+                    help="with --from-audit: folder holding the screened images (repeatable)")
+    ad.add_argument("--include-unsigned", action="store_true",
+                    help="with --from-audit: also decisions in cases not yet signed (default: signed cases only)")
+    ad.add_argument("--case", action="append", default=[], metavar="LABEL",
+                    help="with --from-audit: only these cases (sample labels; repeatable)")
     ad.add_argument("--out", required=True, help="new model directory to write")
     ad.add_argument("--lab", help="lab name recorded in the card (default: the data folder name)")
     ad.add_argument("--add-classes", action="store_true",

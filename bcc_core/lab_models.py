@@ -147,3 +147,80 @@ def write_reviewed_cells(items, dest: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
     return dest
+
+
+def reviewed_from_store(engine, image_roots, signed_only: bool = True, sample_labels=None,
+                        max_files: int = 200_000) -> tuple[list[dict], dict]:
+    """Reviewers' confirmed and corrected cells from the case store, matched to their images by content.
+
+    The store keeps each result's image SHA-256, not the image: the lab points at the folders its images
+    live in, every image file there is hashed, and a reviewed cell is used only when a file's bytes hash to
+    the value recorded when it was screened (the image the reviewer saw). The latest decision per cell
+    counts (an amendment replaces the decision it amends).
+
+    Args:
+        engine: an open store (bcc_core.store.open_store).
+        image_roots: folders searched (recursively) for the screened images.
+        signed_only: only cases whose review is signed (default), else every case.
+        sample_labels: only these cases (sample labels), else all.
+        max_files: cap on the image files hashed.
+
+    Returns:
+        (cells, summary): cells are dicts {class, name, data (bytes), sha256, decision_id, case_uid};
+        summary counts reviewed cells, matched, missing images and cells used.
+    """
+    import hashlib
+
+    import sqlalchemy as sa
+
+    from . import store
+
+    latest = (sa.select(store.decisions.c.result_id, sa.func.max(store.decisions.c.id).label("did"))
+              .group_by(store.decisions.c.result_id).subquery())
+    q = (sa.select(store.decisions.c.id, store.decisions.c.decision, store.decisions.c.final_class,
+                   store.results.c.image_sha256, store.results.c.name, store.cases.c.uid, store.cases.c.status,
+                   store.cases.c.sample_label)
+         .select_from(latest.join(store.decisions, store.decisions.c.id == latest.c.did)
+                      .join(store.results, store.results.c.id == store.decisions.c.result_id)
+                      .join(store.cases, store.cases.c.id == store.results.c.case_id))
+         .order_by(store.decisions.c.id))
+    with engine.connect() as con:
+        rows = [r for r in con.execute(q)
+                if r.decision in ("confirm", "correct") and r.final_class and r.image_sha256
+                and (not signed_only or r.status == "signed")
+                and (not sample_labels or r.sample_label in set(sample_labels))]
+    wanted = {r.image_sha256 for r in rows}
+    found: dict[str, Path] = {}
+    n_files = 0
+    for root in image_roots:
+        for p in sorted(Path(root).rglob("*")):
+            if not (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+                continue
+            n_files += 1
+            if n_files > max_files:
+                raise ValueError(f"more than {max_files} image files under {', '.join(map(str, image_roots))}: "
+                                 "point --images at the folders of the reviewed cases")
+            h = hashlib.sha256(p.read_bytes()).hexdigest()
+            if h in wanted:
+                found.setdefault(h, p)
+    cells, seen = [], set()
+    for r in rows:
+        if r.image_sha256 in found and r.image_sha256 not in seen:  # one image reviewed in two cases counts once
+            seen.add(r.image_sha256)
+            cells.append({"class": r.final_class, "name": r.name, "data": found[r.image_sha256].read_bytes(),
+                          "sha256": r.image_sha256, "decision_id": int(r.id), "case_uid": r.uid})
+    summary = {"reviewed": len(rows), "images_found": len({r.image_sha256 for r in rows} & set(found)),
+               "images_missing": len(wanted - set(found)), "cells_used": len(cells), "files_hashed": n_files,
+               "signed_only": signed_only}
+    return cells, summary
+
+
+def record_review_source(model_dir: Path, cells: list[dict], summary: dict) -> None:
+    """Name in an adapted model's card the reviewers' decisions it learnt from (decision ids, cases, images)."""
+    card_file = Path(model_dir) / "model_card.json"
+    card = json.loads(card_file.read_text())
+    card.setdefault("lineage", {})["reviewed_decisions"] = {
+        "summary": summary,
+        "cells": [{"decision_id": c["decision_id"], "case_uid": c["case_uid"], "sha256": c["sha256"], "class": c["class"]}
+                  for c in cells]}
+    card_file.write_text(json.dumps(card, indent=2) + "\n")
