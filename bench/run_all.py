@@ -85,24 +85,93 @@ def _card_command(card: dict, data: Path, out: Path, subcommand: str = "train") 
     return cmd + (["--quiet"] if "--quiet" not in cmd else [])
 
 
-def step_reproduce(data):
-    """Re-run the bundled pbs5 model's own training command (from its card) from scratch, no cache, and time it."""
-    card = json.loads((ROOT / MODELS["pbs5"] / "model_card.json").read_text())
-    out = WORK / "pbs5-repro"
-    cmd = _card_command(card, data, out)
-    t = time.perf_counter()
-    r = run(cmd)
-    wall = time.perf_counter() - t
-    if r.returncode:
-        return ["# Reproduction", "", f"failed: {r.stderr[-2000:]}"]
-    new = json.loads((out / "metrics.json").read_text())["test"]["macro_f1"]
-    old = card["metrics"]["test"]["macro_f1"]
-    return ["# Reproducing the bundled pbs5 model", "",
-            f"Command (the card's `reproduce`, also in the README): `{card['reproduce']}`", "",
-            "| measure | value |", "|---|---|",
-            f"| wall time, fresh process, no cache | {wall / 60:.1f} min (Study 1: 343 min) |",
-            f"| test macro-F1, bundled | {old:.4f} |", f"| test macro-F1, reproduced | {new:.4f} |",
-            f"| difference | {abs(new - old) * 100:.2f} points (limit 0.5) |"]
+def _numeric_leaves(d, prefix=""):
+    """{dotted path: number} for every numeric value of a card section (lists by index)."""
+    out = {}
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[key] = float(v)
+        elif isinstance(v, (dict, list)):
+            out.update(_numeric_leaves(v, key))
+    return out
+
+
+CARD_FIGURES = ("metrics", "calibration", "ood", "review_rule", "trust", "quality")  # sections holding fitted/measured figures
+KEY_FIGURES = (("test accuracy", "metrics.test.accuracy"), ("test macro-F1", "metrics.test.macro_f1"),
+               ("test ECE after calibration", "calibration.test_ece_after"), ("temperature", "calibration.temperature"))
+
+
+def _test_predictions(model_dir: Path, data: Path, task: str):
+    from bcc_core.data import load_split
+    from bcc_core.inference import Predictor
+    from bcc_core.io import read_image
+
+    pred = Predictor.load(model_dir)
+    items = load_split(Path(model_dir) / "split.json", data / DATASET[task])["test"]
+    res = pred.predict([read_image(p) for p, _ in items])
+    return [str(p) for p, _ in items], [r.predicted_class for r in res], [r.status == "ok" for r in res]
+
+
+def step_reproduce(data, seeds=(None, 1)):
+    """Retrain each bundled model from its card twice (the card's seed, and another) from scratch, no cache:
+    split hash, top-1 agreement with the bundled model on its test part, and every figure of the card."""
+    lines = ["# Reproducing the bundled models from their cards", "",
+             "Each card's `reproduce` command, run from scratch in a fresh process (no cache), with the card's own seed "
+             "and with another seed. Same split: the reproduced test part lists the same images (by path). Agreement: "
+             "share of the test images given the same suggested class (and the same ok / review status) as the bundled "
+             "model. Card figures: every number in the card's metrics, calibration, OOD, review-rule and quality "
+             "sections. Wall time is measured on this shared 2-core CPU.", ""]
+    for task, m in MODELS.items():
+        card = json.loads((ROOT / m / "model_card.json").read_text())
+        card_seed = (card.get("training") or {}).get("seed", 42)
+        base_paths, base_cls, base_ok = _test_predictions(ROOT / m, data, task)
+        base_fig = {k: v for sec in CARD_FIGURES for k, v in _numeric_leaves(card.get(sec) or {}, sec).items()}
+        cols, rows = [], {}
+        for seed in seeds:
+            seed = card_seed if seed is None else seed
+            out = WORK / f"repro-{task}-seed{seed}"
+            cmd = _card_command(card, data, out)
+            cmd = [c for i, c in enumerate(cmd) if not (c == "--seed" or (i and cmd[i - 1] == "--seed"))] + ["--seed", seed]
+            t = time.perf_counter()
+            r = run(cmd)
+            wall = time.perf_counter() - t
+            col = f"seed {seed}" + (" (card's)" if seed == card_seed else "")
+            cols.append(col)
+            if r.returncode:
+                rows.setdefault("status", {})[col] = "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+                continue
+            new = json.loads((out / "model_card.json").read_text())
+            paths, cls, ok = _test_predictions(out, data, task)
+            same_split = sorted(paths) == sorted(base_paths)
+            agree = same_cls = None
+            if same_split:
+                b = dict(zip(base_paths, zip(base_cls, base_ok)))
+                same_cls = sum(b[p][0] == c for p, c in zip(paths, cls)) / len(paths)
+                agree = sum(b[p] == (c, o) for p, c, o in zip(paths, cls, ok)) / len(paths)
+            fig = {k: v for sec in CARD_FIGURES for k, v in _numeric_leaves(new.get(sec) or {}, sec).items()}
+            common = [k for k in base_fig if k in fig]
+            diffs = sorted(((abs(fig[k] - base_fig[k]) / max(abs(base_fig[k]), 1e-9), k) for k in common), reverse=True)
+            rows.setdefault("wall time", {})[col] = f"{wall / 60:.1f} min"
+            rows.setdefault("same test part as the bundled model", {})[col] = "yes" if same_split else "no (split differs)"
+            rows.setdefault("same suggested class on the test part", {})[col] = "n/a" if same_cls is None else f"{same_cls:.1%}"
+            rows.setdefault("same class and status on the test part", {})[col] = "n/a" if agree is None else f"{agree:.1%}"
+            for name, key in KEY_FIGURES:
+                if key in fig and key in base_fig:
+                    rows.setdefault(name, {})[col] = f"{fig[key]:.4f} (bundled {base_fig[key]:.4f})"
+            rows.setdefault("card figures compared", {})[col] = str(len(common))
+            rows.setdefault("card figures within 5% of the bundled value", {})[col] = \
+                f"{sum(d <= 0.05 for d, _ in diffs)} of {len(diffs)}"
+            rows.setdefault("largest relative differences", {})[col] = "; ".join(
+                f"{k} {base_fig[k]:.4g} → {fig[k]:.4g}" for d, k in diffs[:3] if d > 0.05) or "none above 5%"
+        lines += [f"## {m}", "", f"`{card['reproduce']}`", "", "| measure | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        lines += [f"| {name} | " + " | ".join(v.get(c, "") for c in cols) + " |" for name, v in rows.items()]
+        lines.append("")
+    return lines
 
 
 def _script(title: str, script: str, out: str, *args) -> list:
