@@ -187,6 +187,7 @@ def cmd_screen(a) -> int:
     from .inference import Predictor
     from .io import iter_image_sources
     from .report import _cell, results_to_csv
+    from .scale import inputs_digest, parse_shard, shard_range, write_shard_meta
     from .screening import ROW_KEYS, ScreeningConfig, iter_screen, summary
 
     # The CLI is its user's own shell: it reads any path that user can read (no folder allow-list, which
@@ -196,12 +197,24 @@ def cmd_screen(a) -> int:
         raise UsageError("no image files found in the given inputs")
     if a.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if a.ray is not None and (a.resume or a.case):
+        raise UsageError("--ray does not combine with --resume or --case")
+    n_all, first = len(sources), 0
+    if a.shard:
+        try:
+            shard = parse_shard(a.shard)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        first, stop = shard_range(n_all, a.batch_size, *shard)
+        sources = sources[first:stop]
     pred = Predictor.load(a.model)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial, meta_file = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
     meta = {"inputs": [str(x) for x in a.inputs], "n_sources": len(sources), "model": str(pred.model_dir),
             "model_id": pred.card.model_id, "batch_size": a.batch_size}
+    if a.shard:
+        meta["shard"] = a.shard
     blank = {k: None for k in ROW_KEYS if k != "thumbnail"} | {"file": "", "status": "error", "flags": []}
     header = results_to_csv([blank], pred.classes).split("\n", 1)[0]
     n_cols = len(next(csv.reader([header])))
@@ -236,10 +249,21 @@ def cmd_screen(a) -> int:
 
         bar = tqdm(total=len(sources), initial=len(done), desc="screening", unit="img",
                    disable=not (sys.stderr.isatty() and not a.quiet))
-        for row in iter_screen(sources[len(done):], pred, ScreeningConfig(batch_size=a.batch_size, thumbnail=0)):
-            row.pop("thumbnail", None)
-            head, line = results_to_csv([row], pred.classes).split("\n", 1)
-            assert head == header, (head, header)  # every row has the keys of ROW_KEYS, in that order
+        if a.ray is not None:
+            from .scale import ray_rows
+
+            rows = ((None, st, c, line) for st, c, line in
+                    ray_rows([str(x) for x in a.inputs], n_all, str(pred.model_dir), a.batch_size, a.ray or None,
+                             start=first, stop=first + len(sources)))
+        else:
+            cfg = ScreeningConfig(batch_size=a.batch_size, thumbnail=0, workers=a.workers, processes=a.processes)
+            rows = ((r, r["status"], r["predicted_class"], None)
+                    for r in iter_screen(sources[len(done):], pred, cfg))
+        for row, status, predicted, line in rows:
+            if row is not None:
+                row.pop("thumbnail", None)
+                head, line = results_to_csv([row], pred.classes).split("\n", 1)
+                assert head == header, (head, header)  # every row has the keys of ROW_KEYS, in that order
             f.write(line.encode("utf-8"))
             f.flush()  # a killed run keeps every row written so far
             if case is not None:
@@ -247,10 +271,16 @@ def cmd_screen(a) -> int:
                 seq = len(counts)
                 if seq not in stored:
                     cases.add_result(engine, user, case_id, seq, row)
-            counts.append({"status": row["status"], "predicted_class": row["predicted_class"]})
+            counts.append({"status": status, "predicted_class": predicted})
             bar.update(1)
         bar.close()
         os.fsync(f.fileno())
+    if a.shard:
+        write_shard_meta(out, {"shard": shard[0], "of": shard[1], "start": first, "stop": first + len(sources),
+                               "n_sources": n_all, "inputs_sha256": inputs_digest([s.name for s in
+                                                                                  iter_image_sources(a.inputs)]),
+                               "model_id": pred.card.model_id, "model_sha256": pred.card.to_dict().get("model_sha256"),
+                               "batch_size": a.batch_size, "header": header})
     os.replace(partial, out)  # atomic: readers see the old file or the complete new one
     if case is not None:
         print(f"case {a.case!r} (id {case[2]}): {cases.finish(case[0], case[1], case[2])}", file=sys.stderr)
@@ -262,6 +292,18 @@ def cmd_screen(a) -> int:
     for c in pred.classes:
         k = s["per_class"].get(c, 0)
         print(f"  {c:>16}: {k:5d}  ({100 * k / n_valid:.1f}%)" if n_valid else f"  {c:>16}: 0")
+    return 0
+
+
+def cmd_merge(a) -> int:
+    """Merge the CSVs of `screen --shard i/n` into the single-process CSV (checked to be one whole run)."""
+    from .scale import merge_shards
+
+    try:
+        r = merge_shards(a.parts, a.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"merged {r['shards']} shards, {r['n']} rows -> {a.out}")
     return 0
 
 
@@ -538,7 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--case", metavar="LABEL", help="also record the run as a case (sample label) in the database")
     s.add_argument("--db", help="with --case: database URL or SQLite file (default: $BCC_DATABASE_URL, else "
                                 "$BCC_DATA_DIR/bcc.sqlite)")
+    s.add_argument("--workers", type=int, default=2, help="decode/prepare workers beside the model (default 2)")
+    s.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepare images in worker processes (default) or, with --no-processes, threads")
+    s.add_argument("--shard", metavar="I/N", help="screen only part I of N (whole batches; 0-based); "
+                                                   "join the parts with 'merge'")
+    s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="screen on Ray Data (pip install .[scale]): a running cluster's address, or none for a "
+                        "local Ray instance")
     s.set_defaults(func=cmd_screen)
+    mg = sub.add_parser("merge", help="merge the CSVs of screen --shard i/n into one, checked for completeness")
+    mg.add_argument("parts", nargs="+", help="the shard CSVs (any order)")
+    mg.add_argument("--out", required=True)
+    mg.set_defaults(func=cmd_merge)
     ex = sub.add_parser("export", help="export a model for screening without TensorFlow (ONNX Runtime / OpenVINO)")
     ex.add_argument("--model", required=True, help="model folder (model.keras + model_card.json)")
     ex.set_defaults(func=cmd_export)

@@ -56,18 +56,27 @@ class Prediction:
 class Predictor:
     """A loaded model with everything its card prescribes. Thread-safe for prediction; never mutate."""
 
-    def __init__(self, model, card, model_dir: Path, ood_stats: dict | None):
-        from .models import trust_outputs_model
-        from .training import compiled
+    def __init__(self, model, card, model_dir: Path, ood_stats: dict | None, runtime=None):
+        """`model`: the Keras model, or None with a `runtime` (a `bcc_core.runtime.Runtime`, the exported
+        forward pass): the forward pass then never touches TensorFlow, and the Keras model is loaded on
+        first use of `.model` (Grad-CAM, adaptation)."""
+        import threading
 
-        self.model = model
+        self._model = model
+        self._runtime = runtime
+        self._lock = threading.Lock()
         self.card = card
         self.model_dir = Path(model_dir)
         self.classes = list(card.classes)
         self.pcfg = PreprocessConfig.from_dict(card.preprocessing)
         self.ood_stats = ood_stats
         self.early_layer = (card.ood or {}).get("early_layer")
-        self._forward = compiled(trust_outputs_model(model, self.early_layer))
+        self._forward = None
+        if runtime is None:
+            from .models import trust_outputs_model
+            from .training import compiled
+
+            self._forward = compiled(trust_outputs_model(model, self.early_layer))
         from .quality import QualityConfig
 
         import dataclasses
@@ -78,22 +87,69 @@ class Predictor:
 
         self.cue_flag = cue_flag(card.shortcut_audit)
 
-    @classmethod
-    def load(cls, model_dir: str | Path | None = None) -> "Predictor":
-        """Load model + card (validated) + OOD statistics from a model directory."""
-        from .models import load_model
+    @property
+    def model(self):
+        """The Keras model (loaded on first use when the forward pass runs on the exported runtime)."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    from .models import load_model
 
+                    self._model = load_model(self.model_dir)[0]
+        return self._model
+
+    @property
+    def runtime_backend(self) -> str:
+        """What runs the forward pass: "keras", or the export's backend ("onnxruntime", "openvino")."""
+        return "keras" if self._runtime is None else self._runtime.backend
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, runtime: str = "auto") -> "Predictor":
+        """Load model + card (validated) + OOD statistics from a model directory.
+
+        Args:
+            model_dir: the model folder (default: the bundled default model).
+            runtime: "auto": the folder's export (`bcc_core.export`) when it has one that loads and matches
+                the card's weights, else Keras (a stale or changed export is logged and skipped);
+                "export": the export or an error; "keras": always Keras (TensorFlow).
+        """
         d = Path(model_dir) if model_dir else default_model_dir()
-        model, card = load_model(d)
+        rt, model = None, None
+        if runtime not in ("auto", "export", "keras"):
+            raise ValueError(f"runtime must be auto, export or keras, not {runtime!r}")
+        if runtime != "keras":
+            from .runtime import Runtime, has_export
+
+            if has_export(d):
+                try:
+                    rt = Runtime(d)
+                except Exception as e:
+                    if runtime == "export":
+                        raise
+                    import logging
+
+                    logging.getLogger(__name__).warning("%s: not using the exported runtime (%s); using Keras", d, e)
+            elif runtime == "export":
+                raise FileNotFoundError(f"{d}: no exported runtime here; run python -m bcc_core export --model {d}")
+        if rt is None:
+            from .models import load_model
+
+            model, card = load_model(d)
+        else:
+            from .model_card import load_card
+
+            card = load_card(d)
         stats_file = d / card.ood.get("stats_file", "ood_stats.npz") if card.ood else None
         stats = ood.load_stats(stats_file) if stats_file and stats_file.is_file() else None
         if card.ood.get("threshold") is not None and stats is None and card.ood.get("method") != "energy":
             raise ValueError(f"{d}: the card sets an OOD threshold but {stats_file} is missing")
-        return cls(model, card, d, stats)
+        return cls(model, card, d, stats, runtime=rt)
 
     def forward(self, inputs: np.ndarray, batch_size: int = 32):
         """(features, logits, early-layer activations or None) for preprocessed inputs (N, S, S, 3)
-        uint8, in one compiled pass per batch."""
+        uint8, in one compiled pass per batch (the exported runtime's when loaded with one)."""
+        if self._runtime is not None:
+            return self._runtime.forward(inputs, batch_size)
         from .training import batched_predict
 
         out = batched_predict(self._forward, inputs, batch_size)

@@ -1,16 +1,21 @@
 """Batch screening: any number of image sources → one result row per image, progress via a callback.
 
-Images are decoded and preprocessed in a thread pool and sent to the model in compiled batches; a bad
-file becomes an `error` row with its reason, never a crash and never a silent skip. A failure while
-preparing one image makes that image an error row; a failure of the model on one batch makes that
-batch's images error rows, and the run goes on. :func:`iter_screen` yields rows as they are produced,
-holding one batch in memory, so a caller can write them out (the `screen` CLI does) instead of keeping
-them all.
+Images are decoded, searched for their cell, quality-checked and normalised by workers (threads, or
+processes with `ScreeningConfig.processes`) while the model runs on the batches before them; batches go
+to the model whole and in input order, so rows come out in input order and a resumed run sees the same
+batches. A bad file becomes an `error` row with its reason, never a crash and never a silent skip. A
+failure while preparing one image makes that image an error row; a failure of the model on one batch
+makes that batch's images error rows, and the run goes on. :func:`iter_screen` yields rows as they are
+produced, holding a few batches in memory, so a caller can write them out (the `screen` CLI does)
+instead of keeping them all. Rows are `bcc_core.results.ScreenResult.to_row()` dicts; `iter_results`
+yields the typed results themselves.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+from collections import deque
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -18,53 +23,80 @@ import cv2
 import numpy as np
 
 from .io import content_hash, read_image
+from .results import ROW_KEYS, ModelIdentity, ScreenResult
 
-ROW_KEYS = ("file", "status", "predicted_class", "confidence", "flags", "reason", "probabilities", "sha256",
-            "ood_score", "prediction_set", "thumbnail")
-"""Keys of every result row, in this order (error rows too, so streamed CSV columns never shift)."""
+__all__ = ["ROW_KEYS", "ScreeningConfig", "iter_results", "iter_screen", "screen", "summary"]
 
 
 @dataclass(frozen=True)
 class ScreeningConfig:
+    """batch_size: images per model call; workers: decode/prepare workers; thumbnail: px kept per image
+    for the results table (48 px by default, 96 on demand; 0: none); processes: prepare in worker
+    processes instead of threads (real Predictors only: a process gets the card's preprocessing and
+    quality settings, not the model); prefetch: batches prepared ahead of the one the model runs."""
+
     batch_size: int = 32
     workers: int = 2
-    thumbnail: int = 96  # px kept per image for the results table (48 px by default, 96 on demand); 0: none
+    thumbnail: int = 96
+    processes: bool = False
+    prefetch: int = 2
 
 
 def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _load(src, predictor, cfg: ScreeningConfig):
+def _prepare_bytes(name: str, data: bytes, predictor, thumbnail: int) -> dict:
+    """Decode, cell search, quality gate, normalisation and thumbnail of one image's bytes."""
     try:
-        data = src.load()
         img = read_image(data)
     except Exception as e:
         # read_image only sees bytes here; name the file the user knows.
-        return {"file": src.name, "error": _reason(e).replace("<bytes>", src.name)}
+        return {"file": name, "error": _reason(e).replace("<bytes>", name)}
     try:
         model_input, quality = predictor.prepare(img)
     except Exception as e:
-        return {"file": src.name, "error": f"{src.name}: the image could not be prepared for the model "
-                                           f"({type(e).__name__}: {_reason(e)})"}
-    thumb = (cv2.resize(img, (cfg.thumbnail, cfg.thumbnail), interpolation=cv2.INTER_AREA)
-             if cfg.thumbnail else None)
-    return {"file": src.name, "sha256": content_hash(data), "input": model_input, "quality": quality,
-            "thumbnail": thumb}
+        return {"file": name, "error": f"{name}: the image could not be prepared for the model "
+                                       f"({type(e).__name__}: {_reason(e)})"}
+    thumb = cv2.resize(img, (thumbnail, thumbnail), interpolation=cv2.INTER_AREA) if thumbnail else None
+    return {"file": name, "sha256": content_hash(data), "input": model_input, "quality": quality, "thumbnail": thumb}
 
 
-def _error_row(item) -> dict:
-    return dict.fromkeys(ROW_KEYS) | {"file": item["file"], "status": "error", "flags": [], "reason": item["error"]}
+def _read(src) -> bytes | dict:
+    try:
+        return src.load()
+    except Exception as e:
+        return {"file": src.name, "error": _reason(e).replace("<bytes>", src.name)}
 
 
-def _result_row(it, p) -> dict:
-    return {"file": it["file"], "status": p.status, "predicted_class": p.predicted_class,
-            "confidence": p.confidence, "flags": p.flags, "reason": " ".join(f.message for f in p.flags),
-            "probabilities": p.probabilities, "sha256": it["sha256"], "ood_score": p.ood_score,
-            "prediction_set": p.prediction_set, "thumbnail": it["thumbnail"]}
+def _load(src, predictor, cfg: ScreeningConfig) -> dict:
+    data = _read(src)
+    return data if isinstance(data, dict) else _prepare_bytes(src.name, data, predictor, cfg.thumbnail)
 
 
-def _batch_rows(items, predictor, cfg: ScreeningConfig) -> list[dict]:
+class _Preparer:
+    """What a worker process needs of a Predictor to prepare an image: its card's settings, not its model."""
+
+    def __init__(self, pcfg, qcfg):
+        self.pcfg, self.qcfg = pcfg, qcfg
+
+    def prepare(self, img):
+        from .inference import Predictor
+
+        return Predictor.prepare(self, img)
+
+
+def _worker_init() -> None:
+    # One worker is one core's worth of work: OpenCV's own thread pool only adds contention.
+    cv2.setNumThreads(1)
+
+
+def _identity(predictor) -> ModelIdentity:
+    card = getattr(predictor, "card", None)
+    return ModelIdentity.from_card(card) if card is not None else ModelIdentity()
+
+
+def _batch_results(items, predictor, cfg: ScreeningConfig, model: ModelIdentity) -> list[ScreenResult]:
     good = [it for it in items if "error" not in it]
     try:
         preds = predictor.predict_inputs(np.stack([it["input"] for it in good]), [it["quality"] for it in good],
@@ -74,10 +106,111 @@ def _batch_rows(items, predictor, cfg: ScreeningConfig) -> list[dict]:
     except Exception as e:
         msg = (f"the model failed on this batch of {len(good)} image(s) ({type(e).__name__}: {_reason(e)}); "
                "screen the image again")
-        return [_error_row(it if "error" in it else {"file": it["file"], "error": f"{it['file']}: {msg}"})
+        return [ScreenResult.error(it["file"], it["error"] if "error" in it else f"{it['file']}: {msg}", model)
                 for it in items]
     preds = iter(preds)
-    return [_error_row(it) if "error" in it else _result_row(it, next(preds)) for it in items]
+    return [ScreenResult.error(it["file"], it["error"], model) if "error" in it else
+            ScreenResult.from_prediction(it["file"], next(preds), it["sha256"], it["thumbnail"], model)
+            for it in items]
+
+
+class _Pipeline:
+    """Submits sources to the workers in input order, at most `ahead` in flight; `next()` returns the
+    prepared item of the oldest. A worker process that dies makes its image an error row, and a new pool
+    takes the images that were still waiting."""
+
+    def __init__(self, sources, predictor, cfg: ScreeningConfig):
+        self.sources, self.cfg, self.predictor = sources, cfg, predictor
+        self.ahead = max(1, cfg.prefetch + 1) * cfg.batch_size
+        self.next_index = 0
+        self.pending: deque[tuple[object, Future]] = deque()
+        self.preparer = None
+        if cfg.processes and hasattr(predictor, "pcfg") and hasattr(predictor, "qcfg"):
+            self.preparer = _Preparer(predictor.pcfg, predictor.qcfg)
+        self.pool = self._new_pool()
+
+    def _new_pool(self):
+        if self.preparer is None:
+            return ThreadPoolExecutor(self.cfg.workers)
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["bcc_core.screening", "bcc_core.inference"])
+        return ProcessPoolExecutor(self.cfg.workers, mp_context=ctx, initializer=_worker_init)
+
+    def _submit(self, src) -> Future:
+        if self.preparer is None:
+            return self.pool.submit(_load, src, self.predictor, self.cfg)
+        data = _read(src)  # archives and file limits stay in this process; workers get bytes
+        if isinstance(data, dict):
+            f: Future = Future()
+            f.set_result(data)
+            return f
+        return self.pool.submit(_prepare_bytes, src.name, data, self.preparer, self.cfg.thumbnail)
+
+    def fill(self) -> None:
+        while len(self.pending) < self.ahead and self.next_index < len(self.sources):
+            src = self.sources[self.next_index]
+            self.pending.append((src, self._submit(src)))
+            self.next_index += 1
+
+    def next(self) -> dict:
+        src, fut = self.pending.popleft()
+        try:
+            return fut.result()
+        except BrokenExecutor as e:
+            waiting = [s for s, _ in self.pending]
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            self.pending = deque((s, self._submit(s)) for s in waiting)
+            return {"file": src.name, "error": f"{src.name}: the worker preparing this image stopped "
+                                               f"({type(e).__name__}: {_reason(e)})"}
+        except Exception as e:
+            return {"file": src.name, "error": f"{src.name}: the image could not be prepared for the model "
+                                               f"({type(e).__name__}: {_reason(e)})"}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _cpu_limits(cfg: ScreeningConfig):
+    """While screening: OpenCV and BLAS single-threaded in this process. The workers and the model's own
+    threads already use the cores; nested pools on top oversubscribe them (measured: a 1280x1280 matrix-
+    vector product 20x slower with 2 OpenBLAS threads on a busy 2-core machine)."""
+    old = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it, only OpenCV is limited
+        threadpool_limits = None
+    try:
+        with threadpool_limits(1, "blas") if threadpool_limits else contextlib.nullcontext():
+            yield
+    finally:
+        cv2.setNumThreads(old)
+
+
+def iter_results(sources: Sequence, predictor, cfg: ScreeningConfig = ScreeningConfig()) -> Iterator[ScreenResult]:
+    """Screen every source, yielding one `ScreenResult` per source in input order, a batch at a time.
+
+    Args:
+        sources: sequence of `bcc_core.io.ImageSource`.
+        predictor: a loaded `Predictor` (or anything with `prepare(img)` and `predict_inputs(x, quality, bs)`).
+        cfg: batch size, workers, thumbnail size, processes, prefetch.
+    """
+    model = _identity(predictor)
+    pipe = _Pipeline(sources, predictor, cfg)
+    try:
+        with _cpu_limits(cfg):
+            pipe.fill()
+            for start in range(0, len(sources), cfg.batch_size):
+                items = [pipe.next() for _ in range(min(cfg.batch_size, len(sources) - start))]
+                pipe.fill()  # the workers go on with the next batches while the model runs on this one
+                results = _batch_results(items, predictor, cfg, model)
+                yield from results
+    finally:
+        pipe.close()
 
 
 def iter_screen(sources: Sequence, predictor, cfg: ScreeningConfig = ScreeningConfig()) -> Iterator[dict]:
@@ -86,17 +219,15 @@ def iter_screen(sources: Sequence, predictor, cfg: ScreeningConfig = ScreeningCo
     Args:
         sources: sequence of `bcc_core.io.ImageSource`.
         predictor: a loaded `Predictor`.
-        cfg: batch size, decode workers, thumbnail size.
+        cfg: batch size, decode workers, thumbnail size (see `ScreeningConfig`).
 
     Yields:
-        Rows (dicts with the keys of :data:`ROW_KEYS`): file, status ("ok" | "review" | "error"),
-        predicted_class, confidence, flags (list[Flag]), reason, probabilities, sha256, ood_score,
-        prediction_set, thumbnail ((t, t, 3) uint8 or None).
+        Rows (`ScreenResult.to_row()`: dicts with the keys of :data:`ROW_KEYS`): file, status ("ok" |
+        "review" | "error"), predicted_class, confidence, flags (list[Flag]), reason, probabilities,
+        sha256, ood_score, prediction_set, thumbnail ((t, t, 3) uint8 or None).
     """
-    with ThreadPoolExecutor(cfg.workers) as ex:
-        for start in range(0, len(sources), cfg.batch_size):
-            items = list(ex.map(lambda s: _load(s, predictor, cfg), sources[start:start + cfg.batch_size]))
-            yield from _batch_rows(items, predictor, cfg)
+    for r in iter_results(sources, predictor, cfg):
+        yield r.to_row()
 
 
 def screen(sources, predictor, cfg: ScreeningConfig = ScreeningConfig(),
