@@ -1,8 +1,11 @@
 """Quality gate on real reference images (skipped when ../shared/data is absent).
 
-* pbs5: valid single-cell crops of the reference lab: false-flag rate must stay low.
-* bccd: valid single cells from another lab (smaller, blurrier): must not be flagged for that.
-* all4: whole smear fields, not single cells: must be flagged (``not_single_cell``).
+The fitted thresholds saw only pbs5 and LISC training images (``bench/fit_quality_gate.py``), so:
+
+* pbs5: valid single-cell crops of the reference lab, *held out from the fit*: false-flag rate low.
+* bccd: valid single cells from another lab (smaller, blurrier), measured only (never fitted on):
+  must not be flagged for blur or size.
+* all4: whole smear fields, not single cells, never fitted on: must be flagged (``not_single_cell``).
 """
 
 from pathlib import Path
@@ -23,6 +26,11 @@ def _files(name: str, n: int | None) -> list[Path]:
     if not folder.is_dir():
         pytest.skip(f"reference data {folder} not available")
     files = sorted(folder.glob("*/*.jpg"))
+    if name in ("pbs5", "lisc"):  # only images the fit did not use
+        from bench.fit_quality_gate import train_files
+
+        fitted = {p.resolve() for p in train_files(DATA, Path(__file__).resolve().parents[2] / "models")[0][name]}
+        files = [p for p in files if p.resolve() not in fitted]
     if not files:
         pytest.skip(f"no images in {folder}")
     if n is not None and len(files) > n:
@@ -44,12 +52,13 @@ def _flag_rate(details: list[set[str]]) -> float:
     return float(np.mean([bool(d) for d in details]))
 
 
-def test_pbs5_sample_is_rarely_flagged():
+def test_pbs5_held_out_sample_is_rarely_flagged():
     d = _details(_files("pbs5", 100))
     assert _flag_rate(d) <= 0.02, [x for x in d if x]
 
 
 def test_bccd_blurrier_cells_are_not_flagged_as_bad_quality():
+    """Measurement only: BCCD never enters a fit (tests/code/test_fit_guard.py)."""
     d = _details(_files("bccd", None))
     assert _flag_rate(d) <= 0.03
     # blur and size alone must not reject these valid cells
@@ -64,6 +73,6 @@ def test_all4_smear_fields_are_flagged_not_single_cell():
 
 @pytest.mark.parametrize("name, lo, hi", [("pbs5", 0.0, 0.01), ("bccd", 0.0, 0.03), ("all4", 0.95, 1.0)])
 def test_full_data_set_rates(name, lo, hi):
-    """All images (~8,600, about 30 s): the targets of bench/quality_gate.py."""
+    """Held-out pbs5, all of BCCD and all4 (~5,900 images, about 30 s): the targets of bench/quality_gate.py."""
     rate = _flag_rate(_details(_files(name, None)))
     assert lo <= rate <= hi
