@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -26,12 +27,19 @@ STATE_DEFAULTS: dict = {
     "batch_thumbs": [],       # list[str | None]: thumbnail data URIs, same order as batch_rows
     "batch_run_id": "",       # str: identifies the screening run (cache key for its large thumbnails)
     "batch_model": None,      # str: model directory the batch was screened with
-    "batch_prediction_ids": {},  # {row index: audit prediction id} for rows recorded in the audit log
+    "batch_case": None,       # int: id of the case the batch was screened into (bcc_core.cases)
+    "batch_result_ids": {},   # {row index: result id} of the batch's rows stored in that case
     "batch_detail": None,     # ((model dir, row index), original image, Prediction) of the open cell
     "batch_open": None,       # int: row index of the cell open for review (decisions land on it only)
     "batch_table_pick": (),   # tuple[int]: rows selected in the results table at the last run
     "batch_seconds": None,    # float: wall time of the last screening run
-    "reviewer": "",           # str: the reviewer's name, kept across pages (its widget is `reviewer_field`)
+    "user": None,             # dict {username, role, since, last_seen}: who is logged in (see session_user)
+    "login_notice": None,     # str: why the last session ended (idle, account disabled), shown on the login page
+    "case_open": None,        # int: the case open on the Cases page
+    "case_cell": None,        # int: the result id open for review on the Cases page
+    "case_viewed": [],        # list[int]: cases whose opening this session has already been recorded
+    "case_exports": None,     # (case id, options, {format: bytes}): files prepared on the Cases page
+    "case_notice": None,      # (kind, text): outcome of the last action on the Cases page, shown once
     "review_notice": None,    # (kind, text): outcome of the last review-form submission, shown once
     "lab_cells": None,        # ((upload name, size), folder): the unpacked labelled .zip on the Your lab page
     "lab_candidate": None,    # {"dir", "summary", "parent"}: the last adapted, not yet promoted model
@@ -252,25 +260,98 @@ def explanation_heatmap(model_input, method: str, class_index: int, model_dir: s
     return heatmap(d, _mtime(d), model_input, method, int(class_index))
 
 
-def audit_log():
-    """The audit log at $BCC_AUDIT_DB or ~/.bcc/audit.sqlite (opened per call: cheap, thread-safe)."""
-    from bcc_core.audit import AuditLog
-    from pages._lib.ui_helpers import audit_db_path
+# ---------------------------------------------------------------- who is logged in
 
-    p = audit_db_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return AuditLog(p)
+IDLE_MINUTES_ENV = "BCC_SESSION_IDLE_MINUTES"
 
 
-def reviewer_field(container=st, label: str = "Reviewer", **kw) -> str:
-    """A text box for the reviewer's name whose value survives page changes (Streamlit drops the state of
-    a widget that a page does not draw, so the name is kept under a plain key and copied in and out)."""
-    st.session_state["reviewer_field"] = st.session_state["reviewer"]
-    container.text_input(label, key="reviewer_field",
-                         on_change=lambda: st.session_state.update(reviewer=st.session_state["reviewer_field"]), **kw)
-    return st.session_state["reviewer"].strip()
+def idle_minutes() -> float:
+    """A session ends after this long without a page action (default 30; $BCC_SESSION_IDLE_MINUTES)."""
+    try:
+        return float(os.environ.get(IDLE_MINUTES_ENV) or 30)
+    except ValueError:
+        return 30.0
 
 
-def reviewer_name() -> str:
-    """The name in the reviewer box now (a callback can run before the box's own on_change copied it)."""
-    return (st.session_state.get("reviewer_field") or st.session_state["reviewer"] or "").strip()
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _engine(url: str):
+    from bcc_core.store import open_store
+
+    return open_store(url)
+
+
+def db():
+    """The store (cases, users, trail): $BCC_DATABASE_URL or SQLite in $BCC_DATA_DIR, opened once per URL."""
+    from bcc_core.store import database_url
+
+    return _engine(database_url())
+
+
+def log_in(user) -> None:
+    """Start a session for a user that bcc_core.users.login returned."""
+    now = time.time()
+    st.session_state["user"] = {"username": user.username, "role": user.role, "since": now, "last_seen": now}
+    st.session_state["login_notice"] = None
+
+
+def log_out(why: str | None = None) -> None:
+    """End the session (a trail entry names the reason) and forget everything it held."""
+    from bcc_core import trail
+
+    u = st.session_state.get("user")
+    if u:
+        try:
+            trail.record(db(), u["username"], "logout", "login", None, {"reason": why or "user"})
+        except Exception:  # the session ends even when the database cannot be reached
+            pass
+    for k, v in STATE_DEFAULTS.items():
+        if k != "model_dir":
+            st.session_state[k] = copy.deepcopy(v)
+    if why == "idle":
+        st.session_state["login_notice"] = (f"You were logged out after {idle_minutes():.0f} minutes without "
+                                            "activity. Log in again to continue.")
+    elif why == "disabled":
+        st.session_state["login_notice"] = "Your account was disabled or removed by an administrator."
+
+
+def session_user():
+    """The logged-in bcc_core.users.User, re-read from the store on every run (a role changed or an account
+    disabled by an administrator takes effect at once), or None (idle sessions end)."""
+    from bcc_core import users
+
+    u = st.session_state.get("user")
+    if not u:
+        return None
+    now = time.time()
+    if now - u["last_seen"] > idle_minutes() * 60:
+        log_out("idle")
+        return None
+    cur = users.current(db(), u["username"])
+    if cur is None:
+        log_out("disabled")
+        return None
+    u.update(last_seen=now, role=cur.role)
+    return cur
+
+
+def require_user():
+    """The logged-in user; app.py shows only the login page to anyone else, so this stops only a page run
+    outside app.py."""
+    user = session_user()
+    if user is None:
+        st.error("Log in first.")
+        st.stop()
+    return user
+
+
+def require_permission(action: str):
+    """The logged-in user if their role may do `action` (bcc_core.users.PERMISSIONS), else a message and stop."""
+    user = require_user()
+    if not user.may(action):
+        from bcc_core.users import PERMISSIONS
+
+        roles = ", ".join(r for r, p in PERMISSIONS.items() if action in p)
+        st.error(f"Your role ({user.role}) does not include this page. Roles that do: {roles}. An administrator "
+                 "can change your role.", icon=":material/lock:")
+        st.stop()
+    return user

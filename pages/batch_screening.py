@@ -1,6 +1,6 @@
-"""Batch screening: many images → a results table that fills as it runs, a review queue, a summary, a CSV."""
+"""Batch screening: many images → a case (sample label) whose rows are stored as they arrive, a results table
+that fills as it runs, a review queue whose decisions go to the case, and the working differential."""
 
-import json
 import re
 import time
 from pathlib import Path
@@ -11,16 +11,21 @@ import streamlit as st
 from pages._lib import charts
 from bcc_core.io import (IMAGE_EXTENSIONS, ImageReadError, content_hash, iter_image_sources, read_image,
                          server_folder_policy, sources_from_uploads)
-from bcc_core.report import differential, results_to_csv, results_to_fhir_bundle
-from pages._lib.ui_helpers import flag_codes, fmt_pct, png_data_uri, results_frame, summary_counts
+from bcc_core import cases
+from bcc_core.report import differential
+from bcc_core.users import AuthError
+from pages._lib.ui_helpers import flag_codes, png_data_uri, results_frame, summary_counts
 from bcc_core.worklist import Worklist, decision_for, review_labels
-from pages._shared import (audit_log, current_model_dir, explanation_heatmap, explanation_methods, init_state,
-                           page_header, reviewer_field, reviewer_name,
-                           predictor_for, require_predictor, show_flags, show_result)
+from pages._shared import (current_model_dir, db, explanation_heatmap, explanation_methods, init_state,
+                           page_header, predictor_for, require_permission, require_predictor, session_user,
+                           show_flags, show_result)
 
 init_state()
-page_header("Batch screening", "Screen many images at once: uploaded images, a .zip of images, or "
-                               "a folder on the server. Every input gets a row; unreadable files get a reason.")
+page_header("Batch screening", "Screen many images at once into a case: uploaded images, a .zip of images, or "
+                               "a folder on the server. Every input gets a row, stored as it is screened; "
+                               "unreadable files get a reason.")
+user = require_permission("screen")
+engine = db()
 predictor = require_predictor()
 classes = predictor.classes
 ss = st.session_state
@@ -30,6 +35,9 @@ MAX_THUMBNAIL_ROWS = 2000
 DISPLAY_MAX_CONFIDENCE = 0.999  # a table cell reading "100%" would claim a certainty no model has
 
 DECISION_LABELS = {"confirm": "confirmed the suggested class", "reject_image": "image marked unusable"}
+# The prediction shown for an open cell is recomputed from the image (for the model input and Grad-CAM); a
+# decision is taken only when it equals the one stored in the case (same image hash, same weights).
+SAME_PREDICTION_TOL = 1e-3
 REJECT = "__reject_image__"  # the "Image unusable" button's label (not a cell type)
 
 TABLE_COLUMNS = {
@@ -86,22 +94,41 @@ else:
     st.caption(f"Folders the administrator allowed: {literal(', '.join(folder_policy.roots))}. At most "
                f"{folder_policy.max_files} images are listed from one folder.")
 
-run = st.button("Run screening", type="primary", icon=":material/play_arrow:",
-                disabled=not (uploads or folder.strip()))
+label = st.text_input("Sample label (slide or accession number)", key="batch_sample_label", max_chars=200,
+                      placeholder="e.g. 26-H-004512 slide 1",
+                      help="The case is saved under this label and found by it on the Cases page. Exports leave "
+                           "it out unless you include it.").strip()
+unfinished = cases.find_unfinished(engine, label) if label else None
+resume = False
+if unfinished:
+    resume = st.checkbox(f"Resume the unfinished case '{literal(label)}' (#{unfinished['id']}): {unfinished['rows']} of "
+                         f"{unfinished['n_inputs']} images stored, started by {unfinished['created_by']} at "
+                         f"{unfinished['created_at'][:16].replace('T', ' ')}", value=True, key="batch_resume",
+                         help="Give the same inputs: the images already stored are not screened again. Off: a new "
+                              "case with the same label.")
+run = st.button("Resume screening" if resume else "Run screening", type="primary", icon=":material/play_arrow:",
+                disabled=not ((uploads or folder.strip()) and label))
+if (uploads or folder.strip()) and not label:
+    st.caption("Enter the sample label to run: every screening run is saved as a case.")
 
 
-def record_in_audit(rows, model_id):
-    """Log every readable result so flagged cells can be reviewed and audited later; {row index: id}."""
-    ids = {}
-    try:
-        log = audit_log()
-        for i, r in enumerate(rows):
-            if r["status"] != "error":
-                ids[i] = log.record_prediction(r["sha256"], r["file"], model_id, r["predicted_class"],
-                                               r["confidence"], r["status"], r["flags"])
-    except Exception as e:  # the table is still useful without the log; say so plainly
-        st.warning(f"Results could not be written to the audit log ({e}); decisions cannot be recorded.")
-    return ids
+@st.cache_data(show_spinner=False, max_entries=8)
+def model_identity(model_dir: str, card_mtime: float) -> dict:
+    from bcc_core.verification import model_identity as ident
+
+    return ident(model_dir)
+
+
+def stored_row(r: dict) -> dict:
+    """A row stored in the case, in the shape screening returns (to show a resumed case's earlier rows)."""
+    from bcc_core.flags import Flag
+    from bcc_core.io import read_image as decode
+
+    png = cases.cell_image(engine, r.get("thumb_sha256"))
+    return {"file": r["name"], "status": r["status"], "predicted_class": r["predicted_class"],
+            "confidence": r["confidence"], "flags": [Flag(**f) for f in r["flags"]], "reason": r["reason"],
+            "probabilities": r["probabilities"], "sha256": r["image_sha256"],
+            "thumbnail": decode(png) if png else None}
 
 
 if run:
@@ -114,13 +141,46 @@ if run:
         st.stop()
     from bcc_core.screening import screen
 
-    bar = st.progress(0.0, text=f"Screening {len(sources)} image(s)…")
+    ident = model_identity(current_model_dir(), Path(current_model_dir(), "model_card.json").stat().st_mtime)
+    stored: dict[int, dict] = {}
+    if resume:
+        case_id = unfinished["id"]
+        if unfinished["n_inputs"] != len(sources) or unfinished["model_sha256"] != ident["weights_sha256"]:
+            st.error(f"Case #{case_id} was started with {unfinished['n_inputs']} images and model "
+                     f"{unfinished['model_id']}; these are {len(sources)} images on {ident['model_id']}. Give the "
+                     "same inputs with the same model, or switch off 'Resume' to start a new case.")
+            st.stop()
+        stored = {r["seq"]: r for r in cases.case_rows(engine, case_id)[1]}
+        for seq, r in stored.items():
+            src = sources[seq]
+            try:
+                same = r["name"] == cases.relative_name(src.name) and (
+                    r["image_sha256"] is None or content_hash(src.load()) == r["image_sha256"])
+            except OSError:
+                same = False
+            if not same:
+                st.error(f"Input #{seq} ({literal(cases.relative_name(src.name))}) is not the image stored as #{seq} "
+                         f"of case #{case_id} ({literal(r['name'])}). Give the same inputs in the same order.")
+                st.stop()
+    else:
+        case_id = cases.create_case(engine, user, label, ident["model_id"], ident["weights_sha256"], len(sources),
+                                    model_version=ident.get("created") or "")
+    todo = [k for k in range(len(sources)) if k not in stored]
+    by_seq = {seq: stored_row(r) for seq, r in stored.items()}
+    result_ids = {seq: r["id"] for seq, r in stored.items()}
+
+    bar = st.progress(0.0, text=f"Screening {len(todo)} image(s)" + (f" ({len(stored)} already in the case)…"
+                                                                      if stored else "…"))
     live = st.empty()
     done_rows: list[dict] = []
     uris: list[str | None] = []
     last = [0.0]
 
     def on_result(row, done, total):
+        # Stored first: a crash or a closed browser keeps every row screened so far ("incomplete" case).
+        seq = todo[done - 1]
+        result_ids[seq] = cases.add_result(engine, user, case_id, seq, row)
+        by_seq[seq] = row
         done_rows.append(row)
         uris.append(png_data_uri(row.get("thumbnail"), max_side=48))
         now = time.monotonic()
@@ -138,13 +198,17 @@ if run:
                              height=min(400, 38 + 35 * (len(done_rows) - k)))
 
     t0 = time.perf_counter()
-    rows = screen(sources, predictor, on_result=on_result)
+    try:
+        screen([sources[k] for k in todo], predictor, on_result=on_result)
+    finally:  # complete when every input has its row, else incomplete (resumable)
+        status = cases.finish(engine, user, case_id)
     ss["batch_seconds"] = time.perf_counter() - t0
+    rows = [by_seq[k] for k in range(len(sources))]
     ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
-    ss["batch_thumbs"] = uris
+    ss["batch_thumbs"] = [png_data_uri(r.get("thumbnail"), max_side=48) for r in rows] if stored else uris
     ss["batch_run_id"] = f"{time.time_ns()}"
     ss["batch_detail"], ss["batch_open"], ss["batch_table_pick"] = None, None, ()
-    ss["batch_prediction_ids"] = record_in_audit(rows, predictor.card.model_id)
+    ss["batch_case"], ss["batch_result_ids"] = case_id, result_ids
     bar.empty()
     live.empty()
 
@@ -155,22 +219,31 @@ if ss["batch_model"] != current_model_dir():
     st.warning(f"These results come from model `{Path(ss['batch_model']).name}`, not the one selected now. "
                "Run the screening again to use the selected model.")
 
-# ---------------------------------------------------------------- decisions so far (audit log)
-ids = ss["batch_prediction_ids"]
-log = audit_log() if ids else None
-current = (log.queue(status=None, undecided_only=False).set_index("prediction_id") if log is not None
-           else pd.DataFrame(columns=["decision", "final_class", "reviewer", "decided_at"]))
+# ---------------------------------------------------------------- the case and its decisions so far (the store)
+ids = ss["batch_result_ids"]
+case, stored_now = cases.case_rows(engine, ss["batch_case"])
+current = {r["seq"]: r for r in stored_now if r["decision"] is not None}
 
 
 def current_decision(i):
-    """The audit log's current decision on row i ({decision, final_class, reviewer, decided_at}) or None."""
-    pid = ids.get(i)
-    if pid is None or pid not in current.index or pd.isna(current.at[pid, "decision"]):
-        return None
-    return current.loc[pid, ["decision", "final_class", "reviewer", "decided_at"]].to_dict()
+    """The case's current decision on row i ({decision, final_class, reviewer, decided_at}) or None."""
+    r = current.get(i)
+    return None if r is None else {"decision": r["decision"], "final_class": r["final_class"],
+                                   "reviewer": r["decided_by"], "decided_at": r["decided_at"],
+                                   "amendment": r["amendment"]}
 
 
-decided = {i: (d["decision"], d["final_class"]) for i in ids if (d := current_decision(i))}
+decided = {i: (r["decision"], r["final_class"]) for i, r in current.items()}
+signed = case["status"] == "signed"
+status_word = {"running": "incomplete", "incomplete": "incomplete"}.get(case["status"], case["status"])
+c1, c2 = st.columns([4, 1], vertical_alignment="center")
+c1.markdown(f"Case **{literal(case['sample_label'])}** (#{case['id']}) · **{status_word}** · {len(stored_now)} of "
+            f"{case['n_inputs']} images stored · screened by {case['created_by']}"
+            + (f" · signed by {case['signed_by']}: read-only, corrections are amendments on the Cases page"
+               if signed else ""))
+if c2.button("Open on the Cases page", icon=":material/folder_open:", key="batch_to_case"):
+    ss["case_open"] = case["id"]
+    st.switch_page("pages/cases.py")
 
 # ---------------------------------------------------------------- summary
 counts = summary_counts(rows, classes)
@@ -199,16 +272,8 @@ if diff is not None:
 st.caption("A cell counts under a class only when it is shown as OK or a reviewer has decided it; flagged cells "
            "wait under 'awaiting review'. A differential from a model is a screening aid, not a count to report.")
 
-exports = st.container(horizontal=True)
-export_rows = [{k: v for k, v in r.items() if k != "thumbnail"} for r in rows]
-card_dict = predictor.card.to_dict()
-# Files are generated when the button is clicked, not on every rerun of this page.
-exports.download_button("Download results (CSV)", lambda: results_to_csv(export_rows, classes),
-                        file_name="screening_results.csv", mime="text/csv", icon=":material/download:")
-exports.download_button("Download FHIR R4 Bundle (JSON)",
-                        lambda: json.dumps(results_to_fhir_bundle(export_rows, card_dict), indent=2),
-                        file_name="screening_fhir.json", mime="application/fhir+json", icon=":material/download:",
-                        help="Preliminary Observations, one per readable image, each marked as decision support.")
+st.caption("Sign-off and the case's exports (CSV, JSON, FHIR R4 DiagnosticReport, PDF; pseudonymised by default) "
+           "are on the Cases page.")
 
 # ---------------------------------------------------------------- results table
 st.subheader("Results")
@@ -259,24 +324,29 @@ def go(offset=0):
 
 
 def record(i, label):
-    """Decision callback for row i: store it in the audit log, then open the next undecided cell."""
-    reviewer = reviewer_name()
+    """Decision callback for row i: store it in the case as the logged-in user, then open the next undecided
+    cell. Refused when the cell is no longer the open one, or its prediction is not the one stored."""
     comment = ss.get(f"review_comment_{i}", "").strip()
     if ss["batch_open"] != i:  # a key pressed while the page was still showing an earlier cell
         ss["review_notice"] = ("error", f"Nothing was recorded: that decision was for cell #{i}, which is no "
                                         f"longer the open cell (#{ss['batch_open']} is). Decide on the cell shown.")
         return
-    if not reviewer:
-        ss["review_notice"] = ("error", "Enter your name as reviewer first: every decision in the audit log "
-                                        "has an owner. Nothing was recorded.")
+    detail = ss["batch_detail"]
+    if not detail or detail[0] != (ss["batch_model"], i) or detail[3]:
+        ss["review_notice"] = ("error", f"Nothing was recorded for #{i}: the prediction shown could not be matched "
+                                        "with the one stored in the case.")
+        return
+    who = session_user()
+    if who is None:
         return
     if label == REJECT:
         decision, final = "reject_image", None
     else:
         decision, final = decision_for(label, rows[i]["predicted_class"])
     try:
-        audit_log().record_decision(ids[i], reviewer, decision, final if decision == "correct" else None, comment)
-    except (ValueError, KeyError) as e:
+        cases.decide(engine, who, ids[i], decision, final if decision == "correct" else None, comment,
+                     expect_sha256=rows[i]["sha256"])
+    except (cases.CaseError, AuthError, ValueError, KeyError) as e:
         ss["review_notice"] = ("error", f"The decision on #{i} was not stored: {e}")
         return
     ss["review_notice"] = ("success", f"Recorded for #{i} ({literal(Path(rows[i]['file']).name)}): "
@@ -289,7 +359,7 @@ def record(i, label):
 if not work.order and ss["batch_open"] is None:
     st.success("No cell in this batch was flagged for review. Switch on 'Verify every cell' to verify them all.")
 nav = st.container(horizontal=True, vertical_alignment="center")
-reviewer_field(nav, "Reviewer", placeholder="your name", width=220, help="Stored with every decision in the audit log.")
+nav.markdown(f"Deciding as **{user.username}** ({user.role})")
 nav.button("Previous", key="review_prev", icon=":material/arrow_back:", shortcut="P", on_click=go, args=(-1,),
            disabled=not work.order, help="Previous cell of the worklist (key P).")
 nav.button("Next", key="review_next", icon=":material/arrow_forward:", shortcut="N", on_click=go, args=(1,),
@@ -302,6 +372,19 @@ if ss["review_notice"]:
     kind, text = ss["review_notice"]
     (st.success if kind == "success" else st.error)(text)
     ss["review_notice"] = None
+
+def binding_problem(stored: dict, again) -> str | None:
+    """Why the prediction recomputed for display is not the one stored in the case (None when it is)."""
+    ident = model_identity(ss["batch_model"], Path(ss["batch_model"], "model_card.json").stat().st_mtime)
+    if ident["weights_sha256"] != case["model_sha256"]:
+        return "the model's weights have changed since this case was screened."
+    diff = max(abs(float(again.probabilities.get(c, 0.0)) - float(p))
+               for c, p in (stored.get("probabilities") or {}).items()) if stored.get("probabilities") else 0.0
+    if again.predicted_class != stored["predicted_class"] or diff > SAME_PREDICTION_TOL:
+        return (f"the model now gives {again.predicted_class} for this image, the case holds "
+                f"{stored['predicted_class']} (probabilities differ by up to {diff:.4f}).")
+    return None
+
 
 idx = ss["batch_open"]
 if idx is not None:
@@ -320,12 +403,15 @@ if idx is not None:
                 if content_hash(data) != r["sha256"]:
                     raise ImageReadError("the file has changed since it was screened")
                 original = read_image(data)
-                detail = ((ss["batch_model"], idx), original, predictor_for(ss["batch_model"]).predict([original])[0])
+                again = predictor_for(ss["batch_model"]).predict([original])[0]
+                detail = ((ss["batch_model"], idx), original, again, binding_problem(r, again))
             except (ImageReadError, IndexError, OSError) as e:
                 st.error(f"The image is no longer available as screened ({e}). Run the screening again.")
-                detail = ((ss["batch_model"], idx), None, None)
+                detail = ((ss["batch_model"], idx), None, None, str(e))
             ss["batch_detail"] = detail
-        _, original, pred = detail
+        _, original, pred, problem = detail
+        if problem and pred is not None:
+            st.error(f"Decisions on this cell are off: {problem}", icon=":material/link_off:")
     if pred is not None:
         c_res, c0, c1, c2 = st.columns([1.5, 1, 1, 1], gap="small")
         with c_res:
@@ -336,7 +422,10 @@ if idx is not None:
         # The heatmap is drawn last (end of the page): the decision buttons must not wait for it.
         heat_slot = c2.empty()
         heat_slot.caption("Computing the explanation…")
-    if r["status"] != "error" and idx in ids:
+    if r["status"] != "error" and idx in ids and signed:
+        st.info(f"Case signed by {case['signed_by']}: read-only. A correction is an amendment with a reason, on "
+                "the Cases page.", icon=":material/lock:")
+    elif r["status"] != "error" and idx in ids:
         now = current_decision(idx)
         if now:
             st.info(f"Current decision: **{now['decision']}**" + (f" → {now['final_class']}" if now["final_class"] else "")
@@ -356,8 +445,6 @@ if idx is not None:
         buttons.button("Image unusable", key=f"decide_{idx}_reject", icon=":material/block:", shortcut="X",
                        on_click=record, args=(idx, REJECT), help="Not a usable single-cell image (key X).")
         st.text_input("Comment on this cell (optional, stored with the decision)", key=f"review_comment_{idx}")
-    elif r["status"] != "error":
-        st.warning("The audit log was not available when this batch ran, so decisions cannot be stored.")
     if pred is not None:
         with st.expander("Explanation settings and all class probabilities"):
             e1, e2 = st.columns(2)
@@ -378,25 +465,6 @@ if work.order:
         st.dataframe(qdf.fillna({"decision": "pending", "final class": "", "reviewer": ""}), hide_index=True,
                      column_config={"confidence": st.column_config.NumberColumn(format="percent"),
                                     "flags": st.column_config.TextColumn(width="medium")})
-
-if log is not None:
-    with st.expander("Audit log: all sessions (for quality review)"):
-        summ = log.summary()
-        agree = summ["agreement"]
-        a = st.columns(3)
-        a[0].metric("Images logged", summ["images"],
-                    help=f"Distinct images per model ({summ['predictions']} predictions: re-screened files count once).")
-        a[1].metric("Flagged images still undecided", summ["undecided_flagged_images"],
-                    help=f"Of {summ['flagged_images']} flagged images, by their latest screening.")
-        a[2].metric("Reviewer agreement with the model",
-                    "n/a" if agree["value"] is None else fmt_pct(agree["value"]),
-                    help="Confirmed / (confirmed + corrected), one current decision per image.")
-        if agree["n"]:
-            st.caption(f"Agreement rests on {agree['n']} decided image(s); 95% interval "
-                       f"{fmt_pct(agree['ci95'][0])}–{fmt_pct(agree['ci95'][1])}"
-                       + (" — too few decisions to judge the model." if agree["n"] < 30 else "."))
-        st.download_button("Download the full audit trail (CSV)", log.export_csv(), file_name="audit_trail.csv",
-                           mime="text/csv", icon=":material/download:", on_click="ignore")
 
 # ---------------------------------------------------------------- the open cell's explanation, drawn last
 if idx is not None and heat_slot is not None and pred is not None:

@@ -11,14 +11,15 @@ import streamlit as st
 from bcc_core.lab_models import (list_lab_models, new_candidate_dir, promote, reviewed_labels, rollback,
                                  unpack_labelled_zip, write_reviewed_cells)
 from pages._lib.ui_helpers import fmt_pct
-from pages._shared import (available_models, current_model_dir, init_state, page_header, require_card,
-                           reviewer_field, reviewer_name)
+from pages._shared import (available_models, current_model_dir, db, init_state, page_header, require_card,
+                           require_user, session_user)
 
 init_state()
 page_header("Your lab", "Teach the selected model your lab's stain, scanner and cells from cells your reviewers "
                         "have classified: about 20 per class. The adapted model is compared with its parent on "
                         "cells it never saw, and used only once you promote it.")
 card = require_card()
+user = require_user()
 parent = current_model_dir()
 ss = st.session_state
 
@@ -41,14 +42,16 @@ if source.startswith("Upload"):
                 ss["lab_cells"] = None
         cells_dir = ss["lab_cells"][1] if ss["lab_cells"] else None
 else:
-    rows, ids = ss["batch_rows"], ss["batch_prediction_ids"]
+    rows, ids = ss["batch_rows"], ss["batch_result_ids"]
     if not rows or not ids:
         st.info("No batch has been screened and reviewed in this session. Screen a batch and record decisions on "
                 "the Batch screening page, or upload a labelled .zip.")
     else:
-        from pages._shared import audit_log
+        from bcc_core.cases import case_rows
 
-        current = audit_log().queue(status=None, undecided_only=False).set_index("prediction_id")
+        stored = case_rows(db(), ss["batch_case"])[1]
+        current = pd.DataFrame([{"id": r["id"], "decision": r["decision"], "final_class": r["final_class"]}
+                                for r in stored], columns=["id", "decision", "final_class"]).set_index("id")
         chosen = reviewed_labels(ids, current)
         key = ("session", ss["batch_run_id"], chosen)
         if chosen and (ss["lab_cells"] is None or ss["lab_cells"][0] != key):  # write the folder once per set
@@ -68,11 +71,13 @@ if cells_dir:
 st.subheader("2. Adapt")
 c1, c2 = st.columns(2)
 lab = c1.text_input("Lab name", key="lab_name", placeholder="e.g. Haematology, St Elsewhere")
-who = reviewer_field(c2, "Your name (recorded with a promotion or a roll-back)")
+c2.markdown(f"Adapting as **{user.username}**. " + ("You may promote and roll back models." if user.may("promote")
+                                                     else "Promoting a model into use is for an administrator."))
+may_promote = user.may("promote")
 add = st.checkbox("Allow new classes (a folder that is not a model class, with at least 8 distinct cells, becomes "
                   "a new class)", key="lab_add_classes")
 go = st.button("Adapt the model", type="primary", icon=":material/model_training:",
-               disabled=not (cells_dir and lab.strip() and who.strip()))
+               disabled=not (cells_dir and lab.strip()))
 if go:
     from bcc_core.adapt import AdaptConfig, adapt
 
@@ -89,10 +94,13 @@ if go:
 # ---------------------------------------------------------------- 3. compare, promote
 def do_promote():
     """Callback (runs before the sidebar's model selector is drawn, so the new model can be selected)."""
-    target = promote(Path(ss["lab_candidate"]["dir"]), reviewer_name())
+    who = session_user()
+    if who is None or not who.may("promote"):
+        return
+    target = promote(Path(ss["lab_candidate"]["dir"]), who.username, engine=db())
     ss["lab_candidate"] = None
     ss["model_dir"] = str(target)
-    ss["lab_notice"] = f"Promoted as {target.name} by {ss['reviewer'].strip()}; it is now selected and listed in the sidebar."
+    ss["lab_notice"] = f"Promoted as {target.name} by {who.username}; it is now selected and listed in the sidebar."
 
 
 def do_discard():
@@ -101,7 +109,10 @@ def do_discard():
 
 
 def do_rollback(model_dir: str, fallback: str | None):
-    rollback(Path(model_dir), reviewer_name())
+    who = session_user()
+    if who is None or not who.may("promote"):
+        return
+    rollback(Path(model_dir), who.username, engine=db())
     if ss["model_dir"] == model_dir:
         ss["model_dir"] = fallback
     ss["lab_notice"] = f"Rolled back {Path(model_dir).name}; it is no longer offered."
@@ -127,7 +138,7 @@ if cand and Path(cand["dir"]).is_dir():
                    "points. Verify the adapted model on more of your cells before relying on it.")
     p1, p2 = st.columns(2)
     p1.button("Promote: use the adapted model", type="primary", icon=":material/publish:", on_click=do_promote,
-              disabled=not who.strip())
+              disabled=not may_promote)
     p2.button("Discard", icon=":material/delete:", on_click=do_discard)
 if ss["lab_notice"]:
     st.success(ss["lab_notice"])
@@ -169,6 +180,6 @@ for m in lab_models:
                 f"{(lin.get('parent') or {}).get('model_id', 'n/a')} on {lc.get('created', 'n/a')}")
     parent_dir = (lin.get("parent") or {}).get("model_id")
     fallback = next((d for d in available_models() if Path(d).name == parent_dir), None)
-    r2.button("Roll back", key=f"rollback_{m.name}", disabled=not who.strip(), on_click=do_rollback,
+    r2.button("Roll back", key=f"rollback_{m.name}", disabled=not may_promote, on_click=do_rollback,
               args=(str(m), fallback),
               help="Withdraw this model (kept on disk, recorded in the audit trail); its parent stays available.")

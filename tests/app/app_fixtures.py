@@ -1,4 +1,5 @@
-"""Fixtures for the app tests: the model to test against, synthetic cell images, a private audit DB.
+"""Fixtures for the app tests: the model to test against, synthetic cell images, a private store with one
+user per role, and a helper that logs an AppTest in.
 
 Not a conftest.py on purpose: other test folders do `from conftest import ...`, and a second
 conftest module here would shadow theirs. Test modules import these fixtures explicitly.
@@ -20,6 +21,9 @@ if str(ROOT) not in sys.path:  # pages import `pages._shared` and `bcc_core` fro
 from app_test_images import png_bytes, synthetic_cell  # noqa: E402  (after the sys.path set-up)
 
 BUNDLED = "pbs5-mobilenetv2"
+PASSWORD = "test password 123"
+# One account per role in every test's store: user name -> role.
+TEST_USERS = {"ada": "admin", "sam": "signer", "rita": "reviewer", "vic": "viewer"}
 
 
 def _models_root() -> Path:
@@ -41,13 +45,33 @@ def model_dir() -> Path:
                 f"`python -m bcc_core train --data ../shared/data/pbs5 --out models/{BUNDLED}`)")
 
 
+def make_users(data_dir: Path) -> None:
+    """The store in `data_dir` with the TEST_USERS accounts (password PASSWORD)."""
+    from bcc_core import store, users
+
+    eng = store.open_store(str(data_dir / "bcc.sqlite"))
+    for name, role in TEST_USERS.items():
+        users.add_user(eng, name, PASSWORD, role, actor="test-setup")
+    eng.dispose()
+
+
 @pytest.fixture
 def app_env(model_dir, tmp_path, monkeypatch):
-    """Environment the app runs under in tests: the model's root and a throw-away audit database."""
+    """Environment the app runs under in tests: the model's root and a throw-away data folder whose store
+    (cases, users, trail) has one user per role."""
     monkeypatch.setenv("BCC_MODELS_DIR", str(model_dir.parent))
-    monkeypatch.setenv("BCC_AUDIT_DB", str(tmp_path / "audit.sqlite"))
     monkeypatch.setenv("BCC_DATA_DIR", str(tmp_path / "data"))   # lab models, cases: never the user's ~/.bcc
-    return {"model_dir": model_dir, "audit_db": tmp_path / "audit.sqlite", "data_dir": tmp_path / "data"}
+    monkeypatch.delenv("BCC_DATABASE_URL", raising=False)
+    make_users(tmp_path / "data")
+    return {"model_dir": model_dir, "data_dir": tmp_path / "data", "db": tmp_path / "data" / "bcc.sqlite"}
+
+
+def log_in(at, name: str, password: str = PASSWORD):
+    """Log an AppTest in through the login form (as a user would); returns the AppTest after the run."""
+    at.text_input(key="login_user").input(name)
+    at.text_input(key="login_password").input(password)
+    next(b for b in at.button if b.label == "Log in").click().run()
+    return at
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app_fixtures import app_env, blank_png, cell_png, model_dir  # noqa: F401  (pytest fixtures)
+from app_fixtures import PASSWORD, app_env, blank_png, cell_png, log_in, model_dir  # noqa: F401  (fixtures)
 from app_test_images import png_bytes, synthetic_cell
 from pages._lib.ui_helpers import GRADCAM_METHODS, fmt_prob
 
@@ -33,10 +33,15 @@ def texts(at, *kinds) -> str:
     return "\n".join(out)
 
 
-def start(page: str | None = None) -> AppTest:
+def start(page: str | None = None, user: str | None = "rita") -> AppTest:
+    """The app, logged in as `user` (None: not logged in), on `page`."""
     at = AppTest.from_file("../../app.py", default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
+    if user:
+        log_in(at, user)
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.session_state["user"]["username"] == user
     if page:
         at.switch_page(page).run()
         assert not at.exception, [e.value for e in at.exception]
@@ -270,6 +275,9 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     files.append(("corrupt.png", b"\x89PNG\r\n\x1a\n this is not really a png", "image/png"))
     at.file_uploader[0].set_value(files).run()
     run = next(b for b in at.button if b.label == "Run screening")
+    assert run.disabled                                       # every run is a case: it needs a sample label
+    at.text_input(key="batch_sample_label").input("SLIDE-0001").run()
+    run = next(b for b in at.button if b.label == "Run screening")
     assert not run.disabled
     run.click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -316,33 +324,41 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     assert diff.loc[diff["category"] == "awaiting review", "count"].item() == n_review
     assert diff.loc[diff["category"] == "errors", "count"].item() == 1
     assert diff["percent"].sum() == pytest.approx(100.0)
-    labels = [b.label for b in at.download_button]
-    assert "Download results (CSV)" in labels and "Download FHIR R4 Bundle (JSON)" in labels
+    assert "Case **SLIDE-0001** (#1) · **complete** · 4 of 4 images stored · screened by rita" in texts(at, "markdown")
 
     # Results survive a rerun; the "needs review only" filter narrows the table.
     at.toggle(key="batch_review_only").set_value(True).run()
     assert len(_results_table(at)) == n_review and (_results_table(at)["status"] == "review").all()
 
-    # Review: the blank image is in the worklist; a decision recorded while it is open lands on it.
-    from bcc_core.audit import AuditLog
+    # Every row is in the case, names relative to it, with the model's identity.
+    from bcc_core import cases, store
 
+    eng = store.open_store(str(app_env["db"]))
+    case, stored = cases.case_rows(eng, at.session_state["batch_case"])
+    assert [r["name"] for r in stored] == [f[0] for f in files] and case["n_inputs"] == 4
+    assert case["model_id"] == "pbs5-mobilenetv2" and len(case["model_sha256"]) == 64 and case["model_version"]
+
+    # Review: the blank image is in the worklist; a decision recorded while it is open lands on it, in the
+    # case, as the logged-in user (there is no name to type).
     blank_idx = 2
-    log = AuditLog(app_env["audit_db"])
     opened = _open_cell(at, blank_idx)
-    assert f"Cell #{blank_idx}" in opened
-    at.text_input(key="reviewer_field").input("Dr Test")
+    assert f"Cell #{blank_idx}" in opened and "Deciding as **rita** (reviewer)" in texts(at, "markdown")
+    assert not [t for t in at.text_input if t.key == "reviewer_field"]
     at.text_input(key=f"review_comment_{blank_idx}").input("no cell in the image")
     _button(at, f"decide_{blank_idx}_reject").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert "Recorded for #2 (blank.png)" in texts(at, "success")
-    pid = at.session_state["batch_prediction_ids"][blank_idx]
-    assert [(h["decision"], h["reviewer"], h["comment"]) for h in log.history(pid)] == [
-        ("reject_image", "Dr Test", "no cell in the image")]
+    assert [(h["seq"], h["decision"], h["actor"], h["comment"]) for h in cases.history(eng, case["id"])] == [
+        (2, "reject_image", "rita", "no cell in the image")]       # and no other cell received a decision
     diff = next(d.value for d in at.dataframe if "category" in d.value.columns).set_index("category")
     assert diff.loc["rejected by reviewer", "count"] == 1 and diff.loc["awaiting review", "count"] == n_review - 1
-    # No other prediction received a decision.
-    others = [p for i, p in at.session_state["batch_prediction_ids"].items() if i != blank_idx]
-    assert all(log.history(p) == [] for p in others)
+
+
+def _run(at, label: str) -> None:
+    """Enter the sample label and run the screening (inputs already given)."""
+    at.text_input(key="batch_sample_label").input(label).run()
+    next(b for b in at.button if b.label in ("Run screening", "Resume screening")).click().run()
+    assert not at.exception, [e.value for e in at.exception]
 
 
 def _button(at, key):
@@ -363,23 +379,23 @@ def _open_cell(at, idx: int) -> str:
 
 def test_decisions_land_on_the_open_cell_and_move_on(app_env):
     """Each decision is stored for the cell that was on screen, then the next undecided cell opens."""
-    from bcc_core.audit import AuditLog
+    from bcc_core import cases, store
 
     at = start("pages/batch_screening.py")
     files = [(f"cell{i}.png", png_bytes(synthetic_cell(40 + i)), "image/png") for i in range(6)]
     at.file_uploader[0].set_value(files).run()
-    next(b for b in at.button if b.label == "Run screening").click().run()
+    _run(at, "SLIDE-B")
     at.toggle(key="batch_verify_all").set_value(True).run()   # every cell is in the worklist
-    rows, ids = at.session_state["batch_rows"], at.session_state["batch_prediction_ids"]
+    rows = at.session_state["batch_rows"]
     classes = json.loads((app_env["model_dir"] / "model_card.json").read_text())["classes"]
-    log = AuditLog(app_env["audit_db"])
+    eng = store.open_store(str(app_env["db"]))
 
-    # Nothing is recorded without a reviewer name.
+    def history(i):
+        return [(h["decision"], h["final_class"]) for h in cases.history(eng, at.session_state["batch_case"])
+                if h["seq"] == i]
+
     first = at.session_state["batch_open"]
     assert first == 0
-    _button(at, f"decide_{first}_confirm").click().run()
-    assert "Enter your name as reviewer" in texts(at, "error") and log.history(ids[first]) == []
-    at.text_input(key="reviewer_field").input("Dr Binding").run()
 
     # Open cells out of order (Next twice, Previous once) and decide each with a different action.
     _button(at, "review_next").click().run()
@@ -401,11 +417,11 @@ def test_decisions_land_on_the_open_cell_and_move_on(app_env):
     at.session_state["batch_open"] = 3
     _button(at, "decide_5_confirm").click().run()
     assert "Nothing was recorded: that decision was for cell #5" in texts(at, "error")
-    assert log.history(ids[5]) == [] and log.history(ids[3]) == []
+    assert history(5) == [] and history(3) == []
     at.session_state["batch_open"] = 5
     at.run()
 
-    current = {i: [(h["decision"], h["final_class"]) for h in log.history(ids[i])] for i in range(len(rows))}
+    current = {i: history(i) for i in range(len(rows))}
     assert current[1] == [("correct", other)]
     assert current[2] == [("correct", "lymphocyte")]
     assert current[4] == [("confirm", rows[4]["predicted_class"])]
@@ -427,8 +443,7 @@ def test_batch_screening_from_folder_and_zip(app_env, tmp_path, monkeypatch):
     at = start("pages/batch_screening.py")
     at.radio(key="batch_mode").set_value("Folder on the server").run()
     at.text_input(key="batch_folder").input(str(folder)).run()
-    next(b for b in at.button if b.label == "Run screening").click().run()
-    assert not at.exception, [e.value for e in at.exception]
+    _run(at, "FOLDER-1")
     table = _results_table(at)
     assert [p.rsplit("/", 1)[-1] for p in table["file"]] == ["a.png", "b.jpg"]
     assert (table["status"] != "error").all()
@@ -494,7 +509,7 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     held-out cells, the adapted model is promoted into the selector, selected, and rolled back."""
     from bcc_core import store, trail
 
-    at = start("pages/your_lab.py")
+    at = start("pages/your_lab.py", user="ada")     # promoting a model into use is an administrator's act
     assert at.title[0].value == "Your lab"
     at.file_uploader[0].set_value(("lab.zip", _labelled_zip(["monocyte", "seg_neutrophil"], 12), "application/zip"))
     at.run()
@@ -502,7 +517,6 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     counts = next(d.value for d in at.dataframe if "cells" in d.value.columns)
     assert dict(zip(counts["class"], counts["cells"])) == {"monocyte": 12, "seg_neutrophil": 12}
     at.text_input(key="lab_name").input("Test Lab")
-    at.text_input(key="reviewer_field").input("Dr Lab")
     at.run()
     next(b for b in at.button if b.label == "Adapt the model").click().run(timeout=600)
     assert not at.exception, [e.value for e in at.exception]
@@ -544,7 +558,7 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
         import sqlalchemy as sa
 
         acts = [(r.action, r.actor) for r in con.execute(sa.select(store.trail.c.action, store.trail.c.actor))]
-    assert ("model.promote", "Dr Lab") in acts and ("model.rollback", "Dr Lab") in acts
+    assert ("model.promote", "ada") in acts and ("model.rollback", "ada") in acts
     assert trail.verify(eng)["ok"]
 
 
@@ -553,9 +567,8 @@ def test_your_lab_takes_this_sessions_reviewed_cells(app_env):
     at = start("pages/batch_screening.py")
     files = [(f"c{i}.png", png_bytes(synthetic_cell(80 + i)), "image/png") for i in range(4)]
     at.file_uploader[0].set_value(files).run()
-    next(b for b in at.button if b.label == "Run screening").click().run()
+    _run(at, "LAB-CELLS")
     at.toggle(key="batch_verify_all").set_value(True).run()
-    at.text_input(key="reviewer_field").input("Dr Lab").run()
     for i, label in enumerate(["monocyte", "lymphocyte", "monocyte"]):
         assert at.session_state["batch_open"] == i
         _button(at, f"decide_{i}_{label}").click().run()
@@ -566,3 +579,211 @@ def test_your_lab_takes_this_sessions_reviewed_cells(app_env):
     counts = next(d.value for d in at.dataframe if "cells" in d.value.columns)
     assert dict(zip(counts["class"], counts["cells"])) == {"lymphocyte": 1, "monocyte": 2}
     assert dict(zip(counts["class"], counts["a class of the model"])) == {"lymphocyte": False, "monocyte": True}
+
+
+# ---------------------------------------------------------------------------------------------- login and roles
+
+
+def test_login_comes_before_anything_else(app_env, monkeypatch, tmp_path):
+    from bcc_core import store
+    import sqlalchemy as sa
+
+    at = start(user=None)
+    assert at.title[0].value == "Blood-cell decision support" and not at.file_uploader   # no page, no model
+    with pytest.raises(ValueError, match="Known pages: .*login.py'\\]"):  # no other page exists yet
+        at.switch_page("pages/batch_screening.py")
+    log_in(at, "rita", "not the password")
+    assert "Not logged in" in texts(at, "error") and at.session_state["user"] is None
+    log_in(at, "rita")
+    assert at.title[0].value == "Single image" and "**rita** · reviewer" in texts(at, "markdown")
+    next(b for b in at.sidebar.button if b.key == "logout").click().run()
+    assert at.session_state["user"] is None and at.title[0].value == "Blood-cell decision support"
+    with store.open_store(str(app_env["db"])).connect() as con:
+        acts = [(r.actor, r.action) for r in con.execute(sa.select(store.trail.c.actor, store.trail.c.action)
+                                                         .where(store.trail.c.entity == "login").order_by(store.trail.c.id))]
+    assert acts == [("rita", "login.failed"), ("rita", "login"), ("rita", "logout")]
+
+    # An idle session ends: the next action shows the login page and says why.
+    log_in(at, "sam")
+    at.session_state["user"]["last_seen"] -= 31 * 60
+    at.run()
+    assert at.session_state["user"] is None and "logged out after 30 minutes" in texts(at, "warning")
+
+    # A new installation has no user: the page says how an administrator creates the first one (no set-up
+    # screen that the first visitor could use to become administrator).
+    monkeypatch.setenv("BCC_DATA_DIR", str(tmp_path / "empty"))
+    at = start(user=None)
+    assert "python -m bcc_core users add YOUR_NAME --role admin" in texts(at, "info")
+
+
+def _not_offered(at, page):
+    """The page is not in the user's navigation (the app registers only the pages their role allows)."""
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page(page)
+
+
+def test_roles_decide_what_each_user_may_do(app_env):
+    # A viewer reads cases but cannot screen, decide, sign, audit or manage users.
+    at = start("pages/cases.py", user="vic")
+    for page in ("pages/batch_screening.py", "pages/audit.py", "pages/users.py"):
+        _not_offered(at, page)
+    # A reviewer screens and decides; no audit or users page; promoting a model is for an administrator.
+    at = start("pages/your_lab.py", user="rita")
+    assert "Promoting a model into use is for an administrator." in texts(at, "markdown")
+    _not_offered(at, "pages/audit.py")
+    _not_offered(at, "pages/users.py")
+    # A signer reads the audit trail; only an administrator manages users.
+    at = start("pages/audit.py", user="sam")
+    assert at.title[0].value == "Audit trail" and not at.exception
+    _not_offered(at, "pages/users.py")
+    at = start("pages/users.py", user="ada")
+    assert at.title[0].value == "Users"
+    assert set(next(d.value for d in at.dataframe)["username"]) == {"ada", "sam", "rita", "vic"}
+    at.text_input(key="users_new_name").input("nina")
+    at.text_input(key="users_new_pw").input("a long password")
+    at.text_input(key="users_new_pw2").input("a long password")
+    next(b for b in at.button if b.label == "Add user").click().run()
+    assert "Added nina (reviewer)." in texts(at, "success")
+    at.selectbox(key="users_pick").set_value("vic").run()
+    at.button(key="users_toggle").click().run()                # disabled: logged out at their next action
+    assert "vic is disabled." in texts(at, "success")
+    at = start(user=None)
+    log_in(at, "vic")
+    assert at.session_state["user"] is None and "Not logged in" in texts(at, "error")
+
+
+def _case_of(at, app_env):
+    from bcc_core import cases, store
+
+    eng = store.open_store(str(app_env["db"]))
+    return eng, cases.case_rows(eng, at.session_state["batch_case"])
+
+
+def test_a_case_from_screening_to_sign_off_amendment_export_and_audit(app_env):
+    """Screen into a case, decide every flagged cell, sign (read-only afterwards), amend with a reason,
+    export every format (pseudonymised, the FHIR bundle validates), verify the trail on the audit page."""
+    import numpy as np
+    from fhir.resources.R4B.bundle import Bundle
+
+    from bcc_core import cases
+
+    at = start("pages/batch_screening.py", user="rita")
+    files = [(f"PATIENT_DOE_{i}.png", png_bytes(synthetic_cell(60 + i)), "image/png") for i in range(3)]
+    files.append(("PATIENT_DOE_blank.png", png_bytes(np.full((360, 360, 3), (236, 214, 222), np.uint8)),
+                  "image/png"))
+    at.file_uploader[0].set_value(files).run()
+    _run(at, "ACC-778899")
+    eng, (case, rows) = _case_of(at, app_env)
+    flagged = [r for r in rows if r["status"] == "review"]
+    assert case["status"] == "complete" and flagged
+
+    # The reviewer decides the flagged cells on the Cases page, from the stored predictions.
+    at.switch_page("pages/cases.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.subheader[0].value == "Case #1: ACC-778899"
+    assert not [b for b in at.button if b.key == "case_sign"]              # a reviewer does not sign
+    for k in range(len(flagged)):
+        at.button(key="case_reject" if k == 0 else "case_confirm").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert "recorded for cell" in texts(at, "success")
+    _, rows = cases.case_rows(eng, case["id"])
+    assert all(r["decision"] and r["decided_by"] == "rita" for r in rows if r["status"] == "review")
+
+    # The signer signs (after attesting); the case is then read-only.
+    at = start("pages/cases.py", user="sam")
+    sign = at.button(key="case_sign")
+    assert sign.disabled                                                    # not before the attestation
+    at.checkbox(key="case_attest").check().run()
+    at.button(key="case_sign").click().run()
+    assert "Case #1 signed by sam" in texts(at, "success")
+    assert cases.case_rows(eng, case["id"])[0]["status"] == "signed"
+
+    # Trying to edit: a reviewer gets no decision buttons; a signer's change without a reason is refused.
+    at_r = start("pages/cases.py", user="rita")
+    assert "signed and read-only" in texts(at_r, "info") and not [b for b in at_r.button if b.key == "case_confirm"]
+    assert "Amend a decision" in [s.value for s in at.subheader]
+    target = flagged[0]
+    at.selectbox(key="case_cell_pick").set_value(target["id"]).run()
+    at.button(key="case_confirm").click().run()
+    assert "Not recorded: case is signed: a change is an amendment and needs a reason" in texts(at, "error")
+    at.text_input(key="case_reason").input("second look under oil: a usable cell").run()
+    at.button(key="case_confirm").click().run()
+    assert "Amendment recorded for cell" in texts(at, "success")
+    hist = cases.history(eng, case["id"])
+    assert [(h["decision"], h["amendment"]) for h in hist if h["seq"] == target["seq"]] == [
+        ("reject_image", False), ("confirm", True)]                        # the original is kept
+
+    # Export every format: pseudonymised by default, recorded in the trail with each file's SHA-256.
+    at.button(key="case_prepare").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    _, _, produced = at.session_state["case_exports"]
+    assert set(produced) == {"csv", "json", "fhir", "pdf"} and produced["pdf"][:4] == b"%PDF"
+    for fmt in ("csv", "json", "fhir"):
+        text = produced[fmt].decode()
+        assert "PATIENT_DOE" not in text and "ACC-778899" not in text and case["model_sha256"] in text, fmt
+    bundle = json.loads(produced["fhir"])
+    Bundle.model_validate(bundle)
+    assert bundle["entry"][0]["resource"]["status"] == "amended"
+    assert {b.label for b in at.download_button} >= {"Download PDF report", "Download FHIR R4 DiagnosticReport (JSON)"}
+    import hashlib
+    import sqlalchemy as sa
+    from bcc_core import store
+
+    with eng.connect() as con:
+        exp = json.loads(con.execute(sa.select(store.trail.c.after).where(store.trail.c.action == "case.export"))
+                         .scalar_one())
+    assert exp["sha256"]["fhir"] == hashlib.sha256(produced["fhir"]).hexdigest()
+    at.checkbox(key="case_inc_label").check().run()                        # only when asked for
+    at.button(key="case_prepare").click().run()
+    assert "ACC-778899" in at.session_state["case_exports"][2]["json"].decode()
+
+    # The audit page verifies the trail and counts the signed case in the agreement figures.
+    at.switch_page("pages/audit.py").run()
+    at.button(key="audit_verify").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "The trail verifies" in texts(at, "success")
+    assert metric(at, "Signed cases") == "1"
+    log = next(d.value for d in at.dataframe if "action" in d.value.columns)
+    assert {"login", "case.create", "result.add", "decision.add", "case.sign", "decision.amend", "case.export",
+            "case.view"} <= set(log["action"])
+
+
+def test_a_batch_stopped_midway_keeps_its_rows_and_resumes(app_env, monkeypatch):
+    """The run dies after two stored rows (as when the app is killed): the case is incomplete with both rows;
+    the same inputs and label resume it, screening only the rest."""
+    from bcc_core import cases
+
+    real, calls = cases.add_result, []
+
+    def dies_after_two(*a, **k):
+        if len(calls) == 2:
+            raise RuntimeError("the process was killed")
+        calls.append(a[3])
+        return real(*a, **k)
+
+    at = start("pages/batch_screening.py")
+    files = [(f"c{i}.png", png_bytes(synthetic_cell(90 + i)), "image/png") for i in range(4)]
+    at.file_uploader[0].set_value(files).run()
+    monkeypatch.setattr(cases, "add_result", dies_after_two)
+    at.text_input(key="batch_sample_label").input("SLIDE-KILLED").run()
+    next(b for b in at.button if b.label == "Run screening").click().run()
+    assert at.exception                                                     # the run stopped
+    monkeypatch.setattr(cases, "add_result", real)
+    from bcc_core import store
+
+    eng = store.open_store(str(app_env["db"]))
+    (c,) = cases.list_cases(eng, "SLIDE-KILLED")
+    assert (c["status"], c["rows"]) == ("incomplete", 2)
+    first_two = {r["seq"]: r["id"] for r in cases.case_rows(eng, c["id"])[1]}
+
+    at = start("pages/batch_screening.py")                                 # a new session, same inputs
+    at.file_uploader[0].set_value(files).run()
+    at.text_input(key="batch_sample_label").input("SLIDE-KILLED").run()
+    assert at.checkbox(key="batch_resume").value
+    next(b for b in at.button if b.label == "Resume screening").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    case, rows = cases.case_rows(eng, c["id"])
+    assert case["status"] == "complete" and [r["seq"] for r in rows] == [0, 1, 2, 3]
+    assert {r["seq"]: r["id"] for r in rows if r["seq"] < 2} == first_two  # earlier rows kept, not repeated
+    assert len(cases.list_cases(eng, "SLIDE-KILLED")) == 1
+    assert list(_results_table(at)["file"]) == ["c0.png", "c1.png", "c2.png", "c3.png"]
