@@ -432,10 +432,12 @@ def cmd_audit(a) -> int:
 
 
 def cmd_case(a) -> int:
-    """case list [--search TEXT] | show ID."""
+    """case list [--search TEXT] | show ID | export ID --format F --out FILE (pseudonymised unless --include)."""
     from . import cases, store
 
     engine = store.open_store(a.db)
+    if a.action == "export":
+        return _case_export(engine, a)
     if a.action == "list":
         for c in cases.list_cases(engine, a.search or ""):
             print(f"{c['id']:>5}  {c['sample_label']:<24} {c['status']:<10} {c['n_inputs']:>6} inputs  "
@@ -445,6 +447,35 @@ def cmd_case(a) -> int:
         raise UsageError("case show needs a case id")
     case, rows = cases.case_rows(engine, a.id)
     print(json.dumps({"case": case, "results": rows}, indent=2, default=str))
+    return 0
+
+
+def _case_export(engine, a) -> int:
+    """One export of a case, as the app makes it, recorded in the trail (as cli:<login>) with its SHA-256."""
+    import getpass
+    import hashlib
+
+    from . import cases
+    from .report import case_document, case_to_csv, case_to_fhir, case_to_json, case_to_pdf
+    from .users import User
+
+    if a.id is None or not a.out:
+        raise UsageError("case export needs a case id, --format and --out")
+    case, rows = cases.case_rows(engine, a.id)
+    if a.format in ("fhir", "pdf") and case["status"] != "signed":
+        raise UsageError(f"case {a.id} is {case['status']}: the report (fhir, pdf) is issued once it is signed")
+    inc = set(a.include or [])
+    doc = case_document(case, rows, cases.history(engine, a.id), include_label="label" in inc,
+                        include_names="names" in inc, include_comments="comments" in inc)
+    data = {"csv": lambda: case_to_csv(doc).encode(), "json": lambda: case_to_json(doc).encode(),
+            "fhir": lambda: json.dumps(case_to_fhir(doc, patient_ref=a.patient), indent=2).encode(),
+            "pdf": lambda: case_to_pdf(doc, {r["seq"]: png for r in rows
+                                             if (png := cases.cell_image(engine, r.get("thumb_sha256")))})}[a.format]()
+    Path(a.out).write_bytes(data)
+    cases.record_export(engine, User(f"cli:{getpass.getuser()}", "viewer"), a.id,
+                        {"formats": [a.format], "options": sorted(inc) + (["patient_reference"] if a.patient else []),
+                         "sha256": {a.format: hashlib.sha256(data).hexdigest()}})
+    print(f"wrote {a.out} ({a.format}, {'pseudonymised' if not inc & {'label', 'names'} else 'identified'})")
     return 0
 
 
@@ -620,10 +651,15 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("action", choices=["verify"])
     au.add_argument("--db", help=db_help)
     au.set_defaults(func=cmd_audit)
-    ca = sub.add_parser("case", help="list or show saved cases")
-    ca.add_argument("action", choices=["list", "show"])
+    ca = sub.add_parser("case", help="list, show or export saved cases")
+    ca.add_argument("action", choices=["list", "show", "export"])
     ca.add_argument("id", nargs="?", type=int)
     ca.add_argument("--search", help="text in the sample label")
+    ca.add_argument("--format", choices=["csv", "json", "fhir", "pdf"], default="json", help="export: file format")
+    ca.add_argument("--out", help="export: the file to write")
+    ca.add_argument("--include", action="append", choices=["label", "names", "comments"],
+                    help="export: also include the sample label / file names / comments (pseudonymised otherwise)")
+    ca.add_argument("--patient", help="export (fhir): a FHIR reference for the subject, e.g. Patient/123")
     ca.add_argument("--db", help=db_help)
     ca.set_defaults(func=cmd_case)
     ex = sub.add_parser("explain-check", help="explanation sanity checks (class difference, model randomisation); "
