@@ -526,3 +526,76 @@ def test_batch_amplitude_partner_comes_from_another_source_when_sources_are_give
     assert any(np.array_equal(o, A.amplitude_mix(a, b, 1.0)) for o in outs)
     with pytest.raises(ValueError, match="one source per class"):
         A.augment_batch(np.stack([a]), 0, cfg, labels=[0], pool=pool, pool_labels=pool_labels, label_groups=[0, 1])
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+# SHA-256 of augment outputs produced by the code *before* the registry (commit 8052f57), on the images
+# and seeds below; the registry must reproduce them bit for bit. Float rounding in OpenCV/NumPy may
+# differ between versions, so the check runs on the versions that produced them.
+_REFERENCE_VERSIONS = ("2.4.6", "5.0.0")  # numpy, opencv-python
+_REFERENCE = {
+    ("default", "labels", 0): "c508d8801348843adea675f5f80d9117ad58ac5efca2bdfc3b1758ce1a5c3639",
+    ("crosslab", "groups", 42): "416ab797be2bc734e17ffa001bb2ce1fcecf438287bb3a85a1465adf541da1b8",
+    ("all", "rect", 1): "205611acfd8a20fd2b74f6a8f8f17994201f17e45f13b4b49e0b04c9f89b4f84",
+    ("all_nosign", "single", 0): "02a35adc934a9017c03a6c5145300e9a4e00e388e7d4a181fdc08064da5cf2e3",
+    ("study1", "batch", 42): "4977d9bf72181d240d64b56c5b51557e22abf26fa5d37362e14a2e47b86b10a9",
+}
+
+
+def _reference_output(cfg_name: str, kind: str, seed: int) -> np.ndarray:
+    allp = {f.name: 1.0 for f in dataclasses.fields(AugmentConfig) if f.name.endswith("_p")}
+    cfg = {"default": AugmentConfig(), "crosslab": AugmentConfig.cross_lab(), "study1": AugmentConfig.study1_only(),
+           "all": AugmentConfig(**allp),
+           "all_nosign": AugmentConfig(**allp, rotate_random_sign=False, elastic_alpha=0.0)}[cfg_name]
+    imgs = np.stack([cell(40, 40, s) for s in range(6)])
+    if kind == "batch":
+        return A.augment_batch(imgs, seed, cfg)
+    if kind == "rect":
+        return A.augment_batch(np.stack([cell(36, 52, s) for s in range(4)]), seed, cfg)
+    if kind == "labels":
+        return A.augment_batch(imgs, seed, cfg, labels=[0, 1, 2, 0, 1, 2])
+    if kind == "groups":
+        return A.augment_batch(imgs, seed, cfg, labels=[0, 1, 2, 0, 1, 2], label_groups=[0, 0, 1])
+    return A.augment(imgs[0], np.random.default_rng(seed), cfg, partner=imgs[1])
+
+
+@pytest.mark.skipif((np.__version__, cv2.__version__) != _REFERENCE_VERSIONS,
+                    reason="reference outputs were produced with numpy 2.4.6 / opencv 5.0.0")
+@pytest.mark.parametrize("key", sorted(_REFERENCE))
+def test_registry_reproduces_the_outputs_of_the_code_before_it(key):
+    import hashlib
+
+    assert hashlib.sha256(_reference_output(*key).tobytes()).hexdigest() == _REFERENCE[key]
+
+
+def test_every_config_field_is_declared_by_exactly_one_operation():
+    declared = [p.name for op in A.OPERATIONS for p in op.params]
+    assert len(declared) == len(set(declared))
+    assert declared == [f.name for f in dataclasses.fields(AugmentConfig)]
+    for op in A.OPERATIONS:
+        assert op.params[0].name == op.prob and op.params[0].kind == "prob"
+        assert op.stage in ("pixel", "affine", "field") and (op.apply is not None) == (op.stage == "pixel")
+    assert {op.prob for op in A.OPERATIONS if op.study1} == {
+        "hflip_p", "vflip_p", "rotate_p", "channel_shift_p", "sharpen_p", "contrast_p", "blur_p", "noise_p",
+        "crop_p", "elastic_p"}
+
+
+def test_operations_run_in_registry_order_and_only_when_they_fire(monkeypatch):
+    calls = []
+    ops = []
+    for op in A.OPERATIONS:
+        if op.stage != "pixel" or op.needs_partner:
+            ops.append(op)
+            continue
+        ops.append(dataclasses.replace(
+            op, apply=lambda img, d, rng, partner, _n=op.name, _f=op.apply: calls.append(_n) or _f(img, d, rng, partner)))
+    monkeypatch.setattr(A, "OPERATIONS", tuple(ops))
+    pixel = [op.name for op in ops if op.stage == "pixel" and not op.needs_partner]
+    A.augment(cell(), np.random.default_rng(0), dataclasses.replace(
+        AugmentConfig.none(), **{f"{n}_p": 1.0 for n in pixel}))
+    assert calls == pixel
+    calls.clear()
+    A.augment(cell(), np.random.default_rng(0), dataclasses.replace(AugmentConfig.none(), blur_p=1.0))
+    assert calls == ["blur"]
