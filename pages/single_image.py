@@ -125,3 +125,28 @@ if heat is not None:
     downloads.download_button("Overlay (PNG)", encode_png(over), mime="image/png", icon=":material/download:",
                               file_name=f"{Path(res['name']).stem}_{methods[method_label]}.png",
                               on_click="ignore")
+
+# ---------------------------------------------------------------- keep it in a case (reviewed and signed there)
+from pages._shared import db, session_user  # noqa: E402  (the section is self-contained)
+
+user = session_user()
+if user is not None and user.may("screen"):
+    with st.expander("Keep this result as a case (review, sign-off and the audit trail on the Cases page)"):
+        case_label = st.text_input("Sample label", key="single_case_label", max_chars=200)
+        if st.button("Save as a case", key="single_case_save", icon=":material/save:", disabled=not case_label.strip()):
+            import numpy as np
+            from PIL import Image
+
+            from bcc_core import cases
+            from bcc_core.verification import model_identity
+
+            ident = model_identity(current_model_dir())
+            thumb = Image.fromarray(image)
+            thumb.thumbnail((96, 96))
+            engine = db()
+            cid = cases.create_case(engine, user, case_label, ident["model_id"], ident["weights_sha256"], 1,
+                                    model_version=ident.get("created") or "")
+            cases.add_result(engine, user, cid, 0, {**row, "thumbnail": np.asarray(thumb.convert("RGB"))})
+            cases.finish(engine, user, cid)
+            st.success(f"Saved as case #{cid} ({literal(case_label.strip())}); open it on the Cases page to review "
+                       "and sign it.", icon=":material/task_alt:")

@@ -123,6 +123,17 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
         captions
     assert at.session_state["single"]["pred"] is pred
 
+    # The result is kept as a one-cell case when the user asks (single-image results were never recorded).
+    from bcc_core import cases, store
+
+    at.text_input(key="single_case_label").input("SINGLE-1").run()
+    at.button(key="single_case_save").click().run()
+    assert not at.exception and "Saved as case #1" in texts(at, "success")
+    case, rows = cases.case_rows(store.open_store(str(app_env["db"])), 1)
+    assert (case["sample_label"], case["status"], case["created_by"]) == ("SINGLE-1", "complete", "rita")
+    assert rows[0]["predicted_class"] == pred.predicted_class and rows[0]["image_sha256"] == \
+        at.session_state["single"]["sha256"] and rows[0]["thumb_sha256"]
+
 
 FLAG_CASES = {
     "none": ([], "No flag raised", True),

@@ -46,10 +46,16 @@ def test_screen_records_a_case_and_audit_verify_detects_tampering(tmp_path):
     assert bad.returncode == 1 and "first broken entry: 3" in bad.stdout, bad.stdout
 
 
-def test_case_export_writes_a_pseudonymised_report_and_records_it(tmp_path):
+def test_case_export_writes_a_pseudonymised_report_and_records_it(tmp_path, capsys):
     import json
 
     from bcc_core import cases, store, trail, users
+    from bcc_core.cli import main
+
+    def cli(*args):   # in this process: the command's code path without a second interpreter's start-up
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
 
     db = tmp_path / "lab.sqlite"
     eng = store.open_store(str(db))
@@ -59,19 +65,19 @@ def test_case_export_writes_a_pseudonymised_report_and_records_it(tmp_path):
                                                "predicted_class": "monocyte", "confidence": 0.6, "flags": [],
                                                "reason": "", "probabilities": {"monocyte": 0.6}, "sha256": "00" * 32})
     cases.finish(eng, rita, cid)
-    early = _cli("case", "export", str(cid), "--format", "pdf", "--out", str(tmp_path / "r.pdf"), "--db", str(db))
+    early = cli("case", "export", str(cid), "--format", "pdf", "--out", str(tmp_path / "r.pdf"), "--db", str(db))
     assert early.returncode == 2 and "once it is signed" in early.stderr            # no report before sign-off
     cases.decide(eng, rita, rid, "confirm")
     cases.sign(eng, sam, cid)
     out = tmp_path / "report.json"
-    r = _cli("case", "export", str(cid), "--format", "fhir", "--out", str(out), "--db", str(db))
+    r = cli("case", "export", str(cid), "--format", "fhir", "--out", str(out), "--db", str(db))
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     assert "DOE_JANE" not in text and "ACC-1234" not in text and "ab" * 32 in text
     from fhir.resources.R4B.bundle import Bundle
 
     Bundle.model_validate(json.loads(text))
-    r = _cli("case", "export", str(cid), "--format", "pdf", "--out", str(tmp_path / "r.pdf"), "--db", str(db),
+    r = cli("case", "export", str(cid), "--format", "pdf", "--out", str(tmp_path / "r.pdf"), "--db", str(db),
              "--include", "label")
     assert r.returncode == 0 and (tmp_path / "r.pdf").read_bytes()[:4] == b"%PDF"
     with eng.connect() as con:
