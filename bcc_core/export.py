@@ -11,7 +11,8 @@ calibrated probabilities within `PARITY_ATOL`), timed, and the fastest backend t
 `runtime.json` with both files' SHA-256.
 
 Only the layer types of the project's backbones' graphs are converted (MobileNetV2: Conv2D,
-DepthwiseConv2D, BatchNormalization, ReLU, ZeroPadding2D, Add, GAP, Dense, Dropout, Rescaling); a model
+DepthwiseConv2D, BatchNormalization, ReLU, ZeroPadding2D, Add, GAP, Dense, Dropout, Rescaling; small_cnn's
+MaxPooling2D and Activation); a model
 with another layer raises `NotImplementedError` naming it, and screening keeps using Keras.
 """
 
@@ -144,6 +145,11 @@ def _convert_layer(g, cls, name, cfg, inputs, in_shape):
         if cfg.get("keepdims"):
             raise NotImplementedError(f"{name}: keepdims")
         return g.node("Flatten", [g.node("GlobalAveragePool", [x], f"{name}/gap")], name, axis=1)
+    if cls == "MaxPooling2D":
+        (kh, kw), (sh, sw) = cfg["pool_size"], cfg.get("strides") or cfg["pool_size"]
+        pads = _conv_pads({"padding": cfg["padding"], "kernel_size": (kh, kw), "strides": (sh, sw)}, in_shape)
+        # TF pads 'same' max-pooling with -inf, which is what ONNX MaxPool does with explicit pads.
+        return g.node("MaxPool", [x], name, kernel_shape=[kh, kw], strides=[sh, sw], pads=pads)
     if cls == "Dropout":
         return g.node("Identity", [x], name)
     if cls == "Dense":
