@@ -136,7 +136,10 @@ def test_fhir_bundle_one_observation_per_non_error_row():
         comps = o["component"]
         assert comps[0]["valueQuantity"]["value"] == pytest.approx(float(r["confidence"]), abs=1e-6)
         assert len(comps) == 1 + len(r["flags"])
-    assert validate_fhir_bundle(bundle) in (True, False)
+    # Validated (True) when fhir.resources is installed, as requirements.txt has it; False only without it.
+    import importlib.util
+
+    assert validate_fhir_bundle(bundle) is (importlib.util.find_spec("fhir.resources") is not None)
 
 
 def test_fhir_bundle_validates_with_fhir_resources():
