@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8501
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench export clean
 
 $(BIN)/activate: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Re-export every bundled model for screening without TensorFlow (after retraining one).
+export: setup
+	for m in models/*/model_card.json; do $(BIN)/python -m bcc_core export --model $$(dirname $$m) || exit 1; done
 
 clean:
 	rm -rf .cache .pytest_cache
