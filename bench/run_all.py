@@ -1,7 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from one run (nothing typed by hand, nothing copied from older runs).
 
 Steps (each writes bench/results/step_<step>.md, stamped with the commit and the time it ran): evaluate, reproduce,
-crosslab, quality, perf, compare, cv, noncells, augment, styleleak, multisource, adapt.
+crosslab, quality, perf, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
@@ -278,10 +278,16 @@ def step_adapt(data):
     return _script("Learning a new lab", "adapt_lab.py", "adapt_lab.md", "--model", MODELS["pbs5"], "--data", data)
 
 
+def step_ceiling(data):
+    """The few-shot ceiling of frozen features on BCCD: what head-only adaptation can reach at best."""
+    return _script("Adaptation ceiling", "adapt_ceiling.py", "adapt_ceiling.md", "--model", MODELS["pb7"], "--data", data)
+
+
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
          "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
          "augment": step_augment, "styleleak": step_styleleak,
-         "multisource": step_multisource, "adapt": step_adapt}
+         "multisource": step_multisource, "adapt": step_adapt,
+         "ceiling": step_ceiling}
 
 
 def _commit() -> str:
