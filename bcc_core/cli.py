@@ -183,7 +183,6 @@ def cmd_screen(a) -> int:
     `<out>` is never half-written; `--resume` continues an unfinished `<out>.partial`."""
     import csv
 
-    from . import cases
     from .inference import Predictor
     from .io import iter_image_sources
     from .report import _cell, results_to_csv
@@ -236,7 +235,11 @@ def cmd_screen(a) -> int:
     elif a.resume:
         print(f"--resume: no unfinished run at {partial}; starting from the beginning", file=sys.stderr)
     counts = [{"status": c[1], "predicted_class": c[2] or None} for _, c in done]
-    case = _open_case(a, pred, len(sources)) if a.case else None
+    case = None
+    if a.case:  # the database layer is imported only for a case (start-up time of a plain screen)
+        from . import cases
+
+        case = _open_case(a, pred, len(sources))
     meta_file.write_text(json.dumps(meta))
     t = time.perf_counter()
     with open(partial, "r+b" if done else "wb") as f:
@@ -256,7 +259,9 @@ def cmd_screen(a) -> int:
                     ray_rows([str(x) for x in a.inputs], n_all, str(pred.model_dir), a.batch_size, a.ray or None,
                              start=first, stop=first + len(sources)))
         else:
-            cfg = ScreeningConfig(batch_size=a.batch_size, thumbnail=0, workers=a.workers, processes=a.processes)
+            # Worker processes pay for their start-up (~1 s) only on runs of a few batches or more.
+            procs = a.processes if a.processes is not None else len(sources) - len(done) >= 4 * a.batch_size
+            cfg = ScreeningConfig(batch_size=a.batch_size, thumbnail=0, workers=a.workers, processes=procs)
             rows = ((r, r["status"], r["predicted_class"], None)
                     for r in iter_screen(sources[len(done):], pred, cfg))
         for row, status, predicted, line in rows:
@@ -612,8 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", help="with --case: database URL or SQLite file (default: $BCC_DATABASE_URL, else "
                                 "$BCC_DATA_DIR/bcc.sqlite)")
     s.add_argument("--workers", type=int, default=2, help="decode/prepare workers beside the model (default 2)")
-    s.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
-                   help="prepare images in worker processes (default) or, with --no-processes, threads")
+    s.add_argument("--processes", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare images in worker processes, or with --no-processes in threads (default: "
+                        "processes from 4 batches of images on)")
     s.add_argument("--shard", metavar="I/N", help="screen only part I of N (whole batches; 0-based); "
                                                    "join the parts with 'merge'")
     s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

@@ -23,8 +23,10 @@ def _build_vis(model, method: str):
         from tf_keras_vis.scorecam import Scorecam
         from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
     cls = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus, "scorecam": Scorecam}[method]
-    # clone=True: the shared cached model must never be modified.
-    return cls(model, model_modifier=ReplaceToLinear(), clone=True)
+    from .models import with_list_inputs
+
+    # clone=True: the shared cached model must never be modified. tf-keras-vis feeds inputs as a list.
+    return cls(with_list_inputs(model), model_modifier=ReplaceToLinear(), clone=True)
 
 
 def _vis(predictor, method: str):

@@ -119,6 +119,18 @@ def head_only(model, until: str = PROBS_LAYER):
     return keras.Model(inp, x)
 
 
+def with_list_inputs(model):
+    """The same model (shared layers and weights) declared with a one-element list of inputs.
+
+    tf-keras-vis passes a model's inputs as a list (Score-CAM to `predict`); a model declared with a bare
+    input then makes Keras warn "The structure of `inputs` doesn't match the expected structure" on
+    every call. Declaring the list removes the mismatch at its source; outputs are unchanged.
+    """
+    import keras
+
+    return keras.Model([model.input], model.output, name=f"{model.name}_list_inputs")
+
+
 def early_pooled(model, early_layer: str):
     """The early-layer OOD detector's input: `early_layer`'s output, globally average-pooled."""
     import keras
