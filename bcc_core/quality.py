@@ -15,8 +15,9 @@ machine-readable ``detail``:
 * ``not_single_cell`` – several separate nucleated cells of comparable size, no stained region near
   the centre, or structures far too small for a single-cell crop (a whole smear field).
 
-The nucleus score is ``(R + B) / 2 - G``: Romanowsky stains make nuclei purple/blue (green strongly
-absorbed) while the background, red cells and most cytoplasm stay close to neutral or pink. It is
+Nuclei are found by the same finder the model crops use, ``preprocess.find_nuclei`` (score blue minus
+green: Romanowsky stains make nuclei purple/blue, green strongly absorbed, while the background, red
+cells and most cytoplasm stay close to neutral or pink), on a stain-normalised copy. The score is
 thresholded with Otsu's method and a floor, so it adapts to stain intensity across labs but does not
 pick up red cells when no nucleus is present.
 
@@ -43,6 +44,7 @@ import cv2
 import numpy as np
 
 from bcc_core.flags import Flag, next_step
+from bcc_core.preprocess import NUCLEUS_FLOOR, find_nuclei
 
 _BLUR_SIDE = 128  # fixed grey size for the blur and scale measures (resolution independence)
 _SCALE_SIGMAS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # in px of the 128×128 grey image
@@ -107,9 +109,11 @@ class QualityConfig:
         off_stain_sat_min: Saturation (0–255) from which a pixel's hue is judged.
         noise_ratio_max: Laplacian variance / grey variance on the 128×128 image above this is
             ``not_stained_cell`` (pixel noise; natural images stay far below, white noise is ~10–20).
-        stain_floor: Lowest nucleus-score threshold, whatever Otsu says (keeps red cells out).
+        stain_floor: Kept so that cards written before the cell finders were unified still load; not
+            used: the one nucleus finder (``preprocess.find_nuclei``) applies its own floor,
+            ``preprocess.NUCLEUS_FLOOR``.
         stain_peak_min: 99.8th percentile of the nucleus score below this means ``no_cell`` (a high
-            percentile so that small nuclei, ~0.5 % of the frame, still count).
+            percentile so that small nuclei, ~0.5 % of the frame, still count); the floor + 10.
         stained_frac_min: Stained area fraction below this means ``no_cell``.
         blob_min_frac: Stained blobs smaller than this fraction of the image are ignored (platelets,
             granules, debris).
@@ -140,8 +144,8 @@ class QualityConfig:
     off_stain_frac_max: float = 0.1
     off_stain_sat_min: int = 60
     noise_ratio_max: float = 2.0
-    stain_floor: float = 35.0
-    stain_peak_min: float = 45.0
+    stain_floor: float = NUCLEUS_FLOOR
+    stain_peak_min: float = NUCLEUS_FLOOR + 10.0
     stained_frac_min: float = 0.005
     blob_min_frac: float = 0.003
     merge_frac: float = 0.08
@@ -196,19 +200,12 @@ def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
 
 
-def _otsu(score: np.ndarray) -> float:
-    # Otsu on an int score mapped to uint8: 2 units per grey level over the range [-32, 95].
-    u8 = np.clip(score * 2 + 64, 0, 255).astype(np.uint8)
-    t, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return (float(t) - 64.0) / 2.0
-
-
 def measure_quality(img: np.ndarray, cfg: QualityConfig | None = None) -> dict[str, float]:
     """Measure cheap image statistics used by the quality gate.
 
     Args:
         img: ``(H, W, 3)`` uint8 RGB image, values 0–255, any size ≥ 1×1.
-        cfg: Thresholds that shape the measurement (working size, stain floor, blob sizes);
+        cfg: Thresholds that shape the measurement (working size, blob sizes);
             defaults to ``QualityConfig()``.
 
     Returns:
@@ -220,7 +217,7 @@ def measure_quality(img: np.ndarray, cfg: QualityConfig | None = None) -> dict[s
             ``dark_frac``, ``bright_frac`` (clipped fractions, 0–1);
             ``off_stain_frac`` (saturated yellow/green/cyan pixels, 0–1);
             ``stain_threshold``, ``stain_peak`` (nucleus score threshold and 99.8th percentile,
-            score ``(R+B)/2-G`` in −255…255); ``stained_frac`` (0–1);
+            ``preprocess.nucleus_score``, in −255…255); ``stained_frac`` (0–1);
             ``n_blobs``, ``n_comparable_blobs`` (stained blobs of cell size / of size comparable to
             the largest); ``largest_blob_frac`` (0–1 of image area); ``largest_blob_dist`` and
             ``central_blob_dist`` (normalised centroid distance from the centre of the largest blob
@@ -237,7 +234,6 @@ def measure_quality(img: np.ndarray, cfg: QualityConfig | None = None) -> dict[s
     m: dict[str, float] = {"height": float(h), "width": float(w), "min_side": float(min(h, w))}
 
     work = _shrink(img, cfg.work_side_px)
-    wh, ww = work.shape[:2]
     grey = cv2.cvtColor(work, cv2.COLOR_RGB2GRAY)
     g_mean, g_std = cv2.meanStdDev(grey)
     m["mean"] = float(g_mean[0, 0])
@@ -275,20 +271,16 @@ def measure_quality(img: np.ndarray, cfg: QualityConfig | None = None) -> dict[s
     off = (sat >= cfg.off_stain_sat_min) & (hue >= 20) & (hue <= 90)
     m["off_stain_frac"] = float(off.mean())
 
-    w16 = work.astype(np.int16)
-    score = (w16[..., 0] + w16[..., 2]) // 2 - w16[..., 1]
-    thr = max(_otsu(score), cfg.stain_floor)
-    m["stain_threshold"] = thr
-    m["stain_peak"] = float(np.percentile(score, 99.8))
-    mask = (score > thr).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    # The nuclei are found by the one finder the model crops use (preprocess.find_nuclei, with its own
+    # floor), on a stain-normalised copy as the crops are: on the raw image another lab's bluish red cells
+    # pass the blue-minus-green floor and count as nuclei (LISC held out: 48 of 386 flagged raw, 41
+    # normalised; bench/results/quality_gate.md).
+    nuc = find_nuclei(img, normalise=True)
+    m["stain_threshold"] = nuc.threshold
+    m["stain_peak"] = float(np.percentile(nuc.score, 99.8))
+    mask = nuc.mask
     m["stained_frac"] = float(mask.mean())
-
-    # Blobs are found on a half-resolution mask: the large closing kernel dominates the run time and
-    # cell-sized blobs lose nothing at ~128 px.
-    if min(wh, ww) >= 128:
-        mask = (cv2.resize(mask * 255, (ww // 2, wh // 2), interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
-        wh, ww = mask.shape
+    wh, ww = mask.shape
     k = max(3, int(round(cfg.merge_frac * min(wh, ww))) | 1)
     merged = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     # Outer contours instead of connected-component labelling: same blobs (holes filled), ~30x faster.

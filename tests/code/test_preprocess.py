@@ -97,3 +97,35 @@ def test_cards_without_locate_keep_the_raw_search_they_were_trained_with():
     assert not np.array_equal(preprocess(bluish, PreprocessConfig.from_dict(legacy)), preprocess(bluish))
     with pytest.raises(ValueError, match="locate"):
         PreprocessConfig(locate="auto")
+
+
+def test_one_nucleus_finder_serves_the_crop_and_the_quality_gate(monkeypatch):
+    """The gate measures nuclei with preprocess.find_nuclei, the finder behind the model's crop."""
+    from bcc_core import preprocess as pp
+    from bcc_core import quality
+
+    img = synthetic_cell(300, 40, seed=3)
+    calls = []
+    real = pp.find_nuclei
+    monkeypatch.setattr(quality, "find_nuclei", lambda *a, **k: calls.append("gate") or real(*a, **k))
+    m = quality.measure_quality(img)
+    nuc = real(img, normalise=True)
+    assert calls == ["gate"]
+    assert m["stained_frac"] == float(nuc.mask.mean()) and m["stain_threshold"] == nuc.threshold
+    # locate_cell's box is the mask's largest central blob: its extent matches the mask's extent
+    ys, xs = np.nonzero(nuc.mask)
+    extent = max(np.ptp(xs) + 1, np.ptp(ys) + 1) / nuc.scale
+    assert abs(locate_cell(img)[2] - extent) <= 8 / nuc.scale
+
+
+def test_nuclei_score_is_blue_minus_green_and_floored():
+    from bcc_core.preprocess import NUCLEUS_FLOOR, find_nuclei, nucleus_score
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[..., 1], img[..., 2] = 40, 150
+    assert np.all(nucleus_score(img) == 110)
+    # A frame with no nucleus (red cells on background only) keeps the floor and finds nothing.
+    red = np.full((200, 200, 3), (236, 226, 214), np.uint8)
+    red[50:100, 50:100] = (222, 170, 180)
+    nuc = find_nuclei(red, normalise=False)
+    assert nuc.threshold >= NUCLEUS_FLOOR and nuc.mask.sum() == 0

@@ -187,8 +187,9 @@ def test_measure_quality_keys_and_ranges():
         assert k in m and isinstance(m[k], float), k
     assert m["height"] == m["width"] == 360
     assert 0 <= m["dark_frac"] <= 1 and 0 <= m["bright_frac"] <= 1
-    # nucleus disc is pi*0.1^2 ~ 3.1 % of the image
-    assert 0.02 < m["stained_frac"] < 0.05
+    # nucleus disc is pi*0.1^2 ~ 3.1 % of the image, with its lilac cytoplasm pi*0.15^2 ~ 7.1 %: on the
+    # stain-normalised copy the finder may take some cytoplasm, never the red cells around
+    assert 0.02 < m["stained_frac"] < 0.075
     assert m["n_comparable_blobs"] == 1 and m["central_blob_dist"] < 0.05
 
 
