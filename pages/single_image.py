@@ -10,7 +10,7 @@ from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, content_hash, encode_p
 from bcc_core.report import result_to_json
 from pages._lib.ui_helpers import fmt_prob
 from bcc_core.glossary import term
-from pages._shared import (ROOT, current_model_dir, explanation_heatmap, explanation_methods, init_state,
+from pages._shared import (current_model_dir, explanation_heatmap, explanation_methods, init_state,
                            page_header, require_predictor, show_flags, show_result)
 
 init_state()
@@ -21,22 +21,29 @@ predictor = require_predictor()
 card = predictor.card
 
 # ---------------------------------------------------------------- input
-SAMPLES = ROOT / "assets" / "samples"
-samples = sorted(p for p in SAMPLES.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if SAMPLES.is_dir() else []
-source = "Upload"
+from bcc_core.samples import sample_images  # noqa: E402
+
+samples = sample_images(predictor.classes)  # bundled, attributed cells of this model's classes (assets/samples)
+upload = st.file_uploader("Cell image (PNG, JPEG, TIFF, BMP or WebP)", key="single_upload",
+                          type=[e.lstrip(".") for e in IMAGE_EXTENSIONS])
 if samples:
-    source = st.radio("Image source", ["Upload", "Bundled sample"], horizontal=True)
-if source == "Upload":
-    upload = st.file_uploader("Cell image (PNG, JPEG, TIFF, BMP or WebP)", key="single_upload",
-                              type=[e.lstrip(".") for e in IMAGE_EXTENSIONS])
-    if upload is None:
-        st.caption(f"Task `{card.task}`: images like the training set ({card.data.get('name', card.task)}). "
-                   f"Classes: {', '.join(card.classes)}. Anything else is at best flagged, at worst misnamed.")
-        st.stop()
+    c_try, c_pick = st.columns([1, 2], vertical_alignment="bottom")
+    pick = c_pick.selectbox("Sample cell", samples, key="single_sample_pick",
+                            format_func=lambda s: f"{s.label}: {s.path.name}",
+                            help="Held-out test cells of the pbs5 data set (CC BY 4.0), bundled with the app; "
+                                 "sources in assets/samples/ATTRIBUTION.md.")
+    if c_try.button("Try a sample", key="single_try_sample", icon=":material/science:"):
+        st.session_state["single_sample"] = str(pick.path)
+if upload is not None:
     src, name, data = upload, upload.name, upload.getvalue()
+elif st.session_state.get("single_sample"):
+    sample_path = Path(st.session_state["single_sample"])
+    src, name, data = sample_path, sample_path.name, sample_path.read_bytes()
 else:
-    pick = st.selectbox("Sample", samples, format_func=lambda p: p.name)
-    src, name, data = pick, Path(pick).name, Path(pick).read_bytes()
+    st.caption(f"Task `{card.task}`: images like the training set ({card.data.get('name', card.task)}). "
+               f"Classes: {', '.join(card.classes)}. Anything else is at best flagged, at worst misnamed."
+               + ("" if samples else " No sample cells are bundled for this model's classes."))
+    st.stop()
 
 
 def literal(text) -> str:
