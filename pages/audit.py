@@ -35,7 +35,8 @@ if res is not None:
                  "it is and tell the quality manager.", icon=":material/gpp_bad:")
         st.dataframe(pd.DataFrame(res["problems"]), hide_index=True)
 else:
-    st.caption("Recomputes every hash from the first entry on (also `python -m bcc_core audit verify`).")
+    st.caption("Recomputes every hash from the first entry on (the command line does the same: python -m bcc_core "
+               "audit verify).")
 
 # ---------------------------------------------------------------- who did what
 st.subheader("Who did what")

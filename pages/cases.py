@@ -44,7 +44,8 @@ search = f1.text_input("Search sample labels", key="case_search", placeholder="p
 wanted = f2.multiselect("Status", list(STATUS_FILTER), default=list(STATUS_FILTER), key="case_status")
 found = cases.list_cases(engine, search, tuple(s for w in wanted for s in STATUS_FILTER[w]))
 if not found:
-    st.info("No case matches. Cases are made on the Batch screening page (or `python -m bcc_core screen --case`).")
+    st.info("No case matches. Cases are made on the Batch screening page (or by the command line: python -m "
+            "bcc_core screen --case LABEL).")
     st.stop()
 st.dataframe(pd.DataFrame([{
     "case": c["id"], "sample label": c["sample_label"], "status": STATUS_WORDS[c["status"]],
@@ -89,7 +90,7 @@ m[3].metric("Awaiting decision", len(pending))
 m[4].metric("Errors (unreadable)", sum(r["status"] == "error" for r in rows))
 st.caption(f"Screened by {case['created_by']} at {case['created_at'][:19].replace('T', ' ')} UTC with model "
            f"**{case['model_id']}** (version {case.get('model_version') or 'n/a'}, weights SHA-256 "
-           f"`{case['model_sha256'][:16]}…`).")
+           f"{case['model_sha256'][:16]}…).")
 
 d1, d2 = st.columns([1, 1.4])
 with d1:

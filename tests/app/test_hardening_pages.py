@@ -8,7 +8,7 @@ import re
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
-from app_fixtures import app_env, model_dir  # noqa: F401  (pytest fixtures)
+from app_fixtures import app_env, log_in, model_dir  # noqa: F401  (pytest fixtures)
 from app_test_images import png_bytes, synthetic_cell
 
 TIMEOUT = 180
@@ -20,7 +20,10 @@ EVIL = "**bold** [click](http://example.com) `code` <b>x</b> #1 :red[x] $x$ ~~s~
 def start(page: str) -> AppTest:
     at = AppTest.from_file("../../app.py", default_timeout=TIMEOUT)
     at.run()
+    log_in(at, "rita")
     at.switch_page(page).run()
+    if page.endswith("batch_screening.py"):   # every run is a case: it needs a sample label
+        at.text_input(key="batch_sample_label").input("SLIDE-H").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
