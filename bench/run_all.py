@@ -1,7 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from one run (nothing typed by hand, nothing copied from older runs).
 
 Steps (each writes bench/results/step_<step>.md, stamped with the commit and the time it ran): evaluate, reproduce,
-crosslab, quality, perf, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling.
+crosslab, quality, perf, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling, memory.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
@@ -157,6 +157,11 @@ def step_reproduce(data, seeds=(None, 1)):
             diffs = sorted(((abs(fig[k] - base_fig[k]) / max(abs(base_fig[k]), 1e-9), k) for k in common), reverse=True)
             rows.setdefault("wall time", {})[col] = f"{wall / 60:.1f} min"
             rows.setdefault("same test part as the bundled model", {})[col] = "yes" if same_split else "no (split differs)"
+            # the card's named parts (train, val, cal_a, cal_b, test) by content hash of their files
+            bp, rp = (card.get("split") or {}).get("parts") or {}, (new.get("split") or {}).get("parts") or {}
+            same_parts = [k for k in bp if (rp.get(k) or {}).get("sha256") == bp[k].get("sha256")]
+            rows.setdefault("split parts with the same content hash", {})[col] = (
+                f"{len(same_parts)} of {len(bp)} ({', '.join(same_parts) or 'none'})" if bp else "n/a (no part hashes in the card)")
             rows.setdefault("same suggested class on the test part", {})[col] = "n/a" if same_cls is None else f"{same_cls:.1%}"
             rows.setdefault("same class and status on the test part", {})[col] = "n/a" if agree is None else f"{agree:.1%}"
             for name, key in KEY_FIGURES:
@@ -278,6 +283,11 @@ def step_adapt(data):
     return _script("Learning a new lab", "adapt_lab.py", "adapt_lab.md", "--model", MODELS["pbs5"], "--data", data)
 
 
+def step_memory(data):
+    """Peak memory of `screen` on 500 vs 5,000 images, and on inputs built to exhaust memory."""
+    return _script("Memory", "memory.py", "memory.md", "--model", MODELS["pbs5"], "--data", data / "pbs5")
+
+
 def step_ceiling(data):
     """The few-shot ceiling of frozen features on BCCD: what head-only adaptation can reach at best."""
     return _script("Adaptation ceiling", "adapt_ceiling.py", "adapt_ceiling.md", "--model", MODELS["pb7"], "--data", data)
@@ -287,7 +297,7 @@ STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": ste
          "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
          "augment": step_augment, "styleleak": step_styleleak,
          "multisource": step_multisource, "adapt": step_adapt,
-         "ceiling": step_ceiling}
+         "ceiling": step_ceiling, "memory": step_memory}
 
 
 def _commit() -> str:
