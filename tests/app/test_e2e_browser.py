@@ -1,4 +1,5 @@
-"""The running app in a real headless browser: upload one image, see the suggestion and the Grad-CAM.
+"""The running app in a real headless browser: log in, upload one image, see the suggestion and the Grad-CAM;
+screen a case, review it, sign it; kill the server mid-batch and find every stored row in the case.
 
 Starts `streamlit run app.py` on a free port, drives it with Playwright in Debian's Chromium, and saves
 a full-page screenshot (copied to bench/results/screenshots/single_image.png for the docs when
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from app_fixtures import app_env, blank_png, cell_png, model_dir  # noqa: F401  (pytest fixtures)
+from app_fixtures import PASSWORD, app_env, blank_png, cell_png, make_users, model_dir  # noqa: F401  (fixtures)
 from app_test_images import png_bytes, synthetic_cell
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,28 +54,62 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
-@pytest.fixture
-def server(model_dir, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "BCC_MODELS_DIR": str(model_dir.parent), "BCC_AUDIT_DB": str(tmp_path / "audit.sqlite"),
-           "BCC_DATA_DIR": str(tmp_path / "data"),
+def _start_server(model_dir, tmp_path, port):
+    env = {**os.environ, "BCC_MODELS_DIR": str(model_dir.parent), "BCC_DATA_DIR": str(tmp_path / "data"),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    log = open(tmp_path / "streamlit.log", "w")
+    env.pop("BCC_DATABASE_URL", None)
+    log = open(tmp_path / "streamlit.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1",
                              "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
+    _wait_for(f"http://127.0.0.1:{port}/_stcore/health", proc)
+    return proc
+
+
+def _stop_server(proc):
+    proc.terminate()
     try:
-        _wait_for(f"http://127.0.0.1:{port}/_stcore/health", proc)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log.close()
+
+
+@pytest.fixture
+def server(model_dir, tmp_path):
+    """The app on a free port, over a store in tmp_path/data with one user per role (app_fixtures.TEST_USERS)."""
+    make_users(tmp_path / "data")
+    port = _free_port()
+    proc = _start_server(model_dir, tmp_path, port)
+    try:
         yield f"http://127.0.0.1:{port}/"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        _stop_server(proc)
+
+
+def _login(page, server, name="rita"):
+    """Open the app and log in as `name`: the login page comes first, whatever address is asked for. (A
+    session lives in its browser tab: later pages are opened from the sidebar, never by loading an address.)"""
+    from playwright.sync_api import expect
+
+    page.goto(server, wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible(timeout=60_000)
+    page.get_by_role("textbox", name="User name").fill(name)
+    page.get_by_role("textbox", name="Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_test_id("stSidebar").get_by_text(f"{name} · ").first).to_be_visible(timeout=60_000)
+
+
+def _nav(page, title):
+    """Open a page from the sidebar's navigation and wait for its heading."""
+    from playwright.sync_api import expect
+
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=title).click()
+    expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=60_000)
+    _idle(page)   # the previous page's widgets are gone before anything is typed into this one
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
@@ -86,7 +121,7 @@ def test_single_image_in_browser(server, model_dir, tmp_path):
     img.write_bytes(png_bytes(synthetic_cell(1)))
 
     with _app_page() as page:
-        page.goto(server, wait_until="domcontentloaded")
+        _login(page, server)
         expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
         expect(page.get_by_text("Decision support, not a diagnosis").first).to_be_visible()
 
@@ -147,13 +182,19 @@ def _app_page():
             browser.close()
 
 
-def _screen_batch(page, server, paths):
+def _screen_batch(page, server, paths, label="SLIDE-1"):
+    """Screen `paths` into a case (the user is logged in)."""
     from playwright.sync_api import expect
 
-    page.goto(server + "batch_screening", wait_until="domcontentloaded")
-    expect(page.get_by_role("heading", name="Batch screening")).to_be_visible(timeout=60_000)
+    _nav(page, "Batch screening")
     page.set_input_files("input[type=file]", [str(x) for x in paths])
-    page.get_by_role("button", name="Run screening").click()
+    _idle(page)
+    page.get_by_role("textbox", name="Sample label").fill(label)
+    page.get_by_role("textbox", name="Sample label").press("Tab")     # leaving the box commits the label
+    run = page.get_by_role("button", name="Run screening")
+    expect(run).to_be_enabled(timeout=60_000)
+    _idle(page)
+    run.click()
     expect(page.get_by_role("heading", name="Results")).to_be_visible(timeout=240_000)
 
 
@@ -177,14 +218,17 @@ def _open_heading(page, k):
     return h
 
 
-def _decisions(audit_db) -> dict:
-    """{file name: [(decision, final_class, reviewer), …]} from the audit log, oldest first."""
-    from bcc_core.audit import AuditLog
+def _decisions(data_dir) -> dict:
+    """{file name: [(decision, final_class, actor), …]} of the latest case in the store, oldest first."""
+    from bcc_core import cases, store
 
-    log = AuditLog(audit_db)
-    q = log.queue(status=None, undecided_only=False)
-    return {row.file_name: [(h["decision"], h["final_class"], h["reviewer"]) for h in log.history(row.prediction_id)]
-            for row in q.itertuples()}
+    eng = store.open_store(str(data_dir / "bcc.sqlite"))
+    case = cases.list_cases(eng)[0]
+    out = {r["name"]: [] for r in cases.case_rows(eng, case["id"])[1]}
+    for h in cases.history(eng, case["id"]):
+        out[h["name"]].append((h["decision"], h["final_class"], h["actor"]))
+    eng.dispose()
+    return out
 
 
 def _cells(tmp_path, n, seed=300):
@@ -203,11 +247,9 @@ def test_decisions_from_the_table_land_on_their_own_cells(server, tmp_path):
     from playwright.sync_api import expect
 
     paths = _cells(tmp_path, 12)
-    audit_db = tmp_path / "audit.sqlite"
     with _app_page() as page:
+        _login(page, server, "rita")
         _screen_batch(page, server, paths)
-        page.get_by_role("textbox", name="Reviewer").fill("Dr Table")
-        page.keyboard.press("Enter")
         grid = page.get_by_test_id("stDataFrame").filter(has_text="suggested class").first
         for k, button in ((7, "lymphocyte"), (2, "Image unusable"), (10, "Confirm")):
             grid.scroll_into_view_if_needed()
@@ -220,17 +262,19 @@ def test_decisions_from_the_table_land_on_their_own_cells(server, tmp_path):
             page.get_by_role("button", name=button).filter(visible=True).first.click()
             expect(page.get_by_text(f"Recorded for #{k} (cell{k:02d}.png)")).to_be_visible(timeout=60_000)
         expect(page.get_by_test_id("stException")).to_have_count(0)
-    got = _decisions(audit_db)
-    assert got["cell07.png"] == [("correct", "lymphocyte", "Dr Table")]
-    assert got["cell02.png"] == [("reject_image", None, "Dr Table")]
+    got = _decisions(tmp_path / "data")
+    assert got["cell07.png"] == [("correct", "lymphocyte", "rita")]
+    assert got["cell02.png"] == [("reject_image", None, "rita")]
     assert [d[0] for d in got["cell10.png"]] == ["confirm"]
     assert all(v == [] for f, v in got.items() if f not in {"cell07.png", "cell02.png", "cell10.png"})
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
-def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path):
-    """Enter confirms, a number key assigns a label, X marks unusable, N/P move: ten cells decided
-    without the mouse, each decision on the cell that was open when its key was pressed."""
+def test_keyboard_review_of_ten_cells_then_sign_amend_export_and_verify(server, model_dir, tmp_path):
+    """A signer's whole path: log in; Enter confirms, a number key assigns a label, X marks unusable, N/P
+    move: ten cells decided without the mouse, each on the cell open when its key was pressed; then sign the
+    case, be refused an amendment without a reason, amend with one, download the FHIR report, verify the trail."""
+    from fhir.resources.R4B.bundle import Bundle
     from playwright.sync_api import expect
 
     from bcc_core.worklist import review_labels
@@ -238,14 +282,11 @@ def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path
     classes = json.loads((model_dir / "model_card.json").read_text())["classes"]
     lymph_key = str(review_labels(classes).index("lymphocyte") + 1)
     paths = _cells(tmp_path, 10, seed=400)
-    audit_db = tmp_path / "audit.sqlite"
     with _app_page() as page:
-        _screen_batch(page, server, paths)
+        _login(page, server, "sam")
+        _screen_batch(page, server, paths, label="SLIDE-SIGN")
         _open_heading(page, 0)
-        page.get_by_role("textbox", name="Reviewer").focus()
-        page.keyboard.type("Dr Keys")
-        page.keyboard.press("Enter")   # commits the name; focus leaves the field
-        expect(page.get_by_role("textbox", name="Reviewer")).to_have_value("Dr Keys")
+        page.get_by_role("heading", name="Review").click()   # focus on the page, not in a text box
         _idle(page)
         # (key, cell open before it, cell open after it)
         script = [("Enter", 0, 1), (lymph_key, 1, 2), ("N", 2, 3), ("Enter", 3, 4), ("P", 4, 3), ("P", 3, 2),
@@ -258,11 +299,50 @@ def test_keyboard_only_review_of_a_ten_cell_worklist(server, model_dir, tmp_path
                 _open_heading(page, after)
         expect(page.get_by_text("Worklist: 10 cell(s), 10 decided, 0 to go.")).to_be_visible(timeout=60_000)
         expect(page.get_by_test_id("stException")).to_have_count(0)
-    got = _decisions(audit_db)
-    assert got["cell01.png"] == [("correct", "lymphocyte", "Dr Keys")]
-    assert got["cell02.png"] == [("reject_image", None, "Dr Keys")]
+        got = _decisions(tmp_path / "data")
+
+        # Sign-off on the Cases page, after the attestation.
+        _nav(page, "Cases")
+        expect(page.get_by_role("heading", name="Case #1: SLIDE-SIGN")).to_be_visible(timeout=60_000)
+        _idle(page)
+        page.get_by_text("I have reviewed the flagged cells").click()
+        _idle(page)
+        page.get_by_role("button", name="Sign the case").click()
+        expect(page.get_by_text("Case #1 signed by sam")).to_be_visible(timeout=60_000)
+        _idle(page)
+        # Signed: a change without a reason is refused; with one it is an amendment, the original kept.
+        page.get_by_role("button", name="Image unusable").click()
+        expect(page.get_by_text("Not recorded: case is signed")).to_be_visible(timeout=60_000)
+        _idle(page)
+        page.get_by_role("textbox", name="Reason for the amendment").fill("dust over the nucleus")
+        page.keyboard.press("Enter")
+        _idle(page)
+        page.get_by_role("button", name="Image unusable").click()
+        expect(page.get_by_text("Amendment recorded for cell #0")).to_be_visible(timeout=60_000)
+        _idle(page)
+        page.get_by_role("button", name="Prepare the exports").click()
+        button = page.get_by_role("button", name="Download FHIR R4 DiagnosticReport (JSON)")
+        expect(button).to_be_visible(timeout=60_000)
+        with page.expect_download() as dl:
+            button.click()
+        bundle = json.loads(Path(dl.value.path()).read_text())
+        _nav(page, "Audit trail")
+        page.get_by_role("button", name="Verify the whole trail").click()
+        expect(page.get_by_text("The trail verifies")).to_be_visible(timeout=60_000)
+        expect(page.get_by_test_id("stException")).to_have_count(0)
+    assert got["cell01.png"] == [("correct", "lymphocyte", "sam")]
+    assert got["cell02.png"] == [("reject_image", None, "sam")]
     for k in (0, 3, 4, 5, 6, 7, 8, 9):
         assert [d[0] for d in got[f"cell{k:02d}.png"]] == ["confirm"], (k, got[f"cell{k:02d}.png"])
+    Bundle.model_validate(bundle)
+    report = bundle["entry"][0]["resource"]
+    assert report["status"] == "amended" and "dust over the nucleus" in report["conclusion"]
+    assert "cell00.png" not in json.dumps(bundle) and "SLIDE-SIGN" not in json.dumps(bundle)
+    after = _decisions(tmp_path / "data")["cell00.png"]            # the original decision is kept
+    assert after == [got["cell00.png"][0], ("reject_image", None, "sam")]
+    case, rows = _cases_rows(tmp_path / "data", "SLIDE-SIGN")
+    assert case["status"] == "signed" and case["signed_by"] == "sam"
+    assert [r["seq"] for r in rows if r["amendment"]] == [0]
 
 
 # ---------------------------------------------------------------------------------------------- above the fold
@@ -299,7 +379,7 @@ def test_unrecognised_cell_and_all4_shortcut_warning_above_the_fold(server, tmp_
     field_png = tmp_path / "smear_field.png"
     field_png.write_bytes(png_bytes(field))
     with _app_page() as page:
-        page.goto(server, wait_until="domcontentloaded")
+        _login(page, server)
         expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
         page.set_input_files("input[type=file]", str(cell))
         headline = page.get_by_text("Not recognised — classify it yourself")
@@ -334,8 +414,12 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
 
     paths = _cells(tmp_path, 3, seed=500)
 
-    def single(page):
+    def login(page):
         page.goto(server, wait_until="domcontentloaded")
+        expect(page.get_by_role("heading", name="Log in")).to_be_visible(timeout=60_000)
+
+    def single(page):
+        _login(page, server, "ada")
         expect(page.get_by_role("heading", name="Single image")).to_be_visible(timeout=60_000)
         page.set_input_files("input[type=file]", str(paths[0]))
         expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=180_000)
@@ -344,14 +428,12 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
         _screen_batch(page, server, paths)
         _open_heading(page, 0)
 
-    def visit(path, heading):
-        def go(page):
-            page.goto(server + path, wait_until="domcontentloaded")
-            expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible(timeout=60_000)
-        return go
+    def visit(heading):
+        return lambda page: _nav(page, heading)
 
-    steps = {"single image": single, "batch screening": batch, "metrics": visit("metrics", "Model metrics"),
-             "model card": visit("model_card", "Model card"), "your lab": visit("your_lab", "Your lab")}
+    steps = {"login": login, "single image": single, "batch screening": batch, "cases": visit("Cases"),
+             "audit trail": visit("Audit trail"), "users": visit("Users"), "metrics": visit("Model metrics"),
+             "model card": visit("Model card"), "your lab": visit("Your lab")}
     axe, found = Axe(), {}
     with _app_page() as page:
         for name, step in steps.items():
@@ -381,14 +463,11 @@ def test_your_lab_in_the_browser(server, tmp_path):
     lab_zip = tmp_path / "our_lab.zip"
     lab_zip.write_bytes(buf.getvalue())
     with _app_page() as page:
-        page.goto(server + "your_lab", wait_until="domcontentloaded")
-        expect(page.get_by_role("heading", name="Your lab", exact=True)).to_be_visible(timeout=60_000)
+        _login(page, server, "ada")                    # promoting a model is an administrator's act
+        _nav(page, "Your lab")
         page.set_input_files("input[type=file]", str(lab_zip))
         expect(page.get_by_test_id("stDataFrame").first).to_be_visible(timeout=60_000)
         page.get_by_role("textbox", name="Lab name").fill("Browser Lab")
-        page.keyboard.press("Enter")
-        _idle(page)
-        page.get_by_role("textbox", name="Your name").fill("Dr Browser")
         page.keyboard.press("Enter")
         _idle(page)
         page.get_by_role("button", name="Adapt the model").click()
@@ -406,3 +485,64 @@ def test_your_lab_in_the_browser(server, tmp_path):
         expect(model_box).to_have_value("pbs5-mobilenetv2")                               # the parent again
         expect(page.get_by_test_id("stException")).to_have_count(0)
     assert (tmp_path / "data" / "retired" / "pbs5-mobilenetv2--browser-lab-v1" / "model_card.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- cases: sign-off, kill
+
+def _cases_rows(data_dir, label):
+    from bcc_core import cases, store
+
+    eng = store.open_store(str(data_dir / "bcc.sqlite"))
+    found = [c for c in cases.list_cases(eng) if c["sample_label"] == label]
+    out = (found[0], cases.case_rows(eng, found[0]["id"])[1]) if found else (None, [])
+    eng.dispose()
+    return out
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_killing_the_app_mid_batch_keeps_every_screened_row(model_dir, tmp_path):
+    """SIGKILL the server while a batch runs; after a restart the case is incomplete and shows every row that
+    was stored before the kill, and the trail still verifies."""
+    from playwright.sync_api import expect
+
+    from bcc_core import store, trail
+
+    make_users(tmp_path / "data")
+    paths = _cells(tmp_path, 60, seed=800)
+    port = _free_port()
+    proc = _start_server(model_dir, tmp_path, port)
+    server = f"http://127.0.0.1:{port}/"
+    try:
+        with _app_page() as page:
+            _login(page, server, "rita")
+            _nav(page, "Batch screening")
+            page.set_input_files("input[type=file]", [str(x) for x in paths])
+            _idle(page)
+            page.get_by_role("textbox", name="Sample label").fill("SLIDE-KILL")
+            page.get_by_role("textbox", name="Sample label").press("Tab")
+            expect(page.get_by_role("button", name="Run screening")).to_be_enabled(timeout=60_000)
+            _idle(page)
+            page.get_by_role("button", name="Run screening").click()
+            end = time.monotonic() + 300
+            while time.monotonic() < end and len(_cases_rows(tmp_path / "data", "SLIDE-KILL")[1]) < 3:
+                time.sleep(0.2)
+            proc.kill()                                        # SIGKILL: no clean-up of any kind
+            proc.wait()
+            proc.log.close()
+    finally:
+        if proc.poll() is None:
+            _stop_server(proc)
+    case, before = _cases_rows(tmp_path / "data", "SLIDE-KILL")
+    assert 3 <= len(before) < len(paths), len(before)
+    assert trail.verify(store.open_store(str(tmp_path / "data" / "bcc.sqlite")))["ok"]
+    proc = _start_server(model_dir, tmp_path, port)
+    try:
+        with _app_page() as page:
+            _login(page, server, "rita")
+            _nav(page, "Cases")
+            expect(page.get_by_text(f"{len(before)} of {len(paths)} images were stored")).to_be_visible(timeout=60_000)
+            expect(page.get_by_role("heading", name=f"Case #{case['id']}: SLIDE-KILL")).to_be_visible()
+            expect(page.get_by_test_id("stException")).to_have_count(0)
+    finally:
+        _stop_server(proc)
+    assert [r["seq"] for r in before] == list(range(len(before)))
