@@ -73,7 +73,7 @@ def summary(e: dict) -> str:
         return ", ".join(f"{k}: {before.get(k)} → {v}" for k, v in changed.items())[:200]
     keep = ("sample_label", "name", "status", "predicted_class", "decision", "final_class", "comment", "username",
             "role", "formats", "options", "reason", "model_id", "via")
-    return ", ".join(f"{k}: {after[k]}" for k in keep if k in after)[:200]
+    return ", ".join(f"{k}: {after[k]}" for k in keep if after.get(k) not in (None, "", [], {}))[:200]
 
 
 st.dataframe(pd.DataFrame([{"#": e["id"], "at (UTC)": e["at"][:19].replace("T", " "), "who": e["actor"],

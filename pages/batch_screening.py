@@ -241,7 +241,8 @@ c1.markdown(f"Case **{literal(case['sample_label'])}** (#{case['id']}) · **{sta
             f"{case['n_inputs']} images stored · screened by {case['created_by']}"
             + (f" · signed by {case['signed_by']}: read-only, corrections are amendments on the Cases page"
                if signed else ""))
-if c2.button("Open on the Cases page", icon=":material/folder_open:", key="batch_to_case"):
+if c2.button("Open in Cases", icon=":material/folder_open:", key="batch_to_case",
+             help="The case on the Cases page: sign-off, amendments, exports."):
     ss["case_open"] = case["id"]
     st.switch_page("pages/cases.py")
 
