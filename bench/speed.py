@@ -8,6 +8,7 @@
    arms are interleaved (product, obvious, obvious, product, ...) within one run and the medians and
    the ratio come from the same run. Peak memory: the largest sum over the process tree (workers
    included) of proportional set size (PSS, shared pages counted once), sampled every 50 ms.
+   Start-up: `screen` on one image as a whole process.
 2. ms/image by stage, one core, in this process: decode, cell search, normalisation, quality gate,
    model (the exported runtime), trust (everything predict_inputs does after the forward pass),
    writing (CSV formatting + write).
@@ -129,6 +130,21 @@ def whole_process(folder: Path, model: str, runs: int) -> dict:
     out["ratio_product_over_obvious"] = out["product"]["wall_s_median"] / out["obvious"]["wall_s_median"]
     out["ratio_per_run"] = [p["wall_s"] / o["wall_s"] for p, o in zip(res["product"], res["obvious"])]
     return out
+
+
+def startup(folder: Path, model: str, runs: int = 5) -> dict:
+    """Whole-process wall time of `screen` on one image: start-up (imports, model load) + one image."""
+    one = ROOT / "bench" / "_work" / "speed_one"
+    one.mkdir(parents=True, exist_ok=True)
+    for p in one.iterdir():
+        p.unlink()
+    first = sorted(folder.iterdir())[0]
+    (one / first.name).symlink_to(first.resolve())
+    cmd = [sys.executable, "-m", "bcc_core", "screen", str(one), "--model", model,
+           "--out", str(ROOT / "bench" / "_work" / "speed_one.csv"), "--quiet"]
+    ms = [run_process(cmd) for _ in range(runs)]
+    return {"one_image_wall_s_median": statistics.median(m["wall_s"] for m in ms),
+            "one_image_wall_s_all": [m["wall_s"] for m in ms], "peak_pss_mb_max": max(m["peak_pss_mb"] for m in ms)}
 
 
 def _median_ms(fn, n: int, repeats: int = 3) -> float:
@@ -315,6 +331,10 @@ def write(res: dict, out: Path) -> None:
         f"{o['ms_per_image']:.1f} | {o['peak_pss_mb_max']:.0f} MB |", "",
         f"**Ratio product / obvious: {w['ratio_product_over_obvious']:.2f}** (per run: "
         f"{', '.join(f'{v:.2f}' for v in w['ratio_per_run'])}; target ≤ 0.50).", "",
+        (f"Start-up: `screen` on one image, whole process, {res['startup']['one_image_wall_s_median']:.2f} s (median of "
+         f"{len(res['startup']['one_image_wall_s_all'])}: {', '.join(f'{v:.2f}' for v in res['startup']['one_image_wall_s_all'])}"
+         f"; peak {res['startup']['peak_pss_mb_max']:.0f} MB); TensorFlow is not imported "
+         "(tests/model/test_runtime.py).") if res.get("startup") else "", "",
         f"## Stages, ms/image on one core (OpenCV/BLAS single-threaded; {st['n_images']} images)", "",
         "| decode | cell search | normalisation | quality gate | model (1 thread) | model (default threads) | trust | writing |",
         "|---|---|---|---|---|---|---|---|",
@@ -366,6 +386,7 @@ def main(argv=None):
            "model": Path(model).name}
     print(f"CPU: {res['cpu']['model']}, {res['cpu']['cores']} cores", file=sys.stderr)
     res["whole_process"] = old["whole_process"] if "whole" in skip else whole_process(folder, model, a.runs)
+    res["startup"] = old.get("startup") if "startup" in skip else startup(folder, model)
     res["stages_ms_per_image"] = old["stages_ms_per_image"] if "stages" in skip else stages(folder, model)
     res["runtimes"] = old["runtimes"] if "runtimes" in skip else runtimes(folder, model)
     res["explanations"] = old["explanations"] if "explain" in skip else explanations(model)
