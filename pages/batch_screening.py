@@ -203,6 +203,7 @@ if run:
     finally:  # complete when every input has its row, else incomplete (resumable)
         status = cases.finish(engine, user, case_id)
     ss["batch_seconds"] = time.perf_counter() - t0
+    ss["user"]["last_seen"] = time.time()   # a long run is activity, not idleness
     rows = [by_seq[k] for k in range(len(sources))]
     ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
     ss["batch_thumbs"] = [png_data_uri(r.get("thumbnail"), max_side=48) for r in rows] if stored else uris
