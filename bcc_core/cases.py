@@ -86,8 +86,30 @@ def _thumbnail_png(img) -> bytes | None:
     return encode_png(arr.astype(np.uint8))
 
 
+# Originals of flagged cells are kept (content-addressed, beside the thumbnails) so that a reopened case shows
+# what the model saw and its Grad-CAM; larger files are not kept (the stored prediction is still shown).
+MAX_KEPT_IMAGE_BYTES = 8 << 20
+
+
+def keep_image(engine, data: bytes) -> str | None:
+    """Keep an input image's bytes under their SHA-256 (the `image_sha256` of its result rows); the hash, or
+    None when the file is larger than MAX_KEPT_IMAGE_BYTES."""
+    if len(data) > MAX_KEPT_IMAGE_BYTES:
+        return None
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with engine.begin() as con:
+            if con.execute(sa.select(store.cell_images.c.sha256).where(store.cell_images.c.sha256 == sha)).first() \
+                    is None:
+                con.execute(sa.insert(store.cell_images).values(sha256=sha, png=data))
+    except sa.exc.IntegrityError:  # another process kept the same image at the same moment
+        pass
+    return sha
+
+
 def cell_image(engine, thumb_sha256: str | None) -> bytes | None:
-    """A result's thumbnail PNG, or None when there is none or its bytes no longer match the recorded hash."""
+    """Bytes kept under a SHA-256 (a result's thumbnail PNG, or a kept original by its image_sha256), or None
+    when there are none or they no longer match the hash."""
     if not thumb_sha256:
         return None
     with engine.connect() as con:

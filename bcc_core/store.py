@@ -101,9 +101,10 @@ trail_head = sa.Table(
     sa.Column("writes", sa.Integer, nullable=False),
 )
 
-# Content-addressed cell thumbnails (PNG, at most 96 px): shown when a case is reopened and printed in its
-# report. Not trail rows: each result row records its image's SHA-256, which the trail covers, and an image
-# is shown only when its bytes still hash to that value.
+# Content-addressed cell images: thumbnails (PNG, at most 96 px; shown when a case is reopened and printed in
+# its report) and the original files of flagged cells (under their image_sha256; the column is named `png`
+# but holds the original's bytes). Not trail rows: each result row records the SHA-256s, which the trail
+# covers, and bytes are used only while they still hash to that value.
 cell_images = sa.Table(
     "cell_images", metadata,
     sa.Column("sha256", sa.String(64), primary_key=True),

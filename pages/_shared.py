@@ -149,6 +149,24 @@ def predictor_for(model_dir: str):
     return _load_predictor(model_dir, _mtime(model_dir))
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _identity(model_dir: str, card_mtime: float) -> dict:
+    from bcc_core.verification import model_identity
+
+    return model_identity(model_dir)
+
+
+def model_for_weights(weights_sha256: str) -> str | None:
+    """The installed model directory whose weights have this SHA-256 (a case's model), or None."""
+    for d in available_models():
+        try:
+            if _identity(d, _mtime(d))["weights_sha256"] == weights_sha256:
+                return d
+        except OSError:
+            continue
+    return None
+
+
 def card_or_error(model_dir: str):
     """(ModelCard, None) or (None, reason) for a model directory; never raises."""
     try:

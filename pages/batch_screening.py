@@ -180,6 +180,11 @@ if run:
         # Stored first: a crash or a closed browser keeps every row screened so far ("incomplete" case).
         seq = todo[done - 1]
         result_ids[seq] = cases.add_result(engine, user, case_id, seq, row)
+        if row["status"] == "review":   # kept so that the reopened case shows what the model saw
+            try:
+                cases.keep_image(engine, sources[seq].load())
+            except OSError:
+                pass
         by_seq[seq] = row
         done_rows.append(row)
         uris.append(png_data_uri(row.get("thumbnail"), max_side=48))

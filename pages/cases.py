@@ -15,7 +15,8 @@ from bcc_core.report import (case_differential, case_document, case_to_csv, case
 from bcc_core.users import AuthError
 from bcc_core.worklist import decision_for, review_labels
 from pages._lib.ui_helpers import fmt_prob
-from pages._shared import db, init_state, page_header, require_user, session_user, show_flags
+from pages._shared import (db, explanation_heatmap, explanation_methods, init_state, model_for_weights, page_header,
+                           predictor_for, require_user, session_user, show_flags)
 
 init_state()
 page_header("Cases", "Every screening run is a case: find it by its sample label, review its flagged cells, "
@@ -113,6 +114,37 @@ if ss["case_notice"]:
     (st.success if kind == "success" else st.error)(text)
     ss["case_notice"] = None
 
+def show_model_view(r: dict, original: bytes) -> None:
+    """The kept original, what the model saw and the Grad-CAM, from the case's own model (same weights), and
+    only when the recomputed prediction equals the stored one (nothing silently re-predicted)."""
+    from bcc_core.explain import overlay
+    from bcc_core.io import read_image
+
+    model_dir = model_for_weights(case["model_sha256"])
+    if model_dir is None:
+        st.warning("The model this case was screened with (weights SHA-256 "
+                   f"{case['model_sha256'][:16]}…) is no longer installed: only the stored prediction is shown.")
+        return
+    img = read_image(original)
+    predictor = predictor_for(model_dir)
+    again = predictor.predict([img])[0]
+    stored = r["probabilities"] or {}
+    diff = max((abs(float(again.probabilities.get(c, 0.0)) - float(p)) for c, p in stored.items()), default=0.0)
+    if again.predicted_class != r["predicted_class"] or diff > 1e-3:
+        st.error(f"The case's model now gives {again.predicted_class} for this image (stored: "
+                 f"{r['predicted_class']}; probabilities differ by up to {diff:.4f}): not shown.")
+        return
+    methods, _ = explanation_methods(model_dir)
+    label, method = next(iter(methods.items()))
+    heat = explanation_heatmap(again.model_input, method, predictor.classes.index(again.predicted_class),
+                               model_dir=model_dir)
+    v = st.columns(3)
+    v[0].image(img, caption="Original (kept with the case)", width="stretch")
+    v[1].image(again.model_input, caption="What the model saw", width="stretch")
+    v[2].image(overlay(again.model_input, heat, 0.45), caption=f"{label} for '{again.predicted_class}'",
+               width="stretch")
+
+
 # ---------------------------------------------------------------- review (from the stored predictions)
 readable = [r for r in rows if r["status"] != "error"]
 labels = review_labels(sorted({c for r in rows for c in (r["probabilities"] or {})}))
@@ -152,6 +184,11 @@ else:
                         + ", ".join(f"{c} {fmt_prob(p)}" for c, p in sorted((r["probabilities"] or {}).items(),
                                                                             key=lambda kv: -kv[1])[:3]))
             show_flags([Flag(**f) for f in r["flags"]])
+            original = cases.cell_image(engine, r["image_sha256"])
+            if original is not None and st.toggle("Show what the model saw and its Grad-CAM", key="case_show_cam",
+                                                  help="Recomputed from the kept image with the case's model; "
+                                                       "shown only when it gives the stored prediction again."):
+                show_model_view(r, original)
             if r["decision"]:
                 st.info(f"Current decision: **{r['decision']}**"
                         + (f" → {r['final_class']}" if r["final_class"] else "")

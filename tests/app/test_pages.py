@@ -688,11 +688,19 @@ def test_a_case_from_screening_to_sign_off_amendment_export_and_audit(app_env):
     flagged = [r for r in rows if r["status"] == "review"]
     assert case["status"] == "complete" and flagged
 
-    # The reviewer decides the flagged cells on the Cases page, from the stored predictions.
+    # The reviewer decides the flagged cells on the Cases page, from the stored predictions; a flagged cell's
+    # original is kept, so what the model saw and its Grad-CAM can be shown (recomputed with the case's
+    # model, and only because it gives the stored prediction again).
+    assert all(cases.cell_image(eng, r["image_sha256"]) for r in flagged)
     at.switch_page("pages/cases.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.subheader[0].value == "Case #1: ACC-778899"
     assert not [b for b in at.button if b.key == "case_sign"]              # a reviewer does not sign
+    at.toggle(key="case_show_cam").set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    captions = [c for img in at.image for c in img.captions]
+    assert "What the model saw" in captions and any(c.startswith("Grad-CAM for '") for c in captions), captions
+    at.toggle(key="case_show_cam").set_value(False).run()
     for k in range(len(flagged)):
         at.button(key="case_reject" if k == 0 else "case_confirm").click().run()
         assert not at.exception, [e.value for e in at.exception]

@@ -293,3 +293,16 @@ def test_user_administration_keeps_an_admin_and_locks_out_guessing(tmp_path):
     users.set_active(eng, "rita", False, actor="ada")
     assert users.current(eng, "rita") is None
     assert trail.verify(eng)["ok"]
+
+
+def test_originals_are_kept_under_their_content_hash_up_to_a_size(tmp_path, monkeypatch):
+    import hashlib
+
+    eng = store.open_store(str(tmp_path / "k.sqlite"))
+    data = b"\x89PNG fake original bytes"
+    sha = cases.keep_image(eng, data)
+    assert sha == hashlib.sha256(data).hexdigest() and cases.keep_image(eng, data) == sha   # kept once
+    assert cases.cell_image(eng, sha) == data
+    monkeypatch.setattr(cases, "MAX_KEPT_IMAGE_BYTES", 4)
+    assert cases.keep_image(eng, b"too large") is None
+    assert cases.cell_image(eng, hashlib.sha256(b"too large").hexdigest()) is None
