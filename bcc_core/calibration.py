@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -17,17 +15,23 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     Returns:
         (N, C) float64 probabilities, rows sum to 1.
     """
-    return softmax(np.asarray(logits, np.float64) / float(temperature), axis=1)
+    from .trust import softmax_t  # numpy only: importing this module needs no scipy
+
+    return softmax_t(logits, temperature)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true labels."""
+    from scipy.special import log_softmax
+
     lp = log_softmax(np.asarray(logits, np.float64) / temperature, axis=1)
     return float(-lp[np.arange(len(labels)), labels].mean())
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising validation NLL (searched on log T in [1/20, 20])."""
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(lambda lt: nll(logits, labels, float(np.exp(lt))), bounds=(-3.0, 3.0),
                           method="bounded", options={"xatol": 1e-4})
     return float(np.exp(res.x))

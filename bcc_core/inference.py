@@ -161,50 +161,14 @@ class Predictor:
         if len(inputs) == 0:
             return []
         feats, logits, early = self.forward(inputs, batch_size)
-        T = self.card.temperature
-        probs = calibration.apply_temperature(logits, T)
-        if self.card.ood and (self.ood_stats is not None or self.card.ood.get("method") == "energy"):
-            scores = ood.score(self.card.ood["method"], feats, logits, self.ood_stats, T, self.card.ood.get("scales"),
-                               early=early)
-            ood_thr = float(self.card.ood["threshold"])
-        else:
-            scores, ood_thr = np.zeros(len(inputs)), np.inf
-        rr = self.card.review_rule or {}
-        conf_thr = float(rr.get("threshold", 0.0))
-        qhat = rr.get("conformal_qhat")
-        # An adapted model (bcc_core.adapt) lists the classes its lab did not review: no evidence that
-        # a suggestion of them holds on that lab's images.
-        unreviewed = set(rr.get("review_classes") or [])
-        lab = (self.card.lineage or {}).get("lab", "the lab")
-        out = []
-        for i in range(len(inputs)):
-            p = probs[i]
-            k = int(p.argmax())
-            flags = list(quality_flags[i]) if quality_flags else []
-            if self.cue_flag is not None:
-                flags.append(self.cue_flag)
-            if scores[i] > ood_thr:
-                flags.append(Flag("out_of_distribution", "warning",
-                                  f"This image is unlike the images the model was trained on (OOD score {scores[i]:.2f} > "
-                                  f"{ood_thr:.2f}): another cell type, stain, scanner or an artefact. Do not rely on "
-                                  f"the suggested class; review the cell yourself.", "ood_score"))
-            if conf_thr > 1.0:
-                flags.append(Flag("low_confidence", "warning",
-                                  "This model's review rule could not certify any confidence level on its calibration "
-                                  "data, so every suggestion needs review.", "no_certified_threshold"))
-            elif p[k] < conf_thr:
-                flags.append(Flag("low_confidence", "warning",
-                                  f"Calibrated confidence {p[k]:.0%} is below the review threshold {conf_thr:.0%}; "
-                                  f"the model is unsure between classes. Review the cell.", "below_threshold"))
-            if self.classes[k] in unreviewed:
-                flags.append(Flag("low_confidence", "warning",
-                                  f"{self.classes[k]} was not among the reviewed cells this model was adapted on "
-                                  f"({lab}), so this suggestion is not validated for these images. Review the cell.",
-                                  "class_not_reviewed_in_lab"))
-            pset = [self.classes[j] for j in np.nonzero(review.prediction_sets(p[None], qhat)[0])[0]] if qhat is not None else [self.classes[k]]
-            out.append(Prediction(self.classes[k], float(p[k]), dict(zip(self.classes, map(float, p))), flags,
-                                  status_for(flags), float(scores[i]), pset, inputs[i]))
-        return out
+        trust = self.__dict__.get("trust")
+        if trust is None:  # built once from the card (old card layouts included); numpy only from here on
+            from .trust import TrustModel
+
+            trust = self.__dict__["trust"] = TrustModel.from_card(self.card, self.model_dir, self.ood_stats)
+        res = trust.apply(logits, feats, early, quality_flags)
+        return [Prediction(r.predicted_class, r.confidence, dict(zip(self.classes, map(float, r.probabilities))),
+                           r.flags, r.status, r.ood_score, r.prediction_set, inputs[i]) for i, r in enumerate(res)]
 
     def prepare(self, img: np.ndarray) -> tuple[np.ndarray, list[Flag]]:
         """The card's quality gate and preprocessing for one RGB image: (model input, quality flags)."""

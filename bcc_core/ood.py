@@ -15,7 +15,6 @@ Thresholds are fitted on in-distribution validation data only.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp
 
 METHODS = ("mahalanobis", "knn", "energy")
 EARLY = "mahalanobis_early"
@@ -120,7 +119,10 @@ def knn(features: np.ndarray, stats: dict) -> np.ndarray:
 
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """(N,) negative free energy: higher means less like training data."""
-    return -temperature * logsumexp(np.asarray(logits, np.float64) / temperature, axis=1)
+    z = np.asarray(logits, np.float64) / temperature
+    m = z.max(axis=1)
+    # numpy only (no scipy): the trust layer's apply must run in a minimal exported runtime
+    return -temperature * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
 
 
 def score(method: str, features: np.ndarray, logits: np.ndarray, stats: dict, temperature: float = 1.0,

@@ -13,11 +13,12 @@ Split-conformal prediction sets (LAC score, Sadinle et al. 2019) are reported al
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import beta
 
 
 def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
     """One-sided (1 − δ) upper confidence bound on a binomial rate."""
+    from scipy.stats import beta
+
     if n == 0:
         return 1.0
     if errors >= n:
@@ -37,8 +38,8 @@ def fit_selective_threshold(confidence: np.ndarray, correct: np.ndarray, alpha: 
         min_accepted: never claim a bound from fewer accepted images.
 
     Returns:
-        dict with threshold (1.0+ means "accept nothing"), the bound, coverage and counts on the
-        calibration set.
+        dict with threshold (None when no threshold can be certified: accept nothing), the bound,
+        coverage and counts (`accepted` 0 when nothing is certified) on the calibration set.
     """
     conf = np.asarray(confidence, np.float64)
     corr = np.asarray(correct, bool)
@@ -62,7 +63,7 @@ def fit_selective_threshold(confidence: np.ndarray, correct: np.ndarray, alpha: 
             break
         best = (float(conf_s[i]), ub, n_acc, int(cum_err[i]))
     if best is None:
-        return {"threshold": 1.01, "upper_bound": None, "accepted": 0, "errors": 0,
+        return {"threshold": None, "upper_bound": None, "accepted": 0, "errors": 0,
                 "coverage": 0.0, "n_calibration": int(len(conf))}
     thr, ub, n_acc, errs = best
     return {"threshold": thr, "upper_bound": ub, "accepted": n_acc, "errors": errs,

@@ -86,7 +86,8 @@ def test_selective_threshold_holds_alpha_on_fresh_data():
 def test_selective_threshold_refuses_when_nothing_is_safe():
     conf = np.full(200, 0.9)
     correct = np.zeros(200, bool)
-    assert review.fit_selective_threshold(conf, correct, 0.02, 0.1)["threshold"] > 1.0
+    rule = review.fit_selective_threshold(conf, correct, 0.02, 0.1)
+    assert rule["threshold"] is None and rule["accepted"] == 0  # said as data, no threshold above 1
 
 
 def test_clopper_pearson_known_value():
@@ -164,3 +165,167 @@ def test_early_layer_detector_catches_what_the_top_features_miss(tmp_path):
     ood.save_stats(tmp_path / "s.npz", stats)
     back = ood.load_stats(tmp_path / "s.npz")
     np.testing.assert_allclose(ood.score(ood.EARLY, new_top, None, back, early=early_out), s_out, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- the trust layer (bcc_core.trust)
+
+CLASSES = ["a", "b", "c"]
+
+
+def _stub_trust(**kw):
+    """A TrustModel with hand-set parameters (a stub predictor's trust layer): one detector on the logits
+    (energy), so fixed logits drive every branch."""
+    from bcc_core.trust import TrustModel
+
+    base = dict(classes=CLASSES, temperature=2.0, ood_method="energy",
+                detectors={"energy": {"median": -5.0, "threshold": -3.0}},
+                review={"certified": True, "threshold": 0.9}, conformal={"alpha": 0.05, "qhat": 0.7})
+    return TrustModel(**{**base, **kw})
+
+
+def _codes(r):
+    return [(f.code, f.detail) for f in r.flags]
+
+
+def test_apply_drives_every_flag_branch():
+    from bcc_core.flags import Flag
+
+    t = _stub_trust()
+    feats = np.zeros((4, 2))
+    logits = np.array([[12.0, 0, 0],    # confident (p ~ 1 at T=2), energy -12: ok
+                       [1.0, 0.6, 0],   # energy ~ -2.1 > -3: out of distribution, and below 0.9
+                       [6.0, 5.0, 0],   # energy ~ -6.9 (in distribution), p = 0.62 < 0.9: below threshold
+                       [0, 12.0, 0]])   # confident b
+    res = t.apply(logits, feats)
+    assert [r.status for r in res] == ["ok", "review", "review", "ok"]
+    assert _codes(res[0]) == [] and res[0].predicted_class == "a" and res[0].prediction_set == ["a"]
+    assert _codes(res[1]) == [("out_of_distribution", "ood_score"), ("low_confidence", "below_threshold")]
+    assert "> -3.00" in res[1].flags[0].message
+    assert _codes(res[2]) == [("low_confidence", "below_threshold")] and "below the review threshold 90%" in res[2].flags[0].message
+    # conformal set {c : p_c >= 1 - qhat = 0.3}: a alone for a confident item, a and b for the unsure one
+    assert res[2].prediction_set == ["a", "b"]
+    # calibrated: softmax(logits / T)
+    z = logits[2] / 2.0
+    np.testing.assert_allclose(res[2].probabilities, np.exp(z) / np.exp(z).sum())
+    # quality flags come first and make the item review
+    q = Flag("image_quality", "critical", "Image is blank.", "blank")
+    res_q = t.apply(logits[:1], feats[:1], quality_flags=[[q]])
+    assert _codes(res_q[0]) == [("image_quality", "blank")] and res_q[0].status == "review"
+    # no certified threshold (data, not a sentinel): every item flagged, with its own reason
+    u = _stub_trust(review={"certified": False, "threshold": None})
+    assert all(_codes(r)[-1] == ("low_confidence", "no_certified_threshold") for r in u.apply(logits, feats))
+    # an adapted model: classes its lab did not review always go to review, naming the lab
+    a = _stub_trust(review_classes=["b"], lab="lab B")
+    rb = a.apply(logits, feats)[3]
+    assert _codes(rb) == [("low_confidence", "class_not_reviewed_in_lab")] and "(lab B)" in rb.flags[0].message
+    # a model whose card's shortcut audit finds a colour cue: every result carries the cue flag
+    c = _stub_trust(shortcut_audit={"model_inputs": {"colour_histogram": 0.96}, "chance": 1 / 3})
+    rc = c.apply(logits[:1], feats[:1])[0]
+    assert _codes(rc) == [("shortcut_cue", "colour_histogram")] and rc.status == "review"
+    # no OOD detector: nothing is flagged out of distribution
+    n = _stub_trust(ood_method=None, detectors={})
+    assert [r.status for r in n.apply(logits, feats)] == ["ok", "review", "review", "ok"]
+    assert all(r.ood_score == 0 for r in n.apply(logits, feats))
+
+
+def test_union_flags_when_any_detector_fires():
+    from bcc_core.trust import TrustModel
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(300, 4))
+    y = rng.integers(0, 3, 300)
+    stats = ood.fit(f, y, 3, k=5)
+    t = TrustModel(classes=CLASSES, temperature=1.0, ood_method="union", ood_stats=stats,
+                   detectors={"mahalanobis": {"median": 2.0, "threshold": 4.0}, "energy": {"median": -8.0, "threshold": -6.0}},
+                   review={"certified": True, "threshold": 0.0})
+    logits = np.array([[10.0, 0, 0], [10.0, 0, 0], [1.0, 0, 0]])
+    feats = np.array([np.zeros(4), np.full(4, 50.0), np.zeros(4)])  # 2nd: far features; 3rd: flat logits
+    d = t.decide(logits, feats)
+    assert d.ood_flag.tolist() == [False, True, True]
+    maha = ood.mahalanobis(feats, stats)
+    np.testing.assert_allclose(d.ood_score, np.maximum((maha - 2) / 2, (ood.energy(logits) + 8) / 2))
+
+
+def _parts(n=600, seed=0, shift=0):
+    from bcc_core.trust import Part
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    feats = np.eye(3)[y] * 4 + rng.normal(0, 1, (n, 3))
+    logits = feats * 3  # overconfident: T > 1
+    ids = np.arange(n) + shift
+    return y, feats, logits, ids, Part
+
+
+def test_fit_uses_each_part_for_its_own_fit_and_refuses_overlap():
+    from bcc_core.trust import TrustConfig, TrustModel
+
+    y, f, lg, ids, Part = _parts(1500)
+    tr, a, b = Part("train", ids[:600], y[:600], f[:600]), \
+        Part("cal_a", ids[600:1000], y[600:1000], f[600:1000], lg[600:1000]), \
+        Part("cal_b", ids[1000:], y[1000:], f[1000:], lg[1000:])
+    t = TrustModel.fit(CLASSES, tr, a, b, TrustConfig(ood_method="mahalanobis"))
+    assert t.temperature == pytest.approx(calibration.fit_temperature(lg[600:1000], y[600:1000]))
+    s_a = ood.mahalanobis(f[600:1000], t.ood_stats)
+    assert t.detectors["mahalanobis"]["threshold"] == pytest.approx(np.quantile(s_a, 0.95), rel=1e-5)
+    p_b = calibration.apply_temperature(lg[1000:], t.temperature)
+    assert t.conformal["qhat"] == pytest.approx(review.conformal_qhat(p_b, y[1000:], 0.05))
+    assert t.certified and t.review["n_calibration"] <= 500 and 0 < t.review["threshold"] <= 1
+    assert t.fitted_on["review_rule"].startswith("cal_b") and t.fitted_on["temperature"].startswith("cal_a")
+    with pytest.raises(ValueError, match="share 1 items"):
+        TrustModel.fit(CLASSES, tr, a, Part("cal_b", np.r_[ids[1000:], ids[700]], np.r_[y[1000:], y[700]],
+                                            np.r_[f[1000:], f[700:701]], np.r_[lg[1000:], lg[700:701]]))
+
+
+def test_trust_card_round_trip_and_old_card_layout(tmp_path):
+    import json
+
+    from bcc_core.trust import STATS_FILE, TrustConfig, TrustModel
+
+    y, f, lg, ids, Part = _parts(1500, seed=1)
+    t = TrustModel.fit(CLASSES, Part("train", ids[:600], y[:600], f[:600]),
+                       Part("cal_a", ids[600:1000], y[600:1000], f[600:1000], lg[600:1000]),
+                       Part("cal_b", ids[1000:], y[1000:], f[1000:], lg[1000:]), TrustConfig())
+    t.save_stats(tmp_path)
+    card = {"classes": CLASSES, "trust": json.loads(json.dumps(t.to_card()))}
+    back = TrustModel.from_card(card, tmp_path)
+    t.ood_stats = ood.load_stats(tmp_path / STATS_FILE)  # the file keeps the kNN bank in float16
+    a, b = t.decide(lg[:50], f[:50]), back.decide(lg[:50], f[:50])
+    np.testing.assert_allclose(a.probs, b.probs)
+    np.testing.assert_allclose(a.ood_score, b.ood_score, rtol=1e-3, atol=1e-4)
+    assert (a.ok == b.ok).all()
+    # An old card: union scales under ood, review threshold 1.01 meaning "accept nothing"
+    old = {"classes": CLASSES, "calibration": {"temperature": 1.5},
+           "ood": {"method": "union", "threshold": 1.0, "stats_file": STATS_FILE,
+                   "scales": {m: [v["median"], v["threshold"]] for m, v in t.detectors.items()}},
+           "review_rule": {"threshold": 1.01, "conformal_qhat": 0.2, "conformal_alpha": 0.05}}
+    o = TrustModel.from_card(old, tmp_path)
+    assert not o.certified and o.review["threshold"] is None and o.temperature == 1.5
+    assert all(d == "no_certified_threshold" for d in
+               [r.flags[-1].detail for r in o.apply(lg[:5], f[:5])])
+    old["review_rule"]["threshold"] = 0.8
+    assert TrustModel.from_card(old, tmp_path).review == pytest.approx(
+        {"certified": True, "threshold": 0.8, "alpha": None, "delta": None, "upper_bound": None, "accepted": None,
+         "errors": None, "n_calibration": None})
+    (tmp_path / STATS_FILE).unlink()
+    with pytest.raises(ValueError, match="missing"):
+        TrustModel.from_card(card, tmp_path)
+
+
+def test_trust_apply_runs_without_tensorflow_or_scipy():
+    """The exported runtime calls apply with numpy only: importing and applying must not load TF or scipy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from bcc_core.trust import TrustModel\n"
+        "t = TrustModel(classes=['a','b'], temperature=1.0, ood_method='energy',"
+        " detectors={'energy': {'median': -5.0, 'threshold': -3.0}}, review={'certified': True, 'threshold': 0.9})\n"
+        "r = t.apply(np.array([[9.0, 0.0]]), np.zeros((1, 2)))\n"
+        "assert r[0].status == 'ok', r\n"
+        "bad = [m for m in ('tensorflow', 'keras', 'scipy', 'sklearn') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
