@@ -40,6 +40,9 @@ __all__ = [
     "group_duplicates",
     "duplicate_report",
     "split_grouped",
+    "split_parts",
+    "check_disjoint",
+    "PARTS",
     "kfold_grouped",
     "save_split",
     "load_split",
@@ -503,6 +506,12 @@ def split_grouped(
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.shape != (3,) or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6 or fr[0] <= 0:
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1 with train > 0, got {fractions}")
+    return Split(*_assign_groups(y, g, fr, seed))
+
+
+def _assign_groups(y: np.ndarray, g: np.ndarray, fr: np.ndarray, seed: int) -> list[tuple[int, ...]]:
+    """The grouped, stratified assignment behind :func:`split_grouped` / :func:`split_parts`, for any
+    number of parts (fractions ``fr``, summing to 1)."""
     rng = np.random.default_rng(seed)
     _, y_idx = np.unique(y, return_inverse=True)
     _, g_idx = np.unique(g, return_inverse=True)
@@ -516,22 +525,81 @@ def split_grouped(
     for gi, m in enumerate(members):
         group_label[gi] = int(np.bincount(y_idx[m], minlength=n_cls).argmax())
 
-    parts: list[list[int]] = [[], [], []]
+    k = len(fr)
+    parts: list[list[int]] = [[] for _ in range(k)]
     for c in range(n_cls):
         gids = np.flatnonzero(group_label == c)
         if len(gids) == 0:
             continue
         gids = gids[rng.permutation(len(gids))]
-        sizes = np.array([len(members[k]) for k in gids])
+        sizes = np.array([len(members[j]) for j in gids])
         gids = gids[np.argsort(-sizes, kind="stable")]
         target = fr * sizes.sum()
-        have = np.zeros(3)
-        for k in gids:
+        have = np.zeros(k)
+        for j in gids:
             deficit = np.where(fr > 0, target - have, -np.inf)
             s = int(np.argmax(deficit))
-            parts[s].extend(members[k])
-            have[s] += len(members[k])
-    return Split(*(tuple(sorted(p)) for p in parts))
+            parts[s].extend(members[j])
+            have[s] += len(members[j])
+    return [tuple(sorted(p)) for p in parts]
+
+
+PARTS = ("train", "val", "cal_a", "cal_b", "test")
+"""The named, disjoint parts of a training run: ``train`` (network weights, OOD statistics), ``val``
+(early stopping / checkpoint choice only), ``cal_a`` (temperature, OOD thresholds), ``cal_b`` (review
+rule, conformal quantile) and ``test`` (evaluation only, never a fit or a choice)."""
+
+PART_FRACTIONS = {"train": 0.625, "val": 0.075, "cal_a": 0.075, "cal_b": 0.075, "test": 0.15}
+
+PART_USE = {
+    "train": "network weights (head, fine-tuned layers) and the OOD statistics (class means, covariance, kNN bank)",
+    "val": "early stopping / best-checkpoint choice of the network (nothing else)",
+    "cal_a": "temperature scaling and the OOD detectors' thresholds",
+    "cal_b": "review rule (Clopper-Pearson risk bound) and the conformal quantile",
+    "test": "evaluation only: no fit, threshold or choice uses it",
+}
+
+
+def split_parts(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[int] | np.ndarray,
+    fractions: dict[str, float] | None = None,
+    seed: int = 42,
+) -> dict[str, tuple[int, ...]]:
+    """Named, disjoint parts, stratified by ``labels`` (e.g. class x source), groups kept whole.
+
+    Args:
+        labels: ``(n,)`` strata.
+        groups: ``(n,)`` duplicate-group ids.
+        fractions: ``{part: fraction}`` (default :data:`PART_FRACTIONS`), non-negative, summing to 1,
+            the first part > 0.
+        seed: RNG seed.
+
+    Returns:
+        ``{part: sorted index tuple}`` in the order of ``fractions``; together they cover ``0..n-1``.
+    """
+    y, g = _check_labels_groups(labels, groups)
+    fractions = dict(fractions or PART_FRACTIONS)
+    fr = np.asarray(list(fractions.values()), dtype=np.float64)
+    if (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6 or fr[0] <= 0:
+        raise ValueError(f"fractions must be non-negative, sum to 1 and give the first part > 0, got {fractions}")
+    return dict(zip(fractions, _assign_groups(y, g, fr, seed)))
+
+
+def check_disjoint(parts: dict, groups: Sequence[int] | np.ndarray | None = None) -> None:
+    """Raise ValueError when two parts share an item, or (with ``groups``) a duplicate group."""
+    names = list(parts)
+    g = None if groups is None else np.asarray(groups)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ia, ib = np.asarray(parts[a], np.int64), np.asarray(parts[b], np.int64)
+            shared = np.intersect1d(ia, ib)
+            if len(shared):
+                raise ValueError(f"parts {a!r} and {b!r} share {len(shared)} items (e.g. index {shared[0]})")
+            if g is not None:
+                sg = np.intersect1d(g[ia], g[ib])
+                if len(sg):
+                    raise ValueError(f"parts {a!r} and {b!r} share {len(sg)} duplicate groups (e.g. group {sg[0]})")
 
 
 def kfold_grouped(
@@ -565,31 +633,38 @@ def kfold_grouped(
 def save_split(
     path_json: str | os.PathLike,
     dataset: Dataset,
-    split: Split,
+    split: "Split | dict[str, Sequence[int]]",
     groups: Sequence[int] | np.ndarray,
     meta: dict | None = None,
-) -> None:
+) -> dict:
     """Write a split as JSON with paths relative to the dataset root.
 
     The file holds ``format``, ``classes``, ``dataset_digest`` (see :meth:`Dataset.digest`),
-    per-part ``counts``, ``n_groups``, optional ``meta`` (e.g. seed and fractions) and, per part,
-    a list of ``[relative_path, label, group]``.
+    per-part ``counts``, ``sizes`` and ``sha256`` (of the sorted SHA-256s of its files' bytes),
+    ``n_groups``, optional ``meta`` (e.g. seed and fractions) and, per part, a list of
+    ``[relative_path, label, group]``.
 
     Args:
         path_json: Output file; parent folders are created.
         dataset: The dataset the split indexes into.
-        split: The split.
+        split: The split (:class:`Split`, or ``{part name: indices}`` from :func:`split_parts`).
         groups: Group id per dataset item (stored for auditing group integrity).
         meta: Extra JSON-serialisable information.
+
+    Returns:
+        ``{"sizes": {part: n}, "sha256": {part: hex}}`` (also in the file), for the model card.
     """
     g = np.asarray(groups)
     if len(g) != len(dataset):
         raise ValueError(f"groups ({len(g)}) and dataset ({len(dataset)}) differ in length")
     rel = dataset.relpaths()
-    parts = split.as_dict()
+    parts = split.as_dict() if isinstance(split, Split) else {k: tuple(int(i) for i in v) for k, v in split.items()}
     all_idx = np.concatenate([np.asarray(v, dtype=np.int64) for v in parts.values()])
     if len(all_idx) and (all_idx.min() < 0 or all_idx.max() >= len(dataset)):
         raise ValueError("split indices out of range for this dataset")
+    check_disjoint(parts)
+    sizes = {name: len(idx) for name, idx in parts.items()}
+    hashes = {name: part_sha256([dataset.paths[i] for i in idx]) for name, idx in parts.items()}
     doc = {
         "format": SPLIT_FORMAT,
         "classes": list(dataset.classes),
@@ -600,6 +675,8 @@ def save_split(
             name: {c: int(sum(1 for i in idx if dataset.labels[i] == k)) for k, c in enumerate(dataset.classes)}
             for name, idx in parts.items()
         },
+        "sizes": sizes,
+        "sha256": hashes,
         "meta": meta or {},
         "splits": {
             name: [[rel[i], int(dataset.labels[i]), int(g[i])] for i in idx] for name, idx in parts.items()
@@ -610,6 +687,19 @@ def save_split(
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     os.replace(tmp, out)  # atomic: a crash never leaves half a split file
+    return {"sizes": sizes, "sha256": hashes}
+
+
+def part_sha256(paths: Sequence[str | os.PathLike]) -> str:
+    """SHA-256 of a part's content: the sorted SHA-256s of its files' bytes, one per line (independent
+    of file names and order; an unreadable file counts as ``unreadable:<name>``)."""
+    lines = []
+    for p in paths:
+        try:
+            lines.append(hashlib.sha256(Path(p).read_bytes()).hexdigest())
+        except OSError:
+            lines.append(f"unreadable:{Path(p).name}")
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
 def load_split(path_json: str | os.PathLike, data_root: str | os.PathLike) -> dict[str, list[tuple[str, int]]]:
@@ -620,7 +710,8 @@ def load_split(path_json: str | os.PathLike, data_root: str | os.PathLike) -> di
         data_root: Dataset root on this machine.
 
     Returns:
-        ``{"train": [(abs_path, label), ...], "val": [...], "test": [...]}``.
+        ``{"train": [(abs_path, label), ...], "val": [...], "test": [...]}`` plus every further part the
+        file names (``cal_a``, ``cal_b``), in the file's order.
 
     Raises:
         ValueError: The file is not a split file of this format.
@@ -638,7 +729,8 @@ def load_split(path_json: str | os.PathLike, data_root: str | os.PathLike) -> di
     out: dict[str, list[tuple[str, int]]] = {}
     missing: list[str] = []
     total = 0
-    for name in ("train", "val", "test"):
+    names = list(dict.fromkeys(["train", "val", "test", *doc["splits"]]))
+    for name in names:
         rows = doc["splits"].get(name, [])
         items = []
         for row in rows:

@@ -13,8 +13,12 @@ from PIL import Image
 
 from bcc_core.data import (
     Dataset,
+    PARTS,
     Split,
     _near_pairs,
+    check_disjoint,
+    part_sha256,
+    split_parts,
     duplicate_report,
     group_duplicates,
     kfold_grouped,
@@ -349,7 +353,54 @@ def test_kfold_grouped_partitions_and_keeps_groups():
         kfold_grouped(labels, groups, k=1)
 
 
+def test_split_parts_named_disjoint_grouped_stratified():
+    labels, groups = _synthetic_labels_groups()
+    fr = {"train": 0.625, "val": 0.075, "cal_a": 0.075, "cal_b": 0.075, "test": 0.15}
+    parts = split_parts(labels, groups, fr, seed=4)
+    assert list(parts) == list(PARTS)
+    allidx = np.concatenate([np.asarray(p) for p in parts.values()])
+    assert sorted(allidx.tolist()) == list(range(len(labels)))
+    check_disjoint(parts, groups)
+    overall = np.bincount(labels) / len(labels)
+    for k, idx in parts.items():
+        idx = np.asarray(idx)
+        assert abs(len(idx) / len(labels) - fr[k]) < 0.02, k
+        assert np.abs(np.bincount(labels[idx], minlength=3) / len(idx) - overall).max() < 0.05, k
+    # three parts with the same fractions give split_grouped's split (one algorithm)
+    three = split_parts(labels, groups, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=4)
+    assert tuple(three.values()) == tuple(split_grouped(labels, groups, seed=4).as_dict().values())
+    with pytest.raises(ValueError):
+        split_parts(labels, groups, {"train": 0.5, "test": 0.4})
+
+
+def test_check_disjoint_names_shared_items_and_groups():
+    groups = np.array([0, 0, 1, 2, 3])
+    check_disjoint({"a": [0, 1], "b": [2], "c": [3, 4]}, groups)
+    with pytest.raises(ValueError, match="'a' and 'b' share 1 items"):
+        check_disjoint({"a": [0, 2], "b": [2]})
+    with pytest.raises(ValueError, match="'a' and 'b' share 1 duplicate groups"):
+        check_disjoint({"a": [0], "b": [1]}, groups)  # two copies of one image on both sides
+
+
 # --------------------------------------------------------------------------- save / load
+
+
+def test_save_split_named_parts_sizes_and_content_hashes(folder, tmp_path):
+    ds = list_imagefolder(folder)
+    groups = group_duplicates(ds.paths, progress=False)
+    parts = split_parts(ds.labels, groups, {"train": 0.5, "cal_a": 0.25, "test": 0.25}, seed=1)
+    info = save_split(tmp_path / "split.json", ds, parts, groups)
+    doc = json.loads((tmp_path / "split.json").read_text())
+    assert info["sizes"] == doc["sizes"] == {k: len(v) for k, v in parts.items()}
+    assert doc["sha256"]["cal_a"] == part_sha256([ds.paths[i] for i in parts["cal_a"]])
+    # the hash is of the content: same files in another order (or renamed) give the same hash
+    assert part_sha256([ds.paths[i] for i in reversed(parts["cal_a"])]) == doc["sha256"]["cal_a"]
+    copy = tmp_path / "renamed.png"
+    shutil.copy(ds.paths[parts["test"][0]], copy)
+    assert part_sha256([copy]) == part_sha256([ds.paths[parts["test"][0]]])
+    assert list(load_split(tmp_path / "split.json", folder)) == ["train", "val", "test", "cal_a"]
+    with pytest.raises(ValueError, match="share"):
+        save_split(tmp_path / "bad.json", ds, {"train": [0, 1], "test": [1]}, groups)
 
 
 def test_save_load_split_roundtrip_relative_paths(folder, tmp_path):
