@@ -49,6 +49,14 @@ def create_case(engine, user: User, sample_label: str, model_id: str, model_sha2
             "model_version": model_version or None})
 
 
+def model_version(model_dir) -> str:
+    """What a case records as the model's version: the card's `version`, else its creation stamp."""
+    from pathlib import Path
+
+    card = json.loads((Path(model_dir) / "model_card.json").read_text())
+    return str(card.get("version") or card.get("created") or "")
+
+
 def add_result(engine, user: User, case_id: int, seq: int, row: dict) -> int:
     """Store one screening row (bcc_core.screening row dict) as it arrives, with its thumbnail if it has one
     (`row["thumbnail"]`: (h, w, 3) uint8 RGB, kept as PNG under its SHA-256)."""

@@ -164,7 +164,7 @@ if run:
                 st.stop()
     else:
         case_id = cases.create_case(engine, user, label, ident["model_id"], ident["weights_sha256"], len(sources),
-                                    model_version=ident.get("created") or "")
+                                    model_version=cases.model_version(current_model_dir()))
     todo = [k for k in range(len(sources)) if k not in stored]
     by_seq = {seq: stored_row(r) for seq, r in stored.items()}
     result_ids = {seq: r["id"] for seq, r in stored.items()}

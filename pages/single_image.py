@@ -152,7 +152,7 @@ if user is not None and user.may("screen"):
             thumb.thumbnail((96, 96))
             engine = db()
             cid = cases.create_case(engine, user, case_label, ident["model_id"], ident["weights_sha256"], 1,
-                                    model_version=ident.get("created") or "")
+                                    model_version=cases.model_version(current_model_dir()))
             cases.add_result(engine, user, cid, 0, {**row, "thumbnail": np.asarray(thumb.convert("RGB"))})
             cases.finish(engine, user, cid)
             st.success(f"Saved as case #{cid} ({literal(case_label.strip())}); open it on the Cases page to review "

@@ -306,3 +306,12 @@ def test_originals_are_kept_under_their_content_hash_up_to_a_size(tmp_path, monk
     monkeypatch.setattr(cases, "MAX_KEPT_IMAGE_BYTES", 4)
     assert cases.keep_image(eng, b"too large") is None
     assert cases.cell_image(eng, hashlib.sha256(b"too large").hexdigest()) is None
+
+
+def test_a_case_records_the_cards_version_else_its_creation_stamp(tmp_path):
+    import json
+
+    (tmp_path / "model_card.json").write_text(json.dumps({"created": "2026-11-30T10:00:00"}))
+    assert cases.model_version(tmp_path) == "2026-11-30T10:00:00"
+    (tmp_path / "model_card.json").write_text(json.dumps({"created": "2026-11-30T10:00:00", "version": "2026.11.30"}))
+    assert cases.model_version(tmp_path) == "2026.11.30"
