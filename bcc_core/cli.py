@@ -344,7 +344,7 @@ def _open_case(a, pred, n_inputs: int):
             return engine, user, open_[0]["id"], cases.screened_seqs(engine, open_[0]["id"])
     ident = model_identity(pred.model_dir)
     case_id = cases.create_case(engine, user, a.case, ident["model_id"], ident["weights_sha256"], n_inputs,
-                                model_version=ident.get("created") or "")
+                                model_version=cases.model_version(pred.model_dir))
     return engine, user, case_id, set()
 
 
