@@ -50,6 +50,7 @@ def _train_cfg(a):
     return TrainConfig(task=task, backbone=a.backbone, weights=a.weights, epochs=a.epochs, batch_size=a.batch_size,
                        learning_rate=a.lr, aug_views=a.aug_views, seed=a.seed, fine_tune_layers=a.fine_tune_layers,
                        fine_tune_epochs=a.fine_tune_epochs, fine_tune_lr=a.fine_tune_lr, swa_start=a.swa_start,
+                       near_duplicate_distance=a.near_duplicate_distance,
                        preprocess=pcfg.to_dict(), augment=aug.to_dict(), **_class_options(a))
 
 
@@ -576,6 +577,8 @@ def _add_train_opts(p):
     p.add_argument("--swa-start", type=int, default=-1,
                    help="fine-tuning: run every epoch and average the weights from this epoch on (-1: early stopping)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--near-duplicate-distance", type=int, default=4,
+                   help="pHash Hamming radius (of 64 bits) grouping near-duplicate images before the split")
     p.add_argument("--limit-per-class", type=int, help="train on a per-class subset (quick checks)")
     p.add_argument("--cache", action="store_true", help="reuse preprocessed inputs from .cache/ (experiments)")
     p.add_argument("--quiet", action="store_true")
@@ -593,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a model on its recorded split or a whole folder")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
-    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.add_argument("--split", default="test", choices=["train", "val", "cal_a", "cal_b", "test", "all"])
     e.add_argument("--json", action="store_true", help="last line printed is one JSON object")
     e.add_argument("--external", action="store_true",
                    help="--data is a labelled folder from another lab: every image, unknown cell types included, "

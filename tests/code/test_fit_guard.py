@@ -101,3 +101,27 @@ def test_thresholds_follow_the_stated_rules_in_every_source():
             assert np.mean(np.array([m[col] for m in ms]) < t[k]) <= quality.VALID_MISS + 1e-9
     with pytest.raises(ValueError, match="at least 500"):
         quality.thresholds_from_measures({"lab_a": by_source["lab_a"], "tiny": by_source["lab_b"][:10]})
+
+
+def test_the_shipped_fit_used_only_training_parts_of_the_current_splits():
+    """quality_fit.json was fitted on the train parts of today's bundled splits, never on validation, test or
+    BCCD images. Fails when a bundled split changes: re-run bench/fit_quality_gate.py then."""
+    import hashlib
+    from pathlib import Path
+
+    from bench.fit_quality_gate import train_files
+
+    root = Path(__file__).resolve().parents[2]
+    doc = json.loads(quality.FIT_FILE.read_text(encoding="utf-8"))
+    data = Path("/data-root-not-read")  # only the split files are read
+    files, digests = train_files(data, root / "models")
+    assert doc["split_files_sha256"] == digests, "a bundled split changed: re-run bench/fit_quality_gate.py"
+    rel = sorted(f"{s}/{p.relative_to(data / s).as_posix()}" for s, ps in files.items() for p in ps)
+    assert hashlib.sha256("\n".join(rel).encode()).hexdigest() == doc["image_list_sha256"]
+    assert {s: len(ps) for s, ps in files.items()} == doc["images"]
+    assert not any(r.lower().startswith("bccd") for r in rel)
+    held_out = set()
+    for model, prefix in (("pbs5-mobilenetv2", "pbs5/"), ("pb7-mobilenetv2", ""), ("all4-mobilenetv2", "all4/")):
+        splits = json.loads((root / "models" / model / "split.json").read_text())["splits"]
+        held_out |= {prefix + r[0] for part, rows in splits.items() if part != "train" for r in rows}
+    assert not held_out & set(rel)
