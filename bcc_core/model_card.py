@@ -69,6 +69,9 @@ class ModelCard:
     schema_version: str = SCHEMA_VERSION
     reproduce: str = ""
     lineage: dict = field(default_factory=dict)  # adapted models: parent, lab, cells, before/after
+    version: str = ""  # date-based (YYYY.MM.DD.HHMM, UTC), set when the model is trained or adapted
+    trust: dict = field(default_factory=dict)  # bcc_core.trust.TrustModel.to_card(); empty on old cards
+    model_sha256: str = ""  # SHA-256 of model.keras, written by models.save_model and checked on load
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,7 +83,26 @@ class ModelCard:
 
     @property
     def temperature(self) -> float:
-        return float(self.calibration.get("temperature", 1.0))
+        return float((self.trust or {}).get("temperature") or self.calibration.get("temperature", 1.0))
+
+    @property
+    def identity(self) -> dict:
+        """What a result, export or audit entry carries to name the model: id, version, weights SHA-256."""
+        return {"id": self.model_id, "version": self.version or f"unversioned ({self.created or 'no date'})",
+                "sha256": self.model_sha256}
+
+
+def model_identity(card_or_dir) -> dict:
+    """{"id", "version", "sha256"} of a model (a ModelCard, a card dict or a model folder).
+
+    Cards written before versions were kept give "unversioned (<created>)"; the SHA-256 is the one the card
+    records (`load_model` refuses a model.keras that does not match it).
+    """
+    if isinstance(card_or_dir, ModelCard):
+        return card_or_dir.identity
+    if isinstance(card_or_dir, dict):
+        return ModelCard.from_dict(card_or_dir).identity
+    return load_card(card_or_dir).identity
 
 
 @lru_cache(maxsize=1)

@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 
 REPLAY_FILE = "replay.npz"
-PARTS = ("train", "val_a", "val_b", "test", "lab_fit", "lab_cal")
+PARTS = ("train", "val", "cal_a", "cal_b", "test", "lab_fit", "lab_cal_a", "lab_cal_b",
+         "val_a", "val_b", "lab_cal")  # the last three: banks written before calibration A/B were their own parts
+CAL_A = ("cal_a", "val_a")  # temperature and OOD thresholds were fitted on these rows
+CAL_B = ("cal_b", "val_b")  # review rule and conformal quantile
 TRAIN_PER_CLASS = 150
 
 
@@ -39,7 +42,8 @@ def make_bank(features: np.ndarray, early: np.ndarray | None, labels: np.ndarray
         features: (N, D) float penultimate features of clean images.
         early: (N, E) pooled early-layer activations or None.
         labels: (N,) int class indices.
-        parts: {"train": idx, "val_a": idx, "val_b": idx, "test": idx} integer index arrays into the N rows.
+        parts: {part name: idx} integer index arrays into the N rows (`training.train`: train, val, cal_a,
+            cal_b, test); only the train part is subsampled.
         classes: class names (index order).
         source: name of the images' source (dataset / lab), kept per row.
         per_class_train: training rows kept per class (stratified random subset).
@@ -50,15 +54,15 @@ def make_bank(features: np.ndarray, early: np.ndarray | None, labels: np.ndarray
     """
     labels = np.asarray(labels)
     rows, names = [], []
-    for name in ("train", "val_a", "val_b", "test"):
-        idx = np.asarray(parts.get(name, []), int)
+    for name in parts:
+        idx = np.asarray(parts[name], int)
         if name == "train" and per_class_train:
             idx = idx[_stratified(labels[idx], per_class_train, seed)]
         rows.append(idx)
         names += [name] * len(idx)
     idx = np.concatenate(rows).astype(int)
     bank = {"features": np.asarray(features)[idx].astype(np.float16), "labels": labels[idx].astype(np.int16),
-            "part": np.array(names, dtype="U8"), "source": np.array([source] * len(idx), dtype="U64"),
+            "part": np.array(names, dtype="U16"), "source": np.array([source] * len(idx), dtype="U64"),
             "classes": np.array(classes, dtype="U64"),
             "meta": np.array(json.dumps({"per_class_train": per_class_train, "seed": seed, **(meta or {})}))}
     if early is not None:
@@ -72,7 +76,7 @@ def concat_banks(a: dict, b: dict) -> dict:
     if cb[: len(ca)] != ca:
         raise ValueError(f"replay banks disagree on classes: {ca} vs {cb}")
     out = {k: np.concatenate([a[k], b[k]]) for k in ("features", "labels", "part", "source")}
-    out["part"] = out["part"].astype("U8")
+    out["part"] = out["part"].astype("U16")
     out["source"] = out["source"].astype("U64")
     if "early" in a and "early" in b:
         out["early"] = np.concatenate([a["early"], b["early"]])
@@ -111,15 +115,27 @@ def build_for_model(model_dir, data_root, per_class_train: int = TRAIN_PER_CLASS
     pred = Predictor.load(d)
     sp = load_split(d / "split.json", data_root)
     seed = int(pred.card.split.get("seed", pred.card.training.get("seed", 42)))
-    items = sp["train"] + sp["val"] + sp["test"]
-    labels = np.array([l for _, l in items])
-    n_tr, n_va = len(sp["train"]), len(sp["val"])
-    tr = np.arange(n_tr)
-    keep_tr = tr[_stratified(labels[tr], per_class_train, seed)]
-    a, b = val_halves(n_va, seed)
-    parts = {"train": np.arange(len(keep_tr)), "val_a": len(keep_tr) + a, "val_b": len(keep_tr) + b,
-             "test": len(keep_tr) + n_va + np.arange(len(sp["test"]))}
-    rows = np.concatenate([keep_tr, n_tr + np.arange(n_va + len(sp["test"]))])
+    if "cal_a" in sp:  # named parts: every part as it is
+        names = [k for k in sp if sp[k]]
+        items = [it for k in names for it in sp[k]]
+        labels = np.array([l for _, l in items])
+        n_tr = len(sp["train"])
+        keep_tr = np.arange(n_tr)[_stratified(labels[:n_tr], per_class_train, seed)]
+        parts, start = {"train": np.arange(len(keep_tr))}, len(keep_tr)
+        for k in names[1:]:
+            parts[k] = start + np.arange(len(sp[k]))
+            start += len(sp[k])
+        rows = np.concatenate([keep_tr, n_tr + np.arange(len(items) - n_tr)])
+    else:  # an old split: validation halves A/B drawn as the old training did
+        items = sp["train"] + sp["val"] + sp["test"]
+        labels = np.array([l for _, l in items])
+        n_tr, n_va = len(sp["train"]), len(sp["val"])
+        tr = np.arange(n_tr)
+        keep_tr = tr[_stratified(labels[tr], per_class_train, seed)]
+        a, b = val_halves(n_va, seed)
+        parts = {"train": np.arange(len(keep_tr)), "val_a": len(keep_tr) + a, "val_b": len(keep_tr) + b,
+                 "test": len(keep_tr) + n_va + np.arange(len(sp["test"]))}
+        rows = np.concatenate([keep_tr, n_tr + np.arange(n_va + len(sp["test"]))])
     x, _, problems = load_images([items[i][0] for i in rows], pred.pcfg, progress)
     if problems:
         raise ValueError(f"{len(problems)} split images could not be read, e.g. {problems[0]}")

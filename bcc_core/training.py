@@ -1,5 +1,6 @@
 """Training: Study 1's recipe by default, a fast frozen-feature path, optional fine-tuning, and the
-post-training fits that make the output trustworthy (temperature, OOD threshold, review rule).
+post-training fits that make the output trustworthy (`bcc_core.trust`), as named stages on named,
+disjoint data parts (train, val, cal_a, cal_b, test; `bcc_core.data.PARTS`).
 
 Fast path (frozen backbone): the backbone runs once per image and per augmented view; the head is
 trained on the cached features. The model is the same as end-to-end training with a frozen base, at
@@ -16,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ import numpy as np
 from . import calibration, evaluation, ood, review, shortcut
 from .augment import AugmentConfig, augment_batch
 from .backbones import get_spec
-from .data import group_duplicates, list_imagefolder, list_sources, merge_group_file, save_split, split_grouped
+from .data import group_duplicates, list_imagefolder, list_sources, merge_group_file, save_split
 from .io import read_image
 from .model_card import ModelCard, library_versions, use_statement
 from .models import FIXED_LAYERS
@@ -49,7 +51,7 @@ class TrainConfig:
     class_weights: bool = True
     aug_views: int = 4
     seed: int = 42
-    fractions: tuple = (0.7, 0.15, 0.15)
+    fractions: tuple = (0.625, 0.075, 0.075, 0.075, 0.15)  # train, val, cal_a, cal_b, test (data.PARTS)
     near_duplicate_distance: int = 4
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 2
@@ -296,52 +298,247 @@ def per_source_metrics(labels, probs, sources, classes) -> dict:
     return out
 
 
+@lru_cache(maxsize=1)
+def card_text() -> dict:
+    """Model-card prose (limitations, grouping notes), kept as data in `card_text.json`."""
+    return json.loads(Path(__file__).with_name("card_text.json").read_text(encoding="utf-8"))
+
+
 def _limitations(cfg: TrainConfig, data_card: dict) -> list[str]:
     roots = [s["root"] for s in data_card.get("sources", [])] or [data_card["root"]]
+    text = card_text()
     several = len(roots) > 1
-    out = [("Trained on public datasets from " + str(len(roots)) + " labs' collections" if several else
-            "Trained on one public dataset") + "; accuracy on images from other labs, stains and scanners is lower "
-           "than the test figure.",
-           "The review rule's guarantee assumes images exchangeable with the calibration data (same source" + ("s" if several else "") + ")."]
-    if "pbs5" in roots:
-        out.append("pbs5: each class comes from a single lab (basophil, erythroblast, monocyte: Barcelona; myeloblast, "
-                   "seg_neutrophil: Munich); cell-centred cropping and stain normalisation reduce, but cannot prove the "
-                   "absence of, lab shortcuts.")
-        if several:
-            out.append("Other sources give some classes a second lab (see data.sources); classes seen in one lab "
-                       "only (e.g. erythroblast, myeloblast) can still be suggested from the lab's look; measured "
-                       "on one external lab in bench/results/multisource.md.")
-        else:
-            out.append("pbs5: no class was imaged in both labs, so on another lab's images a monocyte can be suggested "
-                       "as myeloblast (the Munich class nearest in morphology); measured on one external lab in "
-                       "bench/results/crosslab.md. Such images are flagged out_of_distribution; a suggested myeloblast "
-                       "on an image from a lab the model was not trained on always needs a human look.")
+    key = "with_others" if several else "alone"
+    out = [text["general"][key].format(n_labs=len(roots)), text["general"]["exchangeable_" + key]]
+    for r in roots:
+        src = text["sources"].get(r, {})
+        out += list(src.get("always", [])) + list(src.get(key, []))
     return out
+
+
+def _grouping_text(cfg: TrainConfig, data_card: dict) -> str:
+    roots = [s["root"] for s in data_card.get("sources", [])] or [data_card["root"]]
+    g = card_text()["grouping"]
+    return " ".join([g["default"].format(radius=cfg.near_duplicate_distance)]
+                    + [g[r].format(radius=cfg.near_duplicate_distance) for r in roots if r in g])
+
+
+# --------------------------------------------------------------------------- stages of train()
+# prepare data -> fit network -> network outputs -> fit trust -> evaluate -> write card (-> export).
+# Each stage takes only the parts it may use: the network sees train and val, the trust layer train
+# (OOD statistics), cal_a and cal_b, and only `evaluate` reads the test part.
+
+
+@dataclass
+class Prepared:
+    """Listed, grouped, split and decoded data (stage 1)."""
+
+    ds: object
+    classes: list
+    labels: np.ndarray
+    groups: np.ndarray
+    sources: np.ndarray
+    data_card: dict
+    parts: dict            # {part name: (n,) int index array}
+    split_card: dict       # sizes, sha256 per part
+    x: np.ndarray          # (N, S, S, 3) uint8 model inputs
+    raw_cues: dict
+    problems: list
+    pcfg: PreprocessConfig
+
+
+def prepare_data(data_dir, out: Path, cfg: TrainConfig, limit_per_class=None, fold=None, cache=False,
+                 progress=True) -> Prepared:
+    """List the data, group duplicates, carve the named disjoint parts (split.json), decode the images."""
+    from .data import PARTS, check_disjoint, kfold_grouped, split_parts
+
+    ds, groups, strata, sources, data_card = _load_data(data_dir, cfg, limit_per_class, progress)
+    if len(cfg.fractions) != len(PARTS):
+        raise ValueError(f"fractions must give one value per part {PARTS}, got {cfg.fractions}")
+    fr = dict(zip(PARTS, map(float, cfg.fractions)))
+    if fold is None:
+        parts = split_parts(strata, groups, fr, seed=cfg.seed)
+    else:  # cross-validation: fold i is the test part; the other parts are carved from the rest, grouped
+        rest, test_idx = kfold_grouped(strata, groups, k=fold[1], seed=cfg.seed)[fold[0]]
+        inner = {k: v for k, v in fr.items() if k != "test"}
+        total = sum(inner.values())
+        sub = split_parts(strata[rest], groups[rest], {k: v / total for k, v in inner.items()}, seed=cfg.seed)
+        parts = {**{k: tuple(int(rest[i]) for i in v) for k, v in sub.items()}, "test": tuple(int(i) for i in test_idx)}
+    check_disjoint(parts, groups)
+    info = save_split(out / "split.json", ds, parts, groups, meta={"seed": cfg.seed, "fractions": fr,
+                                                                   **({"fold": list(fold)} if fold else {})})
+    pcfg = PreprocessConfig.from_dict(cfg.preprocess)
+    x, raw_cues, problems = load_images_cached(list(ds.paths), pcfg, cache, progress)
+    return Prepared(ds, list(ds.classes), np.asarray(ds.labels), np.asarray(groups), np.asarray(sources), data_card,
+                    {k: np.asarray(v, int) for k, v in parts.items()}, info, x, raw_cues, problems, pcfg)
+
+
+def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig, out: Path, progress=True):
+    """Build and train the network on the train part; the val part only chooses when to stop.
+
+    Returns:
+        (model, history, epochs_run, fast) — `fast`: the frozen-feature path was used.
+    """
+    from .models import build_classifier
+
+    model = build_classifier(cfg.backbone, n_classes, weights=cfg.weights, input_size=x_train.shape[1])
+    fast = cfg.weights not in (None, "none") and cfg.backbone != "small_cnn"
+    aug_cfg = AugmentConfig.from_dict(cfg.augment)
+    if fast:
+        from .models import feature_extractor
+
+        fe = compiled(feature_extractor(model))
+        f_tr = batched_predict(fe, x_train, progress=progress, desc="features (clean)")
+        f_va = batched_predict(fe, x_val, progress=progress, desc="features (val)")
+        f_aug, y_aug = [f_tr], [y_train]
+        for v in range(cfg.aug_views):
+            xa = augment_batch(x_train, seed=cfg.seed * 1000 + v, cfg=aug_cfg, labels=y_train)
+            f_aug.append(batched_predict(fe, xa, progress=progress, desc=f"features (aug view {v + 1}/{cfg.aug_views})"))
+            y_aug.append(y_train)
+        history = _fit_head(model, np.concatenate(f_aug), np.concatenate(y_aug), f_va, y_val, cfg, n_classes,
+                            out, progress)
+        epochs_run = len(history.get("loss", []))
+        if cfg.fine_tune_layers > 0:
+            _unfreeze_top(model, cfg.fine_tune_layers)
+            ft = _fit_end_to_end(model, x_train, y_train, x_val, y_val, cfg, n_classes, cfg.fine_tune_lr,
+                                 cfg.fine_tune_epochs, out, progress)
+            for k, v in ft.items():
+                history.setdefault(k, []).extend(v)
+            epochs_run += len(ft.get("loss", []))
+    else:
+        for layer in model.layers:
+            layer.trainable = layer.name not in FIXED_LAYERS
+        history = _fit_end_to_end(model, x_train, y_train, x_val, y_val, cfg, n_classes, cfg.learning_rate,
+                                  cfg.epochs, out, progress)
+        epochs_run = len(history.get("loss", []))
+    return model, history, epochs_run, fast
+
+
+def network_outputs(model, x, early_layer, progress=True) -> dict:
+    """Features, logits and early-layer activations of clean images, one compiled pass per batch (no fit)."""
+    from .models import trust_outputs_model
+
+    outs = batched_predict(compiled(trust_outputs_model(model, early_layer)), x, progress=progress, desc="outputs")
+    return {"features": outs[0], "logits": outs[1], "early": outs[2] if early_layer else None}
+
+
+def _part(name, idx, labels, outs, sources=None):
+    from .trust import Part
+
+    e = outs["early"]
+    return Part(name, idx, labels[idx], outs["features"][idx], outs["logits"][idx],
+                None if e is None else e[idx], None if sources is None else sources[idx])
+
+
+def fit_trust(train_part, cal_a, cal_b, classes, cfg: TrainConfig, early_layer, shortcut_audit: dict,
+              part_info: dict):
+    """Temperature and OOD thresholds on calibration A, OOD statistics on train, review rule and conformal
+    quantile on calibration B (`bcc_core.trust.TrustModel.fit`)."""
+    from .trust import TrustConfig, TrustModel
+
+    tcfg = TrustConfig(ood_method=cfg.ood_method, ood_quantile=cfg.ood_quantile, review_alpha=cfg.review_alpha,
+                       review_delta=cfg.review_delta, conformal_alpha=cfg.conformal_alpha)
+    return TrustModel.fit(classes, train_part, cal_a, cal_b, tcfg, early_layer=early_layer,
+                          shortcut_audit=shortcut_audit, part_info=part_info, seed=cfg.seed)
+
+
+def audit_shortcuts(raw_cues: dict, x_seen: np.ndarray, labels: np.ndarray, n_cls: int, seed: int) -> dict:
+    """Trivial cues on the raw images and on the model inputs (train part only: a model behaviour — every
+    result flagged when a cue predicts the class — is decided from it)."""
+    audit_raw = shortcut.audit(raw_cues, labels, n_cls, seed=seed)
+    # Model inputs all have one size, so only the colour cues can carry a shortcut there.
+    seen = {"border_colour": np.stack([shortcut.border_colour(im) for im in x_seen]),
+            "colour_histogram": np.stack([shortcut.colour_histogram(im) for im in x_seen])}
+    audit_seen = shortcut.audit(seen, labels, n_cls, seed=seed)
+    warnings = shortcut.warnings_text(audit_raw, "raw images") + shortcut.warnings_text(audit_seen, "model inputs")
+    return {"raw_images": audit_raw, "model_inputs": audit_seen, "warnings": warnings}
+
+
+def evaluate(test: "Part", trust, classes, sources_test, cfg: TrainConfig, cal_a=None, cal_b=None) -> dict:
+    """Everything measured on the test part (the only stage that reads it); calibration A/B appear only
+    as the NLL the temperature was fitted to and the OOD flag rate on B (a held-out in-distribution check)."""
+    y = test.labels
+    d = trust.decide(test.logits, test.features, test.early)
+    probs = d.probs
+    m = evaluation.classification_metrics(y, probs, classes)
+    uncal = evaluation.classification_metrics(y, calibration.apply_temperature(test.logits, 1.0), classes)
+    before = calibration.reliability(calibration.apply_temperature(test.logits, 1.0), y, 15)
+    after = calibration.reliability(probs, y, 15)
+    calib = {"temperature": trust.temperature, "n_bins": 15,
+             "method": "temperature scaling (Guo et al. 2017), fitted on calibration A by NLL",
+             "test_ece_before": before["ece"], "test_ece_after": after["ece"],
+             "reliability_before": before, "reliability_after": after}
+    if cal_a is not None:
+        calib.update(cal_a_nll_before=calibration.nll(cal_a.logits, cal_a.labels),
+                     cal_a_nll_after=calibration.nll(cal_a.logits, cal_a.labels, trust.temperature))
+    comparison = {}
+    for name, det in trust.detectors.items():
+        s_te = ood.score(name, test.features, test.logits, trust.ood_stats, trust.temperature, early=test.early)
+        comparison[name] = {"threshold": det["threshold"], "test_flag_rate": float((s_te > det["threshold"]).mean())}
+        if cal_b is not None:
+            s_b = ood.score(name, cal_b.features, cal_b.logits, trust.ood_stats, trust.temperature, early=cal_b.early)
+            comparison[name]["cal_b_flag_rate"] = float((s_b > det["threshold"]).mean())
+    correct = d.pred == y
+    rule_test = review.evaluate_rule(d.confidence, correct, d.ood_flag | d.unreviewed_class,
+                                     trust.review["threshold"] if trust.certified else np.inf)
+    if d.sets is not None:
+        rule_test["conformal_coverage"] = float(d.sets[np.arange(len(y)), y].mean())
+        rule_test["conformal_mean_set_size"] = float(d.sets.sum(1).mean())
+        rule_test["singleton_fraction"] = float((d.sets.sum(1) == 1).mean())
+    rule_test["ok_fraction_all_flags"] = float(d.ok.mean())  # shortcut-cue flag included
+    by_source = per_source_metrics(y, probs, sources_test, classes) if len(set(sources_test.tolist())) > 1 else {}
+    return {"test": m, "test_uncalibrated": {k: uncal[k] for k in ("accuracy", "macro_f1", "log_loss")},
+            **({"test_per_source": by_source} if by_source else {}), "calibration": calib,
+            "ood": {"method": trust.ood_method, "quantile": cfg.ood_quantile, "comparison": comparison,
+                    "test_flag_rate": float(d.ood_flag.mean())},
+            "review": {"rule": trust.review, "test": rule_test, "conformal_qhat": trust.conformal.get("qhat")}}
+
+
+def model_version(now: datetime | None = None) -> str:
+    """Date-based model version (UTC, to the minute): `YYYY.MM.DD.HHMM`."""
+    return (now or datetime.now(timezone.utc)).strftime("%Y.%m.%d.%H%M")
+
+
+def _export_stage(out: Path) -> dict | None:
+    """Export the model folder to the fast runtime when `bcc_core.export` exists (optional: training
+    works without it, and a failed export never loses the trained model)."""
+    try:
+        from . import export
+    except ImportError:
+        return None
+    fn = next((getattr(export, n) for n in ("export_runtime", "export_model_dir", "export_model") if
+               callable(getattr(export, n, None))), None)
+    if fn is None:
+        return {"ok": False, "error": "bcc_core.export has no export_runtime function"}
+    try:
+        res = fn(out)
+        return {"ok": True, "result": res if isinstance(res, (dict, str, type(None))) else str(res)}
+    except Exception as e:  # the trained model stays usable without its export
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
 def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = True, cache: bool = False,
           limit_per_class: int | None = None, reproduce: str = "", fold: tuple[int, int] | None = None) -> dict:
-    """Train, evaluate, calibrate and save a model with its card.
+    """Train, calibrate, evaluate and save a model with its card, in named stages.
 
     Args:
         data_dir: ImageFolder root (`<root>/<class>/<image>`), or a list of sources (paths, `NAME=PATH`
             strings or `data.Source`): merged with `cfg.classes` / `cfg.class_map`, grouped per source
             (plus each source's groups.csv), split stratified by class x source, measured per source.
-        out_dir: model directory to write (model.keras, model_card.json, metrics.json, split.json, ood_stats.npz).
-        cfg: training configuration.
+        out_dir: model directory to write (model.keras, model_card.json, metrics.json, split.json,
+            ood_stats.npz, replay.npz).
+        cfg: training configuration (`cfg.fractions`: train, val, cal_a, cal_b, test).
         progress: show progress bars.
         cache: reuse decoded/preprocessed inputs from `.cache/bcc` (experiments only).
         limit_per_class: train on a per-class subset (tests and quick checks).
         reproduce: the command line, recorded in the card.
-        fold: (i, k) — use fold i of a grouped stratified k-fold as the test set (cross-validation);
-            validation is carved from the remaining folds with the same grouping.
+        fold: (i, k) — use fold i of a grouped stratified k-fold as the test part (cross-validation);
+            the other parts are carved from the remaining folds with the same grouping.
 
     Returns:
         The metrics dict written to metrics.json.
     """
     import keras
-
-    from .models import build_classifier, count_params, trust_outputs_model
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -355,189 +552,132 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     except Exception:
         pass
 
-    ds, groups, strata, sources, data_card = _load_data(data_dir, cfg, limit_per_class, progress)
-    classes = list(ds.classes)
-    n_cls = len(classes)
-    labels = np.asarray(ds.labels)
-    if fold is None:
-        split = split_grouped(strata, groups, tuple(cfg.fractions), seed=cfg.seed)
-    else:
-        from .data import Split, kfold_grouped
+    # Everything the later stages import, imported now: a long run must not fail at its last stage
+    # because a module it imports then was being edited (or is broken) in the meantime.
+    from . import replay as _replay, trust as _trust  # noqa: F401
+    from .models import count_params, save_model, trust_outputs_model  # noqa: F401
 
-        rest, test_idx = kfold_grouped(strata, groups, k=fold[1], seed=cfg.seed)[fold[0]]
-        inner = split_grouped(strata[rest], groups[rest], (0.85, 0.15, 0.0), seed=cfg.seed)
-        split = Split(tuple(int(rest[i]) for i in inner.train), tuple(int(rest[i]) for i in inner.val),
-                      tuple(int(i) for i in test_idx))
-    save_split(out / "split.json", ds, split, groups)
-    tr, va, te = (np.asarray(s, int) for s in (split.train, split.val, split.test))
+    quality_cfg = _quality_config(PreprocessConfig.from_dict(cfg.preprocess))
+    try:
+        from . import export  # noqa: F401  (optional stage 7)
+    except Exception:
+        pass
 
-    pcfg = PreprocessConfig.from_dict(cfg.preprocess)
-    x, raw_cues, problems = load_images_cached(list(ds.paths), pcfg, cache, progress)
+    # 1. prepare data: list, group, carve the disjoint parts, decode
+    prep = prepare_data(data_dir, out, cfg, limit_per_class, fold, cache, progress)
+    P, y, n_cls = prep.parts, prep.labels, len(prep.classes)
     t_data = time.perf_counter()
 
-    spec = get_spec(cfg.backbone)
-    model = build_classifier(cfg.backbone, n_cls, weights=cfg.weights, input_size=pcfg.size)
-    fast = cfg.weights not in (None, "none") and cfg.backbone != "small_cnn"
-    aug_cfg = AugmentConfig.from_dict(cfg.augment)
-
-    if fast:
-        from .models import feature_extractor
-
-        fe = compiled(feature_extractor(model))
-        feats = batched_predict(fe, x, progress=progress, desc="features (clean)")
-        f_aug, y_aug = [feats[tr]], [labels[tr]]
-        for v in range(cfg.aug_views):
-            xa = augment_batch(x[tr], seed=cfg.seed * 1000 + v, cfg=aug_cfg, labels=labels[tr])
-            f_aug.append(batched_predict(fe, xa, progress=progress, desc=f"features (aug view {v + 1}/{cfg.aug_views})"))
-            y_aug.append(labels[tr])
-        history = _fit_head(model, np.concatenate(f_aug), np.concatenate(y_aug), feats[va], labels[va], cfg, n_cls,
-                            out, progress)
-        epochs_run = len(history.get("loss", []))
-        if cfg.fine_tune_layers > 0:
-            _unfreeze_top(model, cfg.fine_tune_layers)
-            ft = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.fine_tune_lr,
-                                 cfg.fine_tune_epochs, out, progress)
-            for k, v in ft.items():
-                history.setdefault(k, []).extend(v)
-            epochs_run += len(ft.get("loss", []))
-    else:
-        for layer in model.layers:
-            layer.trainable = layer.name not in FIXED_LAYERS
-        history = _fit_end_to_end(model, x[tr], labels[tr], x[va], labels[va], cfg, n_cls, cfg.learning_rate,
-                                  cfg.epochs, out, progress)
-        epochs_run = len(history.get("loss", []))
+    # 2. fit the network: train part, val part for stopping only
+    model, history, epochs_run, fast = fit_network(prep.x[P["train"]], y[P["train"]], prep.x[P["val"]], y[P["val"]],
+                                                   n_cls, cfg, out, progress)
     t_train = time.perf_counter()
 
-    # Features and logits for every clean image: metrics, calibration and OOD. With a frozen backbone
-    # the clean features are already known and only the head runs again (plus the backbone up to the
-    # early OOD layer).
+    # 3. the network's outputs on every clean image (a forward pass; nothing is fitted here)
+    spec = get_spec(cfg.backbone)
     early_layer = spec.early_layer if cfg.ood_early_layer == "auto" else cfg.ood_early_layer
     early_layer = None if early_layer in (None, "", "none") else early_layer
-    early = None
-    if fast and cfg.fine_tune_layers == 0:
-        from .models import LOGITS_LAYER, early_pooled, head_only
+    outs = network_outputs(model, prep.x, early_layer, progress)
 
-        logits = batched_predict(compiled(head_only(model, LOGITS_LAYER)), feats, batch_size=1024)
-        if early_layer:
-            early = batched_predict(compiled(keras.Model(model.input, early_pooled(model, early_layer))), x,
-                                    progress=progress, desc="early-layer activations")
-    else:
-        outs = batched_predict(compiled(trust_outputs_model(model, early_layer)), x, progress=progress, desc="evaluate")
-        feats, logits = outs[0], outs[1]
-        early = outs[2] if early_layer else None
-    rng = np.random.default_rng(cfg.seed)
-    va_perm = rng.permutation(va)
-    va_a, va_b = va_perm[: len(va) // 2], va_perm[len(va) // 2:]
+    # 4. fit trust: OOD statistics on train, temperature + OOD thresholds on cal_a, review rule + conformal on cal_b
+    src = prep.sources if len(set(prep.sources.tolist())) > 1 else None
+    parts = {k: _part(k, P[k], y, outs, src) for k in ("train", "cal_a", "cal_b", "test")}
+    part_info = {k: f"{k} ({prep.split_card['sizes'][k]} images, sha256 {prep.split_card['sha256'][k][:16]}…)"
+                 for k in ("train", "cal_a", "cal_b")}
+    audit = audit_shortcuts({k: v[P["train"]] for k, v in prep.raw_cues.items()}, prep.x[P["train"]], y[P["train"]],
+                            n_cls, cfg.seed)
+    audit_card = {"raw_images": {k: v["balanced_accuracy"] for k, v in audit["raw_images"].items()},
+                  "model_inputs": {k: v["balanced_accuracy"] for k, v in audit["model_inputs"].items()},
+                  "chance": 1.0 / n_cls, "warnings": audit["warnings"], "fitted_on": "train part (cross-validated)"}
+    trust = fit_trust(parts["train"], parts["cal_a"], parts["cal_b"], prep.classes, cfg, early_layer, audit_card,
+                      part_info)
 
-    calib = calibration.calibration_report(logits[va_a], labels[va_a], logits[te], labels[te])
-    T = calib["temperature"]
-    probs = calibration.apply_temperature(logits, T)
-
-    stats = ood.fit(feats[tr], labels[tr], n_cls, seed=cfg.seed, early=None if early is None else early[tr])
-    ood.save_stats(out / "ood_stats.npz", stats)
-    from .replay import REPLAY_FILE, make_bank, save_bank  # features to replay when adapting to a lab
-
-    save_bank(out / REPLAY_FILE, make_bank(feats, early, labels, {"train": tr, "val_a": va_a, "val_b": va_b, "test": te},
-                                           classes, source=data_card["name"], seed=cfg.seed))
-    ood_cmp, scales = {}, {}
-    for m in ood.methods_for(stats):
-        s = ood.score(m, feats, logits, stats, T, early=early)
-        thr = ood.fit_threshold(s[va_a], cfg.ood_quantile)
-        scales[m] = (float(np.median(s[va_a])), thr)
-        ood_cmp[m] = {"threshold": thr, "val_b_flag_rate": float((s[va_b] > thr).mean()),
-                      "test_flag_rate": float((s[te] > thr).mean())}
-    ood_scores = ood.score(cfg.ood_method, feats, logits, stats, T, scales, early=early)
-    ood_thr = 1.0 if cfg.ood_method == ood.COMBINED else ood_cmp[cfg.ood_method]["threshold"]
-    flagged = ood_scores > ood_thr
-
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    # The risk rule is fitted on the whole validation split, among images the OOD gate lets through.
-    # (Temperature is a monotone rescaling fitted on half A; it barely changes the confidence ranking.)
-    keep_b = va[~flagged[va]]
-    rule = review.fit_selective_threshold(conf[keep_b], correct[keep_b], cfg.review_alpha, cfg.review_delta)
-    qhat = review.conformal_qhat(probs[va_b], labels[va_b], cfg.conformal_alpha)
-    sets_te = review.prediction_sets(probs[te], qhat)
-    rule_test = review.evaluate_rule(conf[te], correct[te], flagged[te], rule["threshold"])
-    rule_test["conformal_coverage"] = float(sets_te[np.arange(len(te)), labels[te]].mean())
-    rule_test["conformal_mean_set_size"] = float(sets_te.sum(1).mean())
-    rule_test["singleton_fraction"] = float((sets_te.sum(1) == 1).mean())
-
-    test_metrics = evaluation.classification_metrics(labels[te], probs[te], classes)
-    uncal = evaluation.classification_metrics(labels[te], calibration.apply_temperature(logits[te], 1.0), classes)
-    by_source = per_source_metrics(labels[te], probs[te], sources[te], classes) if len(set(sources)) > 1 else {}
-
-    # Shortcut audit: trivial cues on the raw images and on what the model actually sees.
-    audit_raw = shortcut.audit(raw_cues, labels, n_cls, seed=cfg.seed)
-    # Model inputs all have one size, so only the colour cues can carry a shortcut there.
-    seen = {"border_colour": np.stack([shortcut.border_colour(im) for im in x]),
-            "colour_histogram": np.stack([shortcut.colour_histogram(im) for im in x])}
-    audit_seen = shortcut.audit(seen, labels, n_cls, seed=cfg.seed)
-    warnings = shortcut.warnings_text(audit_raw, "raw images") + shortcut.warnings_text(audit_seen, "model inputs")
-
+    # 5. evaluate: the only stage that reads the test part
+    ev = evaluate(parts["test"], trust, prep.classes, prep.sources[P["test"]], cfg, parts["cal_a"], parts["cal_b"])
     full = compiled(model)
-    lat = evaluation.latency(lambda b: full(b), (pcfg.size, pcfg.size, 3))
-    params = count_params(model)
+    lat = evaluation.latency(lambda b: full(b), (prep.pcfg.size, prep.pcfg.size, 3))
     t_end = time.perf_counter()
 
-    metrics = {
-        "test": test_metrics,
-        "test_uncalibrated": {k: uncal[k] for k in ("accuracy", "macro_f1", "log_loss")},
-        **({"test_per_source": by_source} if by_source else {}),
-        "history": history,
-        "calibration": calib,
-        "ood": {"method": cfg.ood_method, "quantile": cfg.ood_quantile, "comparison": ood_cmp,
-                "test_flag_rate": float(flagged[te].mean())},
-        "review": {"rule": rule, "test": rule_test, "conformal_qhat": qhat},
-        "shortcut_audit": {"raw_images": audit_raw, "model_inputs": audit_seen, "warnings": warnings},
-        "latency": lat,
-        "parameters": params,
-        "timing_s": {"data": t_data - t_start, "train": t_train - t_data, "post": t_end - t_train,
-                     "total": t_end - t_start},
-        "epochs_run": epochs_run,
-        "split_sizes": {"train": len(tr), "val": len(va), "test": len(te)},
-        "data_problems": problems + list(ds.problems),
-    }
+    # 6. write the model folder and its card
+    metrics = write_model(out, model, prep, trust, ev, audit, audit_card, cfg, history, epochs_run, fast, early_layer,
+                          outs, lat, reproduce, quality_cfg,
+                          timing={"data": t_data - t_start, "train": t_train - t_data, "post": t_end - t_train,
+                                  "total": t_end - t_start})
+    # 7. export to the fast runtime, when that module exists
+    exp = _export_stage(out)
+    if exp is not None:
+        metrics["export"] = exp
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def write_model(out, model, prep: Prepared, trust, ev, audit, audit_card, cfg, history, epochs_run, fast, early_layer,
+                outs, lat, reproduce, quality_cfg, timing) -> dict:
+    """Save model.keras, the card (trust section, parts and what was fitted on each), metrics.json,
+    ood_stats.npz and the replay bank."""
+    from .data import PART_USE
+    from .models import count_params, save_model
+    from .replay import REPLAY_FILE, make_bank, save_bank
+
+    spec = get_spec(cfg.backbone)
+    classes, n_cls, P = prep.classes, len(prep.classes), prep.parts
+    test_metrics, by_source = ev["test"], ev.get("test_per_source", {})
+    params = count_params(model)
+    rule_test = ev["review"]["test"]
+    metrics = {**ev, "shortcut_audit": audit, "latency": lat, "parameters": params, "timing_s": timing,
+               "epochs_run": epochs_run, "history": history,
+               "split_sizes": dict(prep.split_card["sizes"]),
+               "data_problems": prep.problems + list(prep.ds.problems)}
+    trust.save_stats(out)
+    save_bank(out / REPLAY_FILE, make_bank(outs["features"], outs["early"], prep.labels, P, classes,
+                                           source=prep.data_card["name"], seed=cfg.seed))
+    legacy = trust.legacy_sections()
+    sizes, hashes = prep.split_card["sizes"], prep.split_card["sha256"]
+    split_card = {"file": "split.json", "seed": cfg.seed, "fractions": dict(zip(P, cfg.fractions)),
+                  "sizes": sizes,
+                  "parts": {k: {"n": sizes[k], "sha256": hashes[k], "used_for": PART_USE.get(k, "")} for k in P},
+                  "disjoint": "by image and by duplicate group (checked when the split is made)",
+                  "grouping": _grouping_text(cfg, prep.data_card),
+                  "near_duplicate_distance": cfg.near_duplicate_distance,
+                  "stratified_by": "class x source" if by_source else "class",
+                  "test_part_use": "evaluation only, once per training run; no fit, threshold or choice reads it"}
+    now = datetime.now(timezone.utc)
     card = ModelCard(
-        model_id=out.name, task=cfg.task, classes=classes, backbone=cfg.backbone,
+        model_id=out.name, version=model_version(now), task=cfg.task, classes=classes, backbone=cfg.backbone,
         weights=("imagenet (offline file)" if cfg.weights not in ("imagenet", "none", None) else str(cfg.weights)),
-        preprocessing=pcfg.to_dict(), gradcam_layer=spec.gradcam_layer,
-        input={"size": pcfg.size, "channels": 3, "dtype": "float32", "range": [0, 255], "colour": "RGB"},
+        preprocessing=prep.pcfg.to_dict(), gradcam_layer=spec.gradcam_layer,
+        input={"size": prep.pcfg.size, "channels": 3, "dtype": "float32", "range": [0, 255], "colour": "RGB"},
         training={**cfg.to_dict(), "fast_path_frozen_features": fast, "epochs_run": epochs_run,
-                  "training_time_s": round(t_train - t_data, 1), "total_time_s": round(t_end - t_start, 1)},
-        data={**data_card, "problems": len(metrics["data_problems"])},
-        split={"file": "split.json", "fractions": list(cfg.fractions), "seed": cfg.seed,
-               "sizes": metrics["split_sizes"],
-               "grouping": "exact (md5) + near-duplicate (pHash) groups, and a source's groups.csv, kept on one side",
-               **({"stratified_by": "class x source"} if by_source else {})},
-        metrics={"test": evaluation.summary_line(test_metrics),
+                  "fitted_on": {"network": "train (weights); val (early stopping / checkpoint only)"},
+                  "training_time_s": round(timing["train"], 1), "total_time_s": round(timing["total"], 1)},
+        data={**prep.data_card, "problems": len(metrics["data_problems"])},
+        split=split_card,
+        metrics={"test": evaluation.summary_line(test_metrics), "measured_on": f"test part ({sizes['test']} images)",
                  "per_class_f1": {c: v["f1"] for c, v in test_metrics["per_class"].items()},
                  **({"per_source": {s: {k: v[k] for k in ("n", "accuracy", "macro_f1", "per_class_recall")}
                                     for s, v in by_source.items()}} if by_source else {})},
-        calibration={"temperature": T, "method": calib["method"], "test_ece_before": calib["test_ece_before"],
-                     "test_ece_after": calib["test_ece_after"], "n_bins": 15},
-        ood={"method": cfg.ood_method, "threshold": ood_thr, "quantile": cfg.ood_quantile, "stats_file": "ood_stats.npz",
-             "early_layer": early_layer,
-             "scales": {m: list(v) for m, v in scales.items()},
-             "comparison": ood_cmp,
-             "fitted_on": "training features (statistics) and validation half A (threshold), in-distribution only"},
-        review_rule={"kind": "selective classification with risk control (Clopper-Pearson, fixed-sequence)",
-                     "threshold": rule["threshold"], "alpha": cfg.review_alpha, "delta": cfg.review_delta,
-                     "guarantee": review.guarantee_text(cfg.review_alpha, cfg.review_delta),
-                     "calibration": rule, "measured_on_test": rule_test, "conformal_qhat": qhat,
-                     "conformal_alpha": cfg.conformal_alpha},
-        quality=_quality_config(pcfg),
-        shortcut_audit={"raw_images": {k: v["balanced_accuracy"] for k, v in audit_raw.items()},
-                        "model_inputs": {k: v["balanced_accuracy"] for k, v in audit_seen.items()},
-                        "chance": 1.0 / n_cls, "warnings": warnings},
+        calibration={**legacy["calibration"], "method": ev["calibration"]["method"],
+                     "test_ece_before": ev["calibration"]["test_ece_before"],
+                     "test_ece_after": ev["calibration"]["test_ece_after"], "n_bins": 15,
+                     "fitted_on": trust.fitted_on["temperature"]},
+        ood={**legacy["ood"], "quantile": cfg.ood_quantile, "comparison": ev["ood"]["comparison"],
+             "fitted_on": f"statistics: {trust.fitted_on['ood_statistics']}; thresholds: "
+                          f"{trust.fitted_on['ood_thresholds']}, in-distribution only"},
+        review_rule={**legacy["review_rule"],
+                     "kind": "selective classification with risk control (Clopper-Pearson, fixed-sequence)",
+                     "guarantee": review.guarantee_text(cfg.review_alpha, cfg.review_delta) if trust.certified else
+                     "No confidence threshold could be certified on calibration B: every result needs review.",
+                     "calibration": trust.review, "measured_on_test": rule_test,
+                     "fitted_on": trust.fitted_on["review_rule"]},
+        trust=trust.to_card(),
+        quality=quality_cfg,
+        shortcut_audit=audit_card,
         parameters=params, versions=library_versions(),
-        intended_use=use_statement(pcfg.mode)[0], not_for=use_statement(pcfg.mode)[1],
-        limitations=_limitations(cfg, data_card),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        intended_use=use_statement(prep.pcfg.mode)[0], not_for=use_statement(prep.pcfg.mode)[1],
+        limitations=_limitations(cfg, prep.data_card),
+        created=now.isoformat(timespec="seconds"),
         reproduce=reproduce,
     )
-    from .models import save_model
-
     save_model(model, card, out, extra={"metrics.json": metrics})
     return metrics
 

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import ROOT, synthetic_cell
 
+from bcc_core.data import PARTS
+
 pytestmark = pytest.mark.slow
 
 
@@ -45,8 +47,44 @@ def trained(tmp_path_factory):
     wfile = tmp / "random.weights.h5"
     base.save_weights(wfile)
     cfg = TrainConfig(task="synthetic", weights=str(wfile), epochs=2, aug_views=1, batch_size=8)
-    metrics = train(data, tmp / "model", cfg, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _spy_on_fits(mp)
+        metrics = train(data, tmp / "model", cfg, progress=False)
+    metrics["_seen"] = seen
     return data, tmp / "model", metrics
+
+
+def _spy_on_fits(mp) -> dict:
+    """Record what each stage of `train` and each low-level fit receives (split discipline test)."""
+    from bcc_core import calibration, ood, review, training
+    from bcc_core.trust import TrustModel
+
+    seen = {}
+
+    def wrap(mod, name, record):
+        real = getattr(mod, name)
+
+        def f(*a, **k):
+            out = real(*a, **k)
+            seen.setdefault(name, []).append(record(out, *a, **k))
+            return out
+        mp.setattr(mod, name, f)
+
+    wrap(training, "prepare_data", lambda out, *a, **k: {"parts": out.parts, "x": out.x, "groups": out.groups})
+    wrap(training, "fit_network", lambda out, xt, yt, xv, yv, *a, **k: {"x_train": xt, "x_val": xv})
+    wrap(training, "evaluate", lambda out, test, *a, **k: {"test_ids": np.asarray(test.ids)})
+    wrap(calibration, "fit_temperature", lambda out, logits, labels: {"n": len(logits), "logits": logits})
+    wrap(ood, "fit", lambda out, feats, labels, *a, **k: {"n": len(feats)})
+    wrap(review, "fit_selective_threshold", lambda out, conf, *a, **k: {"n": len(conf)})
+    wrap(review, "conformal_qhat", lambda out, probs, *a, **k: {"n": len(probs)})
+    real_fit = TrustModel.fit.__func__
+
+    def trust_fit(cls, classes, train_part, cal_a, cal_b, *a, **k):
+        seen.setdefault("trust_fit", []).append({p.name: np.asarray(p.ids) for p in (train_part, cal_a, cal_b)}
+                                                | {"cal_a_logits": cal_a.logits})
+        return real_fit(cls, classes, train_part, cal_a, cal_b, *a, **k)
+    mp.setattr(TrustModel, "fit", classmethod(trust_fit))
+    return seen
 
 
 def test_training_writes_a_complete_model(trained):
@@ -64,10 +102,61 @@ def test_training_writes_a_complete_model(trained):
     assert "early_means" in load_stats(model_dir / "ood_stats.npz")
     assert card["data"]["n_images"] == 30 and card["data"]["problems"] >= 1  # broken.jpg / notes.txt reported
     split = json.loads((model_dir / "split.json").read_text())
-    assert metrics["split_sizes"]["train"] + metrics["split_sizes"]["val"] + metrics["split_sizes"]["test"] == 30
-    assert 0 <= metrics["test"]["accuracy"] <= 1 and len(metrics["test"]["confusion_matrix"]) == 3
+    assert sum(metrics["split_sizes"].values()) == 30 and set(metrics["split_sizes"]) == set(PARTS)
+    cm = np.array(metrics["test"]["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == metrics["split_sizes"]["test"]
+    assert metrics["test"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     assert set(metrics["shortcut_audit"]["raw_images"]) == {"border_colour", "image_size", "colour_histogram"}
-    assert split  # saved and parseable
+    assert {k: len(v) for k, v in split["splits"].items()} == metrics["split_sizes"]
+    import hashlib
+    import re
+
+    from bcc_core.model_card import model_identity
+
+    sha = hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest()
+    assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}\.\d{4}", card["version"])
+    assert model_identity(model_dir) == {"id": "model", "version": card["version"], "sha256": sha}
+
+
+def test_parts_are_disjoint_and_each_fit_sees_only_its_part(trained):
+    """Issue 15's split discipline: named parts, disjoint by image and by duplicate group; the network
+    sees train (+ val for stopping), the trust layer train / cal_a / cal_b, and only evaluation the test part."""
+    from bcc_core.data import check_disjoint
+
+    _, model_dir, metrics = trained
+    seen = metrics["_seen"]
+    (prep,) = seen["prepare_data"]
+    P, g = prep["parts"], prep["groups"]
+    check_disjoint(P, g)  # raises on a shared image or group
+    assert sorted(np.concatenate(list(P.values())).tolist()) == list(range(30))
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert list(card["split"]["parts"]) == list(PARTS)
+    split = json.loads((model_dir / "split.json").read_text())
+    for k in PARTS:
+        assert card["split"]["parts"][k]["n"] == len(P[k]) == split["sizes"][k]
+        assert card["split"]["parts"][k]["sha256"] == split["sha256"][k] and card["split"]["parts"][k]["used_for"]
+        assert {row[2] for row in split["splits"][k]} == set(g[P[k]].tolist())
+    # the network: exactly the train and val images
+    (net,) = seen["fit_network"]
+    np.testing.assert_array_equal(net["x_train"], prep["x"][P["train"]])
+    np.testing.assert_array_equal(net["x_val"], prep["x"][P["val"]])
+    # the trust layer: train (OOD statistics), cal_a (temperature, OOD thresholds), cal_b (review, conformal)
+    (tf,) = seen["trust_fit"]
+    for k in ("train", "cal_a", "cal_b"):
+        np.testing.assert_array_equal(tf[k], P[k])
+    (temp,) = seen["fit_temperature"]
+    assert temp["n"] == len(P["cal_a"])
+    np.testing.assert_array_equal(temp["logits"], tf["cal_a_logits"])
+    assert [c["n"] for c in seen["fit"]] == [len(P["train"])]
+    assert seen["fit_selective_threshold"][0]["n"] <= len(P["cal_b"])
+    assert [c["n"] for c in seen["conformal_qhat"]] == [len(P["cal_b"])]
+    # the test part: read by evaluation, and by nothing that fits
+    (ev,) = seen["evaluate"]
+    np.testing.assert_array_equal(ev["test_ids"], P["test"])
+    fitted = set(np.concatenate([tf["train"], tf["cal_a"], tf["cal_b"], P["val"]]).tolist())
+    assert not fitted & set(P["test"].tolist())
+    assert card["trust"]["fitted_on"]["review_rule"].startswith("cal_b")
+    assert card["trust"]["fitted_on"]["temperature"].startswith("cal_a")
 
 
 def test_loading_refuses_missing_or_inconsistent_card(trained, tmp_path):
@@ -102,10 +191,17 @@ def test_predictor_matches_full_model_and_flags_noise(trained):
     res = p.predict(imgs)
     assert len(res) == 2 and all(r.predicted_class in p.classes for r in res)
     assert abs(sum(res[0].probabilities.values()) - 1) < 1e-5
-    # calibrated probabilities equal softmax(logits / T) of the saved model
-    x = preprocess(imgs[0], p.pcfg)[None].astype(np.float32)
-    raw = np.asarray(p.model(x, training=False))[0]
-    assert np.argmax(raw) == p.classes.index(res[0].predicted_class)
+    # calibrated probabilities equal softmax(logits / T) of the saved model, with the card's T (not 1)
+    x = preprocess(imgs[0], p.pcfg)[None]
+    _, logits, _ = p.forward(x)
+    T = p.card.trust["temperature"]
+    assert abs(T - 1.0) > 1e-3  # else this check could not tell calibrated from raw probabilities
+    z = logits[0].astype(np.float64) / T
+    want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    got = np.array([res[0].probabilities[c] for c in p.classes])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    raw = np.asarray(p.model(x.astype(np.float32), training=False))[0]
+    assert not np.allclose(got, raw, atol=1e-6)  # the model's own softmax is uncalibrated
     assert res[1].status == "review" and any(f.code == "image_quality" for f in res[1].flags)
 
 
