@@ -3,9 +3,10 @@
 The backbone stays frozen, so the parent's own forward pass gives the lab cells' features; the head
 (Dense128 + logits) is retrained on those features (plus a few flipped / rotated views) together with
 the parent's replay bank (`bcc_core.replay`), so classes the lab did not label keep the parent's
-behaviour. Temperature, OOD statistics and thresholds, the review rule and the conformal quantile are
-refitted on data the head never saw: the lab's calibration part pooled with the parent's validation
-replay. The result is a complete model folder whose card names its parent (id + SHA-256), the lab, every
+behaviour. The trust layer (`bcc_core.trust.TrustModel`) is refitted on data the head never saw: the
+lab's calibration cells are split (grouped, per class) into parts A and B; temperature and OOD
+thresholds are fitted on A pooled with the parent's calibration-A replay, the review rule and conformal
+quantile on B pooled with the parent's calibration-B replay. The result is a complete model folder whose card names its parent (id + SHA-256), the lab, every
 cell used (content SHA-256 and part) and before/after figures.
 """
 
@@ -141,12 +142,6 @@ def check_classes(lab_classes: list[str], model_classes: list[str], add_classes:
     return list(model_classes) + unknown
 
 
-def _status(probs, flagged, conf_thr, quality_bad):
-    """ok = no OOD flag, no quality flag, calibrated confidence at or above the review threshold."""
-    ok = ~flagged & ~quality_bad
-    return ok & (probs.max(1) >= conf_thr) if conf_thr <= 1.0 else np.zeros(len(probs), bool)
-
-
 def lab_figures(y: np.ndarray, probs: np.ndarray, ok: np.ndarray, classes: list[str]) -> dict:
     """Per-class recall (suggested class, whatever the status), shown-as-ok and wrong-and-ok rates."""
     pred = probs.argmax(1)
@@ -235,12 +230,12 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     """
     import keras
 
-    from .data import group_duplicates, list_imagefolder, split_grouped
+    from .data import check_disjoint, group_duplicates, list_imagefolder, split_parts
     from .inference import Predictor
     from .io import content_hash, read_image_bytes, read_image
     from .model_card import ModelCard
     from .models import FEATURES_LAYER, LOGITS_LAYER, head_only, save_model
-    from .training import batched_predict, compiled
+    from .training import _export_stage, batched_predict, compiled, model_version
 
     say = progress or (lambda f, m: None)
     t0 = time.perf_counter()
@@ -271,8 +266,13 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         if len(np.unique(groups[y_lab == c])) < 2:
             raise ValueError(f"class {classes[c]!r} has fewer than 2 distinct cells: one is needed to fit and "
                              f"one to calibrate")
-    sp = split_grouped(y_lab, groups, (1 - cfg.calibration_fraction, cfg.calibration_fraction, 0.0), seed=cfg.seed)
-    fit_i, cal_i = np.asarray(sp.train, int), np.asarray(sp.val, int)
+    # Three disjoint, grouped, class-stratified parts of the lab's cells: the head is fitted on `fit`;
+    # calibration A (temperature, OOD thresholds) and B (review rule, conformal) split the calibration share.
+    half = cfg.calibration_fraction / 2
+    sp = split_parts(y_lab, groups, {"fit": 1 - cfg.calibration_fraction, "cal_a": half, "cal_b": half}, seed=cfg.seed)
+    check_disjoint(sp, groups)
+    fit_i, cal_a_i, cal_b_i = (np.asarray(sp[k], int) for k in ("fit", "cal_a", "cal_b"))
+    cal_i = np.concatenate([cal_a_i, cal_b_i])
 
     say(0.15, f"preprocessing and features of {len(ds.paths)} cells (frozen backbone)")
     raw = [read_image_bytes(p) for p in ds.paths]
@@ -307,15 +307,19 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     head_logits = compiled(head_only(model, LOGITS_LAYER))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
 
-    say(0.65, "refitting temperature, OOD statistics and the review rule")
+    say(0.65, "refitting the trust layer (temperature, OOD statistics and thresholds, review rule)")
+    from .replay import CAL_A, CAL_B
+    from .trust import Part, TrustConfig, TrustModel
+
     lg_bank = batched_predict(head_logits, bank["features"], batch_size=1024)
     lg_lab = batched_predict(head_logits, f_lab, batch_size=1024)
-    val_a, val_b, test = part == "val_a", part == "val_b", part == "test"
-    val = val_a | val_b | (part == "lab_cal")
+    # Calibration A / B: the parent's own calibration parts (replay) pooled with the lab's parts A / B;
+    # a bank from an older adapted model lists its lab's calibration cells as "lab_cal" (kept in A).
+    rep_a = np.isin(part, CAL_A + ("lab_cal_a", "lab_cal"))
+    rep_b = np.isin(part, CAL_B + ("lab_cal_b",))
+    test = part == "test"
     y_bank = bank["labels"]
     y_cal = y_lab[cal_i]
-    T = calibration.fit_temperature(np.concatenate([lg_bank[val_a], lg_lab[cal_i]]),
-                                    np.concatenate([y_bank[val_a], y_cal]))
 
     # OOD: one Gaussian component per (class, source) (or per class), on clean replay training rows plus
     # this lab's fitting cells and their views; never on a calibration row.
@@ -328,57 +332,60 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     if cov_groups is not None:
         cov_groups = np.unique(cov_groups, return_inverse=True)[1]
     stats = ood.fit(X, comp, len(uniq), seed=cfg.seed, max_bank=4000, early=E, cov_groups=cov_groups)
-    methods = ood.methods_for(stats)
     early_bank = bank.get("early") if has_early else None
-    scales, comparison = {}, {}
-    for m in methods:
-        s_bank = ood.score(m, bank["features"], lg_bank, stats, T, early=early_bank)
-        s_lab = ood.score(m, f_lab, lg_lab, stats, T, early=e_lab)
-        q_par = float(np.quantile(s_bank[val_a], cfg.ood_quantile))
-        q_lab = float(np.quantile(s_lab[cal_i], cfg.ood_quantile))
-        thr = max(q_par, q_lab)
-        med = float(np.median(np.concatenate([s_bank[val_a], s_lab[cal_i]])))
-        scales[m] = (med, thr)
-        comparison[m] = {"threshold": thr, "parent_val_a_quantile": q_par, "lab_calibration_quantile": q_lab,
-                         "val_b_flag_rate": float((s_bank[val_b] > thr).mean()),
-                         "test_flag_rate": float((s_bank[test] > thr).mean())}
-    u_bank = ood.score(ood.COMBINED, bank["features"], lg_bank, stats, T, scales, early=early_bank)
-    u_lab = ood.score(ood.COMBINED, f_lab, lg_lab, stats, T, scales, early=e_lab)
-    p_bank = calibration.apply_temperature(lg_bank, T)
-    p_lab = calibration.apply_temperature(lg_lab, T)
 
-    # Review rule on the pooled calibration set (parent validation replay + the lab's calibration part),
-    # among images the OOD and quality gates let through; conformal q on parent half B + the lab's part.
-    conf_pool = np.concatenate([p_bank[val].max(1), p_lab[cal_i].max(1)])
-    corr_pool = np.concatenate([p_bank[val].argmax(1) == y_bank[val], p_lab[cal_i].argmax(1) == y_cal])
-    pass_pool = np.concatenate([u_bank[val] <= 1.0, (u_lab[cal_i] <= 1.0) & ~quality_bad[cal_i]])
-    rule = review.fit_selective_threshold(conf_pool[pass_pool], corr_pool[pass_pool], cfg.review_alpha,
-                                          cfg.review_delta)
-    pooled_threshold = rule["threshold"]
-    if cfg.review_lab_no_errors and rule["threshold"] <= 1.0:
-        # The pooled set is mostly the parent's validation data, on which the model is nearly always
-        # right; the lab's own held-out cells are the only evidence about this lab, so no wrong
-        # prediction among them may pass the rule (an empirical check, not a guarantee).
-        passed = (u_lab[cal_i] <= 1.0) & ~quality_bad[cal_i]
-        wrong = passed & (p_lab[cal_i].argmax(1) != y_cal)
-        if wrong.any():
-            rule = {**rule, "threshold": max(rule["threshold"], float(np.nextafter(p_lab[cal_i][wrong].max(), 2)))}
-    rule["pooled_threshold"] = pooled_threshold
-    qhat = review.conformal_qhat(np.concatenate([p_bank[val_b], p_lab[cal_i]]), np.concatenate([y_bank[val_b], y_cal]),
-                                 cfg.conformal_alpha)
+    def rows(name, bank_mask, lab_idx):
+        """A trust part: replay rows (source "parent") and lab cells (source = the lab), ids kept apart."""
+        eb = None if early_bank is None else early_bank[bank_mask]
+        el = None if e_lab is None else e_lab[lab_idx]
+        return Part(name, np.r_[[f"bank:{i}" for i in np.flatnonzero(bank_mask)], [f"lab:{shas[i]}" for i in lab_idx]],
+                    np.r_[y_bank[bank_mask], y_lab[lab_idx]], np.concatenate([bank["features"][bank_mask], f_lab[lab_idx]]),
+                    np.concatenate([lg_bank[bank_mask], lg_lab[lab_idx]]),
+                    None if eb is None or el is None else np.concatenate([eb, el]),
+                    np.r_[np.full(int(bank_mask.sum()), "parent", dtype=object), np.full(len(lab_idx), cfg.lab, dtype=object)],
+                    np.r_[np.zeros(int(bank_mask.sum()), bool), quality_bad[lab_idx]])
+
+    train_part = Part("fit", np.r_[[f"bank:{i}" for i in np.flatnonzero(rep_fit)], [f"lab:{shas[i]}" for i in fit_i]],
+                      np.r_[y_bank[rep_fit], y_lab[fit_i]], np.concatenate([bank["features"][rep_fit], f_lab[fit_i]]))
+    part_a, part_b = rows("cal_a", rep_a, cal_a_i), rows("cal_b", rep_b, cal_b_i)
+    review_classes = [classes[c] for c in range(n_cls) if c not in set(y_lab)] if cfg.review_unlabelled_classes else []
+    tcfg = TrustConfig(ood_method=ood.COMBINED, ood_quantile=cfg.ood_quantile, review_alpha=cfg.review_alpha,
+                       review_delta=cfg.review_delta, conformal_alpha=cfg.conformal_alpha)
+    pc = pred.card
+    trust = TrustModel.fit(
+        classes, train_part, part_a, part_b, tcfg, early_layer=pc.ood.get("early_layer") if has_early else None,
+        ood_stats=stats, no_errors_source=cfg.lab if cfg.review_lab_no_errors else None, review_classes=review_classes,
+        lab=cfg.lab, shortcut_audit=pc.shortcut_audit,
+        part_info={"fit": f"parent replay training rows ({int(rep_fit.sum())}) + the lab's {len(fit_i)} fitting cells "
+                          f"and their views",
+                   "cal_a": f"parent calibration A replay ({int(rep_a.sum())}) + the lab's calibration part A "
+                            f"({len(cal_a_i)} cells); each OOD threshold is the larger of the two sources' "
+                            f"{cfg.ood_quantile:.0%} quantiles",
+                   "cal_b": f"parent calibration B replay ({int(rep_b.sum())}) + the lab's calibration part B "
+                            f"({len(cal_b_i)} cells)"},
+        seed=cfg.seed)
+    T = trust.temperature
+    rule = trust.review
+    scales = {m: (v["median"], v["threshold"]) for m, v in trust.detectors.items()}
+    comparison = {}
+    for m, det in trust.detectors.items():
+        s_bank = ood.score(m, bank["features"], lg_bank, stats, T, early=early_bank)
+        comparison[m] = {"threshold": det["threshold"], **({"quantile_per_source": det["quantile_per_source"]}
+                                                            if "quantile_per_source" in det else {}),
+                         "parent_cal_b_flag_rate": float((s_bank[rep_b] > det["threshold"]).mean()),
+                         "test_flag_rate": float((s_bank[test] > det["threshold"]).mean())}
+    d_bank = trust.decide(lg_bank, bank["features"], early_bank)
+    d_lab = trust.decide(lg_lab, f_lab, e_lab, quality_bad)
+    p_bank, p_lab = d_bank.probs, d_lab.probs
 
     say(0.8, "before/after figures")
-    pc = pred.card
-    p_par_lab = calibration.apply_temperature(lg_parent_lab, pc.temperature)
-    u_par_lab = ood.score(pc.ood["method"], f_lab, lg_parent_lab, pred.ood_stats, pc.temperature,
-                          pc.ood.get("scales"), early=e_lab)
-    ok_before = _status(p_par_lab[cal_i], u_par_lab[cal_i] > float(pc.ood["threshold"]),
-                        float(pc.review_rule.get("threshold", 0.0)), quality_bad[cal_i])
-    review_classes = [classes[c] for c in range(n_cls) if c not in set(y_lab)] if cfg.review_unlabelled_classes else []
-    not_reviewed = np.isin(p_lab[cal_i].argmax(1), [classes.index(c) for c in review_classes])
-    ok_after = _status(p_lab[cal_i], u_lab[cal_i] > 1.0, rule["threshold"], quality_bad[cal_i]) & ~not_reviewed
-    before = lab_figures(y_cal, np.pad(p_par_lab[cal_i], ((0, 0), (0, n_cls - n_old))), ok_before, classes)
-    after = lab_figures(y_cal, p_lab[cal_i], ok_after, classes)
+    parent_trust = TrustModel.from_card(pc, parent, pred.ood_stats)
+    d_par_lab = parent_trust.decide(lg_parent_lab, f_lab, e_lab, quality_bad)
+    p_par_lab = d_par_lab.probs
+    # Before/after on all of the lab's calibration cells (A + B): held out from the head's fit, not from
+    # the trust fits (a lab has too few cells for a fourth part).
+    before = lab_figures(y_cal, np.pad(p_par_lab[cal_i], ((0, 0), (0, n_cls - n_old))), d_par_lab.ok[cal_i], classes)
+    after = lab_figures(y_cal, p_lab[cal_i], d_lab.ok[cal_i], classes)
     lg_par_bank = batched_predict(parent_logits, bank["features"], batch_size=1024)
     par_test_before = _macro_f1(y_bank[test], lg_par_bank[test], n_old)
     # Over the parent classes only: a parent test cell suggested as an added class counts as a miss.
@@ -386,9 +393,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     unlabelled = [c for c in range(n_old) if c not in set(y_lab)]
     keep = test & np.isin(y_bank, unlabelled)
     kept_same = float((lg_bank[keep].argmax(1) == lg_par_bank[keep].argmax(1)).mean()) if keep.any() else None
-    ok_test = (u_bank[test] <= 1.0) & (p_bank[test].max(1) >= rule["threshold"])
-    rule_test = review.evaluate_rule(p_bank[test].max(1), p_bank[test].argmax(1) == y_bank[test], u_bank[test] > 1.0,
-                                     rule["threshold"])
+    ok_test = ~d_bank.ood_flag[test] & ~d_bank.below_threshold[test]
+    rule_test = review.evaluate_rule(d_bank.confidence[test], d_bank.pred[test] == y_bank[test],
+                                     d_bank.ood_flag[test], rule["threshold"] if trust.certified else np.inf)
 
     try:
         m_test = evaluation.classification_metrics(y_bank[test], p_bank[test], classes)
@@ -400,9 +407,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     say(0.88, "writing the new model folder")
     out.mkdir(parents=True, exist_ok=True)
     ood.save_stats(out / "ood_stats.npz", stats)
-    lab_rows = np.concatenate([fit_i, cal_i])
+    lab_rows = np.concatenate([fit_i, cal_a_i, cal_b_i])
     lab_bank = {"features": f_lab[lab_rows].astype(np.float16), "labels": y_lab[lab_rows].astype(np.int16),
-                "part": np.array(["lab_fit"] * len(fit_i) + ["lab_cal"] * len(cal_i), dtype="U8"),
+                "part": np.array(["lab_fit"] * len(fit_i) + ["lab_cal_a"] * len(cal_a_i) + ["lab_cal_b"] * len(cal_b_i),
+                                 dtype="U16"),
                 "source": np.array([cfg.lab] * len(lab_rows), dtype="U64"), "classes": np.array(classes, dtype="U64"),
                 "meta": bank["meta"]}
     if has_early:
@@ -412,7 +420,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     if (parent / "split.json").is_file():
         shutil.copy2(parent / "split.json", out / "split.json")
     root = Path(ds.root)
-    part_of = {int(i): "fit" for i in fit_i} | {int(i): "calibration" for i in cal_i}
+    part_of = ({int(i): "fit" for i in fit_i} | {int(i): "calibration_a" for i in cal_a_i}
+               | {int(i): "calibration_b" for i in cal_b_i})
     cells = [{"file": str(Path(ds.paths[i]).relative_to(root)), "class": classes[y_lab[i]],
               "sha256": shas[i], "part": part_of[i], "group": int(groups[i])} for i in range(n)]
     parent_sha = _sha256_file(parent / "model.keras")
@@ -421,17 +430,16 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         "lab": cfg.lab, "added_classes": classes[n_old:], "config": cfg.to_dict(),
         "files_not_used": [{"file": str(f), "reason": r} for f, r in ds.problems],
         "cells_file": CELLS_FILE, "cells": cells,
-        "n_cells": {"fit": int(len(fit_i)), "calibration": int(len(cal_i)),
+        "n_cells": {"fit": int(len(fit_i)), "calibration": int(len(cal_i)), "calibration_a": int(len(cal_a_i)),
+                    "calibration_b": int(len(cal_b_i)),
                     "per_class": {classes[c]: int((y_lab == c).sum()) for c in np.unique(y_lab)}},
         "what_was_refitted": (
             f"head (Dense128 + logits) on the parent's replay training features ({int(rep_fit.sum())} rows) and the "
             f"lab's {len(fit_i)} fitting cells with {n_views} flipped/rotated views each (class-balanced per source, "
             f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's)"),
         "pooled_calibration": (
-            f"temperature and OOD thresholds: parent validation half A ({int(val_a.sum())}) + the lab's calibration "
-            f"part ({len(cal_i)}); each OOD threshold is the larger of the two sources' {cfg.ood_quantile:.0%} quantiles. "
-            f"Review rule: parent validation ({int(val.sum())}) + the lab's calibration part ({len(cal_i)}). Conformal: "
-            f"parent validation half B ({int(val_b.sum())}) + the lab's calibration part."),
+            f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
+            f"conformal quantile (calibration B, disjoint from A): {trust.fitted_on['review_rule']}."),
         "before_after": {"lab_calibration_part": {"before": before, "after": after},
                          "parent_test_macro_f1": {"before": par_test_before, "after": par_test_after,
                                                   "n": int(test.sum()), "on": "parent test replay features"},
@@ -439,47 +447,52 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     }
     guarantee = (
         f"Among images shown as ok, the error rate is at most {cfg.review_alpha:.0%} with probability at least "
-        f"{1 - cfg.review_delta:.0%} for images exchangeable with the pooled calibration set: {int(val.sum())} "
-        f"validation images of the parent's training data and {len(cal_i)} cells of lab {cfg.lab!r}. The lab's cells "
-        f"are {len(cal_i) / (len(cal_i) + int(val.sum())):.1%} of that set, so for this lab's images alone the "
+        f"{1 - cfg.review_delta:.0%} for images exchangeable with the pooled calibration set B: {int(rep_b.sum())} "
+        f"calibration images of the parent's training data and {len(cal_b_i)} cells of lab {cfg.lab!r}. The lab's cells "
+        f"are {len(cal_b_i) / max(len(cal_b_i) + int(rep_b.sum()), 1):.1%} of that set, so for this lab's images alone the "
         f"guarantee does not follow; measured on the lab's calibration part: {after['wrong_ok']} wrong and ok of "
         f"{after['n']} ({after['wrong_ok_of_all']:.1%}). It does not hold for other labs. Suggestions of classes the "
         f"lab did not review ({', '.join(review_classes) or 'none'}) are always sent to review.")
     card = pc.to_dict()
+    legacy = trust.legacy_sections()
+    now = datetime.now(timezone.utc)
     card.update(
-        model_id=out.name, classes=classes,
-        calibration={**pc.calibration, "temperature": T,
-                     "method": "temperature scaling (Guo et al. 2017), refitted after adaptation by NLL",
-                     "fitted_on": lineage["pooled_calibration"]},
-        ood={**pc.ood, "scales": {m: list(v) for m, v in scales.items()}, "threshold": 1.0, "method": ood.COMBINED,
-             "stats_file": "ood_stats.npz", "comparison": comparison, "quantile": cfg.ood_quantile,
+        model_id=out.name, classes=classes, version=model_version(now), trust=trust.to_card(), model_sha256="",
+        calibration={**pc.calibration, **legacy["calibration"],
+                     "method": "temperature scaling (Guo et al. 2017), refitted after adaptation by NLL on calibration A",
+                     "fitted_on": trust.fitted_on["temperature"]},
+        ood={**pc.ood, **legacy["ood"], "comparison": comparison, "quantile": cfg.ood_quantile,
              "components": cfg.ood_components, "sources": sources,
              "fitted_on": ("statistics: parent replay training features + the lab's fitting cells (and views), one "
                            "Gaussian per " + ("(class, source)" if cfg.ood_components == "class_source" else "class")
-                           + "; thresholds: parent validation half A and the lab's calibration part, in-distribution "
-                             "only")},
-        review_rule={**pc.review_rule, "threshold": rule["threshold"], "alpha": cfg.review_alpha,
-                     "delta": cfg.review_delta, "guarantee": guarantee, "calibration": rule,
-                     "measured_on_test": rule_test, "conformal_qhat": qhat, "conformal_alpha": cfg.conformal_alpha,
-                     "review_classes": review_classes},
+                           + "; thresholds: " + trust.fitted_on["ood_thresholds"] + ", in-distribution only")},
+        review_rule={**pc.review_rule, **legacy["review_rule"], "guarantee": guarantee, "calibration": rule,
+                     "measured_on_test": rule_test, "review_classes": review_classes,
+                     "fitted_on": trust.fitted_on["review_rule"]},
         metrics={**test_metrics, "test_on": "the parent's test split (replay features; backbone frozen, so the same "
                                             "outputs as on the images)",
                  "parent_test_replay": {"macro_f1": par_test_after, "macro_f1_parent": par_test_before},
                  "lab_calibration_part": after},
         limitations=list(pc.limitations) + [
-            f"Adapted to lab {cfg.lab!r} from {n} reviewed cells ({len(fit_i)} fitting, {len(cal_i)} calibration); "
+            f"Adapted to lab {cfg.lab!r} from {n} reviewed cells ({len(fit_i)} fitting, {len(cal_a_i)} + {len(cal_b_i)} "
+            f"calibration A + B); "
             f"per-class figures on that lab rest on a handful of cells each.",
             "Cell types the lab did not label keep the parent model's behaviour; on this lab's images they are only "
             "as reliable as the parent model was on another lab."],
-        lineage=lineage, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        lineage=lineage, created=now.isoformat(timespec="seconds"),
         reproduce=reproduce or card.get("reproduce", ""))
     card["training"] = {**pc.training, "adaptation": cfg.to_dict()}
     t1 = time.perf_counter()
-    summary = {"n_cells": {"fit": int(len(fit_i)), "calibration": int(len(cal_i))}, "before": before, "after": after,
+    summary = {"n_cells": {"fit": int(len(fit_i)), "calibration": int(len(cal_i)), "calibration_a": int(len(cal_a_i)),
+                           "calibration_b": int(len(cal_b_i))}, "before": before, "after": after,
                "parent_test_macro_f1": {"before": par_test_before, "after": par_test_after},
                "unlabelled_classes_same_prediction": kept_same, "review_rule": rule, "temperature": T,
                "ood": comparison, "time_s": t1 - t0, "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})
+    exp = _export_stage(out)  # the fast runtime, when bcc_core.export exists
+    if exp is not None:
+        summary["export"] = exp
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     say(1.0, "done")
     return summary

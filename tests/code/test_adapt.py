@@ -37,10 +37,16 @@ def parent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapt")
     for k, (name, lobes) in enumerate(SHAPES):
         for i in range(14):
-            _write(tmp / "data" / name, f"{name}_{i}.png", synthetic_cell(160, 26 + 2 * (i % 5), seed=100 * k + i, lobes=lobes))
-    cfg = TrainConfig(task="synthetic", backbone="small_cnn", weights="none", epochs=3, aug_views=0, batch_size=8,
-                      preprocess=PreprocessConfig(size=64).to_dict(), augment=AugmentConfig.none().to_dict())
-    train(tmp / "data", tmp / "parent", cfg, progress=False)
+            # Each class carries a tint (kept: no stain normalisation), so the tiny parent really learns its
+            # classes; a parent at chance would make "keeps the parent's predictions" a coin toss.
+            img = synthetic_cell(160, 26 + 2 * (i % 5), seed=100 * k + i, lobes=lobes).astype(np.int16)
+            img[..., k] += 70
+            _write(tmp / "data" / name, f"{name}_{i}.png", np.clip(img, 0, 255).astype(np.uint8))
+    cfg = TrainConfig(task="synthetic", backbone="small_cnn", weights="none", epochs=8, learning_rate=2e-3, aug_views=0,
+                      batch_size=8, preprocess=PreprocessConfig(size=64, stain_norm="none").to_dict(),
+                      augment=AugmentConfig.none().to_dict())
+    m = train(tmp / "data", tmp / "parent", cfg, progress=False)
+    assert m["test"]["accuracy"] > 0.8  # a parent that knows its classes (the premise of the tests below)
     return tmp / "parent"
 
 
@@ -60,7 +66,9 @@ def test_training_writes_a_replay_bank(parent):
     bank = load_bank(parent / "replay.npz")
     card = json.loads((parent / "model_card.json").read_text())
     assert list(bank["classes"]) == card["classes"]
-    assert {"train", "val_a", "val_b", "test"} <= set(bank["part"])
+    assert {"train", "val", "cal_a", "cal_b", "test"} <= set(bank["part"])
+    for part, n in card["split"]["sizes"].items():  # every part but train (subsampled) kept whole
+        assert part == "train" or (bank["part"] == part).sum() == n
     assert bank["features"].shape[0] == len(bank["labels"]) == len(bank["part"]) and "early" in bank
     assert (bank["part"] == "test").sum() == card["split"]["sizes"]["test"]
 
@@ -96,11 +104,23 @@ def test_add_classes_needs_enough_cells_then_adds_an_output(parent, tmp_path):
 def adapted(parent, tmp_path_factory):
     from bcc_core.adapt import AdaptConfig, adapt
 
+    from bcc_core.trust import TrustModel
+
     tmp = tmp_path_factory.mktemp("adapted")
     lab = _lab_folder(tmp / "lab", {"mono": 1, "bilobed": 2}, per_class=12, dup=True)
     calls = []
-    summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1),
-                    progress=lambda f, m: calls.append((f, m)))
+    fits = []  # what the trust layer was fitted on (the parts' item ids)
+    real_fit = TrustModel.fit.__func__
+
+    def spy(cls, classes, train, cal_a, cal_b, *args, **kw):
+        fits.append({"train": list(train.ids), "cal_a": list(cal_a.ids), "cal_b": list(cal_b.ids)})
+        return real_fit(cls, classes, train, cal_a, cal_b, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TrustModel, "fit", classmethod(spy))
+        summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1),
+                        progress=lambda f, m: calls.append((f, m)))
+    summary["_trust_fits"] = fits
     return lab, tmp / "new", summary, calls
 
 
@@ -130,19 +150,43 @@ def test_lab_cells_are_in_the_fit_or_the_calibration_part_never_both(adapted):
     lab, new, summary, _ = adapted
     cells = json.loads((new / "cells.json").read_text())["cells"]
     fit = {c["sha256"] for c in cells if c["part"] == "fit"}
-    cal = {c["sha256"] for c in cells if c["part"] == "calibration"}
-    assert fit and cal and not fit & cal
+    cal_a = {c["sha256"] for c in cells if c["part"] == "calibration_a"}
+    cal_b = {c["sha256"] for c in cells if c["part"] == "calibration_b"}
+    assert fit and cal_a and cal_b and not fit & cal_a and not fit & cal_b and not cal_a & cal_b
     # the byte-identical copy shares its original's part (duplicates grouped before the split)
     parts = {c["file"]: c["part"] for c in cells}
     copy = next(f for f in parts if "copy_of_" in f)
     assert parts[copy] == parts[copy.replace("copy_of_", "")]
     # every class has cells on both sides, and the replay carries the lab's cells forward by part
     for k in ("mono", "bilobed"):
-        assert {c["part"] for c in cells if c["class"] == k} == {"fit", "calibration"}
+        assert {c["part"] for c in cells if c["class"] == k} == {"fit", "calibration_a", "calibration_b"}
     bank = load_bank(new / "replay.npz")
-    assert (bank["part"] == "lab_fit").sum() == sum(c["part"] == "fit" for c in cells)
-    assert (bank["part"] == "lab_cal").sum() == sum(c["part"] == "calibration" for c in cells)
-    assert set(bank["source"][bank["part"] == "lab_cal"]) == {"lab B"}
+    for part, name in (("lab_fit", "fit"), ("lab_cal_a", "calibration_a"), ("lab_cal_b", "calibration_b")):
+        assert (bank["part"] == part).sum() == sum(c["part"] == name for c in cells)
+        assert set(bank["source"][bank["part"] == part]) == {"lab B"}
+
+
+def test_trust_is_refitted_on_the_labs_calibration_parts_only(parent, adapted):
+    """Calibration A gets the lab's part A (and the parent's calibration-A replay), B the lab's part B (and
+    the parent's B replay); neither sees a fitting cell, a test row or the other part."""
+    from bcc_core.replay import load_bank
+
+    lab, new, summary, _ = adapted
+    (fit,) = summary["_trust_fits"]
+    cells = json.loads((new / "cells.json").read_text())["cells"]
+    by_part = {p: {f"lab:{c['sha256']}" for c in cells if c["part"] == p} for p in ("fit", "calibration_a", "calibration_b")}
+    lab_ids = {k: {i for i in v if i.startswith("lab:")} for k, v in fit.items()}
+    assert lab_ids["train"] == by_part["fit"]
+    assert lab_ids["cal_a"] == by_part["calibration_a"] and lab_ids["cal_b"] == by_part["calibration_b"]
+    bank = load_bank(parent / "replay.npz")
+    rows = {k: {int(i.split(":")[1]) for i in v if i.startswith("bank:")} for k, v in fit.items()}
+    assert {bank["part"][i] for i in rows["train"]} == {"train"}
+    assert {bank["part"][i] for i in rows["cal_a"]} == {"cal_a"}
+    assert {bank["part"][i] for i in rows["cal_b"]} == {"cal_b"}
+    card = json.loads((new / "model_card.json").read_text())
+    rv = card["trust"]["review"]
+    assert (rv["threshold"] is None) == (not rv["certified"]) and card["version"]
+    assert card["trust"]["review_classes"] == ["trilobed"]  # not reviewed by the lab: always sent to review
 
 
 def test_unlabelled_class_keeps_the_parents_predictions(parent, adapted):
