@@ -258,9 +258,20 @@ def record_export(engine, user: User, case_id: int, details: dict) -> None:
     trail.record(engine, user.username, "case.export", "export", case_id, details)
 
 
-def agreement(engine) -> dict:
+def signed_models(engine) -> list[dict]:
+    """The models of the signed cases: [{"model_id", "model_version", "model_sha256", "cases"}], most cases
+    first (agreement is measured per model: one model's figures say nothing about another's)."""
+    c = store.cases
+    q = (sa.select(c.c.model_id, c.c.model_version, c.c.model_sha256, sa.func.count().label("cases"))
+         .where(c.c.status == "signed").group_by(c.c.model_id, c.c.model_version, c.c.model_sha256)
+         .order_by(sa.func.count().desc()))
+    with engine.connect() as con:
+        return [dict(r._mapping) for r in con.execute(q)]
+
+
+def agreement(engine, model_sha256: str | None = None) -> dict:
     """Model against the reviewers' final classes over every signed case (current decisions, amendments
-    included), with Wilson 95% intervals.
+    included), with Wilson 95% intervals; only the cases of the model with these weights when given.
 
     Only cells a person decided count (an OK cell nobody opened says nothing about the model). Returns
     {"cases", "cells", "reviewed", "agreement", "kappa", "labels", "confusion" (rows: model, columns:
@@ -270,7 +281,10 @@ def agreement(engine) -> dict:
     from .evaluation import rate
 
     with engine.connect() as con:
-        signed = [c.id for c in con.execute(sa.select(store.cases.c.id).where(store.cases.c.status == "signed"))]
+        q = sa.select(store.cases.c.id).where(store.cases.c.status == "signed")
+        if model_sha256:
+            q = q.where(store.cases.c.model_sha256 == model_sha256)
+        signed = [c.id for c in con.execute(q)]
         rows = [r for cid in signed for r in _current(con, cid) if r["status"] != "error"]
     decided = [r for r in rows if r["decision"] in ("confirm", "correct")]
     model = [r["predicted_class"] for r in decided]

@@ -86,7 +86,16 @@ st.download_button("Download these entries (CSV)", pd.DataFrame(entries).to_csv(
 
 # ---------------------------------------------------------------- agreement over signed cases
 st.subheader("Model and reviewers, over signed cases")
-a = cases.agreement(engine)
+models = cases.signed_models(engine)
+if models:
+    pick = st.selectbox("Model", range(len(models)), key="audit_model",
+                        format_func=lambda i: f"{models[i]['model_id']} (version {models[i]['model_version'] or 'n/a'}, "
+                                              f"weights {models[i]['model_sha256'][:12]}…): {models[i]['cases']} "
+                                              "signed case(s)",
+                        help="Each model is measured on its own cases: one model's figures say nothing about another's.")
+    a = cases.agreement(engine, models[pick]["model_sha256"])
+else:
+    a = cases.agreement(engine)
 
 
 def ci(r: dict) -> str:

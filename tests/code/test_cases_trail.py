@@ -268,6 +268,16 @@ def test_agreement_over_signed_cases_counts_only_decided_cells(tmp_path):
     assert (a["flagged_corrected"]["k"], a["flagged_corrected"]["n"]) == (1, 2)
     assert (a["ok_corrected"]["k"], a["ok_corrected"]["n"]) == (0, 1) and a["ok_reviewed"]["k"] == 1
     assert a["labels"] == ["lymphocyte", "monocyte"] and a["confusion"] == [[0, 0], [1, 2]]
+    # Per model: another model's signed case is not pooled with this one's.
+    other = cases.create_case(eng, rita, "S-other", "all4-mobilenetv2", "ef" * 32, 1)
+    oid = cases.add_result(eng, rita, other, 0, _row(0))
+    cases.finish(eng, rita, other)
+    cases.decide(eng, rita, oid, "correct", "basophil")
+    cases.sign(eng, sam, other)
+    assert sorted((m["model_id"], m["cases"]) for m in cases.signed_models(eng)) == [("all4-mobilenetv2", 1),
+                                                                                  ("pbs5-mobilenetv2", 1)]
+    assert cases.agreement(eng, "ab" * 32)["reviewed"] == 3 and cases.agreement(eng, "ef" * 32)["reviewed"] == 1
+    assert cases.agreement(eng)["reviewed"] == 4
 
 
 def test_user_administration_keeps_an_admin_and_locks_out_guessing(tmp_path):
