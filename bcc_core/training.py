@@ -512,7 +512,8 @@ def _export_stage(out: Path) -> dict | None:
         return {"ok": False, "error": "bcc_core.export has no export_runtime function"}
     try:
         res = fn(out)
-        return {"ok": True, "result": res if isinstance(res, (dict, str, type(None))) else str(res)}
+        keep = ("format", "file", "sha256", "model_sha256", "backend", "parity_atol")  # not the weight map
+        return {"ok": True, "result": {k: res[k] for k in keep if k in res} if isinstance(res, dict) else str(res)}
     except Exception as e:  # the trained model stays usable without its export
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
