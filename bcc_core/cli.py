@@ -501,16 +501,15 @@ def _adapt_from_audit(a) -> int:
 
     from . import lab_models, store
 
-    if not a.images:
-        raise UsageError("--from-audit needs --images DIR: the folder(s) holding the screened images")
     engine = store.open_store(a.from_audit or None)
     cells, summary = lab_models.reviewed_from_store(engine, a.images, signed_only=not a.include_unsigned,
                                                     sample_labels=a.case or None)
     print(f"reviewed cells: {summary['reviewed']} ({'signed cases' if summary['signed_only'] else 'all cases'}); "
-          f"images found under --images: {summary['images_found']}, missing: {summary['images_missing']}; "
-          f"used: {summary['cells_used']}")
+          f"images kept with their case: {summary['images_kept_in_store']}, found under --images: "
+          f"{summary['images_found']}, missing: {summary['images_missing']}; used: {summary['cells_used']}")
     if not cells:
-        raise UsageError("no reviewed cell could be matched to an image: check --images (and --include-unsigned)")
+        raise UsageError("no reviewed cell could be matched to an image: give --images DIR (the folders holding "
+                         "the screened images) or --include-unsigned")
     with tempfile.TemporaryDirectory(prefix="bcc-reviewed-") as tmp:
         folder = lab_models.write_reviewed_cells([(c["class"], c["name"], c["data"]) for c in cells], Path(tmp) / "cells")
         rc = cmd_adapt(argparse.Namespace(**{**vars(a), "from_audit": None, "data": str(folder),
@@ -690,9 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="ImageFolder of the lab's reviewed cells: <dir>/<class>/<image>")
     src.add_argument("--from-audit", nargs="?", const="", metavar="DATABASE_URL",
                      help="reviewers' confirmed/corrected cells from the case store (default: $BCC_DATABASE_URL or "
-                          "the data folder's bcc.sqlite), matched by content hash to the images under --images")
+                          "the data folder's bcc.sqlite): images the case kept, else matched by content hash under --images")
     ad.add_argument("--images", action="append", default=[], metavar="DIR",
-                    help="with --from-audit: folder holding the screened images (repeatable)")
+                    help="with --from-audit: folder holding screened images the case did not keep (repeatable)")
     ad.add_argument("--include-unsigned", action="store_true",
                     help="with --from-audit: also decisions in cases not yet signed (default: signed cases only)")
     ad.add_argument("--case", action="append", default=[], metavar="LABEL",

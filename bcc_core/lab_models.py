@@ -153,14 +153,15 @@ def reviewed_from_store(engine, image_roots, signed_only: bool = True, sample_la
                         max_files: int = 200_000) -> tuple[list[dict], dict]:
     """Reviewers' confirmed and corrected cells from the case store, matched to their images by content.
 
-    The store keeps each result's image SHA-256, not the image: the lab points at the folders its images
-    live in, every image file there is hashed, and a reviewed cell is used only when a file's bytes hash to
-    the value recorded when it was screened (the image the reviewer saw). The latest decision per cell
-    counts (an amendment replaces the decision it amends).
+    Each result row records its image's SHA-256. The image itself comes from the store when the case kept
+    the original (flagged cells' originals are kept, bcc_core.cases.keep_image), else from the folders the
+    lab points at (every image file there is hashed). Either way a reviewed cell is used only when the bytes
+    hash to the value recorded when it was screened (the image the reviewer saw). The latest decision per
+    cell counts (an amendment replaces the decision it amends).
 
     Args:
         engine: an open store (bcc_core.store.open_store).
-        image_roots: folders searched (recursively) for the screened images.
+        image_roots: folders searched (recursively) for screened images the store did not keep; may be empty.
         signed_only: only cases whose review is signed (default), else every case.
         sample_labels: only these cases (sample labels), else all.
         max_files: cap on the image files hashed.
@@ -189,7 +190,10 @@ def reviewed_from_store(engine, image_roots, signed_only: bool = True, sample_la
                 if r.decision in ("confirm", "correct") and r.final_class and r.image_sha256
                 and (not signed_only or r.status == "signed")
                 and (not sample_labels or r.sample_label in set(sample_labels))]
+    from .cases import cell_image
+
     wanted = {r.image_sha256 for r in rows}
+    kept = {h: data for h in wanted if (data := cell_image(engine, h)) is not None}
     found: dict[str, Path] = {}
     n_files = 0
     for root in image_roots:
@@ -201,17 +205,20 @@ def reviewed_from_store(engine, image_roots, signed_only: bool = True, sample_la
                 raise ValueError(f"more than {max_files} image files under {', '.join(map(str, image_roots))}: "
                                  "point --images at the folders of the reviewed cases")
             h = hashlib.sha256(p.read_bytes()).hexdigest()
-            if h in wanted:
+            if h in wanted and h not in kept:
                 found.setdefault(h, p)
     cells, seen = [], set()
     for r in rows:
-        if r.image_sha256 in found and r.image_sha256 not in seen:  # one image reviewed in two cases counts once
-            seen.add(r.image_sha256)
-            cells.append({"class": r.final_class, "name": r.name, "data": found[r.image_sha256].read_bytes(),
-                          "sha256": r.image_sha256, "decision_id": int(r.id), "case_uid": r.uid})
-    summary = {"reviewed": len(rows), "images_found": len({r.image_sha256 for r in rows} & set(found)),
-               "images_missing": len(wanted - set(found)), "cells_used": len(cells), "files_hashed": n_files,
-               "signed_only": signed_only}
+        h = r.image_sha256
+        if h in seen or (h not in kept and h not in found):  # one image reviewed in two cases counts once
+            continue
+        seen.add(h)
+        data = kept[h] if h in kept else found[h].read_bytes()
+        cells.append({"class": r.final_class, "name": r.name, "data": data, "sha256": h,
+                      "decision_id": int(r.id), "case_uid": r.uid})
+    summary = {"reviewed": len(rows), "images_kept_in_store": len(kept), "images_found": len(found),
+               "images_missing": len(wanted - set(kept) - set(found)), "cells_used": len(cells),
+               "files_hashed": n_files, "signed_only": signed_only}
     return cells, summary
 
 

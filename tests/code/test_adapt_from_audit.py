@@ -78,7 +78,8 @@ def reviewed_store(tmp_path):
     truth[first["image_sha256"]] = "bilobed"
     other = cases.create_case(engine, rita, "SLIDE-2", "synthetic", "ab" * 32, 1)
     img = synthetic_cell(160, 24, seed=5, lobes=1)
-    data = _write(images / "slide2" / "x.png", img)
+    data = _write(tmp_path / "elsewhere" / "x.png", img)  # not under lab_images: the case keeps the original
+    assert cases.keep_image(engine, data) == hashlib.sha256(data).hexdigest()
     rid = cases.add_result(engine, rita, other, 0, {"file": "x.png", "status": "review", "predicted_class": "mono",
                                                     "confidence": 0.5, "flags": [], "reason": "",
                                                     "sha256": hashlib.sha256(data).hexdigest()})
@@ -96,14 +97,15 @@ def test_reviewed_cells_are_matched_by_content_and_the_latest_decision_counts(re
     tampered.write_bytes(tampered.read_bytes() + b"\0")
     cells, summary = reviewed_from_store(engine, [images])
     assert summary["reviewed"] == 31 and summary["images_missing"] == 2  # the lost image, the tampered one
+    assert summary["images_kept_in_store"] == 0 and summary["images_found"] == 29
     assert summary["cells_used"] == 29 and len(cells) == 29
     assert all(truth[c["sha256"]] == c["class"] for c in cells)
     assert all(hashlib.sha256(c["data"]).hexdigest() == c["sha256"] for c in cells)
     assert sum(c["class"] == "bilobed" for c in cells) == 11  # the amended cell moved class
     everything, s2 = reviewed_from_store(engine, [images], signed_only=False)
     assert s2["reviewed"] == 32 and len(everything) == 30  # the unsigned case's cell too
-    only2, _ = reviewed_from_store(engine, [images], signed_only=False, sample_labels=["SLIDE-2"])
-    assert [c["class"] for c in only2] == ["mono"]
+    only2, s3 = reviewed_from_store(engine, [], signed_only=False, sample_labels=["SLIDE-2"])
+    assert [c["class"] for c in only2] == ["mono"] and s3["images_kept_in_store"] == 1  # no folder needed
 
 
 def test_cli_adapt_from_audit_writes_a_card_naming_the_decisions(parent, reviewed_store, tmp_path, capsys):
@@ -117,6 +119,7 @@ def test_cli_adapt_from_audit_writes_a_card_naming_the_decisions(parent, reviewe
     assert rc == 0
     printed = capsys.readouterr().out
     assert "reviewed cells: 31 (signed cases)" in printed and "missing: 1" in printed and "used: 30" in printed
+    assert "images kept with their case: 0, found under --images: 30" in printed
     card = json.loads((out / "model_card.json").read_text())
     rd = card["lineage"]["reviewed_decisions"]
     assert len(rd["cells"]) == 30 and all(c["decision_id"] > 0 and len(c["sha256"]) == 64 for c in rd["cells"])
@@ -126,12 +129,12 @@ def test_cli_adapt_from_audit_writes_a_card_naming_the_decisions(parent, reviewe
     Predictor.load(out)  # the card with its review source still validates and loads
 
 
-def test_cli_from_audit_without_images_or_matches_is_a_usage_error(parent, reviewed_store, tmp_path, capsys):
+def test_cli_from_audit_without_matching_images_is_a_usage_error(parent, reviewed_store, tmp_path, capsys):
     from bcc_core.cli import main
 
     _, _, _, url = reviewed_store
     assert main(["adapt", "--model", str(parent), "--from-audit", url, "--out", str(tmp_path / "a")]) != 0
-    assert "--images" in capsys.readouterr().err
+    assert "give --images DIR" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["adapt", "--model", str(parent), "--from-audit", url, "--images", str(empty),
