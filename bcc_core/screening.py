@@ -146,7 +146,8 @@ class _Pipeline:
             f: Future = Future()
             f.set_result(data)
             return f
-        return self.pool.submit(_prepare_bytes, src.name, data, self.preparer, self.cfg.thumbnail)
+        with _neutral_main():
+            return self.pool.submit(_prepare_bytes, src.name, data, self.preparer, self.cfg.thumbnail)
 
     def fill(self) -> None:
         while len(self.pending) < self.ahead and self.next_index < len(self.sources):
@@ -171,6 +172,22 @@ class _Pipeline:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _neutral_main():
+    """A new worker process re-imports the parent's `__main__` from its file; when that is a script
+    with side effects (a Streamlit page run in-process, a test runner's app), the worker dies. Workers
+    are started inside submit(), so for its duration `__main__` is an empty module: nothing is re-imported."""
+    import sys
+    import types
+
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved
 
 
 @contextlib.contextmanager

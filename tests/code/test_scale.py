@@ -94,3 +94,22 @@ def test_worker_processes_give_the_rows_threads_give_in_input_order_with_errors(
     strip = [[{k: v for k, v in r.items() if k not in ("thumbnail", "flags")} for r in rows] for rows in runs]
     assert strip[0] == strip[1]
     assert all(np.array_equal(a["thumbnail"], b["thumbnail"]) for a, b in zip(*runs) if a["status"] != "error")
+
+
+def test_worker_processes_survive_a_main_module_with_side_effects(tmp_path, monkeypatch):
+    """A Streamlit page or test runner may leave a script as __main__; workers must not re-import it."""
+    import sys
+    import types
+
+    from bcc_core.io import ImageSource
+    from bcc_core.screening import ScreeningConfig, screen
+
+    script = tmp_path / "page.py"
+    script.write_text("raise SystemExit('a worker imported the parent script')\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    ok, png = cv2.imencode(".png", np.full((64, 64, 3), 200, np.uint8))
+    rows = screen([ImageSource(f"{i}.png", lambda: png.tobytes()) for i in range(4)], _Pred(),
+                  ScreeningConfig(batch_size=2, workers=2, thumbnail=0, processes=True))
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows[0]["reason"]
