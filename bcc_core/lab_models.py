@@ -127,9 +127,9 @@ def reviewed_labels(prediction_ids: dict, current) -> tuple[tuple[int, str], ...
     """(row index, final class) of a batch's cells whose current decision is confirm or correct.
 
     Args:
-        prediction_ids: {row index: audit prediction id}.
-        current: the audit log's current decisions (`AuditLog.queue(status=None, undecided_only=False)`)
-            indexed by prediction_id.
+        prediction_ids: {row index: the case result id of that cell}.
+        current: the current decisions of the case's cells: a DataFrame indexed by result id with
+            `decision` and `final_class` columns (built by the batch page from the case rows).
     """
     out = []
     for i, pid in sorted(prediction_ids.items()):

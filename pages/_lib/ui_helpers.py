@@ -15,15 +15,8 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_AUDIT_DB = "~/.bcc/audit.sqlite"
-
 GRADCAM_METHODS: dict[str, str] = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++", "Score-CAM": "scorecam"}
 """Label shown in the app -> method name accepted by ``bcc_core.explain.explain``."""
-
-
-def audit_db_path() -> Path:
-    """Audit database path: ``$BCC_AUDIT_DB`` if set, else ``~/.bcc/audit.sqlite`` (user-expanded)."""
-    return Path(os.environ.get("BCC_AUDIT_DB") or DEFAULT_AUDIT_DB).expanduser()
 
 
 def read_json(path: str | os.PathLike) -> tuple[dict | None, str | None]:
@@ -42,45 +35,6 @@ def read_json(path: str | os.PathLike) -> tuple[dict | None, str | None]:
     if not isinstance(d, dict):
         return None, f"`{p}` does not contain a JSON object."
     return d, None
-
-
-def comparison_table(project_root: str | os.PathLike, task: str) -> tuple[str | None, str]:
-    """Markdown model-comparison table for a task from ``bench/results/comparison_<task>.md``.
-
-    Falls back to rendering ``comparison_<task>.csv`` as a Markdown table.
-
-    Returns:
-        ``(markdown or None, note)``; the note names the file read, or says it is absent.
-    """
-    base = Path(project_root) / "bench" / "results"
-    md, csv = base / f"comparison_{task}.md", base / f"comparison_{task}.csv"
-    if md.is_file():
-        return md.read_text(), f"from `bench/results/{md.name}`"
-    if csv.is_file():
-        import pandas as pd
-
-        try:
-            df = pd.read_csv(csv)
-        except Exception as e:  # pandas raises several parser errors
-            return None, f"`bench/results/{csv.name}` could not be read ({e})."
-        return dataframe_to_markdown(df), f"from `bench/results/{csv.name}`"
-    return None, (f"No model comparison for task `{task}` yet (`bench/results/comparison_{task}.md` "
-                  "is absent): the benchmark has not been run for this task.")
-
-
-def dataframe_to_markdown(df) -> str:
-    """Render a DataFrame as a GitHub Markdown table without needing the `tabulate` package."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for row in df.itertuples(index=False):
-        cells = []
-        for v in row:
-            if isinstance(v, float):
-                cells.append("" if np.isnan(v) else f"{v:.4g}")
-            else:
-                cells.append(str(v).replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def png_data_uri(img: np.ndarray | None, max_side: int = 64) -> str | None:

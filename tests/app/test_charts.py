@@ -112,15 +112,6 @@ def test_results_frame_and_summary_keep_errors_visible():
     assert s["per_class"]["monocyte"] == 1 and s["per_class"]["basophil"] == 1 and sum(s["per_class"].values()) == 2
 
 
-def test_comparison_table_absent_is_said(tmp_path):
-    md, note = ui_helpers.comparison_table(tmp_path, "pbs5")
-    assert md is None and "absent" in note
-    (tmp_path / "bench" / "results").mkdir(parents=True)
-    (tmp_path / "bench" / "results" / "comparison_pbs5.csv").write_text("backbone,macro_f1\nmobilenetv2,0.91234\n")
-    md, note = ui_helpers.comparison_table(tmp_path, "pbs5")
-    assert "| mobilenetv2 | 0.9123 |" in md and "comparison_pbs5.csv" in note
-
-
 def test_read_json_reports_missing_and_broken(tmp_path):
     d, note = ui_helpers.read_json(tmp_path / "metrics.json")
     assert d is None and "missing" in note
@@ -141,10 +132,3 @@ def test_format_helpers():
     assert ui_helpers.fmt_pct(0.934) == "93.4%" and ui_helpers.fmt_pct(1) == "100.0%"
     assert ui_helpers.fmt_pct(None) == "n/a" and ui_helpers.fmt_num(float("nan")) == "n/a"
     assert ui_helpers.fmt_num(0.12345) == "0.123"
-
-
-def test_audit_db_path_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("BCC_AUDIT_DB", str(tmp_path / "x.sqlite"))
-    assert ui_helpers.audit_db_path() == tmp_path / "x.sqlite"
-    monkeypatch.delenv("BCC_AUDIT_DB")
-    assert ui_helpers.audit_db_path().name == "audit.sqlite" and ".bcc" in str(ui_helpers.audit_db_path())
