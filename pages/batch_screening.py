@@ -106,8 +106,19 @@ if unfinished:
                          f"{unfinished['created_at'][:16].replace('T', ' ')}", value=True, key="batch_resume",
                          help="Give the same inputs: the images already stored are not screened again. Off: a new "
                               "case with the same label.")
-run = st.button("Resume screening" if resume else "Run screening", type="primary", icon=":material/play_arrow:",
-                disabled=not ((uploads or folder.strip()) and label))
+from bcc_core.samples import sample_batch_paths, sample_batch_sources  # noqa: E402
+
+n_samples = len(sample_batch_paths())
+buttons_row = st.container(horizontal=True)
+run = buttons_row.button("Resume screening" if resume else "Run screening", type="primary",
+                         icon=":material/play_arrow:", disabled=not ((uploads or folder.strip()) and label))
+try_sample = buttons_row.button(
+    "Try the sample batch", key="batch_try_sample", icon=":material/science:", disabled=not n_samples,
+    help=f"Screen the {n_samples} bundled sample images (cells of every pbs5 class, an out-of-focus cell, a blank "
+         "frame and a file that is not an image; assets/samples) into a new case under the sample label, or "
+         "'sample batch' when it is empty.")
+if try_sample:  # the same path as a run on uploads: a new case, never a resumed one
+    label, resume = label or "sample batch", False
 if (uploads or folder.strip()) and not label:
     st.caption("Enter the sample label to run: every screening run is saved as a case.")
 
@@ -131,8 +142,10 @@ def stored_row(r: dict) -> dict:
             "thumbnail": decode(png) if png else None}
 
 
-if run:
-    if uploads:
+if run or try_sample:
+    if try_sample:
+        sources = sample_batch_sources()
+    elif uploads:
         sources = sources_from_uploads(uploads)
     else:
         sources = list(iter_image_sources([folder.strip()], policy=folder_policy))

@@ -372,6 +372,12 @@ def _run(at, label: str) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
 
+def _click_run(at, button) -> None:
+    """Click a button that starts a screening run and show the page once the run has ended."""
+    button.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
 def _button(at, key):
     hits = [b for b in at.button if b.key == key]
     assert hits, f"no button {key!r}; have {[b.key for b in at.button]}"
@@ -478,6 +484,25 @@ def test_batch_screening_from_folder_and_zip(app_env, tmp_path, monkeypatch):
     assert not at.exception
     table = _results_table(at)
     assert len(table) == 1 and table["status"].item() == "error" and "not found" in table["reason"].item()
+
+
+def test_try_the_sample_batch_screens_it_into_a_case(app_env):
+    """One click screens the bundled sample batch (assets/samples/batch) into a case labelled "sample batch",
+    the same way as a run on uploads: one row per file in name order, the file that is not an image an error row."""
+    from bcc_core import cases, store
+    from bcc_core.samples import sample_batch_paths
+
+    names = [p.name for p in sample_batch_paths()]
+    assert len(names) == 13 and names[-2:] == ["zz_not_an_image.jpg", "zz_out_of_focus.jpg"]
+    at = start("pages/batch_screening.py")
+    _click_run(at, _button(at, "batch_try_sample"))
+    table = _results_table(at)
+    assert list(table["file"]) == [f"sample batch/{n}" for n in names]
+    assert list(table.loc[table["status"] == "error", "file"]) == ["sample batch/zz_not_an_image.jpg"]
+    assert table.loc[table["file"] == "sample batch/zz_blank.png", "status"].item() == "review"
+    case, stored = cases.case_rows(store.open_store(str(app_env["db"])), at.session_state["batch_case"])
+    assert (case["sample_label"], case["status"], case["n_inputs"]) == ("sample batch", "complete", 13)
+    assert [r["name"] for r in stored] == names and stored[11]["status"] == "error"
 
 
 def test_model_selector_drives_every_page(app_env):
@@ -765,6 +790,10 @@ def test_a_case_from_screening_to_sign_off_amendment_export_and_audit(app_env):
     log = next(d.value for d in at.dataframe if "action" in d.value.columns)
     assert {"login", "case.create", "result.add", "decision.add", "case.sign", "decision.amend", "case.export",
             "case.view"} <= set(log["action"])
+    # The metrics page shows the same figures for the selected model (the one this case was screened with).
+    at.switch_page("pages/metrics.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert metric(at, "Signed cases") == "1" and metric(at, "Cells a reviewer decided") != "0"
 
 
 def test_a_batch_stopped_midway_keeps_its_rows_and_resumes(app_env, monkeypatch):
