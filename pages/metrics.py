@@ -12,7 +12,9 @@ from bcc_core.evaluation import confusion_report, ece_interval, rate
 from bcc_core.glossary import term
 from pages._lib.ui_helpers import fmt_num, fmt_pct, read_json
 from bcc_core.verification import load_reports
-from pages._shared import current_model_dir, init_state, page_header, require_card
+from bcc_core import cases
+from pages._agreement import show_agreement
+from pages._shared import current_model_dir, db, init_state, page_header, require_card
 
 init_state()
 page_header("Model metrics", "How the selected model did on images it never saw in training (its test split, "
@@ -167,6 +169,15 @@ if measured.get("n"):
                 f"- Errors among results shown as OK (test): {with_ci(rate(wrong_ok, n_ok), 2)}; target at most "
                 f"{fmt_pct(rr.get('alpha'), 0)}\n"
                 f"- Accuracy of the results sent to review (test): {fmt_pct(measured.get('accuracy_of_reviewed'))}")
+
+# ---------------------------------------------------------------- in this lab, over signed cases
+st.subheader("In this lab: the model against its reviewers")
+st.caption("Over the signed cases screened with this model (its weights' SHA-256), every cell a person decided: "
+           "the figure that shows whether the review rule holds on this lab's cells. Amendments count.")
+if card.model_sha256:
+    show_agreement(cases.agreement(db(), card.model_sha256))
+else:
+    st.info("This model's card records no weights SHA-256, so its cases cannot be told from another model's.")
 
 # ---------------------------------------------------------------- unlike the training images
 st.subheader("Images unlike the training images")
