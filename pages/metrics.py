@@ -159,13 +159,15 @@ if rr.get("guarantee"):
     st.markdown(f"> {rr['guarantee']}", help=term("review rule") + " " + term("exchangeable"))
 else:
     st.warning("The model card states no review rule: every result should be reviewed.")
-if isinstance(thr, (int, float)) and thr > 1.0:
+# Cards written before bcc_core.trust said "no certified threshold" with a threshold above 1.
+certified = rr.get("certified", not (isinstance(thr, (int, float)) and thr > 1.0))
+if not certified:
     st.warning("On its calibration data this model could not meet the guarantee at any threshold, so the rule "
                "accepts nothing: **every result is marked 'needs review'.**")
 if measured.get("n"):
     n_ok = measured.get("ok", 0)
     wrong_ok = round(measured.get("selective_error", 0) * n_ok)
-    st.markdown(f"- Confidence needed to be shown as OK (and no flag): {fmt_pct(thr)}\n"
+    st.markdown(f"- Confidence needed to be shown as OK (and no flag): {fmt_pct(thr) if certified else 'none certified'}\n"
                 f"- Errors among results shown as OK (test): {with_ci(rate(wrong_ok, n_ok), 2)}; target at most "
                 f"{fmt_pct(rr.get('alpha'), 0)}\n"
                 f"- Accuracy of the results sent to review (test): {fmt_pct(measured.get('accuracy_of_reviewed'))}")
