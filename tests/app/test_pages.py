@@ -90,11 +90,11 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
     v = verdict(pred.flags)
     boxes = texts(at, "success", "warning", "error", "info")
     assert v.headline in boxes
-    if v.trust_suggestion:
-        assert metric(at, "Suggested class") == pred.predicted_class in classes
-    else:  # not recognised / not usable: no large-type class, the guess is a plain line
-        assert not any(m.label == "Suggested class" for m in at.metric)
-        assert f"not reliable for this image**: {pred.predicted_class}" in texts(at, "markdown")
+    # A synthetic cell is unlike the training images: flagged, no large-type class, the guess a plain line.
+    # (A bundled sample cell, at the end, is the other branch.)
+    assert not v.trust_suggestion and pred.predicted_class in classes
+    assert not any(m.label == "Suggested class" for m in at.metric)
+    assert f"not reliable for this image**: {pred.predicted_class}" in texts(at, "markdown")
     # Every flag's message is on the page, with its next step said once.
     for f in pred.flags:
         assert f.message in boxes
@@ -133,6 +133,18 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
     assert (case["sample_label"], case["status"], case["created_by"]) == ("SINGLE-1", "complete", "rita")
     assert rows[0]["predicted_class"] == pred.predicted_class and rows[0]["image_sha256"] == \
         at.session_state["single"]["sha256"] and rows[0]["thumb_sha256"]
+
+    # A bundled sample cell (a held-out pbs5 test image) is recognised: OK, the class in large type, no plain line.
+    from bcc_core.samples import sample_images
+
+    sample = next(s for s in sample_images(classes) if s.path.name == "monocyte_1.jpg")
+    at.file_uploader[0].set_value((sample.path.name, sample.path.read_bytes(), "image/jpeg")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    ok = at.session_state["single"]["pred"]
+    assert verdict(ok.flags).level == "ok" and verdict(ok.flags).trust_suggestion
+    assert metric(at, "Suggested class") == ok.predicted_class == "monocyte"
+    assert verdict(ok.flags).headline in texts(at, "success")
+    assert "not reliable for this image" not in texts(at, "markdown")
 
 
 FLAG_CASES = {
@@ -175,8 +187,7 @@ def test_result_headline_follows_the_most_severe_flag(case):
     severe = any(f[1] == "critical" for f in flags) or any(f[0] == "out_of_distribution" for f in flags)
     assert bool(at.error) == severe   # red only for "not recognised" / "do not use" (and critical flags)
     assert any(m.label == "Suggested class" for m in at.metric) == class_in_large_type
-    if not class_in_large_type:
-        assert "not reliable for this image**: myeloblast (93.8%)" in texts(at, "markdown")
+    assert ("not reliable for this image**: myeloblast (93.8%)" in texts(at, "markdown")) == (not class_in_large_type)
     for f in flags:
         assert f[2] in texts(at, "warning", "error")
 
@@ -249,6 +260,8 @@ def test_model_card_page(app_env):
     card = json.loads((app_env["model_dir"] / "model_card.json").read_text())
     body = texts(at)
     assert "Must NOT be used for" in body
+    # The model's identity: the card's version (or "unversioned") and the weights' SHA-256.
+    assert f"`{card['model_sha256']}`" in texts(at, "caption") and "version **" in body
     for item in card["not_for"]:
         assert item in texts(at, "error")
     assert card["intended_use"] in body
@@ -260,7 +273,8 @@ def test_model_card_page(app_env):
     assert card["review_rule"]["guarantee"] in body
     for lim in card["limitations"]:
         assert lim in body
-    assert any(card["reproduce"] == c.value for c in at.code) if card.get("reproduce") else True
+    assert card.get("reproduce")                              # every bundled card records its command
+    assert any(card["reproduce"] == c.value for c in at.code)
     assert [b.label for b in at.download_button] == ["Download model_card.json"]
 
 
@@ -520,11 +534,11 @@ def test_model_selector_drives_every_page(app_env):
     at.switch_page("pages/metrics.py").run()
     assert at.session_state["model_dir"] == str(other)
     metrics_file = other / "metrics.json"
-    if metrics_file.is_file():
-        from bcc_core.evaluation import confusion_report
+    assert metrics_file.is_file()                             # every installed model ships its metrics
+    from bcc_core.evaluation import confusion_report
 
-        t = json.loads(metrics_file.read_text())["test"]
-        assert f"Macro-F1: {confusion_report(t['confusion_matrix'], t['classes'])['macro_f1']:.3f}" in texts(at)
+    t = json.loads(metrics_file.read_text())["test"]
+    assert f"Macro-F1: {confusion_report(t['confusion_matrix'], t['classes'])['macro_f1']:.3f}" in texts(at)
 
 
 # ---------------------------------------------------------------------------------------------- your lab
