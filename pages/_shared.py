@@ -33,6 +33,7 @@ STATE_DEFAULTS: dict = {
     "batch_open": None,       # int: row index of the cell open for review (decisions land on it only)
     "batch_table_pick": (),   # tuple[int]: rows selected in the results table at the last run
     "batch_seconds": None,    # float: wall time of the last screening run
+    "batch_job": None,        # int: case id of the screening job (bcc_core.jobs) this session follows
     "user": None,             # dict {username, role, since, last_seen}: who is logged in (see session_user)
     "login_notice": None,     # str: why the last session ended (idle, account disabled), shown on the login page
     "case_open": None,        # int: the case open on the Cases page

@@ -1,5 +1,6 @@
-"""Batch screening: many images → a case (sample label) whose rows are stored as they arrive, a results table
-that fills as it runs, a review queue whose decisions go to the case, and the working differential."""
+"""Batch screening: many images → a case (sample label) screened by a background job of the server (bcc_core.jobs)
+whose rows are stored as they arrive, its progress (followed again when the page is reopened), a review queue
+whose decisions go to the case, and the working differential."""
 
 import re
 import time
@@ -11,7 +12,7 @@ import streamlit as st
 from pages._lib import charts
 from bcc_core.io import (IMAGE_EXTENSIONS, ImageReadError, content_hash, iter_image_sources, read_image,
                          server_folder_policy, sources_from_uploads)
-from bcc_core import cases
+from bcc_core import cases, jobs
 from bcc_core.report import differential
 from bcc_core.users import AuthError
 from pages._lib.ui_helpers import flag_codes, png_data_uri, results_frame, summary_counts
@@ -30,7 +31,6 @@ predictor = require_predictor()
 classes = predictor.classes
 ss = st.session_state
 
-LIVE_ROWS = 200  # rows shown while a batch runs
 MAX_THUMBNAIL_ROWS = 2000
 DISPLAY_MAX_CONFIDENCE = 0.999  # a table cell reading "100%" would claim a certainty no model has
 
@@ -142,18 +142,27 @@ def stored_row(r: dict) -> dict:
             "thumbnail": decode(png) if png else None}
 
 
+class _Upload:
+    """An upload's name and bytes, copied out of the session: the uploader's objects die with the rerun that a
+    widget click starts, and the run goes on in the background."""
+
+    def __init__(self, f):
+        self.name, self._data = f.name, bytes(f.getvalue())
+
+    def getvalue(self) -> bytes:
+        return self._data
+
+
 if run or try_sample:
     if try_sample:
         sources = sample_batch_sources()
     elif uploads:
-        sources = sources_from_uploads(uploads)
+        sources = sources_from_uploads([_Upload(f) for f in uploads])
     else:
         sources = list(iter_image_sources([folder.strip()], policy=folder_policy))
     if not sources:
         st.warning("No image files found there. Accepted: " + ", ".join(IMAGE_EXTENSIONS) + ", or a .zip of them.")
         st.stop()
-    from bcc_core.screening import screen
-
     ident = model_identity(current_model_dir(), Path(current_model_dir(), "model_card.json").stat().st_mtime)
     stored: dict[int, dict] = {}
     if resume:
@@ -178,58 +187,64 @@ if run or try_sample:
     else:
         case_id = cases.create_case(engine, user, label, ident["model_id"], ident["weights_sha256"], len(sources),
                                     model_version=cases.model_version(current_model_dir()))
-    todo = [k for k in range(len(sources)) if k not in stored]
-    by_seq = {seq: stored_row(r) for seq, r in stored.items()}
-    result_ids = {seq: r["id"] for seq, r in stored.items()}
-
-    bar = st.progress(0.0, text=f"Screening {len(todo)} image(s)" + (f" ({len(stored)} already in the case)…"
-                                                                      if stored else "…"))
-    live = st.empty()
-    done_rows: list[dict] = []
-    uris: list[str | None] = []
-    last = [0.0]
-
-    def on_result(row, done, total):
-        # Stored first: a crash or a closed browser keeps every row screened so far ("incomplete" case).
-        seq = todo[done - 1]
-        result_ids[seq] = cases.add_result(engine, user, case_id, seq, row)
-        if row["status"] == "review":   # kept so that the reopened case shows what the model saw
-            try:
-                cases.keep_image(engine, sources[seq].load())
-            except OSError:
-                pass
-        by_seq[seq] = row
-        done_rows.append(row)
-        uris.append(png_data_uri(row.get("thumbnail"), max_side=48))
-        now = time.monotonic()
-        # Redraw at most twice a second, and only the latest rows: resending a growing table with
-        # thumbnails on every result would dominate the run time of a big batch.
-        if done == total or now - last[0] > 0.5:
-            last[0] = now
-            bar.progress(done / total, text=f"Screened {done} of {total}")
-            k = max(0, len(done_rows) - LIVE_ROWS)
-            with live.container():
-                if k:
-                    st.caption(f"Latest {LIVE_ROWS} results; the full table follows when the run ends.")
-                st.dataframe(display(results_frame(done_rows[k:], thumbnail_uris=uris[k:], start=k)),
-                             column_config=TABLE_COLUMNS, column_order=TABLE_ORDER, hide_index=True,
-                             height=min(400, 38 + 35 * (len(done_rows) - k)))
-
-    t0 = time.perf_counter()
+    # The run is a job of the server process (bcc_core.jobs), not of this page run: a widget click (a rerun)
+    # or a closed tab does not stop it, and the page follows it by polling the store.
     try:
-        screen([sources[k] for k in todo], predictor, on_result=on_result)
-    finally:  # complete when every input has its row, else incomplete (resumable)
-        status = cases.finish(engine, user, case_id)
-    ss["batch_seconds"] = time.perf_counter() - t0
+        jobs.start(engine, user, case_id, sources, predictor, todo=[k for k in range(len(sources)) if k not in stored],
+                   model_dir=current_model_dir())
+    except jobs.JobRefused as e:
+        st.error(f"Not started: {literal(e)}.")
+        st.stop()
+    ss["batch_job"] = case_id
+    ss["batch_rows"], ss["batch_case"], ss["batch_detail"], ss["batch_open"] = [], None, None, None
     ss["user"]["last_seen"] = time.time()   # a long run is activity, not idleness
-    rows = [by_seq[k] for k in range(len(sources))]
-    ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, sources, current_model_dir()
-    ss["batch_thumbs"] = [png_data_uri(r.get("thumbnail"), max_side=48) for r in rows] if stored else uris
-    ss["batch_run_id"] = f"{time.time_ns()}"
+
+
+def load_job(job) -> None:
+    """The session shows an ended job's case: its stored rows (the run's own names for the inputs), sources, model."""
+    case, stored = cases.case_rows(engine, job.case_id)
+    by_seq = {r["seq"]: r for r in stored}
+    n = next((k for k in range(len(job.sources) + 1) if k not in by_seq), len(job.sources))  # rows 0..n-1 stored
+    rows = []
+    for k in range(n):
+        row = stored_row(by_seq[k])
+        row["file"] = job.sources[k].name if k < len(job.sources) else row["file"]
+        rows.append(row)
+    ss["batch_rows"], ss["batch_sources"], ss["batch_model"] = rows, job.sources, job.model_dir or current_model_dir()
+    ss["batch_thumbs"] = [png_data_uri(r.get("thumbnail"), max_side=48) for r in rows]
+    ss["batch_run_id"] = f"{job.case_id}-{job.started_at}"
+    ss["batch_seconds"] = (job.ended_at or time.time()) - job.started_at
     ss["batch_detail"], ss["batch_open"], ss["batch_table_pick"] = None, None, ()
-    ss["batch_case"], ss["batch_result_ids"] = case_id, result_ids
-    bar.empty()
-    live.empty()
+    ss["batch_case"], ss["batch_result_ids"] = job.case_id, {k: by_seq[k]["id"] for k in range(n)}
+
+
+@st.fragment(run_every=1.0)
+def follow_job(case_id: int) -> None:
+    """The running job's progress, read from the store every second; when it has ended, the whole page reruns to
+    show the case. Clicks elsewhere rerun the page and find the job still running."""
+    job = jobs.get(engine, case_id)
+    if job is None or not job.running:
+        st.rerun()
+    done, n = jobs.progress(engine, case_id)
+    ss["user"]["last_seen"] = time.time()
+    st.progress(done / max(n, 1), text=f"Screened {done} of {n}")
+    st.caption(f"Case #{case_id} is being screened: {done} of {n} images stored. The run goes on if you use the "
+               "page or close it; open this page again to follow it and see the results.")
+
+
+if ss["batch_job"] is None and not ss["batch_rows"]:  # a page opened anew: the user's run in this server, if any
+    mine = jobs.latest(engine, user.username)
+    ss["batch_job"] = mine.case_id if mine is not None else None
+job = jobs.get(engine, ss["batch_job"]) if ss["batch_job"] is not None else None
+if job is not None and job.running:
+    follow_job(job.case_id)
+    st.stop()
+if job is not None and ss["batch_case"] != job.case_id:
+    load_job(job)
+if job is not None and job.error and ss["batch_case"] == job.case_id:
+    st.error(f"The run of case #{job.case_id} stopped: {literal(job.error)}. The {len(ss['batch_rows'])} row(s) "
+             "stored are kept in the case; give the same inputs and sample label to resume it.",
+             icon=":material/error:")
 
 rows = ss["batch_rows"]
 if not rows:

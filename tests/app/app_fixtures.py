@@ -74,6 +74,15 @@ def log_in(at, name: str, password: str = PASSWORD):
     return at
 
 
+def finish_batch(at, timeout: float = 600):
+    """After the click that started a batch run (a background job of bcc_core.jobs, not part of the script run):
+    wait until every job has ended, then run the page again so that it shows the case."""
+    from bcc_core import jobs
+
+    assert jobs.wait_all(timeout), "the screening job did not end"
+    return at.run()
+
+
 @pytest.fixture
 def cell_png() -> bytes:
     return png_bytes(synthetic_cell(0))

@@ -8,7 +8,7 @@ import re
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
-from app_fixtures import app_env, log_in, model_dir  # noqa: F401  (pytest fixtures)
+from app_fixtures import app_env, finish_batch, log_in, model_dir  # noqa: F401  (pytest fixtures)
 from app_test_images import png_bytes, synthetic_cell
 
 TIMEOUT = 180
@@ -50,6 +50,7 @@ def test_batch_shows_a_markdown_file_name_literally(app_env):
     at.file_uploader[0].set_value([(EVIL, b"broken", "image/png"),
                                    ("ok.png", png_bytes(synthetic_cell(3)), "image/png")]).run()
     next(b for b in at.button if b.label == "Run screening").click().run()
+    finish_batch(at)   # the run is a background job
     assert not at.exception, [e.value for e in at.exception]
     rows = at.session_state["batch_rows"]
     i = next(k for k, r in enumerate(rows) if r["file"] == EVIL)
@@ -80,6 +81,7 @@ def test_server_folder_outside_the_roots_is_refused_like_a_missing_one(app_env, 
     for path in (outside, allowed / "missing", "/"):
         at.text_input(key="batch_folder").input(str(path)).run()
         next(b for b in at.button if b.label == "Run screening").click().run()
+        finish_batch(at)   # the run is a background job
         assert not at.exception, [e.value for e in at.exception]
         rows = at.session_state["batch_rows"]
         assert len(rows) == 1 and rows[0]["status"] == "error"

@@ -14,7 +14,8 @@ import zipfile
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app_fixtures import PASSWORD, app_env, blank_png, cell_png, log_in, model_dir  # noqa: F401  (fixtures)
+from app_fixtures import (PASSWORD, app_env, blank_png, cell_png, finish_batch, log_in,  # noqa: F401  (fixtures)
+                          model_dir)
 from app_test_images import png_bytes, synthetic_cell
 from pages._lib.ui_helpers import GRADCAM_METHODS, fmt_prob
 
@@ -304,8 +305,7 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
     at.text_input(key="batch_sample_label").input("SLIDE-0001").run()
     run = next(b for b in at.button if b.label == "Run screening")
     assert not run.disabled
-    run.click().run()
-    assert not at.exception, [e.value for e in at.exception]
+    _click_run(at, run)
 
     # One row per input, in input order; the corrupt file is an error row with a reason.
     table = _results_table(at)
@@ -382,13 +382,14 @@ def test_batch_screening_rows_errors_summary_and_review(app_env):
 def _run(at, label: str) -> None:
     """Enter the sample label and run the screening (inputs already given)."""
     at.text_input(key="batch_sample_label").input(label).run()
-    next(b for b in at.button if b.label in ("Run screening", "Resume screening")).click().run()
-    assert not at.exception, [e.value for e in at.exception]
+    _click_run(at, next(b for b in at.button if b.label in ("Run screening", "Resume screening")))
 
 
 def _click_run(at, button) -> None:
     """Click a button that starts a screening run and show the page once the run has ended."""
     button.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    finish_batch(at)
     assert not at.exception, [e.value for e in at.exception]
 
 
@@ -486,16 +487,14 @@ def test_batch_screening_from_folder_and_zip(app_env, tmp_path, monkeypatch):
         zf.writestr("cells/y.png", b"broken")
     at.radio(key="batch_mode").set_value("Upload images or a .zip").run()
     at.file_uploader[0].set_value(("batch.zip", buf.getvalue(), "application/zip")).run()
-    next(b for b in at.button if b.label == "Run screening").click().run()
-    assert not at.exception, [e.value for e in at.exception]
+    _click_run(at, next(b for b in at.button if b.label == "Run screening"))
     table = _results_table(at)
     assert list(table["file"]) == ["batch.zip:cells/x.png", "batch.zip:cells/y.png"]
     assert list(table["status"])[1] == "error" and table["reason"].iloc[1]
 
     at.radio(key="batch_mode").set_value("Folder on the server").run()
     at.text_input(key="batch_folder").input(str(tmp_path / "does-not-exist")).run()
-    next(b for b in at.button if b.label == "Run screening").click().run()
-    assert not at.exception
+    _click_run(at, next(b for b in at.button if b.label == "Run screening"))
     table = _results_table(at)
     assert len(table) == 1 and table["status"].item() == "error" and "not found" in table["reason"].item()
 
@@ -517,6 +516,60 @@ def test_try_the_sample_batch_screens_it_into_a_case(app_env):
     case, stored = cases.case_rows(store.open_store(str(app_env["db"])), at.session_state["batch_case"])
     assert (case["sample_label"], case["status"], case["n_inputs"]) == ("sample batch", "complete", 13)
     assert [r["name"] for r in stored] == names and stored[11]["status"] == "error"
+
+
+def test_a_batch_run_goes_on_through_clicks_and_a_new_session_follows_it(app_env, monkeypatch):
+    """The run is a background job: held after two stored rows, it survives widget clicks (reruns, the uploads
+    replaced, a second start of the same case refused), a new session of the same user shows its progress, and
+    once released both sessions show the complete case with every row."""
+    import threading
+
+    from bcc_core import cases, jobs, store
+
+    real, two_stored, go_on = cases.add_result, threading.Event(), threading.Event()
+
+    def held_at_the_third(engine, user, case_id, seq, row):
+        if seq == 2:
+            two_stored.set()
+            assert go_on.wait(600), "the test never released the run"
+        return real(engine, user, case_id, seq, row)
+
+    monkeypatch.setattr(cases, "add_result", held_at_the_third)
+    at = start("pages/batch_screening.py")
+    files = [(f"bg{i}.png", png_bytes(synthetic_cell(120 + i)), "image/png") for i in range(5)]
+    at.file_uploader[0].set_value(files).run()
+    at.text_input(key="batch_sample_label").input("SLIDE-BG").run()
+    next(b for b in at.button if b.label == "Run screening").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    try:
+        assert two_stored.wait(600)
+        eng = store.open_store(str(app_env["db"]))
+        job = jobs.get(eng, 1)
+        progress = "Case #1 is being screened: 2 of 5 images stored"
+        at.run()
+        assert job.running and progress in texts(at, "caption")
+        # Clicks during the run: starting the same case again is refused; other inputs; the page reruns each time.
+        assert at.checkbox(key="batch_resume").value
+        next(b for b in at.button if b.label == "Resume screening").click().run()
+        assert "Not started: case #1 is being screened already" in texts(at, "error")
+        at.file_uploader[0].set_value([("other.png", png_bytes(synthetic_cell(7)), "image/png")]).run()
+        at.text_input(key="batch_sample_label").input("SLIDE-NEXT").run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert job.running and jobs.progress(eng, 1) == (2, 5) and progress in texts(at, "caption")
+        # The page opened anew (a new session, same user) shows the run's progress.
+        at2 = start("pages/batch_screening.py")
+        assert progress in texts(at2, "caption") and not at2.session_state["batch_rows"]
+    finally:
+        go_on.set()
+    assert job.wait(600) and (job.state, job.status) == ("done", "complete")
+    for session in (at2, at):   # (the progress fragment reruns the page by itself in a browser)
+        session.run()
+        assert not session.exception, [e.value for e in session.exception]
+        assert list(_results_table(session)["file"]) == [f[0] for f in files]
+        assert "Case **SLIDE-BG** (#1) · **complete** · 5 of 5 images stored" in texts(session, "markdown")
+    case, rows = cases.case_rows(eng, 1)
+    assert case["status"] == "complete" and [r["seq"] for r in rows] == [0, 1, 2, 3, 4]
+    assert len(cases.list_cases(eng)) == 1
 
 
 def test_model_selector_drives_every_page(app_env):
@@ -828,8 +881,9 @@ def test_a_batch_stopped_midway_keeps_its_rows_and_resumes(app_env, monkeypatch)
     at.file_uploader[0].set_value(files).run()
     monkeypatch.setattr(cases, "add_result", dies_after_two)
     at.text_input(key="batch_sample_label").input("SLIDE-KILLED").run()
-    next(b for b in at.button if b.label == "Run screening").click().run()
-    assert at.exception                                                     # the run stopped
+    _click_run(at, next(b for b in at.button if b.label == "Run screening"))
+    assert "The run of case #1 stopped: RuntimeError: the process was killed" in texts(at, "error")
+    assert len(_results_table(at)) == 2                                     # the rows stored are shown
     monkeypatch.setattr(cases, "add_result", real)
     from bcc_core import store
 
@@ -842,8 +896,7 @@ def test_a_batch_stopped_midway_keeps_its_rows_and_resumes(app_env, monkeypatch)
     at.file_uploader[0].set_value(files).run()
     at.text_input(key="batch_sample_label").input("SLIDE-KILLED").run()
     assert at.checkbox(key="batch_resume").value
-    next(b for b in at.button if b.label == "Resume screening").click().run()
-    assert not at.exception, [e.value for e in at.exception]
+    _click_run(at, next(b for b in at.button if b.label == "Resume screening"))
     case, rows = cases.case_rows(eng, c["id"])
     assert case["status"] == "complete" and [r["seq"] for r in rows] == [0, 1, 2, 3]
     assert {r["seq"]: r["id"] for r in rows if r["seq"] < 2} == first_two  # earlier rows kept, not repeated
