@@ -30,7 +30,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from bcc_core.flags import FLAG_CODES, Flag, next_step
 
@@ -323,7 +322,7 @@ def validate_fhir_bundle(bundle: dict[str, Any]) -> bool:
 
 
 def differential(rows: list[dict[str, Any]], classes: list[str],
-                 decisions: dict[int, tuple[str, str | None]] | None = None) -> pd.DataFrame:
+                 decisions: dict[int, tuple[str, str | None]] | None = None) -> "pd.DataFrame":
     """Working differential of a batch: what the cells are, as far as anyone can say yet.
 
     A cell counts under a class only when it is settled: shown as ok by the model (no flag), or decided
@@ -372,6 +371,8 @@ def differential(rows: list[dict[str, Any]], classes: list[str],
     out = [{"category": c, "kind": "class", "count": n, "percent": pct(n)} for c, n in counts.items()]
     out += [{"category": k, "kind": "summary", "count": n, "percent": pct(n)}
             for k, n in (("awaiting review", waiting), ("rejected by reviewer", rejected), ("errors", errors))]
+    import pandas as pd  # here, not at import time: screening imports this module and never needs pandas
+
     df = pd.DataFrame(out, columns=["category", "kind", "count", "percent"])
     df["count"] = df["count"].astype(int)
     df["percent"] = df["percent"].astype(float)

@@ -1,7 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from one run (nothing typed by hand, nothing copied from older runs).
 
 Steps (each writes bench/results/step_<step>.md, stamped with the commit and the time it ran): evaluate, reproduce,
-crosslab, quality, perf, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling, memory.
+crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling, memory.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
@@ -195,7 +195,12 @@ def step_quality(data):
 
 
 def step_perf(data):
-    return _script("Performance", "perf.py", "perf.md", "--model", MODELS["pbs5"], "--app")
+    return _script("The running app", "perf.py", "perf.md", "--model", MODELS["pbs5"], "--app")
+
+
+def step_speed(data):
+    """Screening against the obvious pipeline (same run, interleaved), stages, runtimes, single image."""
+    return _script("Speed", "speed.py", "speed.md", "--model", MODELS["pbs5"], "--data", data / "pbs5")
 
 
 def step_compare(data, limit=80, epochs=3):
@@ -294,7 +299,7 @@ def step_ceiling(data):
 
 
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
-         "quality": step_quality, "perf": step_perf, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
+         "quality": step_quality, "perf": step_perf, "speed": step_speed, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
          "augment": step_augment, "styleleak": step_styleleak,
          "multisource": step_multisource, "adapt": step_adapt,
          "ceiling": step_ceiling, "memory": step_memory}

@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from pages._lib import charts
+from bcc_core.results import ModelIdentity, ScreenResult
 from bcc_core.io import IMAGE_EXTENSIONS, ImageReadError, content_hash, encode_png, read_image
 from bcc_core.report import result_to_json
 from pages._lib.ui_helpers import fmt_prob
@@ -117,10 +118,7 @@ if heat is not None:
 
 # ---------------------------------------------------------------- downloads
 st.subheader("Downloads")
-row = {"file": res["name"], "status": pred.status, "predicted_class": pred.predicted_class,
-       "confidence": pred.confidence, "flags": pred.flags, "reason": " ".join(f.message for f in pred.flags),
-       "probabilities": pred.probabilities, "sha256": res["sha256"], "ood_score": pred.ood_score,
-       "prediction_set": pred.prediction_set}
+row = ScreenResult.from_prediction(res["name"], pred, res["sha256"], model=ModelIdentity.from_card(card)).to_row()
 downloads = st.container(horizontal=True)
 try:
     downloads.download_button("Result (JSON)", result_to_json(row, card.to_dict()),
