@@ -226,7 +226,8 @@ def follow_job(case_id: int) -> None:
     if job is None or not job.running:
         st.rerun()
     done, n = jobs.progress(engine, case_id)
-    ss["user"]["last_seen"] = time.time()
+    if ss["user"]:
+        ss["user"]["last_seen"] = time.time()   # a long run is activity, not idleness
     st.progress(done / max(n, 1), text=f"Screened {done} of {n}")
     st.caption(f"Case #{case_id} is being screened: {done} of {n} images stored. The run goes on if you use the "
                "page or close it; open this page again to follow it and see the results.")
