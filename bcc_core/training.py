@@ -445,11 +445,16 @@ def fit_trust(train_part, cal_a, cal_b, classes, cfg: TrainConfig, early_layer, 
 def audit_shortcuts(raw_cues: dict, x_seen: np.ndarray, labels: np.ndarray, n_cls: int, seed: int) -> dict:
     """Trivial cues on the raw images and on the model inputs (train part only: a model behaviour — every
     result flagged when a cue predicts the class — is decided from it)."""
-    audit_raw = shortcut.audit(raw_cues, labels, n_cls, seed=seed)
+    # Cross-validated within the train part: at most 5 folds, never more than the rarest class has images.
+    folds = int(min(5, np.bincount(np.asarray(labels), minlength=n_cls).min()))
+    if folds < 2:
+        return {"raw_images": {}, "model_inputs": {}, "warnings": [],
+                "note": "not measured: a class has fewer than 2 training images"}
+    audit_raw = shortcut.audit(raw_cues, labels, n_cls, folds=folds, seed=seed)
     # Model inputs all have one size, so only the colour cues can carry a shortcut there.
     seen = {"border_colour": np.stack([shortcut.border_colour(im) for im in x_seen]),
             "colour_histogram": np.stack([shortcut.colour_histogram(im) for im in x_seen])}
-    audit_seen = shortcut.audit(seen, labels, n_cls, seed=seed)
+    audit_seen = shortcut.audit(seen, labels, n_cls, folds=folds, seed=seed)
     warnings = shortcut.warnings_text(audit_raw, "raw images") + shortcut.warnings_text(audit_seen, "model inputs")
     return {"raw_images": audit_raw, "model_inputs": audit_seen, "warnings": warnings}
 

@@ -189,6 +189,10 @@ class TrustModel:
         """
         from . import calibration
 
+        for p in (calibration_a, calibration_b):
+            if len(p) == 0:
+                raise ValueError(f"part {p.name!r} is empty: too few images for the calibration parts (give the "
+                                 "run more images or larger calibration fractions)")
         for p, q in ((train, calibration_a), (train, calibration_b), (calibration_a, calibration_b)):
             shared = np.intersect1d(p.ids.astype(str), q.ids.astype(str))
             if len(shared):

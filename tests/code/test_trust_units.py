@@ -272,6 +272,8 @@ def test_fit_uses_each_part_for_its_own_fit_and_refuses_overlap():
     assert t.conformal["qhat"] == pytest.approx(review.conformal_qhat(p_b, y[1000:], 0.05))
     assert t.certified and t.review["n_calibration"] <= 500 and 0 < t.review["threshold"] <= 1
     assert t.fitted_on["review_rule"].startswith("cal_b") and t.fitted_on["temperature"].startswith("cal_a")
+    with pytest.raises(ValueError, match="'cal_a' is empty"):
+        TrustModel.fit(CLASSES, tr, Part("cal_a", [], [], np.zeros((0, 3)), np.zeros((0, 3))), b)
     with pytest.raises(ValueError, match="share 1 items"):
         TrustModel.fit(CLASSES, tr, a, Part("cal_b", np.r_[ids[1000:], ids[700]], np.r_[y[1000:], y[700]],
                                             np.r_[f[1000:], f[700:701]], np.r_[lg[1000:], lg[700:701]]))

@@ -297,8 +297,9 @@ def test_cross_validation_reports_mean_and_std(trained, tmp_path):
     base = get_spec("mobilenetv2").build(keras.Input((224, 224, 3)), None)
     wfile = tmp_path / "random.weights.h5"
     base.save_weights(wfile)
-    res = cross_validate(data, tmp_path / "cv", TrainConfig(weights=str(wfile), epochs=1, aug_views=0), k=2,
-                         progress=False)
+    # 15 images outside each test fold: parts of 40/20/20/20% leave every class an image in each part
+    cfg = TrainConfig(weights=str(wfile), epochs=1, aug_views=0, fractions=(0.4, 0.2, 0.2, 0.2, 0.0))
+    res = cross_validate(data, tmp_path / "cv", cfg, k=2, progress=False)
     assert len(res["folds"]) == 2 and (tmp_path / "cv" / "cv.json").is_file()
     assert sum(f["n_test"] for f in res["folds"]) == 30  # every image is tested exactly once
     acc = [f["accuracy"] for f in res["folds"]]
