@@ -26,7 +26,7 @@ def bullet(d: dict, keys: list[str] | None = None) -> str:
 ident = card.identity
 st.markdown(f"### {card.model_id}\nTask **{card.task}** · version **{ident['version']}** · created "
             f"{card.created or 'n/a'}")
-st.caption(f"Weights SHA-256 `{ident['sha256'] or 'not recorded'}`: every result, case, export and audit entry "
+st.caption(f"Weights SHA-256 {ident['sha256'] or 'not recorded'}: every result, case, export and audit entry "
            "names the model by this identity, and loading refuses weights that do not match it.")
 lineage = card.lineage or {}
 if lineage:

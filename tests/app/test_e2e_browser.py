@@ -319,11 +319,14 @@ def test_keyboard_review_of_ten_cells_then_sign_amend_export_and_verify(server, 
         expect(page.get_by_text("Amendment recorded for cell #0")).to_be_visible(timeout=60_000)
         _idle(page)
         page.get_by_role("button", name="Prepare the exports").click()
-        button = page.get_by_role("button", name="Download FHIR R4 DiagnosticReport (JSON)")
-        expect(button).to_be_visible(timeout=60_000)
-        with page.expect_download() as dl:
-            button.click()
-        bundle = json.loads(Path(dl.value.path()).read_text())
+        files = {}  # every format of the signed case, as a user downloads it
+        for label in ("CSV", "JSON", "FHIR R4 DiagnosticReport (JSON)", "PDF report"):
+            button = page.get_by_role("button", name=f"Download {label}")
+            expect(button).to_be_visible(timeout=60_000)
+            with page.expect_download() as dl:
+                button.click()
+            files[label] = Path(dl.value.path()).read_bytes()
+        bundle = json.loads(files["FHIR R4 DiagnosticReport (JSON)"])
         _nav(page, "Audit trail")
         page.get_by_role("button", name="Verify the whole trail").click()
         expect(page.get_by_text("The trail verifies")).to_be_visible(timeout=60_000)
@@ -336,6 +339,11 @@ def test_keyboard_review_of_ten_cells_then_sign_amend_export_and_verify(server, 
     report = bundle["entry"][0]["resource"]
     assert report["status"] == "amended" and "dust over the nucleus" in report["conclusion"]
     assert "cell00.png" not in json.dumps(bundle) and "SLIDE-SIGN" not in json.dumps(bundle)
+    assert files["PDF report"].startswith(b"%PDF-") and len(files["PDF report"]) > 1000
+    weights = json.loads((model_dir / "model_card.json").read_text())["model_sha256"]
+    for label in ("CSV", "JSON"):                                  # pseudonymised by default, the model named
+        text = files[label].decode()
+        assert "SLIDE-SIGN" not in text and "cell00.png" not in text and weights in text, label
     after = _decisions(tmp_path / "data")["cell00.png"]            # the original decision is kept
     assert after == [got["cell00.png"][0], ("reject_image", None, "sam")]
     case, rows = _cases_rows(tmp_path / "data", "SLIDE-SIGN")

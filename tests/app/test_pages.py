@@ -262,7 +262,7 @@ def test_model_card_page(app_env):
     body = texts(at)
     assert "Must NOT be used for" in body
     # The model's identity: the card's version (or "unversioned") and the weights' SHA-256.
-    assert f"`{card['model_sha256']}`" in texts(at, "caption") and "version **" in body
+    assert f"SHA-256 {card['model_sha256']}:" in texts(at, "caption") and "version **" in body
     for item in card["not_for"]:
         assert item in texts(at, "error")
     assert card["intended_use"] in body
