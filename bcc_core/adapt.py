@@ -242,6 +242,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     parent, out = Path(parent_dir), Path(out_dir)
     if out.resolve() == parent.resolve():
         raise ValueError("the adapted model needs its own folder (--out must differ from --model)")
+    from .fit_guard import assert_bundle_fittable
+    from .inference import models_root
+
+    assert_bundle_fittable([labelled_dir], out, models_root())  # BCCD may be adapted on, never into models/
     if not (parent / REPLAY_FILE).is_file():
         raise ValueError(f"{parent}: no {REPLAY_FILE}; build it first: python -m bcc_core replay-bank --model "
                          f"{parent} --data <the dataset it was trained on>")

@@ -111,6 +111,9 @@ def build_for_model(model_dir, data_root, per_class_train: int = TRAIN_PER_CLASS
     from .inference import Predictor
     from .training import load_images
 
+    from .fit_guard import assert_fittable
+
+    assert_fittable([data_root], what="a replay bank")
     d = Path(model_dir)
     pred = Predictor.load(d)
     sp = load_split(d / "split.json", data_root)

@@ -244,10 +244,12 @@ def _load_data(data, cfg: TrainConfig, limit_per_class, progress):
         sources (N,) source name per image, card's data section without `problems`).
     """
     from .data import GROUPS_FILE, subset, subset_sources
+    from .fit_guard import assert_fittable
 
     several = not isinstance(data, (str, os.PathLike)) or cfg.classes or cfg.class_map
     if not several:  # one ImageFolder root: the original behaviour, unchanged
         ds = list_imagefolder(data)
+        assert_fittable(ds.paths, what="training")  # BCCD is measurement only
         if limit_per_class:
             ds = subset(ds, limit_per_class, seed=cfg.seed)
         groups = group_duplicates(ds.paths, max_distance=cfg.near_duplicate_distance, progress=progress)
@@ -259,6 +261,7 @@ def _load_data(data, cfg: TrainConfig, limit_per_class, progress):
                 "images_in_duplicate_groups": int(len(groups) - n_groups)}
         return ds, groups, np.asarray(ds.labels), sources, card
     ms = list_sources([data] if isinstance(data, (str, os.PathLike)) else data, cfg.classes or None, cfg.class_map)
+    assert_fittable(ms.dataset.paths, what="training")  # BCCD is measurement only
     if limit_per_class:
         ms = subset_sources(ms, limit_per_class, seed=cfg.seed)
     groups = ms.groups(max_distance=cfg.near_duplicate_distance, progress=progress)

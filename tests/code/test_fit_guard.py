@@ -125,3 +125,28 @@ def test_the_shipped_fit_used_only_training_parts_of_the_current_splits():
         splits = json.loads((root / "models" / model / "split.json").read_text())["splits"]
         held_out |= {prefix + r[0] for part, rows in splits.items() if part != "train" for r in rows}
     assert not held_out & set(rel)
+
+
+def test_training_adaptation_and_replay_banks_refuse_bccd_before_any_work(tmp_path):
+    """Every entry point that fits on images calls the guard first: train (one root or several sources),
+    adapt into the bundled models' folder, and a replay bank built from a measurement-only root."""
+    from bcc_core.adapt import adapt
+    from bcc_core.inference import models_root
+    from bcc_core.replay import build_for_model
+    from bcc_core.training import TrainConfig, train
+
+    for cls in ("monocyte", "neutrophil"):
+        for i in range(3):
+            _image(tmp_path / "bccd" / cls / f"{cls}_{i}.png", seed=i)
+            _image(tmp_path / "pbs5" / cls / f"{cls}_{i}.png", seed=10 + i)
+    cfg = TrainConfig(task="t", backbone="small_cnn", weights="none", epochs=1)
+    with pytest.raises(MeasurementDataError, match="training"):
+        train(tmp_path / "bccd", tmp_path / "out1", cfg, progress=False)
+    with pytest.raises(MeasurementDataError, match="training"):
+        train([str(tmp_path / "pbs5"), f"lab2={tmp_path / 'bccd'}"], tmp_path / "out2", cfg, progress=False)
+    parent = tmp_path / "no_such_parent"  # the guard runs before the parent is even read
+    with pytest.raises(MeasurementDataError):
+        adapt(parent, tmp_path / "bccd", models_root() / "bccd-adapted-never-written")
+    assert not (models_root() / "bccd-adapted-never-written").exists()
+    with pytest.raises(MeasurementDataError, match="replay bank"):
+        build_for_model(tmp_path / "no_such_model", tmp_path / "bccd")
