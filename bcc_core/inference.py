@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import calibration, ood, review
-from .flags import Flag, status_for
+from . import ood
+from .flags import Flag
 from .preprocess import PreprocessConfig, find_cell, preprocess
 
 DEFAULT_MODEL = "pbs5-mobilenetv2"
