@@ -294,10 +294,16 @@ def cmd_screen(a) -> int:
     dt = time.perf_counter() - t
     s = summary(counts)
     print(f"screened {s['n']} images in {dt:.1f} s: ok {s['ok']}, review {s['review']}, error {s['error']} -> {a.out}")
-    n_valid = s["ok"] + s["review"]
+    # A flagged cell is never a finding: classes count the cells shown as ok; the rest await review.
+    pct = (lambda k: f"{100 * k / s['n']:.1f}%") if s["n"] else (lambda k: "n/a")  # noqa: E731
+    print("  shown as ok (percent of all images):")
     for c in pred.classes:
-        k = s["per_class"].get(c, 0)
-        print(f"  {c:>16}: {k:5d}  ({100 * k / n_valid:.1f}%)" if n_valid else f"  {c:>16}: 0")
+        k = s["ok_per_class"].get(c, 0)
+        print(f"  {c:>16}: {k:5d}  ({pct(k)})")
+    suggested = ", ".join(f"{c} {s['per_class'].get(c, 0) - s['ok_per_class'].get(c, 0)}" for c in pred.classes
+                          if s["per_class"].get(c, 0) > s["ok_per_class"].get(c, 0))
+    print(f"  {'awaiting review':>16}: {s['review']:5d}  ({pct(s['review'])})" + (f"  suggested: {suggested}" if suggested else ""))
+    print(f"  {'errors':>16}: {s['error']:5d}  ({pct(s['error'])})")
     return 0
 
 

@@ -282,7 +282,10 @@ def summary(rows: list[dict]) -> dict:
     n = len(rows)
     st = {s: sum(r["status"] == s for r in rows) for s in ("ok", "review", "error")}
     per_class: dict[str, int] = {}
+    ok_per_class: dict[str, int] = {}
     for r in rows:
         if r["status"] != "error":
             per_class[r["predicted_class"]] = per_class.get(r["predicted_class"], 0) + 1
-    return {"n": n, **st, "per_class": per_class}
+        if r["status"] == "ok":
+            ok_per_class[r["predicted_class"]] = ok_per_class.get(r["predicted_class"], 0) + 1
+    return {"n": n, **st, "per_class": per_class, "ok_per_class": ok_per_class}

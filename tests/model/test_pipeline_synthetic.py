@@ -261,6 +261,12 @@ def test_cli_predict_screen_evaluate(trained, tmp_path):
     assert {"p_bilobed", "p_mono", "p_trilobed"} <= set(df.columns)
     assert (df.status == "error").sum() == 2 and df.loc[df.status == "error", "reason"].str.len().min() > 5
     assert "screened 14 images" in r.stdout
+    # The end-of-run summary counts a class only among cells shown as ok; flagged cells await review.
+    counted = {line.split(":")[0].strip(): int(line.split(":")[1].split()[0]) for line in r.stdout.splitlines()[2:]
+               if ":" in line}
+    ok = df[df.status == "ok"].predicted_class.value_counts()
+    assert all(counted[c] == ok.get(c, 0) for c in ("bilobed", "mono", "trilobed"))
+    assert counted["awaiting review"] == (df.status == "review").sum() and counted["errors"] == 2
 
     r = _cli("evaluate", "--model", str(model_dir), "--data", str(data), "--split", "test", "--json")
     assert r.returncode == 0, r.stderr
