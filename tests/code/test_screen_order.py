@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bcc_core.flags import Flag
-from bcc_core.inference import Prediction, status_for
+from bcc_core.flags import Flag, status_for
+from bcc_core.inference import Prediction
 from bcc_core.io import ImageSource, encode_png
 from bcc_core.screening import ScreeningConfig, screen
 
