@@ -46,8 +46,10 @@ def test_two_sources_train_and_card(tmp_path):
     inp = keras.Input((224, 224, 3))
     wfile = tmp_path / "random.weights.h5"
     get_spec("mobilenetv2").build(inp, None).save_weights(wfile)
+    # Eight cells per class and source: parts of 15% each so every calibration part gets cells of each stratum.
     cfg = TrainConfig(task="synthetic2", weights=str(wfile), epochs=1, aug_views=1, batch_size=8,
-                      classes=("bilobed", "mono", "trilobed"), class_map={"three": "trilobed"})
+                      classes=("bilobed", "mono", "trilobed"), class_map={"three": "trilobed"},
+                      fractions=(0.4, 0.15, 0.15, 0.15, 0.15))
     m = train([str(tmp_path / "labA"), f"B={tmp_path / 'labB'}"], tmp_path / "model", cfg, progress=False)
 
     card = load_card(tmp_path / "model")  # validates against the schema
