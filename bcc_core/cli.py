@@ -50,6 +50,7 @@ def _train_cfg(a):
     return TrainConfig(task=task, backbone=a.backbone, weights=a.weights, epochs=a.epochs, batch_size=a.batch_size,
                        learning_rate=a.lr, aug_views=a.aug_views, seed=a.seed, fine_tune_layers=a.fine_tune_layers,
                        fine_tune_epochs=a.fine_tune_epochs, fine_tune_lr=a.fine_tune_lr, swa_start=a.swa_start,
+                       fine_tune_cached=a.fine_tune_cached,
                        near_duplicate_distance=a.near_duplicate_distance,
                        preprocess=pcfg.to_dict(), augment=aug.to_dict(), **_class_options(a))
 
@@ -581,6 +582,9 @@ def _add_train_opts(p):
     p.add_argument("--fine-tune-lr", type=float, default=1e-5)
     p.add_argument("--swa-start", type=int, default=-1,
                    help="fine-tuning: run every epoch and average the weights from this epoch on (-1: early stopping)")
+    p.add_argument("--fine-tune-cached", action="store_true",
+                   help="fine-tune on the head stage's views, cached where the fine-tuned layers begin "
+                        "(the frozen layers run once per view instead of once per epoch)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--near-duplicate-distance", type=int, default=4,
                    help="pHash Hamming radius (of 64 bits) grouping near-duplicate images before the split")

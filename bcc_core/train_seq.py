@@ -40,6 +40,40 @@ class AugSequence(keras.utils.PyDataset):
         self.order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.x))
 
 
+class CachedViews(keras.utils.PyDataset):
+    """Batches of cached activations: `views[k][i]` is view k of image i (float16, any shape).
+
+    Every image starts at a random view and moves to its next view each epoch, so over the epochs it
+    meets all of its views in turn; order reshuffled every epoch, deterministic per seed.
+    """
+
+    def __init__(self, views: list[np.ndarray], y_onehot: np.ndarray, batch_size: int, seed: int):
+        super().__init__()
+        if not views or any(len(v) != len(y_onehot) for v in views):
+            raise ValueError("every view needs one row per label")
+        self.views, self.y, self.bs, self.seed = views, y_onehot, batch_size, seed
+        rng = np.random.default_rng(seed)
+        self.start = rng.integers(len(views), size=len(y_onehot))
+        self.order = rng.permutation(len(y_onehot))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.bs - 1) // self.bs
+
+    def __getitem__(self, i):
+        idx = self.order[i * self.bs:(i + 1) * self.bs]
+        which = (self.start[idx] + self.epoch) % len(self.views)
+        xb = np.empty((len(idx),) + self.views[0].shape[1:], np.float32)
+        for k in np.unique(which):
+            sel = which == k
+            xb[sel] = self.views[k][idx[sel]]
+        return xb, self.y[idx]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.y))
+
+
 class WeightAveraging(keras.callbacks.Callback):
     """Stochastic weight averaging (Izmailov et al. 2018): the running mean of the weights at the end
     of each epoch from `start` on is loaded into the model when training ends.

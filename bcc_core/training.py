@@ -57,6 +57,7 @@ class TrainConfig:
     fine_tune_epochs: int = 2
     fine_tune_lr: float = 1e-5
     swa_start: int = -1
+    fine_tune_cached: bool = False
     ood_method: str = "union"
     ood_early_layer: str = "auto"
     ood_quantile: float = 0.95
@@ -193,13 +194,21 @@ def _fit_head(model, f_train, y_train, f_val, y_val, cfg: TrainConfig, n_classes
 
 
 def _fit_end_to_end(model, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, n_classes, lr, epochs, out_dir, progress):
-    """Train `model` on augmented images. Early stopping on validation loss restores the best epoch;
+    """Train `model` on images augmented afresh every epoch (see `_fit_on_sequence`)."""
+    from .train_seq import AugSequence
+
+    seq = AugSequence(x_tr, np.eye(n_classes, dtype=np.float32)[y_tr], cfg.batch_size,
+                      AugmentConfig.from_dict(cfg.augment), cfg.seed)
+    return _fit_on_sequence(model, seq, y_tr, x_val, y_val, cfg, n_classes, lr, epochs, out_dir, progress)
+
+
+def _fit_on_sequence(model, seq, y_tr, x_val, y_val, cfg: TrainConfig, n_classes, lr, epochs, out_dir, progress):
+    """Train `model` on the batches of `seq`. Early stopping on validation loss restores the best epoch;
     with `cfg.swa_start >= 0` every epoch runs and the weights are averaged from that epoch on."""
     import keras
 
-    from .train_seq import AugSequence, WeightAveraging
+    from .train_seq import WeightAveraging
 
-    eye = np.eye(n_classes, dtype=np.float32)
     model.compile(optimizer=keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon),
                   loss="categorical_crossentropy", metrics=["accuracy"])
     if cfg.swa_start >= 0:
@@ -210,23 +219,52 @@ def _fit_end_to_end(model, x_tr, y_tr, x_val, y_val, cfg: TrainConfig, n_classes
         cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),
                keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True,
                                                save_weights_only=True)]
-    seq = AugSequence(x_tr, eye[y_tr], cfg.batch_size, AugmentConfig.from_dict(cfg.augment), cfg.seed)
-    hist = model.fit(seq, validation_data=(x_val.astype(np.float32), eye[y_val]), epochs=epochs, callbacks=cbs,
-                     verbose=2 if progress else 0,
+    hist = model.fit(seq, validation_data=(x_val.astype(np.float32), np.eye(n_classes, dtype=np.float32)[y_val]),
+                     epochs=epochs, callbacks=cbs, verbose=2 if progress else 0,
                      class_weight=_class_weight(y_tr, n_classes) if cfg.class_weights else None)
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+
+
+def _top_layers(model, n_layers: int) -> list:
+    """The last n weighted backbone layers (what fine-tuning may change), head excluded."""
+    names_head = {"features", "head_dropout1", "head_dense", "head_dropout2", "logits", "probs"}
+    backbone_layers = [l for l in model.layers
+                       if l.name not in names_head and l.name not in FIXED_LAYERS and l.weights]
+    return backbone_layers[-n_layers:] if n_layers > 0 else []
 
 
 def _unfreeze_top(model, n_layers: int):
     """Unfreeze the last n backbone layers; batch-norm stays frozen (inference-mode statistics)."""
     import keras
 
-    names_head = {"features", "head_dropout1", "head_dense", "head_dropout2", "logits", "probs"}
-    backbone_layers = [l for l in model.layers
-                       if l.name not in names_head and l.name not in FIXED_LAYERS and l.weights]
-    for l in backbone_layers[-n_layers:]:
+    for l in _top_layers(model, n_layers):
         if not isinstance(l, keras.layers.BatchNormalization):
             l.trainable = True
+
+
+def split_at_frozen_cut(model, n_layers: int):
+    """Cut the model before the first layer that fine-tuning of the last n backbone layers changes.
+
+    Returns:
+        (bottom, top): Keras models sharing the model's layers; `bottom` maps images to the output of
+        the last layer before the first fine-tuned one, `top` maps that tensor to the class
+        probabilities. `top(bottom(x)) == model(x)`; training `top` trains `model`.
+
+    Raises:
+        ValueError: the top needs more than that one tensor from below (a skip connection crosses
+            the cut): choose another number of layers.
+    """
+    import keras
+
+    first = next(l for l in _top_layers(model, n_layers) if not isinstance(l, keras.layers.BatchNormalization))
+    names = [l.name for l in model.layers]
+    cut = model.layers[names.index(first.name) - 1].output
+    try:
+        top = keras.Model(cut, model.output, name="fine_tuned_top")
+    except ValueError as e:
+        raise ValueError(f"fine-tuning {n_layers} layers: a connection crosses the cut before "
+                         f"{first.name!r}; choose another --fine-tune-layers ({e})") from None
+    return keras.Model(model.input, cut, name="frozen_bottom"), top
 
 
 def _quality_config(pcfg: PreprocessConfig) -> dict:
@@ -386,6 +424,9 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
 
     model = build_classifier(cfg.backbone, n_classes, weights=cfg.weights, input_size=x_train.shape[1])
     fast = cfg.weights not in (None, "none") and cfg.backbone != "small_cnn"
+    if fast and cfg.fine_tune_layers > 0 and cfg.fine_tune_cached:
+        history = _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg, out, progress)
+        return model, history, len(history.get("loss", [])), fast
     aug_cfg = AugmentConfig.from_dict(cfg.augment)
     if fast:
         from .models import feature_extractor
@@ -415,6 +456,63 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
                                   cfg.epochs, out, progress)
         epochs_run = len(history.get("loss", []))
     return model, history, epochs_run, fast
+
+
+def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: TrainConfig, out: Path,
+                       progress) -> dict:
+    """Head on frozen features, then fine-tuning of the top layers, both from one cached pass.
+
+    The network is cut where the fine-tuned layers begin (`split_at_frozen_cut`). The frozen bottom
+    runs once per training image and view: the clean image and `cfg.aug_views` augmented views (the
+    head stage's views, same seeds as the uncached path). Its output is kept in float16; the head is
+    trained on the pooled features computed from it, then only the top is trained on it, every image
+    meeting its views in turn over `cfg.fine_tune_epochs` epochs. Compared with fresh augmentation each
+    epoch, fine-tuning sees `aug_views + 1` views of an image instead of `fine_tune_epochs` new ones,
+    and the frozen bottom (most of the compute) runs `aug_views + 1` times per image instead of
+    `aug_views + 1 + fine_tune_epochs` times.
+    """
+    import keras
+    import tensorflow as tf
+
+    from .train_seq import CachedViews
+
+    bottom, top = split_at_frozen_cut(model, cfg.fine_tune_layers)
+    features = keras.Model(bottom.output, model.get_layer("features").output)
+
+    @tf.function(reduce_retracing=True)
+    def cut_and_features(x):
+        c = bottom(x, training=False)
+        return tf.cast(c, tf.float16), features(c, training=False)
+
+    aug_cfg = AugmentConfig.from_dict(cfg.augment)
+
+    def view(v):
+        if v == 0:
+            return x_train
+        return augment_batch(x_train, seed=cfg.seed * 1000 + v - 1, cfg=aug_cfg, labels=y_train)
+
+    cuts, feats = [], []
+    with ThreadPoolExecutor(1) as pool:  # the next view is augmented while this one runs through the network
+        pending = pool.submit(view, 0)
+        for v in range(cfg.aug_views + 1):
+            xv = pending.result()
+            if v < cfg.aug_views:
+                pending = pool.submit(view, v + 1)
+            c, f = batched_predict(cut_and_features, xv, progress=progress,
+                                   desc="frozen pass (clean)" if v == 0 else f"frozen pass (view {v}/{cfg.aug_views})")
+            cuts.append(c)
+            feats.append(f)
+    c_val, f_val = batched_predict(cut_and_features, x_val, progress=progress, desc="frozen pass (val)")
+    history = _fit_head(model, np.concatenate(feats), np.tile(y_train, len(feats)), f_val, y_val, cfg, n_classes,
+                        out, progress)
+    del feats
+    _unfreeze_top(model, cfg.fine_tune_layers)
+    seq = CachedViews(cuts, np.eye(n_classes, dtype=np.float32)[y_train], cfg.batch_size, cfg.seed)
+    ft = _fit_on_sequence(top, seq, y_train, c_val, y_val, cfg, n_classes, cfg.fine_tune_lr, cfg.fine_tune_epochs,
+                          out, progress)
+    for k, v in ft.items():
+        history.setdefault(k, []).extend(v)
+    return history
 
 
 def network_outputs(model, x, early_layer, progress=True) -> dict:

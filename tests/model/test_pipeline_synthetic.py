@@ -359,6 +359,71 @@ def test_cross_lab_fine_tuning_with_weight_averaging(trained, tmp_path):
     assert m["epochs_run"] == 1 + 2  # head epoch + every fine-tuning epoch (no early stop with averaging)
 
 
+def test_the_frozen_cut_reproduces_the_model_and_its_top_trains_the_models_own_layers():
+    import keras
+
+    from bcc_core.models import build_classifier
+    from bcc_core.training import _unfreeze_top, split_at_frozen_cut
+
+    model = build_classifier("mobilenetv2", 3, weights=None, input_size=96)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype("float32")
+    bottom, top = split_at_frozen_cut(model, 41)
+    assert top.layers[1].name == "block_10_project"  # 41 weighted layers: block 10's projection onwards
+    np.testing.assert_allclose(top(bottom(x)), model(x), rtol=1e-5, atol=1e-6)
+    _unfreeze_top(model, 41)
+    model_vars = {id(v) for v in model.weights}
+    trained = {v.path.split("/")[0] for v in top.trainable_weights}
+    assert all(id(v) in model_vars for v in top.weights)  # the top's variables are the model's own
+    assert {"block_10_project", "block_16_project", "Conv_1", "logits"} <= trained
+    assert not any(n.startswith(("block_9_", "Conv1")) or n.endswith("_BN") for n in trained)
+    frozen = model.get_layer("block_9_project").get_weights()[0].copy()
+    top.compile(keras.optimizers.Adam(1e-2), "categorical_crossentropy")
+    top.train_on_batch(bottom(x), np.eye(3, dtype="float32")[[0, 1, 2, 0]])
+    np.testing.assert_allclose(top(bottom(x)), model(x), rtol=1e-5, atol=1e-6)  # still one network
+    np.testing.assert_array_equal(model.get_layer("block_9_project").get_weights()[0], frozen)
+    with pytest.raises(ValueError, match="crosses the cut"):
+        split_at_frozen_cut(model, 46)  # block 11's expansion: block 10's output skips past it to block_11_add
+
+
+def test_cached_views_give_every_image_each_view_in_turn():
+    from bcc_core.train_seq import CachedViews
+
+    n, k = 10, 3
+    views = [np.full((n, 2), v * 100, np.float16) + np.arange(n, dtype=np.float16)[:, None] for v in range(k)]
+    seq = CachedViews(views, np.eye(n, dtype=np.float32), batch_size=4, seed=0)
+    seen = {i: [] for i in range(n)}
+    for _ in range(k):
+        for b in range(len(seq)):
+            xb, yb = seq[b]
+            assert xb.dtype == np.float32
+            for row, lab in zip(xb, yb.argmax(1)):
+                assert row[0] % 100 == lab  # the row is image `lab`'s
+                seen[int(lab)].append(int(row[0]) // 100)
+        seq.on_epoch_end()
+    assert all(sorted(v) == list(range(k)) for v in seen.values())  # each view exactly once in k epochs
+
+
+def test_fine_tuning_on_cached_views_trains_and_records_the_choice(trained, tmp_path):
+    import keras
+
+    from bcc_core.augment import AugmentConfig
+    from bcc_core.backbones import get_spec
+    from bcc_core.training import TrainConfig, train
+
+    data, _, _ = trained
+    base = get_spec("mobilenetv2").build(keras.Input((224, 224, 3)), None)
+    wfile = tmp_path / "random.weights.h5"
+    base.save_weights(wfile)
+    cfg = TrainConfig(task="synthetic", weights=str(wfile), epochs=1, aug_views=2, batch_size=8,
+                      fine_tune_layers=41, fine_tune_epochs=2, fine_tune_lr=1e-4, swa_start=0, fine_tune_cached=True,
+                      augment=AugmentConfig.cross_lab().to_dict())
+    m = train(data, tmp_path / "m", cfg, progress=False)
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert card["training"]["fine_tune_cached"] is True
+    assert m["epochs_run"] == 1 + 2
+    assert len(m["history"]["val_loss"]) == 3 and all(np.isfinite(m["history"]["val_loss"]))
+
+
 def test_saved_model_carries_no_optimizer_state(tmp_path):
     import zipfile
 
