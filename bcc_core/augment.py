@@ -654,10 +654,15 @@ def amplitude_mix(img: np.ndarray, partner: np.ndarray, lam: float) -> np.ndarra
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     if lam == 0.0:
         return img.copy()
-    fx = np.fft.rfft2(img.astype(np.float32), axes=(0, 1))
-    fy = np.fft.rfft2(partner.astype(np.float32), axes=(0, 1))
-    amp = (1.0 - lam) * np.abs(fx) + lam * np.abs(fy)
-    out = np.fft.irfft2(amp * np.exp(1j * np.angle(fx)), s=img.shape[:2], axes=(0, 1))
+    # Per channel in OpenCV's float32 DFT. Keeping fx's phase with the blended amplitude is scaling fx by
+    # blend / |fx| = (1 - lam) + lam * |fy| / |fx|: no angle / exp round trip (half the time of NumPy's).
+    out = np.empty(img.shape, np.float32)
+    for c in range(img.shape[2]):
+        fx = cv2.dft(np.ascontiguousarray(img[..., c], dtype=np.float32), flags=cv2.DFT_COMPLEX_OUTPUT)
+        fy = cv2.dft(np.ascontiguousarray(partner[..., c], dtype=np.float32), flags=cv2.DFT_COMPLEX_OUTPUT)
+        ax, ay = cv2.magnitude(fx[..., 0], fx[..., 1]), cv2.magnitude(fy[..., 0], fy[..., 1])
+        gain = (1.0 - lam) + lam * ay / np.maximum(ax, 1e-12)
+        out[..., c] = cv2.idft(fx * gain[..., None], flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)
     return _to_u8(out)
 
 

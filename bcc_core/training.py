@@ -414,8 +414,11 @@ def prepare_data(data_dir, out: Path, cfg: TrainConfig, limit_per_class=None, fo
                     {k: np.asarray(v, int) for k, v in parts.items()}, info, x, raw_cues, problems, pcfg)
 
 
-def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig, out: Path, progress=True):
+def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig, out: Path, progress=True,
+                timing: dict | None = None):
     """Build and train the network on the train part; the val part only chooses when to stop.
+
+    `timing`, when given, receives the seconds of each sub-stage of the cached fine-tuning path.
 
     Returns:
         (model, history, epochs_run, fast) — `fast`: the frozen-feature path was used.
@@ -425,7 +428,8 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
     model = build_classifier(cfg.backbone, n_classes, weights=cfg.weights, input_size=x_train.shape[1])
     fast = cfg.weights not in (None, "none") and cfg.backbone != "small_cnn"
     if fast and cfg.fine_tune_layers > 0 and cfg.fine_tune_cached:
-        history = _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg, out, progress)
+        history = _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg, out, progress,
+                                     {} if timing is None else timing)
         return model, history, len(history.get("loss", [])), fast
     aug_cfg = AugmentConfig.from_dict(cfg.augment)
     if fast:
@@ -459,7 +463,7 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
 
 
 def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: TrainConfig, out: Path,
-                       progress) -> dict:
+                       progress, timing: dict) -> dict:
     """Head on frozen features, then fine-tuning of the top layers, both from one cached pass.
 
     The network is cut where the fine-tuned layers begin (`split_at_frozen_cut`). The frozen bottom
@@ -491,6 +495,7 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
             return x_train
         return augment_batch(x_train, seed=cfg.seed * 1000 + v - 1, cfg=aug_cfg, labels=y_train)
 
+    t0 = time.perf_counter()
     cuts, feats = [], []
     with ThreadPoolExecutor(1) as pool:  # the next view is augmented while this one runs through the network
         pending = pool.submit(view, 0)
@@ -503,13 +508,16 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
             cuts.append(c)
             feats.append(f)
     c_val, f_val = batched_predict(cut_and_features, x_val, progress=progress, desc="frozen pass (val)")
+    t1 = time.perf_counter()
     history = _fit_head(model, np.concatenate(feats), np.tile(y_train, len(feats)), f_val, y_val, cfg, n_classes,
                         out, progress)
     del feats
+    t2 = time.perf_counter()
     _unfreeze_top(model, cfg.fine_tune_layers)
     seq = CachedViews(cuts, np.eye(n_classes, dtype=np.float32)[y_train], cfg.batch_size, cfg.seed)
     ft = _fit_on_sequence(top, seq, y_train, c_val, y_val, cfg, n_classes, cfg.fine_tune_lr, cfg.fine_tune_epochs,
                           out, progress)
+    timing.update(frozen_pass_and_augmentation=t1 - t0, head=t2 - t1, fine_tune=time.perf_counter() - t2)
     for k, v in ft.items():
         history.setdefault(k, []).extend(v)
     return history
@@ -676,8 +684,9 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     t_data = time.perf_counter()
 
     # 2. fit the network: train part, val part for stopping only
+    fit_timing: dict = {}
     model, history, epochs_run, fast = fit_network(prep.x[P["train"]], y[P["train"]], prep.x[P["val"]], y[P["val"]],
-                                                   n_cls, cfg, out, progress)
+                                                   n_cls, cfg, out, progress, fit_timing)
     t_train = time.perf_counter()
 
     # 3. the network's outputs on every clean image (a forward pass; nothing is fitted here)
@@ -709,7 +718,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     metrics = write_model(out, model, prep, trust, ev, audit, audit_card, cfg, history, epochs_run, fast, early_layer,
                           outs, lat, reproduce, quality_cfg,
                           timing={"data": t_data - t_start, "train": t_train - t_data, "post": t_end - t_train,
-                                  "total": t_end - t_start})
+                                  "total": t_end - t_start, **{f"train.{k}": v for k, v in fit_timing.items()}})
     # 7. export to the fast runtime, when that module exists
     exp = _export_stage(out)
     if exp is not None:

@@ -1,17 +1,21 @@
-"""Learning a new lab: adapt the bundled pbs5 model to BCCD from N reviewed cells per class and
-measure on the rest of BCCD (cells never used for fitting or calibration).
+"""Learning a new lab: adapt a bundled model to a lab it never saw from N reviewed cells per class and
+measure on the rest of that lab (cells never used for fitting or calibration).
 
-Every repeat draws the "reviewed" cells (whole duplicate groups) with its own seed, writes them as a
-temporary ImageFolder of symlinks (BCCD `neutrophil` -> `seg_neutrophil`) and runs
-`bcc_core.adapt.adapt` exactly as `python -m bcc_core adapt --data` does; the adapted folder is then
-loaded by `Predictor` and run on the remaining cells. Classes with fewer than 2N cells give half their
-cells (if at least 5 remain to measure) or are measure-only. BCCD's eosinophils and lymphocytes are
-cell types the pbs5 model does not know: shown as ok they count as wrong (unless `--add-classes`
-teaches them). Alternatives measured on the same cells in the same run: the parent unadapted, and a
+The new lab is BCCD (`--lab bccd`: BCCD may serve as the "new lab" of this benchmark, never in a bundled
+model) or LISC (`--lab lisc`, for a model that was not trained on it: the pbs5 model; expert-labelled,
+about 45 distinct cells per class, each photographed ~5 times, grouped by its groups.csv).
+Every repeat draws the "reviewed" cells with its own seed: N distinct cells per class (duplicate groups),
+one image each, as a lab reviewing N cells would have; it writes them as a temporary ImageFolder of
+symlinks (`neutrophil` -> `seg_neutrophil`) and runs `bcc_core.adapt.adapt` exactly as
+`python -m bcc_core adapt --data` does; the adapted folder is then loaded by `Predictor` and run on the
+remaining cells, one image per remaining cell. Classes with fewer than 2N cells give half their cells
+(if at least 5 remain to measure) or are measure-only. Eosinophils and lymphocytes are cell types the
+pbs5 model does not know: shown as ok they count as wrong (unless `--add-classes` teaches them). Alternatives measured on the same cells in the same run: the parent unadapted, and a
 plain logistic-regression head (sklearn) on the same frozen features (parent replay + the lab's
 labelled cells, class-balanced per source) with the parent's OOD statistics and review threshold.
 
-Usage: python bench/adapt_lab.py --model models/pbs5-mobilenetv2 --data ../shared/data --out bench/results/adapt_lab.md
+Usage: python bench/adapt_lab.py --model models/pbs5-mobilenetv2 --data ../shared/data [--lab lisc]
+       --out bench/results/adapt_lab.md
 """
 
 from __future__ import annotations
@@ -43,17 +47,23 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def pick_labelled(names, groups, n_per_class, taught, rng):
-    """Indices of the 'reviewed' cells: whole duplicate groups, N per class (half of a small class if
-    at least MIN_MEASURE cells remain to measure, else none)."""
+    """Indices of the 'reviewed' cells: N distinct cells (duplicate groups) per class, one image each
+    (half of a small class if at least MIN_MEASURE cells remain to measure, else none)."""
     chosen = []
     for c in taught:
         g = np.unique(groups[names == c])
         k = n_per_class if len(g) >= 2 * n_per_class else min(n_per_class, len(g) // 2)
         if len(g) - k < MIN_MEASURE or k < 2:
             continue
-        pick = rng.choice(g, k, replace=False)
-        chosen += list(np.flatnonzero(np.isin(groups, pick) & (names == c)))
+        chosen += [np.flatnonzero((groups == gi) & (names == c))[0] for gi in rng.choice(g, k, replace=False)]
     return np.array(sorted(chosen), int)
+
+
+def lab_groups(ds, lab_dir: Path) -> np.ndarray:
+    """Duplicate groups of a lab's images: exact and near duplicates, joined with its groups.csv if any."""
+    from bcc_core.data import group_duplicates, merge_group_file
+
+    return merge_group_file(ds.paths, group_duplicates(ds.paths, progress=False), lab_dir / "groups.csv")
 
 
 def measure(pred_cls, ok, truth, classes):
@@ -87,6 +97,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/pbs5-mobilenetv2")
     ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--lab", default="bccd", help="the new lab: a folder of --data (bccd, or lisc for the pbs5 model)")
     ap.add_argument("--out", default="bench/results/adapt_lab.md")
     ap.add_argument("--n", default="10,20", help="reviewed cells per class, comma-separated")
     ap.add_argument("--repeats", type=int, default=5)
@@ -99,7 +110,7 @@ def main(argv=None):
 
     from bcc_core import calibration, ood
     from bcc_core.adapt import AdaptConfig, adapt
-    from bcc_core.data import group_duplicates, list_imagefolder
+    from bcc_core.data import list_imagefolder
     from bcc_core.inference import Predictor
     from bcc_core.replay import REPLAY_FILE, load_bank
 
@@ -109,17 +120,22 @@ def main(argv=None):
     conv = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
     overrides = {k: conv[types[k]](v) for k, v in (kv.split("=", 1) for kv in a.set)}
     data = Path(a.data)
-    if not (data / "bccd").is_dir():
-        print(f"skip: {data}/bccd not found")
+    lab_dir = data / a.lab
+    if not lab_dir.is_dir():
+        print(f"skip: {lab_dir} not found")
         return 0
+    trained_on = json.dumps(json.loads((Path(a.model) / "model_card.json").read_text()).get("data", {})).lower()
+    if a.lab.lower() in trained_on:
+        print(f"refused: {a.model} was trained on {a.lab}; it is not a new lab for this model")
+        return 2
     t_start = time.perf_counter()
     parent = Predictor.load(a.model)
     bank = load_bank(Path(a.model) / REPLAY_FILE)
     test = bank["part"] == "test"
     n_old = len(parent.classes)
-    ds = list_imagefolder(data / "bccd")
+    ds = list_imagefolder(lab_dir)
     names = np.array([ds.classes[l] for l in ds.labels])
-    groups = group_duplicates(ds.paths, progress=False)
+    groups = lab_groups(ds, lab_dir)
     from bcc_core.io import read_image
 
     prepared = [parent.prepare(read_image(p)) for p in ds.paths]
@@ -137,9 +153,9 @@ def main(argv=None):
         for r in range(a.repeats):
             rng = np.random.default_rng(10_000 * n_per + 100 * add + r)
             lab_idx = pick_labelled(names, groups, n_per, taught, rng)
-            rest = np.setdiff1d(np.arange(len(names)), lab_idx)
-            # A near-duplicate of a reviewed cell is not an unseen cell.
-            rest = rest[~np.isin(groups[rest], groups[lab_idx])]
+            # Every other cell, one image each (a copy or near-duplicate of a reviewed cell is not an unseen cell).
+            rest = np.array([i for i in range(len(names)) if not np.isin(groups[i], groups[lab_idx])
+                             and i == np.flatnonzero(groups == groups[i])[0]], int)
             target = {**KNOWN, **({u: u for u in UNKNOWN} if add else {})}
             with tempfile.TemporaryDirectory() as tmp:
                 for i in lab_idx:
@@ -147,7 +163,7 @@ def main(argv=None):
                     d.mkdir(exist_ok=True)
                     (d / Path(ds.paths[i]).name).symlink_to(ds.paths[i])
                 out = work / f"n{n_per}{'_add' if add else ''}_r{r}"
-                summ = adapt(a.model, tmp, out, AdaptConfig(lab="bccd", add_classes=add, seed=r, **overrides),
+                summ = adapt(a.model, tmp, out, AdaptConfig(lab=a.lab, add_classes=add, seed=r, **overrides),
                              cache=cache)
             new = Predictor.load(out)
             res = new.predict_inputs(inputs[rest], [qflags[i] for i in rest])
@@ -185,7 +201,7 @@ def main(argv=None):
             print(f"N={n_per} add={add} r={r}: adapted ok {m_new['ok']}/{m_new['n']} wrong&ok {m_new['wrong_ok']}, "
                   f"recall {_fmt_recall(m_new)}, "
                   f"F1 {m_new['parent_f1']['after']:.4f}; logreg ok {m_lr['ok']} wrong&ok {m_lr['wrong_ok']}", flush=True)
-    res = {"model": a.model, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start}
+    res = {"model": a.model, "lab": a.lab, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start}
     lines = report(res, a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
@@ -219,12 +235,14 @@ def summarise(runs, method):
 
 
 def report(res, a) -> list[str]:
-    lines = [f"# Learning a new lab: `{Path(res['model']).name}` adapted to BCCD", "",
+    lab = res.get("lab", "bccd").upper()
+    lines = [f"# Learning a new lab: `{Path(res['model']).name}` adapted to {lab}", "",
              "Generated by `bench/adapt_lab.py` (`bcc_core.adapt.adapt`, the path of `python -m bcc_core adapt --data`). "
-             "Each repeat draws its reviewed cells (whole duplicate groups) with its own seed; they are split inside "
-             "`adapt` into a fitting part and a calibration part; every figure below is measured on the REST of BCCD "
-             "(never used for fitting or calibration; near-duplicates of reviewed cells removed). BCCD basophils (3 "
-             "cells) are measure-only; a class with fewer than 2N cells gives half of them. Eosinophils and "
+             f"Each repeat draws its reviewed cells (N distinct cells per class, one image each) with its own seed; they "
+             f"are split inside `adapt` into a fitting part and a calibration part; every figure below is measured on "
+             f"the REST of {lab}, one image per distinct cell (never used for fitting or calibration; copies and "
+             f"near-duplicates of reviewed cells removed). A class with fewer than 2N cells gives half of them, or is "
+             f"measure-only when too few would remain (BCCD: basophils, 3 cells). Eosinophils and "
              "lymphocytes are types the pbs5 model does not know: shown as ok they count as wrong. Recall = the "
              "suggested class, whatever the status. Wilson 95% intervals pool the repeats' held-out cells (repeats "
              "overlap, so the intervals are optimistic). Parent test macro-F1 from the replay bank's test features "
@@ -266,7 +284,7 @@ def report(res, a) -> list[str]:
         lines += ["Targets (adapted):", ""] + [f"- {'met' if ok else '**not met**'}: {t} — {v}" for t, ok, v in checks]
         untaught = [c for c in ad["recall"] if c not in measured]
         if untaught:
-            lines.append(f"- classes with too few BCCD cells to teach (measure-only, parent behaviour): "
+            lines.append(f"- classes with too few {lab} cells to teach (measure-only, parent behaviour): "
                          + ", ".join(f"{c} {ad['recall'][c]['recall_mean']:.0%} of {ad['recall'][c]['n_per_repeat']:.0f}" for c in untaught))
         lines.append("")
     res["summary"] = summary
