@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import BACKENDS, GRAPH_FILE, SIDECAR, Runtime, _sha256, read_keras_weights
+from .runtime import BACKENDS, GRAPH_FILE, SIDECAR, Runtime, _sha256, _transform, read_keras_weights
 
 OPSET = 17
 PARITY_ATOL = 1e-3
@@ -171,7 +171,7 @@ def _history(arg):
     return []
 
 
-def build_graph(config: dict, weight_path, early_layer: str | None, size: int):
+def build_graph(config: dict, weight_path, early_layer: str | None, size: int, extra: dict | None = None):
     """The ONNX graph (no weights) for a Keras functional model config, and its weight map.
 
     Args:
@@ -179,6 +179,7 @@ def build_graph(config: dict, weight_path, early_layer: str | None, size: int):
         weight_path: (layer name, variable index) → HDF5 path of that array in model.weights.h5.
         early_layer: layer whose globally pooled output is the third output (or None).
         size: input side S; the input is "image" (N, S, S, 3) float32 RGB in [0, 255].
+        extra: further outputs {output name: layer name} of 4-D feature maps, as Keras has them (NHWC).
 
     Returns:
         (onnx.ModelProto without the weight initializers, {tensor name: [h5 path, transform]}, outputs).
@@ -190,7 +191,7 @@ def build_graph(config: dict, weight_path, early_layer: str | None, size: int):
 
     layers = {l["name"]: l for l in config["config"]["layers"]}
     order = [l["name"] for l in config["config"]["layers"]]
-    wanted = [FEATURES_LAYER, LOGITS_LAYER] + ([early_layer] if early_layer else [])
+    wanted = [FEATURES_LAYER, LOGITS_LAYER] + ([early_layer] if early_layer else []) + list((extra or {}).values())
     need, stack = set(), list(wanted)
     while stack:
         n = stack.pop()
@@ -221,6 +222,9 @@ def build_graph(config: dict, weight_path, early_layer: str | None, size: int):
         pooled = g.node("GlobalAveragePool", [tensor[early_layer]], "early_gap")
         g.node("Flatten", [pooled], "early", public=True, axis=1)
         outs.append("early")
+    for out_name, layer in (extra or {}).items():  # feature maps, back to Keras' NHWC
+        g.node("Transpose", [tensor[layer]], out_name, public=True, perm=[0, 2, 3, 1])
+        outs.append(out_name)
     graph = helper.make_graph(
         g.nodes, "bcc_forward",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", size, size, 3])],
@@ -229,6 +233,35 @@ def build_graph(config: dict, weight_path, early_layer: str | None, size: int):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bcc_core.export")
     proto.ir_version = 8
     return proto, g.weights, outs
+
+
+def session_for(model, size: int, early_layer: str | None = None, extra: dict | None = None, threads: int | None = None):
+    """An ONNX Runtime session of a Keras model as it is in memory (weights included, no file written).
+
+    Training's frozen pass uses it: the same graph conversion as `export_runtime`, run by the faster
+    runtime. `run(x)` returns the outputs in the order of the returned names: features, logits,
+    early (when given), then the `extra` layers (NHWC).
+
+    Returns:
+        (run, output names).
+    """
+    import keras
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    config = keras.saving.serialize_keras_object(model)
+    proto, weights, outs = build_graph(config, lambda layer, i: (layer, i), early_layer, size, extra)
+    proto.graph.initializer.extend(
+        numpy_helper.from_array(_transform(t, np.asarray(model.get_layer(layer).weights[i].numpy())), name)
+        for name, ((layer, i), t) in weights.items())
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # training's augmentation thread runs beside it
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return (lambda x: sess.run(outs, {"image": np.asarray(x, np.float32)})), outs
 
 
 def _weight_locator(model, model_file: Path):

@@ -462,31 +462,46 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
     return model, history, epochs_run, fast
 
 
+def _frozen_pass(model, bottom, size: int):
+    """x → (the frozen bottom's output, pooled features) for the still-frozen model: in ONNX Runtime when
+    the model converts (`export.session_for`, ~1.5x Keras on this CPU), else a compiled Keras pass."""
+    cut_layer = bottom.output._keras_history[0].name
+    try:
+        from .export import session_for
+
+        run, _ = session_for(model, size, extra={"cut": cut_layer})
+        return lambda x: tuple(run(x)[i] for i in (2, 0))  # outputs: features, logits, cut
+    except (ImportError, NotImplementedError):
+        import keras
+        import tensorflow as tf
+
+        both = keras.Model(model.input, [bottom.output, model.get_layer("features").output])
+
+        @tf.function(reduce_retracing=True)
+        def keras_pass(x):
+            return both(x, training=False)
+
+        return keras_pass
+
+
 def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: TrainConfig, out: Path,
                        progress, timing: dict) -> dict:
     """Head on frozen features, then fine-tuning of the top layers, both from one cached pass.
 
     The network is cut where the fine-tuned layers begin (`split_at_frozen_cut`). The frozen bottom
     runs once per training image and view: the clean image and `cfg.aug_views` augmented views (the
-    head stage's views, same seeds as the uncached path). Its output is kept in float16; the head is
+    head stage's views, same seeds as the uncached path), in ONNX Runtime when the model converts. Its
+    output is kept in float16; the head is
     trained on the pooled features computed from it, then only the top is trained on it, every image
     meeting its views in turn over `cfg.fine_tune_epochs` epochs. Compared with fresh augmentation each
     epoch, fine-tuning sees `aug_views + 1` views of an image instead of `fine_tune_epochs` new ones,
     and the frozen bottom (most of the compute) runs `aug_views + 1` times per image instead of
     `aug_views + 1 + fine_tune_epochs` times.
     """
-    import keras
-    import tensorflow as tf
-
     from .train_seq import CachedViews
 
     bottom, top = split_at_frozen_cut(model, cfg.fine_tune_layers)
-    features = keras.Model(bottom.output, model.get_layer("features").output)
-
-    @tf.function(reduce_retracing=True)
-    def cut_and_features(x):
-        c = bottom(x, training=False)
-        return tf.cast(c, tf.float16), features(c, training=False)
+    cut_and_features = _frozen_pass(model, bottom, x_train.shape[1])
 
     aug_cfg = AugmentConfig.from_dict(cfg.augment)
 
@@ -505,9 +520,10 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
                 pending = pool.submit(view, v + 1)
             c, f = batched_predict(cut_and_features, xv, progress=progress,
                                    desc="frozen pass (clean)" if v == 0 else f"frozen pass (view {v}/{cfg.aug_views})")
-            cuts.append(c)
+            cuts.append(c.astype(np.float16))
             feats.append(f)
     c_val, f_val = batched_predict(cut_and_features, x_val, progress=progress, desc="frozen pass (val)")
+    c_val = c_val.astype(np.float16)
     t1 = time.perf_counter()
     history = _fit_head(model, np.concatenate(feats), np.tile(y_train, len(feats)), f_val, y_val, cfg, n_classes,
                         out, progress)

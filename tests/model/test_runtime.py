@@ -64,6 +64,32 @@ def test_converted_graph_computes_what_keras_computes(backbone, size, early, tmp
     assert weights and all(p.startswith("layers/") for p, _ in weights.values())
 
 
+def test_training_frozen_pass_session_computes_what_keras_computes():
+    """`export.session_for`: the in-memory model (no file) with a feature map as an extra NHWC output."""
+    import keras
+
+    from bcc_core.export import probe_inputs, session_for
+    from bcc_core.models import build_classifier
+    from bcc_core.training import split_at_frozen_cut
+
+    model = build_classifier("mobilenetv2", 3, weights=None, input_size=96)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([a.astype(np.float32) for a in (rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
+                                                              rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 1.5, v.shape))])
+    bottom, _ = split_at_frozen_cut(model, 41)
+    run, outs = session_for(model, 96, extra={"cut": bottom.output._keras_history[0].name})
+    assert outs == ["features", "logits", "cut"]
+    x = probe_inputs(96, 5).astype(np.float32)
+    got = run(x)
+    ref = [np.asarray(t) for t in keras.Model(model.input, [model.get_layer("features").output, bottom.output])(x)]
+    for r, g in zip(ref, (got[0], got[2])):
+        assert r.shape == g.shape
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(r).max())))
+
+
 def test_a_layer_without_conversion_is_refused_by_name():
     from bcc_core.export import build_graph
 
