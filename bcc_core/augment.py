@@ -1158,11 +1158,12 @@ def augment_batch(
     labels: Sequence[int] | np.ndarray | None = None,
     pool: np.ndarray | None = None, pool_labels: Sequence[int] | np.ndarray | None = None,
     label_groups: Sequence[int] | np.ndarray | None = None,
+    workers: int = 1,
 ) -> np.ndarray:
     """Augment a batch deterministically.
 
     Image ``i`` uses its own child stream of ``np.random.SeedSequence(seed)``, so its result depends
-    only on ``(seed, i, image, cfg)`` (and the partner pool), not on the batch size.
+    only on ``(seed, i, image, cfg)`` (and the partner pool), not on the batch size or ``workers``.
 
     Args:
         images: (N, H, W, 3) uint8 RGB, N >= 0.
@@ -1174,6 +1175,7 @@ def augment_batch(
         label_groups: Source (lab) of each class, indexed by class: the partner is drawn from another
             source instead of another class. A partner of "another class" is often from the same lab
             (pbs5: 2 of 4 for a Barcelona class), so most images would keep their own lab's look.
+        workers: threads sharing the images (OpenCV and NumPy release the GIL in the heavy operations).
 
     Returns:
         (N, H, W, 3) uint8, a new array.
@@ -1207,14 +1209,23 @@ def augment_batch(
             if label_groups.ndim != 1 or len(label_groups) < n_cls:
                 raise ValueError(f"label_groups needs one source per class ({n_cls}), got {label_groups.shape}")
             labels, pool_labels = label_groups[labels], label_groups[pool_labels]
-    for i, child in enumerate(children):
-        rng = np.random.default_rng(child)
+    def one(i):
+        rng = np.random.default_rng(children[i])
         partner = None
         if mixing:
             others = np.flatnonzero(pool_labels != labels[i])
             if len(others):
                 partner = pool[others[rng.integers(len(others))]]
         out[i] = augment(images[i], rng, cfg, partner=partner)
+
+    if workers > 1 and len(images) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(one, range(len(images))))
+    else:
+        for i in range(len(images)):
+            one(i)
     return out
 
 

@@ -463,14 +463,19 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
 
 
 def _frozen_pass(model, bottom, size: int):
-    """x → (the frozen bottom's output, pooled features) for the still-frozen model: in ONNX Runtime when
-    the model converts (`export.session_for`, ~1.5x Keras on this CPU), else a compiled Keras pass."""
-    cut_layer = bottom.output._keras_history[0].name
+    """x → (the frozen bottom's output in float16, pooled features) for the still-frozen model: in ONNX
+    Runtime when the model converts (`export.session_for`; faster than Keras on a CPU), else Keras."""
+    cut_layer = bottom.layers[-1].name
     try:
         from .export import session_for
 
         run, _ = session_for(model, size, extra={"cut": cut_layer})
-        return lambda x: tuple(run(x)[i] for i in (2, 0))  # outputs: features, logits, cut
+
+        def ort_pass(x):
+            features, _, cut = run(x)
+            return cut.astype(np.float16), features
+
+        return ort_pass
     except (ImportError, NotImplementedError):
         import keras
         import tensorflow as tf
@@ -479,7 +484,8 @@ def _frozen_pass(model, bottom, size: int):
 
         @tf.function(reduce_retracing=True)
         def keras_pass(x):
-            return both(x, training=False)
+            cut, features = both(x, training=False)
+            return tf.cast(cut, tf.float16), features
 
         return keras_pass
 
@@ -508,22 +514,19 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
     def view(v):
         if v == 0:
             return x_train
-        return augment_batch(x_train, seed=cfg.seed * 1000 + v - 1, cfg=aug_cfg, labels=y_train)
+        return augment_batch(x_train, seed=cfg.seed * 1000 + v - 1, cfg=aug_cfg, labels=y_train,
+                             workers=os.cpu_count() or 1)
 
+    # Each view is augmented on every core, then run through the network on every core: one after the
+    # other, because a runtime's threads wait for each other, and so for the slowest core.
     t0 = time.perf_counter()
     cuts, feats = [], []
-    with ThreadPoolExecutor(1) as pool:  # the next view is augmented while this one runs through the network
-        pending = pool.submit(view, 0)
-        for v in range(cfg.aug_views + 1):
-            xv = pending.result()
-            if v < cfg.aug_views:
-                pending = pool.submit(view, v + 1)
-            c, f = batched_predict(cut_and_features, xv, progress=progress,
-                                   desc="frozen pass (clean)" if v == 0 else f"frozen pass (view {v}/{cfg.aug_views})")
-            cuts.append(c.astype(np.float16))
-            feats.append(f)
+    for v in range(cfg.aug_views + 1):
+        c, f = batched_predict(cut_and_features, view(v), progress=progress,
+                               desc="frozen pass (clean)" if v == 0 else f"frozen pass (view {v}/{cfg.aug_views})")
+        cuts.append(c)
+        feats.append(f)
     c_val, f_val = batched_predict(cut_and_features, x_val, progress=progress, desc="frozen pass (val)")
-    c_val = c_val.astype(np.float16)
     t1 = time.perf_counter()
     history = _fit_head(model, np.concatenate(feats), np.tile(y_train, len(feats)), f_val, y_val, cfg, n_classes,
                         out, progress)

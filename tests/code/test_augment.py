@@ -86,6 +86,15 @@ def test_batch_item_independent_of_batch_size(img):
     assert np.array_equal(big[:2], small)
 
 
+def test_threads_give_the_same_batch_as_one_thread(img):
+    cfg = AugmentConfig.cross_lab()
+    rng = np.random.default_rng(0)
+    batch = np.stack([np.roll(img, int(k), axis=1) for k in rng.integers(0, 40, 12)])
+    labels = np.arange(12) % 3
+    one = A.augment_batch(batch, seed=5, cfg=cfg, labels=labels)
+    assert np.array_equal(A.augment_batch(batch, seed=5, cfg=cfg, labels=labels, workers=3), one)
+
+
 def test_input_not_modified(img):
     before = img.copy()
     for s in range(10):

@@ -80,7 +80,7 @@ def test_training_frozen_pass_session_computes_what_keras_computes():
             layer.set_weights([a.astype(np.float32) for a in (rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
                                                               rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 1.5, v.shape))])
     bottom, _ = split_at_frozen_cut(model, 41)
-    run, outs = session_for(model, 96, extra={"cut": bottom.output._keras_history[0].name})
+    run, outs = session_for(model, 96, extra={"cut": bottom.layers[-1].name})
     assert outs == ["features", "logits", "cut"]
     x = probe_inputs(96, 5).astype(np.float32)
     got = run(x)
