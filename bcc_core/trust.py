@@ -368,13 +368,15 @@ class TrustModel:
 
     @classmethod
     def from_card(cls, card, model_dir=None, stats: dict | None = None) -> "TrustModel":
-        """Read the trust section of a card (a ModelCard or its dict); old cards (calibration / ood /
-        review_rule sections, review threshold > 1 meaning "accept nothing") are read into the same object.
+        """Read the trust section of a card (a ModelCard or its dict).
 
         Args:
             card: ModelCard or dict.
             model_dir: folder holding the OOD statistics file (None: `stats` or no statistics).
             stats: already loaded statistics.
+
+        Raises:
+            ValueError: the card has no trust section, or its OOD statistics file is missing.
         """
         d = card if isinstance(card, dict) else card.to_dict()
         classes = list(d["classes"])
@@ -389,41 +391,19 @@ class TrustModel:
             f = Path(model_dir) / name
             return ood.load_stats(f) if f.is_file() else None
 
-        if t:
-            o = t.get("ood") or {}
-            st = load(o.get("stats_file"))
-            if o.get("method") and o["method"] != "energy" and st is None:
-                raise ValueError(f"{model_dir}: the card's OOD detectors need {o.get('stats_file')}, which is missing")
-            return cls(classes=classes, temperature=float(t["temperature"]), ood_method=o.get("method"),
-                       detectors=o.get("detectors") or {}, ood_stats=st, early_layer=o.get("early_layer"),
-                       review=dict(t.get("review") or {}), conformal=dict(t.get("conformal") or {}),
-                       review_classes=list(t.get("review_classes") or []), lab=t.get("lab"),
-                       shortcut_audit=audit, config=t.get("config") or {}, fitted_on=t.get("fitted_on") or {})
-        # Old layout: calibration.temperature, ood.{method, threshold, scales}, review_rule.{threshold, conformal_qhat}.
-        o, rr = d.get("ood") or {}, d.get("review_rule") or {}
-        st = load(o.get("stats_file", STATS_FILE)) if o else None
-        if o.get("threshold") is not None and st is None and o.get("method") != "energy":
-            raise ValueError(f"{model_dir}: the card sets an OOD threshold but {o.get('stats_file', STATS_FILE)} is missing")
-        method = o.get("method") if o and (st is not None or o.get("method") == "energy") else None
-        if method == UNION:
-            detectors = {m: {"median": float(v[0]), "threshold": float(v[1])} for m, v in (o.get("scales") or {}).items()}
-        elif method:
-            detectors = {method: {"median": None, "threshold": float(o["threshold"])}}
-        else:
-            detectors = {}
-        thr = rr.get("threshold")
-        certified = thr is not None and float(thr) <= 1.0  # old cards: > 1.0 meant "accept nothing"
-        cal = rr.get("calibration") or {}
-        return cls(classes=classes, temperature=float((d.get("calibration") or {}).get("temperature", 1.0)),
-                   ood_method=method, detectors=detectors, ood_stats=st, early_layer=o.get("early_layer"),
-                   review={"certified": certified, "threshold": float(thr) if certified else None,
-                           "alpha": rr.get("alpha"), "delta": rr.get("delta"), "upper_bound": cal.get("upper_bound"),
-                           "accepted": cal.get("accepted"), "errors": cal.get("errors"),
-                           "n_calibration": cal.get("n_calibration")},
-                   conformal={"alpha": rr.get("conformal_alpha"), "qhat": rr.get("conformal_qhat")},
-                   review_classes=list(rr.get("review_classes") or []), lab=(d.get("lineage") or {}).get("lab"),
-                   shortcut_audit=audit,
-                   fitted_on={"note": "read from a card written before the trust layer had its own section"})
+        if not t:
+            raise ValueError(f"{model_dir or d.get('model_id')}: the card has no trust section (written before the "
+                             "trust layer was fitted on disjoint calibration parts); retrain or re-adapt the model "
+                             "with this version")
+        o = t.get("ood") or {}
+        st = load(o.get("stats_file"))
+        if o.get("method") and o["method"] != "energy" and st is None:
+            raise ValueError(f"{model_dir}: the card's OOD detectors need {o.get('stats_file')}, which is missing")
+        return cls(classes=classes, temperature=float(t["temperature"]), ood_method=o.get("method"),
+                   detectors=o.get("detectors") or {}, ood_stats=st, early_layer=o.get("early_layer"),
+                   review=dict(t.get("review") or {}), conformal=dict(t.get("conformal") or {}),
+                   review_classes=list(t.get("review_classes") or []), lab=t.get("lab"),
+                   shortcut_audit=audit, config=t.get("config") or {}, fitted_on=t.get("fitted_on") or {})
 
     def legacy_sections(self) -> dict:
         """The card's `calibration` / `ood` / `review_rule` keys that pages and reports read (display only:

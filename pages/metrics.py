@@ -159,8 +159,7 @@ if rr.get("guarantee"):
     st.markdown(f"> {rr['guarantee']}", help=term("review rule") + " " + term("exchangeable"))
 else:
     st.warning("The model card states no review rule: every result should be reviewed.")
-# Cards written before bcc_core.trust said "no certified threshold" with a threshold above 1.
-certified = rr.get("certified", not (isinstance(thr, (int, float)) and thr > 1.0))
+certified = bool(rr.get("certified"))
 if not certified:
     st.warning("On its calibration data this model could not meet the guarantee at any threshold, so the rule "
                "accepts nothing: **every result is marked 'needs review'.**")

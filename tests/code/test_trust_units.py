@@ -279,7 +279,7 @@ def test_fit_uses_each_part_for_its_own_fit_and_refuses_overlap():
                                             np.r_[f[1000:], f[700:701]], np.r_[lg[1000:], lg[700:701]]))
 
 
-def test_trust_card_round_trip_and_old_card_layout(tmp_path):
+def test_trust_card_round_trip_and_a_card_without_trust_section_refused(tmp_path):
     import json
 
     from bcc_core.trust import STATS_FILE, TrustConfig, TrustModel
@@ -296,19 +296,14 @@ def test_trust_card_round_trip_and_old_card_layout(tmp_path):
     np.testing.assert_allclose(a.probs, b.probs)
     np.testing.assert_allclose(a.ood_score, b.ood_score, rtol=1e-3, atol=1e-4)
     assert (a.ok == b.ok).all()
-    # An old card: union scales under ood, review threshold 1.01 meaning "accept nothing"
-    old = {"classes": CLASSES, "calibration": {"temperature": 1.5},
+    # A card from before the trust section (union scales under ood, review threshold 1.01 meaning "accept
+    # nothing"): refused with what to do, never read through the old sentinel.
+    old = {"classes": CLASSES, "model_id": "old", "calibration": {"temperature": 1.5},
            "ood": {"method": "union", "threshold": 1.0, "stats_file": STATS_FILE,
                    "scales": {m: [v["median"], v["threshold"]] for m, v in t.detectors.items()}},
            "review_rule": {"threshold": 1.01, "conformal_qhat": 0.2, "conformal_alpha": 0.05}}
-    o = TrustModel.from_card(old, tmp_path)
-    assert not o.certified and o.review["threshold"] is None and o.temperature == 1.5
-    assert all(d == "no_certified_threshold" for d in
-               [r.flags[-1].detail for r in o.apply(lg[:5], f[:5])])
-    old["review_rule"]["threshold"] = 0.8
-    assert TrustModel.from_card(old, tmp_path).review == pytest.approx(
-        {"certified": True, "threshold": 0.8, "alpha": None, "delta": None, "upper_bound": None, "accepted": None,
-         "errors": None, "n_calibration": None})
+    with pytest.raises(ValueError, match="no trust section.*retrain or re-adapt"):
+        TrustModel.from_card(old, tmp_path)
     (tmp_path / STATS_FILE).unlink()
     with pytest.raises(ValueError, match="missing"):
         TrustModel.from_card(card, tmp_path)

@@ -12,28 +12,6 @@ def _bundled():
     return sorted(p.parent for p in MODELS.glob("*/model_card.json"))
 
 
-# Bundled models still on the card layout from before the trust section and the five-part split: their
-# trust layer was fitted on one validation split (temperature and OOD on half A, review rule on all of it).
-# Their recipes (pbs5 ~85 min, pb7 longer on the shared CPU) did not finish in the session that introduced
-# the new layout; retrain them with their card's `reproduce` command and remove them from this set.
-OLD_LAYOUT = {"pb7-mobilenetv2", "pbs5-mobilenetv2"}
-
-
-def _new_layout():
-    return [d for d in _bundled() if d.name not in OLD_LAYOUT]
-
-
-def test_old_layout_list_is_exact_and_old_cards_still_load():
-    from bcc_core.trust import TrustModel
-
-    have_trust = {d.name for d in _bundled() if json.loads((d / "model_card.json").read_text()).get("trust")}
-    assert {d.name for d in _bundled()} - have_trust == OLD_LAYOUT & {d.name for d in _bundled()}
-    for d in _bundled():
-        if d.name in OLD_LAYOUT:
-            t = TrustModel.from_card(json.loads((d / "model_card.json").read_text()), d)
-            assert t.ood_method == "union" and t.certified and t.ood_stats is not None
-
-
 @pytest.mark.parametrize("model_dir", _bundled(), ids=lambda p: p.name)
 def test_card_valid_and_model_small(model_dir):
     from bcc_core.model_card import validate_card
@@ -43,8 +21,6 @@ def test_card_valid_and_model_small(model_dir):
     size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
     assert size < 25 * 1024 * 1024, f"{model_dir.name} is {size / 1e6:.1f} MB"
     assert "not a diagnosis" in card["intended_use"].lower() or "second reader" in card["intended_use"].lower()
-    if model_dir.name in OLD_LAYOUT:
-        return
     assert card["trust"]["temperature"] > 0 and card["trust"]["temperature"] == card["calibration"]["temperature"]
     assert card["ood"]["threshold"] is not None and card["review_rule"]["guarantee"]
     # no sentinel: a certified threshold is a probability, an uncertified one is null
@@ -53,7 +29,7 @@ def test_card_valid_and_model_small(model_dir):
     assert card["version"] and len(card["model_sha256"]) == 64
 
 
-@pytest.mark.parametrize("model_dir", _new_layout(), ids=lambda p: p.name)
+@pytest.mark.parametrize("model_dir", _bundled(), ids=lambda p: p.name)
 def test_split_parts_disjoint_and_what_was_fitted_on_each(model_dir):
     """Issue 15: named parts, disjoint by image and by duplicate group, with sizes and content hashes in
     split.json and the card; trust fitted on the calibration parts only, the test part used by evaluation."""
