@@ -543,10 +543,17 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
 
 
 def network_outputs(model, x, early_layer, progress=True) -> dict:
-    """Features, logits and early-layer activations of clean images, one compiled pass per batch (no fit)."""
+    """Features, logits and early-layer activations of clean images, one pass per batch (no fit): in ONNX
+    Runtime when the model converts (the graph screening will run, `export.session_for`), else Keras."""
     from .models import trust_outputs_model
 
-    outs = batched_predict(compiled(trust_outputs_model(model, early_layer)), x, progress=progress, desc="outputs")
+    try:
+        from .export import session_for
+
+        forward, _ = session_for(model, x.shape[1], early_layer)
+    except (ImportError, NotImplementedError):
+        forward = compiled(trust_outputs_model(model, early_layer))
+    outs = batched_predict(forward, x, progress=progress, desc="outputs")
     return {"features": outs[0], "logits": outs[1], "early": outs[2] if early_layer else None}
 
 
@@ -702,10 +709,15 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     P, y, n_cls = prep.parts, prep.labels, len(prep.classes)
     t_data = time.perf_counter()
 
-    # 2. fit the network: train part, val part for stopping only
+    # 2. fit the network: train part, val part for stopping only. The shortcut audit reads the train part's
+    # images and raw cues only (no network): it runs beside the training.
     fit_timing: dict = {}
-    model, history, epochs_run, fast = fit_network(prep.x[P["train"]], y[P["train"]], prep.x[P["val"]], y[P["val"]],
-                                                   n_cls, cfg, out, progress, fit_timing)
+    with ThreadPoolExecutor(1) as beside:
+        audit_job = beside.submit(audit_shortcuts, {k: v[P["train"]] for k, v in prep.raw_cues.items()},
+                                  prep.x[P["train"]], y[P["train"]], n_cls, cfg.seed)
+        model, history, epochs_run, fast = fit_network(prep.x[P["train"]], y[P["train"]], prep.x[P["val"]],
+                                                       y[P["val"]], n_cls, cfg, out, progress, fit_timing)
+        audit = audit_job.result()
     t_train = time.perf_counter()
 
     # 3. the network's outputs on every clean image (a forward pass; nothing is fitted here)
@@ -719,8 +731,6 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), progress: bool = 
     parts = {k: _part(k, P[k], y, outs, src) for k in ("train", "cal_a", "cal_b", "test")}
     part_info = {k: f"{k} ({prep.split_card['sizes'][k]} images, sha256 {prep.split_card['sha256'][k][:16]}…)"
                  for k in ("train", "cal_a", "cal_b")}
-    audit = audit_shortcuts({k: v[P["train"]] for k, v in prep.raw_cues.items()}, prep.x[P["train"]], y[P["train"]],
-                            n_cls, cfg.seed)
     audit_card = {"raw_images": {k: v["balanced_accuracy"] for k, v in audit["raw_images"].items()},
                   "model_inputs": {k: v["balanced_accuracy"] for k, v in audit["model_inputs"].items()},
                   "chance": 1.0 / n_cls, "warnings": audit["warnings"], "fitted_on": "train part (cross-validated)"}
