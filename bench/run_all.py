@@ -1,7 +1,8 @@
 """Run the benchmarks and write bench/RESULTS.md from one run (nothing typed by hand, nothing copied from older runs).
 
 Steps (each writes bench/results/step_<step>.md, stamped with the commit and the time it ran): evaluate, reproduce,
-crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling, memory.
+crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling, memory,
+train_time.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
@@ -284,8 +285,18 @@ def step_multisource(data, seeds="42,1,2"):
 
 
 def step_adapt(data):
-    """The bundled pbs5 model adapted to BCCD from N reviewed cells per class, measured on the rest of BCCD."""
-    return _script("Learning a new lab", "adapt_lab.py", "adapt_lab.md", "--model", MODELS["pbs5"], "--data", data)
+    """The bundled pbs5 model adapted to BCCD, then to LISC (a lab it never saw, expert-labelled), from N reviewed
+    cells per class, measured on the rest of that lab; pb7 adapted to BCCD."""
+    return (_script("Learning a new lab (BCCD)", "adapt_lab.py", "adapt_lab.md", "--model", MODELS["pbs5"], "--data", data)
+            + [""] + _script("Learning a new lab (LISC)", "adapt_lab.py", "adapt_lab_lisc.md", "--model", MODELS["pbs5"],
+                             "--data", data, "--lab", "lisc", "--n", "10,20", "--add-classes-n", "20")
+            + [""] + _script("Learning a new lab (pb7, BCCD)", "adapt_lab.py", "adapt_lab_pb7.md", "--model", MODELS["pb7"],
+                             "--data", data, "--n", "", "--add-classes-n", "10"))
+
+
+def step_train_time(data):
+    """Reproducing the pbs5 recipe: fine-tuning on cached views against fresh augmentation every epoch."""
+    return _script("Training time", "train_time.py", "train_time.md", "--model", MODELS["pbs5"], "--data", data)
 
 
 def step_memory(data):
@@ -302,7 +313,7 @@ STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": ste
          "quality": step_quality, "perf": step_perf, "speed": step_speed, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
          "augment": step_augment, "styleleak": step_styleleak,
          "multisource": step_multisource, "adapt": step_adapt,
-         "ceiling": step_ceiling, "memory": step_memory}
+         "ceiling": step_ceiling, "memory": step_memory, "train_time": step_train_time}
 
 
 def _commit() -> str:
