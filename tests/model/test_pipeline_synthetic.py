@@ -338,8 +338,10 @@ def test_weight_averaging_loads_the_mean_of_epoch_end_weights():
     assert not np.allclose(expect[0], rec.w[-1][0])  # the average is not simply the last epoch
 
 
-def test_cross_lab_fine_tuning_with_weight_averaging(trained, tmp_path):
-    """The pbs5 recipe's path: cross-lab augmentation, top layers fine-tuned, weights averaged."""
+@pytest.mark.parametrize("cached,layers", [(False, 6), (True, 41)], ids=["fresh views", "cached views"])
+def test_cross_lab_fine_tuning_with_weight_averaging(trained, tmp_path, cached, layers):
+    """The pbs5 recipe's path: cross-lab augmentation, top layers fine-tuned (afresh each epoch, or on the
+    cached views at the frozen cut), weights averaged."""
     import keras
 
     from bcc_core.augment import AugmentConfig
@@ -350,13 +352,16 @@ def test_cross_lab_fine_tuning_with_weight_averaging(trained, tmp_path):
     base = get_spec("mobilenetv2").build(keras.Input((224, 224, 3)), None)
     wfile = tmp_path / "random.weights.h5"
     base.save_weights(wfile)
-    cfg = TrainConfig(task="synthetic", weights=str(wfile), epochs=1, aug_views=1, batch_size=8,
-                      fine_tune_layers=6, fine_tune_epochs=2, fine_tune_lr=1e-4, swa_start=0,
-                      augment=AugmentConfig.cross_lab().to_dict())
+    cfg = TrainConfig(task="synthetic", weights=str(wfile), epochs=1, aug_views=2, batch_size=8,
+                      fine_tune_layers=layers, fine_tune_epochs=2, fine_tune_lr=1e-4, swa_start=0,
+                      fine_tune_cached=cached, augment=AugmentConfig.cross_lab().to_dict())
     m = train(data, tmp_path / "m", cfg, progress=False)
     card = json.loads((tmp_path / "m" / "model_card.json").read_text())
     assert card["training"]["swa_start"] == 0 and card["training"]["augment"]["amp_mix_p"] == 0.7
+    assert card["training"]["fine_tune_cached"] is cached
     assert m["epochs_run"] == 1 + 2  # head epoch + every fine-tuning epoch (no early stop with averaging)
+    assert len(m["history"]["val_loss"]) == 3 and all(np.isfinite(m["history"]["val_loss"]))
+    assert ("train.fine_tune" in m["timing_s"]) is cached
 
 
 def test_the_frozen_cut_reproduces_the_model_and_its_top_trains_the_models_own_layers():
@@ -401,27 +406,6 @@ def test_cached_views_give_every_image_each_view_in_turn():
                 seen[int(lab)].append(int(row[0]) // 100)
         seq.on_epoch_end()
     assert all(sorted(v) == list(range(k)) for v in seen.values())  # each view exactly once in k epochs
-
-
-def test_fine_tuning_on_cached_views_trains_and_records_the_choice(trained, tmp_path):
-    import keras
-
-    from bcc_core.augment import AugmentConfig
-    from bcc_core.backbones import get_spec
-    from bcc_core.training import TrainConfig, train
-
-    data, _, _ = trained
-    base = get_spec("mobilenetv2").build(keras.Input((224, 224, 3)), None)
-    wfile = tmp_path / "random.weights.h5"
-    base.save_weights(wfile)
-    cfg = TrainConfig(task="synthetic", weights=str(wfile), epochs=1, aug_views=2, batch_size=8,
-                      fine_tune_layers=41, fine_tune_epochs=2, fine_tune_lr=1e-4, swa_start=0, fine_tune_cached=True,
-                      augment=AugmentConfig.cross_lab().to_dict())
-    m = train(data, tmp_path / "m", cfg, progress=False)
-    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
-    assert card["training"]["fine_tune_cached"] is True
-    assert m["epochs_run"] == 1 + 2
-    assert len(m["history"]["val_loss"]) == 3 and all(np.isfinite(m["history"]["val_loss"]))
 
 
 def test_saved_model_carries_no_optimizer_state(tmp_path):

@@ -19,6 +19,16 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")]
 
 
+def _randomise_batch_norm(model, seed: int) -> None:
+    """Random, not freshly initialised, batch-norm statistics: a conversion that ignored them would pass."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([a.astype(np.float32) for a in (rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
+                                                              rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 1.5, v.shape))])
+
+
 def _keras_vs_onnx(model, early, size, tmp_path):
     """Convert a Keras model with build_graph, fill its weights from the saved file, run both."""
     import onnxruntime as ort
@@ -48,13 +58,7 @@ def test_converted_graph_computes_what_keras_computes(backbone, size, early, tmp
     from bcc_core.models import build_classifier
 
     model = build_classifier(backbone, 3, weights=None, input_size=size)
-    # Random, not freshly initialised, batch-norm statistics: a conversion that ignored them would pass.
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if type(layer).__name__ == "BatchNormalization":
-            g, b, m, v = layer.get_weights()
-            layer.set_weights([a.astype(np.float32) for a in (rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
-                                                              rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 1.5, v.shape))])
+    _randomise_batch_norm(model, seed=0)
     ref, got, weights = _keras_vs_onnx(model, early, size, tmp_path)
     assert len(got) == 3
     for r, g in zip(ref, got):
@@ -73,12 +77,7 @@ def test_training_frozen_pass_session_computes_what_keras_computes():
     from bcc_core.training import split_at_frozen_cut
 
     model = build_classifier("mobilenetv2", 3, weights=None, input_size=96)
-    rng = np.random.default_rng(1)
-    for layer in model.layers:
-        if type(layer).__name__ == "BatchNormalization":
-            g, b, m, v = layer.get_weights()
-            layer.set_weights([a.astype(np.float32) for a in (rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
-                                                              rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 1.5, v.shape))])
+    _randomise_batch_norm(model, seed=1)
     bottom, _ = split_at_frozen_cut(model, 41)
     run, outs = session_for(model, 96, extra={"cut": bottom.layers[-1].name})
     assert outs == ["features", "logits", "cut"]
