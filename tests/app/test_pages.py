@@ -135,15 +135,19 @@ def test_single_image_prediction_flags_and_gradcam(app_env, cell_png):
     assert rows[0]["predicted_class"] == pred.predicted_class and rows[0]["image_sha256"] == \
         at.session_state["single"]["sha256"] and rows[0]["thumb_sha256"]
 
-    # A bundled sample cell (a held-out pbs5 test image) is recognised: OK, the class in large type, no plain line.
+    # A bundled sample cell (a held-out pbs5 test image) the model recognises: OK, the class in large type, no
+    # plain line. (About one held-out cell in ten goes to review by design: the first sample shown as ok.)
+    from bcc_core.inference import Predictor
+    from bcc_core.io import read_image
     from bcc_core.samples import sample_images
 
-    sample = next(s for s in sample_images(classes) if s.path.name == "monocyte_1.jpg")
+    model = Predictor.load(app_env["model_dir"])
+    sample = next(s for s in sample_images(classes) if model.predict([read_image(s.path)])[0].status == "ok")
     at.file_uploader[0].set_value((sample.path.name, sample.path.read_bytes(), "image/jpeg")).run()
     assert not at.exception, [e.value for e in at.exception]
     ok = at.session_state["single"]["pred"]
     assert verdict(ok.flags).level == "ok" and verdict(ok.flags).trust_suggestion
-    assert metric(at, "Suggested class") == ok.predicted_class == "monocyte"
+    assert metric(at, "Suggested class") == ok.predicted_class == sample.label
     assert verdict(ok.flags).headline in texts(at, "success")
     assert "not reliable for this image" not in texts(at, "markdown")
 
