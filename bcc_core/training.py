@@ -497,9 +497,8 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
     The network is cut where the fine-tuned layers begin (`split_at_frozen_cut`). The frozen bottom
     runs once per training image and view: the clean image and `cfg.aug_views` augmented views (the
     head stage's views, same seeds as the uncached path), in ONNX Runtime when the model converts. Its
-    output is kept in float16; the head is
-    trained on the pooled features computed from it, then only the top is trained on it, every image
-    meeting its views in turn over `cfg.fine_tune_epochs` epochs. Compared with fresh augmentation each
+    output is kept in float16; the head is trained on the pooled features computed from it, then only
+    the top is trained on it, every image meeting its views in turn over `cfg.fine_tune_epochs` epochs. Compared with fresh augmentation each
     epoch, fine-tuning sees `aug_views + 1` views of an image instead of `fine_tune_epochs` new ones,
     and the frozen bottom (most of the compute) runs `aug_views + 1` times per image instead of
     `aug_views + 1 + fine_tune_epochs` times.
