@@ -235,32 +235,30 @@ def build_graph(config: dict, weight_path, early_layer: str | None, size: int, e
     return proto, g.weights, outs
 
 
-def session_for(model, size: int, early_layer: str | None = None, extra: dict | None = None, threads: int | None = None):
-    """An ONNX Runtime session of a Keras model as it is in memory (weights included, no file written).
+def session_for(model, size: int, early_layer: str | None = None, extra: dict | None = None):
+    """An ONNX Runtime forward pass of a Keras model as it is in memory (weights included, no file written).
 
-    Training's frozen pass uses it: the same graph conversion as `export_runtime`, run by the faster
-    runtime. `run(x)` returns the outputs in the order of the returned names: features, logits,
-    early (when given), then the `extra` layers (NHWC).
+    Training's frozen pass and its outputs for the trust fit use it: the same graph conversion as
+    `export_runtime`, run as screening runs it. `run(x)` returns the outputs in the order of the returned
+    names: features, logits, early (when given), then the `extra` layers (NHWC).
 
     Returns:
         (run, output names).
+
+    Raises:
+        NotImplementedError: the model has a layer this converter does not handle.
     """
     import keras
-    import onnxruntime as ort
     from onnx import numpy_helper
+
+    from .runtime import ort_session
 
     config = keras.saving.serialize_keras_object(model)
     proto, weights, outs = build_graph(config, lambda layer, i: (layer, i), early_layer, size, extra)
     proto.graph.initializer.extend(
         numpy_helper.from_array(_transform(t, np.asarray(model.get_layer(layer).weights[i].numpy())), name)
         for name, ((layer, i), t) in weights.items())
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # training's augmentation thread runs beside it
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(proto.SerializeToString())
     return (lambda x: sess.run(outs, {"image": np.asarray(x, np.float32)})), outs
 
 

@@ -116,6 +116,21 @@ def load_graph(model_dir: str | Path, check: bool = True) -> tuple[bytes, dict]:
     return (d / meta["file"]).read_bytes() + _field(7, inits), meta
 
 
+def ort_session(data: bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session for a serialised graph: all graph optimisations, one inter-op thread, and
+    no busy-waiting between batches (screening's decode workers and training's augmentation need those
+    cycles)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
 class Runtime:
     """An exported forward pass: `forward(x)` → (features, logits, early or None), like
     `Predictor.forward`, for preprocessed inputs (N, S, S, 3) uint8/float32 RGB in [0, 255]."""
@@ -128,16 +143,7 @@ class Runtime:
         self.outputs = list(meta["outputs"])
         self.has_early = "early" in self.outputs
         if self.backend == "onnxruntime":
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads:
-                so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            # No busy-waiting between batches: screening's decode workers need those cycles.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            self._sess = ort_session(data, threads)
             self._run = lambda x: self._sess.run(self.outputs, {"image": x})
         elif self.backend == "openvino":
             import openvino as ov

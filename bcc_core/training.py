@@ -431,7 +431,6 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
         history = _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg, out, progress,
                                      {} if timing is None else timing)
         return model, history, len(history.get("loss", [])), fast
-    aug_cfg = AugmentConfig.from_dict(cfg.augment)
     if fast:
         from .models import feature_extractor
 
@@ -439,9 +438,9 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
         f_tr = batched_predict(fe, x_train, progress=progress, desc="features (clean)")
         f_va = batched_predict(fe, x_val, progress=progress, desc="features (val)")
         f_aug, y_aug = [f_tr], [y_train]
-        for v in range(cfg.aug_views):
-            xa = augment_batch(x_train, seed=cfg.seed * 1000 + v, cfg=aug_cfg, labels=y_train)
-            f_aug.append(batched_predict(fe, xa, progress=progress, desc=f"features (aug view {v + 1}/{cfg.aug_views})"))
+        for v in range(1, cfg.aug_views + 1):
+            f_aug.append(batched_predict(fe, _head_view(x_train, y_train, cfg, v), progress=progress,
+                                         desc=f"features (aug view {v}/{cfg.aug_views})"))
             y_aug.append(y_train)
         history = _fit_head(model, np.concatenate(f_aug), np.concatenate(y_aug), f_va, y_val, cfg, n_classes,
                             out, progress)
@@ -462,32 +461,46 @@ def fit_network(x_train, y_train, x_val, y_val, n_classes: int, cfg: TrainConfig
     return model, history, epochs_run, fast
 
 
-def _frozen_pass(model, bottom, size: int):
-    """x → (the frozen bottom's output in float16, pooled features) for the still-frozen model: in ONNX
-    Runtime when the model converts (`export.session_for`; faster than Keras on a CPU), else Keras."""
-    cut_layer = bottom.layers[-1].name
+def _head_view(x_train, y_train, cfg: TrainConfig, v: int) -> np.ndarray:
+    """View v of the training images for the head stage: 0 the clean images, 1..aug_views augmented (fixed
+    seeds, on every core; the same images whichever path uses them)."""
+    if v == 0:
+        return x_train
+    return augment_batch(x_train, seed=cfg.seed * 1000 + v - 1, cfg=AugmentConfig.from_dict(cfg.augment),
+                         labels=y_train, workers=os.cpu_count() or 1)
+
+
+def _onnx_forward(model, size: int, early_layer: str | None = None, extra: dict | None = None):
+    """`export.session_for`'s forward pass of the in-memory model, or None when it does not convert."""
     try:
         from .export import session_for
 
-        run, _ = session_for(model, size, extra={"cut": cut_layer})
+        return session_for(model, size, early_layer, extra)[0]
+    except (ImportError, NotImplementedError):
+        return None
 
+
+def _frozen_pass(model, bottom, size: int):
+    """x → (the frozen bottom's output in float16, pooled features) for the still-frozen model: in ONNX
+    Runtime when the model converts (faster than Keras on a CPU), else Keras."""
+    run = _onnx_forward(model, size, extra={"cut": bottom.layers[-1].name})
+    if run is not None:
         def ort_pass(x):
             features, _, cut = run(x)
             return cut.astype(np.float16), features
 
         return ort_pass
-    except (ImportError, NotImplementedError):
-        import keras
-        import tensorflow as tf
+    import keras
+    import tensorflow as tf
 
-        both = keras.Model(model.input, [bottom.output, model.get_layer("features").output])
+    both = keras.Model(model.input, [bottom.output, model.get_layer("features").output])
 
-        @tf.function(reduce_retracing=True)
-        def keras_pass(x):
-            cut, features = both(x, training=False)
-            return tf.cast(cut, tf.float16), features
+    @tf.function(reduce_retracing=True)
+    def keras_pass(x):
+        cut, features = both(x, training=False)
+        return tf.cast(cut, tf.float16), features
 
-        return keras_pass
+    return keras_pass
 
 
 def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: TrainConfig, out: Path,
@@ -496,10 +509,10 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
 
     The network is cut where the fine-tuned layers begin (`split_at_frozen_cut`). The frozen bottom
     runs once per training image and view: the clean image and `cfg.aug_views` augmented views (the
-    head stage's views, same seeds as the uncached path), in ONNX Runtime when the model converts. Its
-    output is kept in float16; the head is trained on the pooled features computed from it, then only
-    the top is trained on it, every image meeting its views in turn over `cfg.fine_tune_epochs` epochs. Compared with fresh augmentation each
-    epoch, fine-tuning sees `aug_views + 1` views of an image instead of `fine_tune_epochs` new ones,
+    head stage's views, `_head_view`), in ONNX Runtime when the model converts. Its output is kept in
+    float16; the head is trained on the pooled features computed from it, then only the top is trained
+    on it, every image meeting its views in turn over `cfg.fine_tune_epochs` epochs. Compared with fresh
+    augmentation each epoch, fine-tuning sees `aug_views + 1` views of an image instead of `fine_tune_epochs` new ones,
     and the frozen bottom (most of the compute) runs `aug_views + 1` times per image instead of
     `aug_views + 1 + fine_tune_epochs` times.
     """
@@ -508,20 +521,12 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
     bottom, top = split_at_frozen_cut(model, cfg.fine_tune_layers)
     cut_and_features = _frozen_pass(model, bottom, x_train.shape[1])
 
-    aug_cfg = AugmentConfig.from_dict(cfg.augment)
-
-    def view(v):
-        if v == 0:
-            return x_train
-        return augment_batch(x_train, seed=cfg.seed * 1000 + v - 1, cfg=aug_cfg, labels=y_train,
-                             workers=os.cpu_count() or 1)
-
     # Each view is augmented on every core, then run through the network on every core: one after the
     # other, because a runtime's threads wait for each other, and so for the slowest core.
     t0 = time.perf_counter()
     cuts, feats = [], []
     for v in range(cfg.aug_views + 1):
-        c, f = batched_predict(cut_and_features, view(v), progress=progress,
+        c, f = batched_predict(cut_and_features, _head_view(x_train, y_train, cfg, v), progress=progress,
                                desc="frozen pass (clean)" if v == 0 else f"frozen pass (view {v}/{cfg.aug_views})")
         cuts.append(c)
         feats.append(f)
@@ -543,15 +548,10 @@ def _fit_at_frozen_cut(model, x_train, y_train, x_val, y_val, n_classes, cfg: Tr
 
 def network_outputs(model, x, early_layer, progress=True) -> dict:
     """Features, logits and early-layer activations of clean images, one pass per batch (no fit): in ONNX
-    Runtime when the model converts (the graph screening will run, `export.session_for`), else Keras."""
+    Runtime when the model converts (the graph screening will run), else Keras."""
     from .models import trust_outputs_model
 
-    try:
-        from .export import session_for
-
-        forward, _ = session_for(model, x.shape[1], early_layer)
-    except (ImportError, NotImplementedError):
-        forward = compiled(trust_outputs_model(model, early_layer))
+    forward = _onnx_forward(model, x.shape[1], early_layer) or compiled(trust_outputs_model(model, early_layer))
     outs = batched_predict(forward, x, progress=progress, desc="outputs")
     return {"features": outs[0], "logits": outs[1], "early": outs[2] if early_layer else None}
 
