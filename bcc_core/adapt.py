@@ -1,13 +1,16 @@
-"""Adapt a model to a lab from that lab's reviewed cells: new head on frozen features, trust refitted.
+"""Adapt a model to a lab from that lab's reviewed cells: the network's top learns the lab, trust refitted.
 
-The backbone stays frozen, so the parent's own forward pass gives the lab cells' features; the head
-(Dense128 + logits) is retrained on those features (plus a few flipped / rotated views) together with
-the parent's replay bank (`bcc_core.replay`), so classes the lab did not label keep the parent's
-behaviour. The trust layer (`bcc_core.trust.TrustModel`) is refitted on data the head never saw: the
-lab's calibration cells are split (grouped, per class) into parts A and B; temperature and OOD
-thresholds are fitted on A pooled with the parent's calibration-A replay, the review rule and conformal
-quantile on B pooled with the parent's calibration-B replay. The result is a complete model folder whose card names its parent (id + SHA-256), the lab, every
-cell used (content SHA-256 and part) and before/after figures.
+When the parent's replay bank holds activations at the cut below the backbone's top blocks
+(`bcc_core.replay.add_cut`), those blocks and the head are fine-tuned on the lab's fitting cells (clean,
+flipped / rotated and augmented views, computed once below the cut) together with the parent's replay rows
+at the cut, so classes the lab did not label keep the parent's behaviour; the layers below the cut (and
+the early-layer OOD detector's input) stay the parent's. Without cut activations only the head (Dense128 +
+logits) is retrained, on the parent's frozen features. The trust layer (`bcc_core.trust.TrustModel`) is
+refitted on data the network never fitted: the lab's calibration cells are split (grouped, per class)
+into parts A and B; temperature and OOD thresholds are fitted on A pooled with the parent's calibration-A
+replay, the review rule and conformal quantile on B pooled with the parent's calibration-B replay (both
+through the adapted network). The result is a complete model folder whose card names its parent (id +
+SHA-256), the lab, every cell used (content SHA-256 and part) and before/after figures.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from . import calibration, evaluation, ood, review
-from .replay import REPLAY_FILE, concat_banks, load_bank, save_bank
+from .replay import CUT_LAYERS, REPLAY_FILE, concat_banks, cut_meta, decode_cut, encode_cut, load_bank, save_bank
 
 CELLS_FILE = "cells.json"
 
@@ -40,6 +43,14 @@ class AdaptConfig:
         min_new_class_cells: distinct cells (duplicate groups) needed to add a class.
         calibration_fraction: share of the lab's cells (per class, grouped) kept out of the head's fit
             for calibration and for the before/after figures.
+        backbone_layers: backbone layers fine-tuned with the head (the parent's replay bank must hold activations
+            at a cut at least that deep, `replay.add_cut`; else, or with 0, only the head is retrained on
+            frozen features).
+        backbone_aug_views: augmented views (`augment_batch`: stain, blur, scale, ...) of each fitting cell, on
+            top of the clean image and its 7 flips / rotations, when the backbone is fine-tuned.
+        backbone_epochs, backbone_learning_rate: that fine-tuning (Adam, from the parent's weights).
+        replay_targets: "parent": the parent's replay rows are fitted to the parent's own output
+            probabilities (distillation, keeps the parent's boundaries on its own data); "labels": to their labels.
         aug_views: flipped / 90°-rotated views of each fitting cell added to the head's training data (0..7).
         lab_weight: total training weight of the lab's cells relative to the replay (each source is
             class-balanced within itself).
@@ -60,6 +71,11 @@ class AdaptConfig:
 
     lab: str = "lab"
     add_classes: bool = False
+    backbone_layers: int = CUT_LAYERS
+    backbone_aug_views: int = 8
+    backbone_epochs: int = 15
+    backbone_learning_rate: float = 3e-4
+    replay_targets: str = "parent"
     min_new_class_cells: int = 8
     calibration_fraction: float = 0.4
     aug_views: int = 7
@@ -158,38 +174,184 @@ def _macro_f1(y, probs, n):
     return float(f1_score(y, probs.argmax(1), labels=list(range(n)), average="macro", zero_division=0))
 
 
+def _head_layers(parent_model, n_classes: int) -> list:
+    """New head layers (dropout1, dense, dropout2, logits) shaped like the parent's; `_init_head` sets
+    their weights once they are built."""
+    import keras
+
+    from .models import LOGITS_LAYER
+
+    return [keras.layers.Dropout(parent_model.get_layer("head_dropout1").rate, name="head_dropout1"),
+            keras.layers.Dense(parent_model.get_layer("head_dense").units, activation="relu", name="head_dense"),
+            keras.layers.Dropout(parent_model.get_layer("head_dropout2").rate, name="head_dropout2"),
+            keras.layers.Dense(n_classes, name=LOGITS_LAYER)]
+
+
+def _init_head(layers: list, parent_model) -> None:
+    """The parent head's weights; an added class's logit row starts at zero weights and the average old
+    class's bias, so it is neither favoured nor excluded."""
+    from .models import LOGITS_LAYER
+
+    layers[1].set_weights(parent_model.get_layer("head_dense").get_weights())
+    k_old, b_old = parent_model.get_layer(LOGITS_LAYER).get_weights()
+    k_new, b_new = layers[3].get_weights()
+    n_old = k_old.shape[1]
+    k_new[:, :n_old], b_new[:n_old] = k_old, b_old
+    b_new[n_old:] = b_old.mean()
+    layers[3].set_weights([k_new, b_new])
+
+
+def _wire(layers: list, features_tensor):
+    import keras
+
+    h = features_tensor
+    for layer in layers:
+        h = layer(h)
+    return keras.layers.Activation("softmax", name="probs", dtype="float32")(h)
+
+
 def _train_head(parent_model, n_classes: int, x, y, w, cfg: AdaptConfig):
     """A Study-1 head initialised from the parent's (extra logits rows for added classes), fitted on
     features x (N, D) with per-sample weights. Returns the head layers (dropout1, dense, dropout2, logits)."""
     import keras
 
-    from .models import LOGITS_LAYER
-
     keras.utils.set_random_seed(cfg.seed)
-    d = x.shape[1]
-    old_dense = parent_model.get_layer("head_dense")
-    old_logits = parent_model.get_layer(LOGITS_LAYER)
-    layers = [keras.layers.Dropout(parent_model.get_layer("head_dropout1").rate, name="head_dropout1"),
-              keras.layers.Dense(old_dense.units, activation="relu", name="head_dense"),
-              keras.layers.Dropout(parent_model.get_layer("head_dropout2").rate, name="head_dropout2"),
-              keras.layers.Dense(n_classes, name=LOGITS_LAYER)]
-    inp = keras.Input((d,), name="features_in")
-    h = inp
-    for layer in layers:
-        h = layer(h)
-    head = keras.Model(inp, keras.layers.Activation("softmax", name="probs", dtype="float32")(h))
-    layers[1].set_weights(old_dense.get_weights())
-    k_old, b_old = old_logits.get_weights()
-    k_new, b_new = layers[3].get_weights()
-    n_old = k_old.shape[1]
-    k_new[:, :n_old], b_new[:n_old] = k_old, b_old
-    # A new class starts from the average old class's bias, so it is neither favoured nor excluded.
-    b_new[n_old:] = b_old.mean()
-    layers[3].set_weights([k_new, b_new])
+    layers = _head_layers(parent_model, n_classes)
+    inp = keras.Input((x.shape[1],), name="features_in")
+    head = keras.Model(inp, _wire(layers, inp))
+    _init_head(layers, parent_model)
     head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy")
     head.fit(x, np.eye(n_classes, dtype=np.float32)[y], sample_weight=w, epochs=cfg.epochs,
              batch_size=cfg.batch_size, shuffle=True, verbose=0)
     return layers
+
+
+def lab_inputs(pred, raw: list[bytes], shas: list[str], idx, cache: dict) -> np.ndarray:
+    """The parent's model inputs (its preprocessing) for lab cells `idx`, cached by content hash."""
+    from .io import read_image
+
+    for i in idx:
+        if ("input", shas[i]) not in cache:
+            cache[("input", shas[i])] = pred.prepare(read_image(raw[i]))[0]
+    return np.stack([cache[("input", shas[i])] for i in idx])
+
+
+def can_fine_tune(bank: dict, early_layer: str | None, cfg: AdaptConfig, model=None) -> str:
+    """Why the backbone cannot be fine-tuned ("" when it can)."""
+    meta = cut_meta(bank)
+    if cfg.backbone_layers <= 0:
+        return "backbone fine-tuning switched off (backbone_layers = 0)"
+    if meta is None:
+        return ("the parent's replay bank holds no activations at the cut (rebuild it: python -m bcc_core "
+                "replay-bank); only the head was retrained")
+    if meta["fine_tune_layers"] < cfg.backbone_layers:
+        return (f"the replay bank's cut is below the top {meta['fine_tune_layers']} layers, fewer than "
+                f"{cfg.backbone_layers}; only the head was retrained")
+    if model is not None and early_layer:
+        from .training import split_at_frozen_cut
+
+        if early_layer in {l.name for l in split_at_frozen_cut(model, meta["fine_tune_layers"])[1].layers}:
+            return f"the early-layer OOD detector's layer {early_layer} is above the cut; only the head was retrained"
+    return ""
+
+
+def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_views: int, lab_src: int,
+                   sources: list, cfg: AdaptConfig, cache: dict, say):
+    """Fine-tune the backbone's top `cfg.backbone_layers` layers and a new head (initialised from the
+    parent's) on the parent's replay rows at the cut and the lab's fitting cells (clean, flipped / rotated
+    and augmented views), everything below the cut computed once.
+
+    Returns:
+        (model, bank_new, bank_parent, lab features (N, D), lab flip/rotation view features (n_views * F, D)
+        view-major over fit_i, lab cut codes (N, ...)). The banks hold the replay rows that have cut
+        activations (renumbered), with the adapted network's and the parent's features respectively, both
+        computed from the stored (compressed) activations, so before/after differ only by the training.
+    """
+    import os
+
+    import keras
+
+    from .augment import AugmentConfig, augment_batch
+    from .models import FEATURES_LAYER
+    from .training import _unfreeze_top, batched_predict, compiled, split_at_frozen_cut
+
+    keras.utils.set_random_seed(cfg.seed)
+    base = keras.models.clone_model(pred.model)
+    base.set_weights(pred.model.get_weights())
+    layers = _head_layers(pred.model, n_cls)
+    model = keras.Model(base.input, _wire(layers, base.get_layer(FEATURES_LAYER).output), name=pred.model.name)
+    _init_head(layers, pred.model)
+    bottom, top = split_at_frozen_cut(model, cut_meta(bank)["fine_tune_layers"])  # the bank's cut
+    for layer in model.layers:
+        layer.trainable = False
+    _unfreeze_top(model, cfg.backbone_layers)
+    for layer in layers:
+        layer.trainable = True
+    below = compiled(bottom)
+    features = compiled(keras.Model(bottom.outputs[0], model.get_layer(FEATURES_LAYER).output))
+
+    def cut_of(keys_views):
+        """Cut activations of (cell index, dihedral view) pairs, cached by (content hash, view)."""
+        todo = [(i, v) for i, v in keys_views if ("cut", shas[i], v) not in cache]
+        if todo:
+            idx = sorted({i for i, _ in todo})
+            x = dict(zip(idx, lab_inputs(pred, raw, shas, idx, cache)))
+            batch = np.stack([x[i] if v == 0 else dihedral_views(x[i][None], v)[v - 1][0] for i, v in todo])
+            for (i, v), c in zip(todo, batched_predict(below, batch)):
+                cache[("cut", shas[i], v)] = c.astype(np.float16)
+        return np.stack([cache[("cut", shas[i], v)] for i, v in keys_views]).astype(np.float32)
+
+    say(0.3, f"below the cut: {len(raw)} cells and {7 + cfg.backbone_aug_views} views of {len(fit_i)} fitting cells")
+    c_lab = cut_of([(i, 0) for i in range(len(raw))])
+    c_flip = [cut_of([(i, v) for i in fit_i]) for v in range(1, 8)]
+    x_fit = lab_inputs(pred, raw, shas, fit_i, cache)
+    acfg = AugmentConfig()
+    c_aug = [batched_predict(below, augment_batch(x_fit, seed=cfg.seed * 1000 + v, cfg=acfg, labels=y_lab[fit_i],
+                                                  workers=os.cpu_count() or 1))
+             for v in range(cfg.backbone_aug_views)]
+    codec = {k: bank[k] for k in ("cut_basis", "cut_mean", "cut_lo", "cut_hi")}
+    rows = np.asarray(bank["cut_rows"])
+    c_bank = decode_cut(bank["cut_codes"], codec)
+    f_bank_parent = batched_predict(features, c_bank)  # before training: the parent's network on the same rows
+    rep = np.isin(bank["part"][rows], ("train", "lab_fit"))
+    src_rep = np.array([sources.index(s) for s in bank["source"][rows]])
+    # The lab's activations pass through the same code as the replay's: trained on decoded replay rows and
+    # exact lab rows, the top could tell the two apart by the detail the code drops (a shortcut to "lab").
+    views = [decode_cut(encode_cut(c, codec), codec) for c in [c_lab[fit_i]] + c_flip + c_aug]
+    x_tr = np.concatenate([c_bank[rep]] + views)
+    y_tr = np.concatenate([bank["labels"][rows][rep]] + [y_lab[fit_i]] * len(views))
+    # Replay rows learn the parent's own output probabilities (distillation: what the parent made of each of
+    # its images, not only the label), so the parent's classes keep their boundaries on its own data; the
+    # lab's cells learn their reviewed labels.
+    t_tr = np.eye(n_cls, dtype=np.float32)[y_tr]
+    if cfg.replay_targets == "parent":
+        from .models import LOGITS_LAYER, head_only
+
+        lg_rep = batched_predict(compiled(head_only(pred.model, LOGITS_LAYER)), f_bank_parent[rep])
+        p_rep = np.exp(lg_rep - lg_rep.max(1, keepdims=True))
+        t_tr[: int(rep.sum())] = 0
+        t_tr[: int(rep.sum()), : lg_rep.shape[1]] = p_rep / p_rep.sum(1, keepdims=True)
+    s_tr = np.concatenate([src_rep[rep], np.full(len(fit_i) * len(views), lab_src)])
+    w = _sample_weights(y_tr, s_tr, lab_src, cfg.lab_weight)
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            say(0.35 + 0.3 * (epoch + 1) / cfg.backbone_epochs,
+                f"fine-tuning the top of the network: epoch {epoch + 1}/{cfg.backbone_epochs}")
+
+    top.compile(optimizer=keras.optimizers.Adam(cfg.backbone_learning_rate), loss="categorical_crossentropy")
+    top.fit(x_tr, t_tr, sample_weight=w, epochs=cfg.backbone_epochs,
+            batch_size=32, shuffle=True, verbose=0, callbacks=[Progress()])
+    sub = {k: bank[k][rows] for k in ("features", "labels", "part", "source", "early") if k in bank}
+    sub.update({k: bank[k] for k in ("classes", "meta", "cut_meta", *codec)},
+               cut_codes=bank["cut_codes"], cut_rows=np.arange(len(rows), dtype=np.int32))
+    bank_new = {**sub, "features": batched_predict(features, c_bank)}
+    # Before/after compare like with like: the parent's and the adapted network on the same decoded rows.
+    sub["features"] = f_bank_parent
+    f_lab = batched_predict(features, c_lab)
+    f_views = (np.concatenate([batched_predict(features, c) for c in c_flip[:n_views]]) if n_views
+               else np.zeros((0, f_lab.shape[1]), np.float32))
+    return model, bank_new, sub, f_lab, f_views, encode_cut(c_lab, codec)
 
 
 def _sample_weights(y: np.ndarray, src: np.ndarray, lab_src: int, lab_weight: float) -> np.ndarray:
@@ -219,7 +381,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         progress: `on_progress(fraction in [0, 1], message)` callback.
         reproduce: command line recorded in the card.
         cache: optional dict reused between calls (benchmarks adapting the same cells repeatedly): the
-            parent's outputs per (content SHA-256, view). The backbone is frozen, so results are identical.
+            parent's outputs and cut activations per (content SHA-256, view): the layers below the cut are
+            the parent's, so results are identical.
 
     Returns:
         Summary: cell counts, before/after figures on the lab's calibration part, parent test
@@ -238,6 +401,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     from .training import _export_stage, batched_predict, compiled, model_version
 
     say = progress or (lambda f, m: None)
+    cache = {} if cache is None else cache
     t0 = time.perf_counter()
     parent, out = Path(parent_dir), Path(out_dir)
     if out.resolve() == parent.resolve():
@@ -278,7 +442,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     fit_i, cal_a_i, cal_b_i = (np.asarray(sp[k], int) for k in ("fit", "cal_a", "cal_b"))
     cal_i = np.concatenate([cal_a_i, cal_b_i])
 
-    say(0.15, f"preprocessing and features of {len(ds.paths)} cells (frozen backbone)")
+    say(0.15, f"preprocessing and the parent's features of {len(ds.paths)} cells")
     raw = [read_image_bytes(p) for p in ds.paths]
     shas = [content_hash(b) for b in raw]
     f_lab, lg_parent_lab, e_lab, quality_bad, f_views, e_views = lab_features(
@@ -286,13 +450,22 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     has_early = e_lab is not None and "early" in bank
     n = len(raw)
     n_views = len(f_views) // max(len(fit_i), 1)
+    sources = list(dict.fromkeys(list(bank["source"]) + [cfg.lab]))
+    lab_src = sources.index(cfg.lab)
+    why_not = can_fine_tune(bank, pred.card.ood.get("early_layer"), cfg, pred.model)
+    codes_lab = None
+    if not why_not:
+        # The adapted network's features replace the parent's: for the replay rows kept at the cut (the
+        # others' features would be the parent's, so they leave the bank) and for the lab's cells.
+        model, bank, bank_parent, f_lab, f_views, codes_lab = _fine_tune_top(
+            pred, bank, raw, shas, fit_i, y_lab, n_cls, n_views, lab_src, sources, cfg, cache, say)
+    else:
+        bank_parent = bank
 
     # Rows: replay (fit = train + earlier labs' fitting cells), this lab's fitting cells and their views.
     part = bank["part"]
     rep_fit = np.isin(part, ("train", "lab_fit"))
-    sources = list(dict.fromkeys(list(bank["source"]) + [cfg.lab]))
     src_rep = np.array([sources.index(s) for s in bank["source"]])
-    lab_src = sources.index(cfg.lab)
     fit_y_lab = np.concatenate([y_lab[fit_i]] * (1 + n_views))
     fit_f_lab = np.concatenate([f_lab[fit_i], f_views]) if n_views else f_lab[fit_i]
     X = np.concatenate([bank["features"][rep_fit], fit_f_lab]).astype(np.float32)
@@ -300,14 +473,11 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     S = np.concatenate([src_rep[rep_fit], np.full(len(fit_y_lab), lab_src)])
     W = _sample_weights(Y, S, lab_src, cfg.lab_weight)
 
-    say(0.45, f"training the head on {len(X)} feature rows")
-    layers = _train_head(pred.model, n_cls, X, Y, W, cfg)
-    feats_t = pred.model.get_layer(FEATURES_LAYER).output
-    h = feats_t
-    for layer in layers:
-        h = layer(h)
-    probs_t = keras.layers.Activation("softmax", name="probs", dtype="float32")(h)
-    model = keras.Model(pred.model.input, probs_t, name=pred.model.name)
+    if why_not:
+        say(0.45, f"training the head on {len(X)} feature rows ({why_not})")
+        layers = _train_head(pred.model, n_cls, X, Y, W, cfg)
+        model = keras.Model(pred.model.input, _wire(layers, pred.model.get_layer(FEATURES_LAYER).output),
+                            name=pred.model.name)
     head_logits = compiled(head_only(model, LOGITS_LAYER))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
 
@@ -390,7 +560,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     # the trust fits (a lab has too few cells for a fourth part).
     before = lab_figures(y_cal, np.pad(p_par_lab[cal_i], ((0, 0), (0, n_cls - n_old))), d_par_lab.ok[cal_i], classes)
     after = lab_figures(y_cal, p_lab[cal_i], d_lab.ok[cal_i], classes)
-    lg_par_bank = batched_predict(parent_logits, bank["features"], batch_size=1024)
+    lg_par_bank = batched_predict(parent_logits, bank_parent["features"], batch_size=1024)
     par_test_before = _macro_f1(y_bank[test], lg_par_bank[test], n_old)
     # Over the parent classes only: a parent test cell suggested as an added class counts as a miss.
     par_test_after = _macro_f1(y_bank[test], lg_bank[test], n_old)
@@ -419,6 +589,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                 "meta": bank["meta"]}
     if has_early:
         lab_bank["early"] = e_lab[lab_rows].astype(np.float16)
+    if codes_lab is not None:  # the cut is the parent's (nothing below it changed): a child can fine-tune again
+        lab_bank.update(cut_codes=codes_lab[lab_rows], cut_rows=np.arange(len(lab_rows), dtype=np.int32))
     old = {k: (v.astype(np.float16) if k in ("features", "early") else v) for k, v in bank.items()}
     save_bank(out / REPLAY_FILE, concat_banks(old, lab_bank))
     if (parent / "split.json").is_file():
@@ -438,9 +610,16 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                     "calibration_b": int(len(cal_b_i)),
                     "per_class": {classes[c]: int((y_lab == c).sum()) for c in np.unique(y_lab)}},
         "what_was_refitted": (
+            f"the backbone's top {cfg.backbone_layers} layers and the head, from the activations at "
+            f"{cut_meta(bank)['layer']} (computed once; everything below is the parent's), on the parent's replay "
+            f"training rows there ({int(rep_fit.sum())}; stored compressed, features reproduced with mean cosine "
+            f"{cut_meta(bank)['feature_cosine_mean']:.3f}; the lab's activations pass through the same code) and the lab's "
+            f"{len(fit_i)} fitting cells with 7 flipped/rotated and {cfg.backbone_aug_views} augmented views each "
+            f"(class-balanced per source, lab weight {cfg.lab_weight}); layers below the cut are the parent's"
+            if not why_not else
             f"head (Dense128 + logits) on the parent's replay training features ({int(rep_fit.sum())} rows) and the "
             f"lab's {len(fit_i)} fitting cells with {n_views} flipped/rotated views each (class-balanced per source, "
-            f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's)"),
+            f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's): {why_not}"),
         "pooled_calibration": (
             f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
             f"conformal quantile (calibration B, disjoint from A): {trust.fitted_on['review_rule']}."),
@@ -473,8 +652,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         review_rule={**pc.review_rule, **legacy["review_rule"], "guarantee": guarantee, "calibration": rule,
                      "measured_on_test": rule_test, "review_classes": review_classes,
                      "fitted_on": trust.fitted_on["review_rule"]},
-        metrics={**test_metrics, "test_on": "the parent's test split (replay features; backbone frozen, so the same "
-                                            "outputs as on the images)",
+        metrics={**test_metrics, "test_on": ("the parent's test split: replay rows kept at the cut, through the adapted "
+                                             "top (stored activations, compressed)" if not why_not else
+                                             "the parent's test split (replay features; backbone frozen, so the same "
+                                             "outputs as on the images)"),
                  "parent_test_replay": {"macro_f1": par_test_after, "macro_f1_parent": par_test_before},
                  "lab_calibration_part": after},
         limitations=list(pc.limitations) + [
@@ -491,7 +672,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                            "calibration_b": int(len(cal_b_i))}, "before": before, "after": after,
                "parent_test_macro_f1": {"before": par_test_before, "after": par_test_after},
                "unlabelled_classes_same_prediction": kept_same, "review_rule": rule, "temperature": T,
-               "ood": comparison, "time_s": t1 - t0, "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
+               "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not, "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})
     exp = _export_stage(out)  # the fast runtime, when bcc_core.export exists

@@ -761,7 +761,7 @@ def write_model(out, model, prep: Prepared, trust, ev, audit, audit_card, cfg, h
     ood_stats.npz and the replay bank."""
     from .data import PART_USE
     from .models import count_params, save_model
-    from .replay import REPLAY_FILE, make_bank, save_bank
+    from .replay import REPLAY_FILE, add_cut, bank_index, make_bank, save_bank
 
     spec = get_spec(cfg.backbone)
     classes, n_cls, P = prep.classes, len(prep.classes), prep.parts
@@ -773,8 +773,10 @@ def write_model(out, model, prep: Prepared, trust, ev, audit, audit_card, cfg, h
                "split_sizes": dict(prep.split_card["sizes"]),
                "data_problems": prep.problems + list(prep.ds.problems)}
     trust.save_stats(out)
-    save_bank(out / REPLAY_FILE, make_bank(outs["features"], outs["early"], prep.labels, P, classes,
-                                           source=prep.data_card["name"], seed=cfg.seed))
+    bank = make_bank(outs["features"], outs["early"], prep.labels, P, classes, source=prep.data_card["name"],
+                     seed=cfg.seed)
+    rows = bank_index(prep.labels, P, seed=cfg.seed)[0]
+    save_bank(out / REPLAY_FILE, add_cut(bank, model, lambda r: prep.x[rows[r]], seed=cfg.seed))
     legacy = trust.legacy_sections()
     sizes, hashes = prep.split_card["sizes"], prep.split_card["sha256"]
     split_card = {"file": "split.json", "seed": cfg.seed, "fractions": dict(zip(P, cfg.fractions)),

@@ -287,9 +287,10 @@ def step_multisource(data, seeds="42,1,2"):
 def step_adapt(data):
     """The bundled pbs5 model adapted to BCCD, then to LISC (a lab it never saw, expert-labelled), from N reviewed
     cells per class, measured on the rest of that lab; pb7 adapted to BCCD."""
-    return (_script("Learning a new lab (BCCD)", "adapt_lab.py", "adapt_lab.md", "--model", MODELS["pbs5"], "--data", data)
+    return (_script("Learning a new lab (BCCD)", "adapt_lab.py", "adapt_lab.md", "--model", MODELS["pbs5"], "--data", data,
+                    "--n", "10", "--add-classes-n", "10")
             + [""] + _script("Learning a new lab (LISC)", "adapt_lab.py", "adapt_lab_lisc.md", "--model", MODELS["pbs5"],
-                             "--data", data, "--lab", "lisc", "--n", "10,20", "--add-classes-n", "20")
+                             "--data", data, "--lab", "lisc", "--n", "20", "--add-classes-n", "20")
             + [""] + _script("Learning a new lab (pb7, BCCD)", "adapt_lab.py", "adapt_lab_pb7.md", "--model", MODELS["pb7"],
                              "--data", data, "--n", "", "--add-classes-n", "10"))
 

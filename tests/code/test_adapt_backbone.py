@@ -1,0 +1,124 @@
+"""Adapting with the top of the backbone fine-tuned (bcc_core.adapt, replay activations at the cut): on a
+small MobileNetV2 trained from scratch on synthetic cells. What must hold: the layers below the cut stay
+the parent's, the top and the head change, the child's replay bank is rebuilt through the new network
+(so a child can be adapted again), and the codec of the stored activations is faithful."""
+
+import json
+
+import numpy as np
+import pytest
+
+from test_adapt import SHAPES, _lab_cell, _lab_folder, _write
+
+from conftest import synthetic_cell
+
+
+def test_cut_codec_round_trip_and_bank_concatenation():
+    from bcc_core.replay import concat_banks, decode_cut, encode_cut, fit_codec
+
+    rng = np.random.default_rng(0)
+    # Activations of rank 4 over 16 channels: 4 components reproduce them up to the 8-bit step.
+    c = (rng.normal(size=(30, 3, 3, 4)) @ rng.normal(size=(4, 16))).astype(np.float32)
+    codec = fit_codec(c, k=4)
+    codes = encode_cut(c, codec)
+    assert codes.dtype == np.uint8 and codes.shape == (30, 3, 3, 4)
+    step = float(np.max(codec["cut_hi"] - codec["cut_lo"])) / 255
+    assert np.abs(decode_cut(codes, codec) - c).max() <= 4 * step * np.abs(codec["cut_basis"]).sum(0).max()
+    base = {"features": np.zeros((5, 2)), "labels": np.arange(5), "part": np.array(["train"] * 5),
+            "source": np.array(["p"] * 5), "classes": np.array(["a"]), "meta": np.array("{}"),
+            "cut_codes": codes[:2], "cut_rows": np.array([1, 3], np.int32), "cut_meta": np.array("{}"), **codec}
+    lab = {"features": np.ones((3, 2)), "labels": np.zeros(3, int), "part": np.array(["lab_fit"] * 3),
+           "source": np.array(["lab"] * 3), "classes": np.array(["a"]), "meta": np.array("{}"),
+           "cut_codes": codes[2:5], "cut_rows": np.arange(3, dtype=np.int32)}
+    both = concat_banks(base, lab)
+    assert list(both["cut_rows"]) == [1, 3, 5, 6, 7]  # the lab's rows follow the parent's five
+    np.testing.assert_array_equal(both["cut_codes"], codes[:5])
+    head_only = concat_banks(base, {k: v for k, v in lab.items() if not k.startswith("cut")})
+    assert list(head_only["cut_rows"]) == [1, 3]
+
+
+@pytest.fixture(scope="module")
+def mparent(tmp_path_factory):
+    from bcc_core.augment import AugmentConfig
+    from bcc_core.preprocess import PreprocessConfig
+    from bcc_core.training import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("adapt_backbone")
+    for k, (name, lobes) in enumerate(SHAPES):
+        for i in range(14):
+            img = synthetic_cell(160, 26 + 2 * (i % 5), seed=100 * k + i, lobes=lobes).astype(np.int16)
+            img[..., k] += 70
+            _write(tmp / "data" / name, f"{name}_{i}.png", np.clip(img, 0, 255).astype(np.uint8))
+    cfg = TrainConfig(task="synthetic", backbone="mobilenetv2", weights="none", epochs=3, learning_rate=2e-3,
+                      aug_views=0, batch_size=8, preprocess=PreprocessConfig(size=64, stain_norm="none").to_dict(),
+                      augment=AugmentConfig.none().to_dict())
+    train(tmp / "data", tmp / "parent", cfg, progress=False)
+    return tmp
+
+
+def _weights(model, name):
+    return [np.asarray(w) for w in model.get_layer(name).get_weights()]
+
+
+def test_training_stores_activations_at_the_cut(mparent):
+    from bcc_core.replay import cut_meta, load_bank
+
+    bank = load_bank(mparent / "parent" / "replay.npz")
+    meta = cut_meta(bank)
+    assert meta["layer"] == "block_13_project_BN" and meta["fine_tune_layers"] == 21
+    rows = bank["cut_rows"]
+    assert len(rows) == len(bank["cut_codes"]) and bank["cut_codes"].dtype == np.uint8
+    for part in ("cal_a", "cal_b"):  # every calibration row: the trust refit needs them all
+        assert set(np.flatnonzero(bank["part"] == part)) <= set(rows)
+    assert set(bank["part"][rows]) <= {"train", "cal_a", "cal_b", "test"}
+
+
+def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
+    from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.inference import Predictor
+    from bcc_core.replay import load_bank
+
+    parent = mparent / "parent"
+    lab = _lab_folder(mparent / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
+    cfg = AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1)
+    steps = []
+    s1 = adapt(parent, lab, mparent / "child", cfg, progress=lambda f, m: steps.append(m))
+    assert s1["backbone_fine_tuned"] and not s1["head_only_because"]
+    assert any("fine-tuning the top of the network" in m for m in steps)
+    old, new = Predictor.load(parent).model, Predictor.load(mparent / "child").model
+    for below in ("Conv1", "block_9_expand", "block_13_expand"):  # the parent's, bit for bit
+        for a, b in zip(_weights(old, below), _weights(new, below)):
+            np.testing.assert_array_equal(a, b)
+    for above in ("block_14_expand", "block_16_project", "Conv_1", "head_dense"):
+        assert any(not np.allclose(a, b) for a, b in zip(_weights(old, above), _weights(new, above))), above
+    card = json.loads((mparent / "child" / "model_card.json").read_text())
+    assert card["lineage"]["what_was_refitted"].startswith("the backbone's top 21 layers and the head, from the "
+                                                           "activations at block_13_project_BN")
+    bank_p, bank_c = load_bank(parent / "replay.npz"), load_bank(mparent / "child" / "replay.npz")
+    # The child keeps the parent rows it can recompute (those with activations) and adds the lab's cells.
+    n_parent_rows = int((~np.char.startswith(bank_c["part"].astype(str), "lab_")).sum())
+    assert n_parent_rows == len(bank_p["cut_rows"])
+    assert len(bank_c["cut_rows"]) == len(bank_c["labels"])
+    np.testing.assert_array_equal(bank_c["cut_codes"][:n_parent_rows], bank_p["cut_codes"])
+    assert not np.allclose(bank_c["features"][:n_parent_rows], bank_p["features"][bank_p["cut_rows"]], atol=1e-3)
+    # The child is a parent like any other: a second lab's adaptation fine-tunes it again.
+    lab2 = _lab_folder(mparent / "lab2", {"mono": 1, "trilobed": 3}, per_class=12)
+    s2 = adapt(mparent / "child", lab2, mparent / "grandchild", cfg)
+    assert s2["backbone_fine_tuned"]
+    card2 = json.loads((mparent / "grandchild" / "model_card.json").read_text())
+    assert card2["lineage"]["parent"]["model_id"] == "child"
+
+
+def test_backbone_layers_zero_keeps_the_whole_backbone(mparent):
+    from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.inference import Predictor
+
+    lab = _lab_folder(mparent / "lab0", {"mono": 1, "bilobed": 2}, per_class=12)
+    s = adapt(mparent / "parent", lab, mparent / "head_only", AdaptConfig(lab="lab C", backbone_layers=0, epochs=3))
+    assert not s["backbone_fine_tuned"] and "switched off" in s["head_only_because"]
+    old, new = Predictor.load(mparent / "parent").model, Predictor.load(mparent / "head_only").model
+    for name in ("block_14_expand", "Conv_1"):
+        for a, b in zip(_weights(old, name), _weights(new, name)):
+            np.testing.assert_array_equal(a, b)
+    r = Predictor.load(mparent / "head_only").predict([_lab_cell(3, 1)])[0]
+    assert r.predicted_class in ("bilobed", "mono", "trilobed")
