@@ -149,13 +149,31 @@ def lab_features(pred, raw: list[bytes], shas: list[str], fit_i: np.ndarray, n_v
             None if e_all is None else e_all[n:])
 
 
-def check_classes(lab_classes: list[str], model_classes: list[str], add_classes: bool) -> list[str]:
-    """The new model's classes; refuses lab folders that are not model classes unless `add_classes`."""
+def check_classes(lab_classes: list[str], model_classes: list[str], add_classes: bool,
+                  others: dict[str, list[str]] | None = None) -> list[str]:
+    """The new model's classes; refuses lab folders that are not model classes unless `add_classes`, naming
+    any model among `others` ({folder: classes}) that knows every one of the lab's folders."""
     unknown = [c for c in lab_classes if c not in model_classes]
     if unknown and not add_classes:
+        fits = [d for d, cls in (others or {}).items() if set(lab_classes) <= set(cls)]
+        hint = f"; the model {fits[0]} knows all of them (--model {fits[0]})" if fits else ""
         raise ValueError(f"lab folder(s) {unknown} are not classes of this model {list(model_classes)}; rename "
-                         f"them to a model class, remove them, or pass --add-classes to add them as new classes")
+                         f"them to a model class, remove them, or pass --add-classes to add them as new "
+                         f"classes{hint}")
     return list(model_classes) + unknown
+
+
+def _bundled_classes() -> dict[str, list[str]]:
+    """{model folder: classes} of the bundled models."""
+    from .inference import list_models
+
+    out = {}
+    for d in list_models():
+        try:
+            out[str(d)] = json.loads((d / "model_card.json").read_text())["classes"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
 
 
 def lab_figures(y: np.ndarray, probs: np.ndarray, ok: np.ndarray, classes: list[str]) -> dict:
@@ -421,7 +439,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
 
     say(0.08, "listing the lab's cells")
     ds = list_imagefolder(labelled_dir)
-    classes = check_classes(list(ds.classes), pred.classes, cfg.add_classes)
+    classes = check_classes(list(ds.classes), pred.classes, cfg.add_classes, _bundled_classes())
     n_old, n_cls = len(pred.classes), len(classes)
     y_lab = np.array([classes.index(ds.classes[l]) for l in ds.labels])
     groups = group_duplicates(ds.paths, progress=False)

@@ -122,3 +122,15 @@ def test_backbone_layers_zero_keeps_the_whole_backbone(mparent):
             np.testing.assert_array_equal(a, b)
     r = Predictor.load(mparent / "head_only").predict([_lab_cell(3, 1)])[0]
     assert r.predicted_class in ("bilobed", "mono", "trilobed")
+
+
+def test_unknown_folders_name_a_model_that_knows_them():
+    from bcc_core.adapt import check_classes
+
+    others = {"models/pb7": ["basophil", "eosinophil", "lymphocyte", "monocyte", "seg_neutrophil"]}
+    with pytest.raises(ValueError, match=r"\['lymphocyte'\].*the model models/pb7 knows all of them"):
+        check_classes(["monocyte", "lymphocyte"], ["basophil", "monocyte"], False, others)
+    with pytest.raises(ValueError) as e:
+        check_classes(["monocyte", "platelet"], ["basophil", "monocyte"], False, others)
+    assert "knows all" not in str(e.value)
+    assert check_classes(["monocyte", "platelet"], ["basophil", "monocyte"], True, others)[-1] == "platelet"
