@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8501
 
-.PHONY: setup run test test-fast bench export clean
+.PHONY: setup run test test-fast bench bench-resume export clean
 
 $(BIN)/activate: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Continue an interrupted `make bench` at the same commit (a full run outlasts a working session here).
+bench-resume: setup
+	$(BIN)/python bench/run_all.py --resume
 
 # Re-export every bundled model for screening without TensorFlow (after retraining one).
 export: setup

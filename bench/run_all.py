@@ -5,7 +5,10 @@ crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multi
 train_time.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
-Usage: python bench/run_all.py [--only evaluate,crosslab] [--data ../shared/data]
+A full run takes longer than a working session here; `--resume` continues an interrupted full run at the
+same commit (clean tree only; bench/_work/bench_run.json records its finished steps), so every section still
+comes from one commit's code and models.
+Usage: python bench/run_all.py [--only evaluate,crosslab] [--resume] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -324,6 +327,24 @@ def _commit() -> str:
     return (sha or "unknown") + (" with uncommitted changes" if dirty else "")
 
 
+RUN_RECORD = WORK / "bench_run.json"
+
+
+def _run_record(commit: str, now: datetime, resume: bool) -> dict:
+    """This full run's record: its commit, start and finished steps. `resume` continues the record of an
+    interrupted run at the same commit (never with uncommitted changes); otherwise a new one starts."""
+    if resume and "uncommitted" not in commit and RUN_RECORD.is_file():
+        rec = json.loads(RUN_RECORD.read_text())
+        if rec.get("commit") == commit:
+            rec["resumed"] = rec.get("resumed", 0) + 1
+            return rec
+    WORK.mkdir(parents=True, exist_ok=True)
+    rec = {"commit": commit, "started": now.isoformat(), "resumed": 0, "done": {}}
+    if "uncommitted" not in commit:
+        RUN_RECORD.write_text(json.dumps(rec, indent=2))
+    return rec
+
+
 def _stamp(name: str, started: datetime, wall_s: float, commit: str) -> str:
     return (f"_Section `{name}`: generated {started:%Y-%m-%d %H:%M} UTC at commit {commit} by `bench/run_all.py`, "
             f"{wall_s / 60:.1f} min._")
@@ -333,6 +354,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=",".join(STEPS))
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted full run at the same commit (clean tree): steps it finished are "
+                         "kept as they were written, the others run; a run at another commit starts afresh")
     a = ap.parse_args(argv)
     data = Path(a.data)
     if not data.is_dir():
@@ -345,21 +369,32 @@ def main(argv=None):
         return 2
     RES.mkdir(parents=True, exist_ok=True)
     commit, t0 = _commit(), datetime.now(timezone.utc)
+    full = names == list(STEPS)
+    record = _run_record(commit, t0, resume=a.resume and full)
     sections = []
     for name in names:
+        if name in record["done"]:  # finished earlier in this run (same commit, clean tree)
+            print(f"step {name}: kept from this run's earlier part ({record['done'][name]})", flush=True)
+            sections.append((RES / f"step_{name}.md").read_text())
+            continue
         started, t = datetime.now(timezone.utc), time.perf_counter()
         lines = STEPS[name](data)
         text = "\n".join([lines[0], "", _stamp(name, started, time.perf_counter() - t, commit), *lines[1:]]) + "\n"
         (RES / f"step_{name}.md").write_text(text)
         sections.append(text)
+        if full and "uncommitted" not in commit:
+            record["done"][name] = f"{started:%Y-%m-%d %H:%M} UTC"
+            RUN_RECORD.write_text(json.dumps(record, indent=2))
     if names != list(STEPS):
         print(f"Partial run ({', '.join(names)}): wrote bench/results/step_<name>.md for these steps only; "
               "bench/RESULTS.md is written by a full run (`make bench`) and was left unchanged.")
         return 0
+    began = datetime.fromisoformat(record["started"])
     parts = ["# Benchmark results", "",
              f"One run of `bench/run_all.py` (`make bench`) on a {os.cpu_count()}-core CPU at commit {commit}, from "
-             f"{t0:%Y-%m-%d %H:%M} to {datetime.now(timezone.utc):%H:%M} UTC. Every section below was generated in this "
-             "run; each says when and how long it took.", ""]
+             f"{began:%Y-%m-%d %H:%M} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+             + (f", continued {record['resumed']} time(s) at the same commit with `--resume`" if record["resumed"] else "")
+             + ". Every section below was generated in this run; each says when and how long it took.", ""]
     parts += ["", *(sec.replace("\n# ", "\n## ").replace("# ", "## ", 1) for sec in sections)]
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(parts) + "\n")
     return 0

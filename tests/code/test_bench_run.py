@@ -1,0 +1,43 @@
+"""`make bench` as one run: an interrupted full run continues only at the same commit, never from a tree
+with uncommitted changes, and its record lists the steps it finished."""
+
+import importlib.util
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def run_all(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "WORK", tmp_path)
+    monkeypatch.setattr(mod, "RUN_RECORD", tmp_path / "bench_run.json")
+    return mod
+
+
+def test_resume_continues_the_same_commit_only(run_all):
+    now = datetime(2026, 12, 2, 8, 0, tzinfo=timezone.utc)
+    rec = run_all._run_record("abc1234", now, resume=False)
+    assert rec == {"commit": "abc1234", "started": now.isoformat(), "resumed": 0, "done": {}}
+    rec["done"]["evaluate"] = "2026-12-02 08:00 UTC"
+    run_all.RUN_RECORD.write_text(json.dumps(rec))
+    later = datetime(2026, 12, 3, 9, 0, tzinfo=timezone.utc)
+    again = run_all._run_record("abc1234", later, resume=True)
+    assert again["done"] == {"evaluate": "2026-12-02 08:00 UTC"} and again["resumed"] == 1
+    assert again["started"] == now.isoformat()  # the run began when its first part began
+    other = run_all._run_record("def5678", later, resume=True)  # another commit: a new run
+    assert other["done"] == {} and other["started"] == later.isoformat()
+    assert json.loads(run_all.RUN_RECORD.read_text())["commit"] == "def5678"
+
+
+def test_uncommitted_changes_never_resume_and_leave_no_record(run_all):
+    now = datetime(2026, 12, 2, 8, 0, tzinfo=timezone.utc)
+    run_all._run_record("abc1234", now, resume=False)
+    dirty = run_all._run_record("abc1234 with uncommitted changes", now, resume=True)
+    assert dirty["done"] == {} and json.loads(run_all.RUN_RECORD.read_text())["commit"] == "abc1234"
