@@ -530,7 +530,8 @@ def cmd_adapt(a) -> int:
 
     if a.from_audit is not None:
         return _adapt_from_audit(a)
-    cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed)
+    cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed,
+                      **({"backbone_layers": 0} if a.head_only else {}))
     bar = None
     if not a.quiet:
         from tqdm.auto import tqdm
@@ -549,6 +550,8 @@ def cmd_adapt(a) -> int:
     b, af = res["before"], res["after"]
     print(f"saved {a.out} (lab {cfg.lab!r}, {res['n_cells']['fit']} fitting + {res['n_cells']['calibration']} "
           f"calibration cells, {res['time_s']:.0f} s)")
+    print("  " + ("the top of the network and the head learnt the lab" if res["backbone_fine_tuned"]
+                  else f"head only: {res['head_only_because']}"))
     print(f"  lab calibration part: shown as ok {b['ok_fraction']:.1%} -> {af['ok_fraction']:.1%}, wrong and ok "
           f"{b['wrong_ok_of_all']:.1%} -> {af['wrong_ok_of_all']:.1%}")
     for c, r in af["recall"].items():
@@ -711,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--add-classes", action="store_true",
                     help="a folder that is not a model class becomes a new class (needs enough distinct cells)")
     ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--head-only", action="store_true",
+                    help="retrain the head only, on the parent's frozen features (faster; the default also "
+                         "fine-tunes the backbone's top blocks when the parent's replay bank allows it)")
     ad.add_argument("--quiet", action="store_true")
     ad.set_defaults(func=cmd_adapt)
     return p
