@@ -287,9 +287,9 @@ def report(res, a) -> list[str]:
     summary = {}
     for n, add in keys:
         runs = [r for r in res["runs"] if r["n_per_class"] == n and r["add_classes"] == add]
-        lab = runs[0]["labelled_per_class"]
+        reviewed = runs[0]["labelled_per_class"]
         title = f"N = {n} reviewed cells per class" + (" with --add-classes (eosinophil, lymphocyte taught)" if add else "")
-        lines += [f"## {title}", "", f"{len(runs)} repeats; reviewed cells per repeat: {json.dumps(lab)}; "
+        lines += [f"## {title}", "", f"{len(runs)} repeats; reviewed cells per repeat: {json.dumps(reviewed)}; "
                   f"held-out cells per repeat: {int(np.mean([r['n_rest'] for r in runs]))}. Adaptation time "
                   f"(in-process, features cached between repeats): {np.mean([r['adapted']['time_s'] for r in runs]):.0f} s.", ""]
         s = {m: summarise(runs, m) for m in ("parent", "logreg", "adapted")}

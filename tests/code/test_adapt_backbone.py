@@ -80,7 +80,7 @@ def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
 
     parent = mparent / "parent"
     lab = _lab_folder(mparent / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
-    cfg = AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1)
+    cfg = AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1, backbone_min_cells=12)
     steps = []
     s1 = adapt(parent, lab, mparent / "child", cfg, progress=lambda f, m: steps.append(m))
     assert s1["backbone_fine_tuned"] and not s1["head_only_because"]
@@ -109,19 +109,25 @@ def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
     assert card2["lineage"]["parent"]["model_id"] == "child"
 
 
-def test_backbone_layers_zero_keeps_the_whole_backbone(mparent):
-    from bcc_core.adapt import AdaptConfig, adapt
+def test_too_few_cells_or_switched_off_keep_the_whole_backbone(mparent):
+    from bcc_core.adapt import AdaptConfig, adapt, can_fine_tune
     from bcc_core.inference import Predictor
+    from bcc_core.replay import load_bank
 
     lab = _lab_folder(mparent / "lab0", {"mono": 1, "bilobed": 2}, per_class=12)
-    s = adapt(mparent / "parent", lab, mparent / "head_only", AdaptConfig(lab="lab C", backbone_layers=0, epochs=3))
-    assert not s["backbone_fine_tuned"] and "switched off" in s["head_only_because"]
+    s = adapt(mparent / "parent", lab, mparent / "head_only", AdaptConfig(lab="lab C", epochs=3))  # 12 < 15 cells
+    assert not s["backbone_fine_tuned"] and "fewer than 15 distinct reviewed cells" in s["head_only_because"]
     old, new = Predictor.load(mparent / "parent").model, Predictor.load(mparent / "head_only").model
     for name in ("block_14_expand", "Conv_1"):
         for a, b in zip(_weights(old, name), _weights(new, name)):
             np.testing.assert_array_equal(a, b)
     r = Predictor.load(mparent / "head_only").predict([_lab_cell(3, 1)])[0]
     assert r.predicted_class in ("bilobed", "mono", "trilobed")
+    bank = load_bank(mparent / "parent" / "replay.npz")
+    assert "switched off" in can_fine_tune(bank, None, AdaptConfig(backbone_layers=0))
+    assert "no activations at the cut" in can_fine_tune({k: v for k, v in bank.items() if not k.startswith("cut")},
+                                                        None, AdaptConfig())
+    assert can_fine_tune(bank, None, AdaptConfig(), cells_per_class={"mono": 20, "bilobed": 25}) == ""
 
 
 def test_unknown_folders_name_a_model_that_knows_them():
