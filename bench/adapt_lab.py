@@ -275,11 +275,12 @@ def report(res, a) -> list[str]:
              f"near-duplicates of reviewed cells removed). A class with fewer than 2N cells gives half of them, or is "
              f"measure-only when too few would remain{' (BCCD: basophils, 3 cells)' if lab == 'BCCD' else ''}. "
              "Eosinophils and "
-             "lymphocytes are types the pbs5 model does not know: shown as ok they count as wrong. Recall = the "
+             "lymphocytes, when the model does not know them (pbs5), count as wrong when shown as ok. Recall = the "
              "suggested class, whatever the status. Wilson 95% intervals pool the repeats' held-out cells (repeats "
              "overlap, so the intervals are optimistic). Parent test macro-F1: on the parent's test images (its "
-             "split.json), parent vs adapted network (the adapted network's top blocks are fine-tuned); the logreg "
-             "head on the bank's test features (frozen backbone: the same numbers as on the images).", "",
+             "split.json), parent vs adapted network; the logreg head on the bank's test features (frozen backbone: "
+             "the same numbers as on the images). Each section says whether `adapt` fine-tuned the top of the network "
+             "or retrained the head only (fewer than 15 distinct cells in a class, or `backbone_layers=0`).", "",
              "Alternatives in the same run on the same cells: **parent** = the bundled model unadapted; **logreg** = "
              "sklearn logistic regression on the same frozen features (parent replay + all the lab's reviewed cells, "
              "class-balanced per source) with the parent's OOD statistics, scales and review threshold.", ""]
@@ -292,6 +293,9 @@ def report(res, a) -> list[str]:
         lines += [f"## {title}", "", f"{len(runs)} repeats; reviewed cells per repeat: {json.dumps(reviewed)}; "
                   f"held-out cells per repeat: {int(np.mean([r['n_rest'] for r in runs]))}. Adaptation time "
                   f"(in-process, features cached between repeats): {np.mean([r['adapted']['time_s'] for r in runs]):.0f} s.", ""]
+        tuned = sum(bool(r["adapted"].get("backbone_fine_tuned")) for r in runs)
+        lines += [f"Adapted: the top of the network and the head fine-tuned in {tuned} of {len(runs)} repeats"
+                  + ("" if tuned == len(runs) else "; the others retrained the head only") + ".", ""]
         s = {m: summarise(runs, m) for m in ("parent", "logreg", "adapted")}
         summary[f"n{n}{'_add' if add else ''}"] = s
         classes = list(s["adapted"]["recall"])
