@@ -28,13 +28,12 @@ def _lab_cell(seed, lobes):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def parent(tmp_path_factory):
+def train_synthetic_parent(tmp: Path, backbone: str, epochs: int) -> dict:
+    """A parent trained from scratch on 3 synthetic classes, 14 cells each, into tmp / "parent"."""
     from bcc_core.augment import AugmentConfig
     from bcc_core.preprocess import PreprocessConfig
     from bcc_core.training import TrainConfig, train
 
-    tmp = tmp_path_factory.mktemp("adapt")
     for k, (name, lobes) in enumerate(SHAPES):
         for i in range(14):
             # Each class carries a tint (kept: no stain normalisation), so the tiny parent really learns its
@@ -42,10 +41,16 @@ def parent(tmp_path_factory):
             img = synthetic_cell(160, 26 + 2 * (i % 5), seed=100 * k + i, lobes=lobes).astype(np.int16)
             img[..., k] += 70
             _write(tmp / "data" / name, f"{name}_{i}.png", np.clip(img, 0, 255).astype(np.uint8))
-    cfg = TrainConfig(task="synthetic", backbone="small_cnn", weights="none", epochs=8, learning_rate=2e-3, aug_views=0,
-                      batch_size=8, preprocess=PreprocessConfig(size=64, stain_norm="none").to_dict(),
+    cfg = TrainConfig(task="synthetic", backbone=backbone, weights="none", epochs=epochs, learning_rate=2e-3,
+                      aug_views=0, batch_size=8, preprocess=PreprocessConfig(size=64, stain_norm="none").to_dict(),
                       augment=AugmentConfig.none().to_dict())
-    m = train(tmp / "data", tmp / "parent", cfg, progress=False)
+    return train(tmp / "data", tmp / "parent", cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapt")
+    m = train_synthetic_parent(tmp, "small_cnn", epochs=8)
     assert m["test"]["accuracy"] > 0.8  # a parent that knows its classes (the premise of the tests below)
     return tmp / "parent"
 

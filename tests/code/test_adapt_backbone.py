@@ -8,9 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from test_adapt import SHAPES, _lab_cell, _lab_folder, _write
-
-from conftest import synthetic_cell
+from test_adapt import _lab_cell, _lab_folder, train_synthetic_parent
 
 
 def test_cut_codec_round_trip_and_bank_concatenation():
@@ -39,20 +37,8 @@ def test_cut_codec_round_trip_and_bank_concatenation():
 
 @pytest.fixture(scope="module")
 def mparent(tmp_path_factory):
-    from bcc_core.augment import AugmentConfig
-    from bcc_core.preprocess import PreprocessConfig
-    from bcc_core.training import TrainConfig, train
-
     tmp = tmp_path_factory.mktemp("adapt_backbone")
-    for k, (name, lobes) in enumerate(SHAPES):
-        for i in range(14):
-            img = synthetic_cell(160, 26 + 2 * (i % 5), seed=100 * k + i, lobes=lobes).astype(np.int16)
-            img[..., k] += 70
-            _write(tmp / "data" / name, f"{name}_{i}.png", np.clip(img, 0, 255).astype(np.uint8))
-    cfg = TrainConfig(task="synthetic", backbone="mobilenetv2", weights="none", epochs=3, learning_rate=2e-3,
-                      aug_views=0, batch_size=8, preprocess=PreprocessConfig(size=64, stain_norm="none").to_dict(),
-                      augment=AugmentConfig.none().to_dict())
-    train(tmp / "data", tmp / "parent", cfg, progress=False)
+    train_synthetic_parent(tmp, "mobilenetv2", epochs=3)
     return tmp
 
 
