@@ -28,7 +28,8 @@ WORK = ROOT / "bench" / "_work"
 PY = sys.executable
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
 MODELS = {"pbs5": "models/pbs5-mobilenetv2", "all4": "models/all4-mobilenetv2", "pb7": "models/pb7-mobilenetv2"}
-DATASET = {"pbs5": "pbs5", "all4": "all4", "pb7": "pbs5"}  # the dataset whose recorded split holds each model's test part
+# The folder under --data that each model's split.json paths are relative to (pb7's name their source: pbs5/..., lisc/...).
+DATASET = {"pbs5": "pbs5", "all4": "all4", "pb7": ""}
 
 
 def run(cmd, **kw):
@@ -47,7 +48,8 @@ def step_evaluate(data):
              "`python -m bcc_core evaluate --split test --json`: duplicate groups kept on one side of the split; the "
              "test part is touched by evaluation only. Accuracy, shown as ok and wrong-and-ok: Wilson 95% intervals; "
              "macro-F1 and kappa: bootstrap 95% intervals from the confusion matrix. pb7's test part holds its pbs5 "
-             "images only (its LISC test cells are in the multi-source section).", "",
+             "and LISC test images (LISC: whole duplicate groups, about five copies of each cell; per source in the "
+             "multi-source section).", "",
              "| model | n | accuracy | macro-F1 | kappa | shown as ok | wrong & ok (of all) |", "|---|---|---|---|---|---|---|"]
     per_class = []
     for task, m in MODELS.items():
