@@ -328,8 +328,9 @@ STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": ste
 
 def _commit() -> str:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    # The bench's own outputs do not count: a run that has written some sections is still at its commit.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
+                            ":!bench/RESULTS.md"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return (sha or "unknown") + (" with uncommitted changes" if dirty else "")
 
 

@@ -41,3 +41,21 @@ def test_uncommitted_changes_never_resume_and_leave_no_record(run_all):
     run_all._run_record("abc1234", now, resume=False)
     dirty = run_all._run_record("abc1234 with uncommitted changes", now, resume=True)
     assert dirty["done"] == {} and json.loads(run_all.RUN_RECORD.read_text())["commit"] == "abc1234"
+
+
+def test_the_benchs_own_outputs_do_not_make_the_tree_dirty(run_all, tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "bench" / "results").mkdir(parents=True)
+    (repo / "bench" / "results" / "step_x.md").write_text("old\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git[:5] + ["init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(run_all, "ROOT", repo)
+    (repo / "bench" / "results" / "step_x.md").write_text("new section\n")  # a finished step
+    assert "uncommitted" not in run_all._commit()
+    (repo / "code.py").write_text("x = 2\n")
+    assert run_all._commit().endswith("with uncommitted changes")
