@@ -109,10 +109,11 @@ def decode_cut(codes: np.ndarray, codec: dict) -> np.ndarray:
 
 
 def cut_rows(bank: dict, per_class: dict | None = None, seed: int = 0) -> np.ndarray:
-    """Bank rows that keep cut activations: cal_a and cal_b whole, train and test stratified per class."""
+    """Bank rows that keep cut activations: calibration A and B whole (`val_a`/`val_b` in banks from before the
+    five-part split), train and test stratified per class."""
     per_class = CUT_PER_CLASS if per_class is None else per_class
     out = []
-    for part in ("train", "cal_a", "cal_b", "test"):
+    for part in ("train", *CAL_A, *CAL_B, "test"):
         idx = np.flatnonzero(bank["part"] == part)
         if part in per_class:
             idx = idx[_stratified(np.asarray(bank["labels"])[idx], per_class[part], seed)]
