@@ -41,8 +41,8 @@ class AdaptConfig:
         lab: name of the lab whose cells these are.
         add_classes: a folder that is not a parent class becomes a new output class.
         min_new_class_cells: distinct cells (duplicate groups) needed to add a class.
-        calibration_fraction: share of the lab's cells (per class, grouped) kept out of the head's fit
-            for calibration and for the before/after figures.
+        calibration_fraction: share of the lab's cells (per class, grouped) kept out of the network's fit
+            (the head, and the top when fine-tuned) for calibration and for the before/after figures.
         backbone_layers: backbone layers fine-tuned with the head (the parent's replay bank must hold activations
             at a cut at least that deep, `replay.add_cut`; else, or with 0, only the head is retrained on
             frozen features).
@@ -56,7 +56,8 @@ class AdaptConfig:
             between the two and was not measured itself.
         replay_targets: "parent": the parent's replay rows are fitted to the parent's own output
             probabilities (distillation, keeps the parent's boundaries on its own data); "labels": to their labels.
-        aug_views: flipped / 90°-rotated views of each fitting cell added to the head's training data (0..7).
+        aug_views: flipped / 90°-rotated views of each fitting cell added to the head's training data and to
+            the OOD statistics (0..7; when the top is fine-tuned it trains on all 7).
         lab_weight: total training weight of the lab's cells relative to the replay (each source is
             class-balanced within itself).
         epochs, batch_size, learning_rate: head training (Adam, from the parent head's weights).
