@@ -5,9 +5,10 @@ crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multi
 train_time.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
-A full run takes longer than a working session here; `--resume` continues an interrupted full run at the
-same commit (clean tree only; bench/_work/bench_run.json records its finished steps), so every section still
-comes from one commit's code and models.
+A full run takes longer than a working session here; `--resume` continues an interrupted full run while the
+code is that run's (clean tree only; bench/results/bench_run.json records its finished steps and is committed
+with them; commits of bench outputs alone keep the run), so every section still comes from one commit's code
+and models.
 Usage: python bench/run_all.py [--only evaluate,crosslab] [--resume] [--data ../shared/data]
 """
 
@@ -326,25 +327,40 @@ STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": ste
          "ceiling": step_ceiling, "memory": step_memory, "train_time": step_train_time}
 
 
+# Tracked beside the sections it lists, so a run that outlasts a working session lands with its finished part.
+RUN_RECORD = RES / "bench_run.json"
+OUTPUTS = (":!bench/results", ":!bench/RESULTS.md")  # the bench's own outputs: never "code"
+
+
 def _commit() -> str:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     # The bench's own outputs do not count: a run that has written some sections is still at its commit.
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
-                            ":!bench/RESULTS.md"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *OUTPUTS],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return (sha or "unknown") + (" with uncommitted changes" if dirty else "")
 
 
-RUN_RECORD = WORK / "bench_run.json"
+def _code_unchanged_since(commit: str) -> bool:
+    """True when HEAD's tree equals `commit`'s apart from the bench's own outputs: a commit that only lands the
+    finished part of a run leaves the run's code and models as they were."""
+    sha = commit.split()[0]
+    return subprocess.run(["git", "diff", "--quiet", sha, "HEAD", "--", ".", *OUTPUTS], cwd=ROOT,
+                          capture_output=True).returncode == 0
 
 
 def _run_record(commit: str, now: datetime, resume: bool) -> dict:
     """This full run's record: its commit, start and finished steps. `resume` continues the record of an
-    interrupted run at the same commit (never with uncommitted changes); otherwise a new one starts."""
+    interrupted run whose code is this tree's (clean tree only; commits that land only bench outputs between
+    the parts are allowed); otherwise a new one starts. The record keeps the commit the run began at."""
     if resume and "uncommitted" not in commit and RUN_RECORD.is_file():
         rec = json.loads(RUN_RECORD.read_text())
-        if rec.get("commit") == commit:
+        if rec.get("commit") == commit or _code_unchanged_since(rec.get("commit", "")):
             rec["resumed"] = rec.get("resumed", 0) + 1
             return rec
+        print(f"bench/results/bench_run.json is a run at {rec.get('commit')}, whose code differs from this tree: "
+              f"a new run starts. To finish that one instead: git worktree add ../bench_run {rec.get('commit')} && "
+              "git -C ../bench_run checkout main -- bench/results && cd ../bench_run && make bench-resume",
+              flush=True)
     WORK.mkdir(parents=True, exist_ok=True)
     rec = {"commit": commit, "started": now.isoformat(), "resumed": 0, "done": {}}
     if "uncommitted" not in commit:
@@ -378,6 +394,8 @@ def main(argv=None):
     commit, t0 = _commit(), datetime.now(timezone.utc)
     full = names == list(STEPS)
     record = _run_record(commit, t0, resume=a.resume and full)
+    if full and "uncommitted" not in commit:
+        commit = record["commit"]  # a resumed run's code is its first part's (checked), so its sections say that commit
     sections = []
     for name in names:
         if name in record["done"]:  # finished earlier in this run (same commit, clean tree)
@@ -389,7 +407,8 @@ def main(argv=None):
         text = "\n".join([lines[0], "", _stamp(name, started, time.perf_counter() - t, commit), *lines[1:]]) + "\n"
         (RES / f"step_{name}.md").write_text(text)
         sections.append(text)
-        if full and "uncommitted" not in commit:
+        failed = any(line.startswith("failed: ") for line in lines)  # not done: a resumed run tries it again
+        if full and "uncommitted" not in commit and not failed:
             record["done"][name] = f"{started:%Y-%m-%d %H:%M} UTC"
             RUN_RECORD.write_text(json.dumps(record, indent=2))
     if names != list(STEPS):

@@ -1,5 +1,6 @@
-"""`make bench` as one run: an interrupted full run continues only at the same commit, never from a tree
-with uncommitted changes, and its record lists the steps it finished."""
+"""`make bench` as one run: an interrupted full run continues only while the code is that run's (commits that
+land only bench outputs between its parts are allowed), never from a tree with uncommitted changes, and its
+record lists the steps it finished."""
 
 import importlib.util
 import json
@@ -59,3 +60,34 @@ def test_the_benchs_own_outputs_do_not_make_the_tree_dirty(run_all, tmp_path, mo
     assert "uncommitted" not in run_all._commit()
     (repo / "code.py").write_text("x = 2\n")
     assert run_all._commit().endswith("with uncommitted changes")
+
+
+def test_a_commit_that_only_lands_bench_outputs_keeps_the_run(run_all, tmp_path, monkeypatch):
+    """A run outlasts a working session: landing its finished part (outputs only) must not end it, while a code
+    change must."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "bench" / "results").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git[:5] + ["init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "code"], check=True)
+    monkeypatch.setattr(run_all, "ROOT", repo)
+    monkeypatch.setattr(run_all, "RUN_RECORD", repo / "bench" / "results" / "bench_run.json")
+    first = run_all._commit()
+    rec = run_all._run_record(first, datetime(2026, 12, 2, 8, 0, tzinfo=timezone.utc), resume=False)
+    rec["done"]["evaluate"] = "2026-12-02 08:00 UTC"
+    run_all.RUN_RECORD.write_text(json.dumps(rec))
+    (repo / "bench" / "results" / "step_evaluate.md").write_text("section\n")
+    (repo / "bench" / "RESULTS.md").write_text("partial\n")
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "land the finished part"], check=True)
+    later = datetime(2026, 12, 3, 9, 0, tzinfo=timezone.utc)
+    again = run_all._run_record(run_all._commit(), later, resume=True)
+    assert again["commit"] == first and again["done"] == {"evaluate": "2026-12-02 08:00 UTC"}
+    (repo / "code.py").write_text("x = 2\n")
+    subprocess.run(git + ["commit", "-qam", "change the code"], check=True)
+    fresh = run_all._run_record(run_all._commit(), later, resume=True)
+    assert fresh["done"] == {} and fresh["commit"] != first
