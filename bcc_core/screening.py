@@ -146,7 +146,7 @@ class _Pipeline:
             f: Future = Future()
             f.set_result(data)
             return f
-        with _neutral_main():
+        with neutral_main():
             return self.pool.submit(_prepare_bytes, src.name, data, self.preparer, self.cfg.thumbnail)
 
     def fill(self) -> None:
@@ -175,7 +175,7 @@ class _Pipeline:
 
 
 @contextlib.contextmanager
-def _neutral_main():
+def neutral_main():
     """A new worker process re-imports the parent's `__main__` from its file; when that is a script
     with side effects (a Streamlit page run in-process, a test runner's app), the worker dies. Workers
     are started inside submit(), so for its duration `__main__` is an empty module: nothing is re-imported."""

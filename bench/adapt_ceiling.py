@@ -15,11 +15,11 @@ Usage: python bench/adapt_ceiling.py --model models/pb7-mobilenetv2 --data ../sh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -102,10 +102,7 @@ def main(argv=None):
                   + ("reached by a lab-only linear head on these features." if best[0] >= TARGET else
                      "not reached even by a lab-only linear head on these frozen features: a head-only adaptation is "
                      "unlikely to meet it; the backbone has to learn the lab."), ""]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
-    print("\n".join(lines))
+    write_report(a.out, lines, result)
     return 0
 
 

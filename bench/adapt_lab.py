@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,8 +76,12 @@ def measure(pred_cls, ok, truth, classes):
         if m.any():
             per[c] = {"hits": int(right[m].sum()), "n": int(m.sum())}
     unk = np.array([t is None for t in truth])
+    confusion: dict = {}  # true class (or "not a model class") -> suggested class -> cells
+    for p, t in zip(pred_cls, truth):
+        row = confusion.setdefault(t or "not a model class", {})
+        row[p] = row.get(p, 0) + 1
     return {"n": len(truth), "per_class": per, "ok": int(ok.sum()), "wrong_ok": int((ok & ~right).sum()),
-            "unknown_ok": int((ok & unk).sum()), "unknown_n": int(unk.sum())}
+            "unknown_ok": int((ok & unk).sum()), "unknown_n": int(unk.sum()), "confusion": confusion}
 
 
 def lr_head(bank, f_lab, y_lab, n_cls, seed):
@@ -234,10 +239,7 @@ def main(argv=None):
                   f"F1 {m_new['parent_f1']['after']:.4f}; logreg ok {m_lr['ok']} wrong&ok {m_lr['wrong_ok']}", flush=True)
     res = {"model": a.model, "lab": a.lab, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start}
     lines = report(res, a)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=2))
-    print("\n".join(lines))
+    write_report(a.out, lines, res)
     return 0
 
 
@@ -311,6 +313,16 @@ def report(res, a) -> list[str]:
                   "| wrong and ok, of all held-out (mean; max) | " + " | ".join(f"{s[m]['wrong_ok_mean']:.2%}; {s[m]['wrong_ok_max']:.2%}" for m in s) + " |",
                   "| unknown types shown as ok (all repeats) | " + " | ".join(f"{s[m]['unknown_ok']} of {s[m]['unknown_n']}" for m in s) + " |",
                   "| parent test macro-F1 drop, points (mean; max) | " + " | ".join(f"{s[m]['f1_drop_mean']:.2f}; {s[m]['f1_drop_max']:.2f}" for m in s) + " |", ""]
+        pooled: dict = {}
+        for r in runs:
+            for t, row in r["adapted"].get("confusion", {}).items():
+                for p_, k in row.items():
+                    pooled.setdefault(t, {}).setdefault(p_, 0)
+                    pooled[t][p_] += k
+        if pooled:
+            lines += ["Where the adapted model's suggestions went (all repeats pooled, any status): "
+                      + "; ".join(f"{t} → " + ", ".join(f"{p_} {k}" for p_, k in sorted(row.items(), key=lambda kv: -kv[1]))
+                                  for t, row in pooled.items()) + ".", ""]
         ad = s["adapted"]
         measured = {c: v for c, v in ad["recall"].items() if c in runs[0]["taught"]}
         checks = [("every taught class recall ≥ 0.90 (mean over repeats)", all(v["recall_mean"] >= 0.90 for v in measured.values()),

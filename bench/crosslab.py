@@ -18,12 +18,12 @@ Usage: python bench/crosslab.py --model models/pbs5-mobilenetv2 [--model models/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
+from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -203,10 +203,7 @@ def main(argv=None):
         items = [it for c in range(len(pred.classes)) for it in [x for x in items if x[1] == c][: a.limit]]
     result["simulated"] = simulated(pred, items, pred.classes)
     lines += [f"Model for the simulations: `{Path(pbs5).name}`.", ""] + simulated_lines(result["simulated"])
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
-    print("\n".join(lines))
+    write_report(a.out, lines, result)
     return 0
 
 

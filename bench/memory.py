@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import shutil
 import statistics
 import sys
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from _report import write_report  # noqa: E402
 from speed import run_process  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "memory"
@@ -115,10 +115,7 @@ def main(argv=None):
     lines += [f"| {k} | {v['rows']} ({v['errors']}) | {v['peak_pss_mb']:.0f} MB | {'yes' if v['peak_pss_mb'] < 1024 else '**no**'} |"
               for k, v in res["bombs"].items()]
     res["ratio_5000_to_500"] = ratio
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=2))
-    print("\n".join(lines))
+    write_report(a.out, lines, res)
     return 0
 
 

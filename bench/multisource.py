@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -247,10 +248,7 @@ def write_report(results: dict, out: Path, title: str, intro: list[str]):
     lisc_cells = {k: {c: v["cells"] for c, v in r["lisc_test"]["per_class"].items()} for k, r in rows if "lisc_test" in r}
     if lisc_cells:
         lines += ["Distinct LISC cells per class in the test sets: " + json.dumps(next(iter(lisc_cells.values()))), ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    write_report(out, lines, results, indent=1)
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,6 @@ Usage: python bench/perf.py --model models/pbs5-mobilenetv2 --out bench/results/
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _report import write_report  # noqa: E402
 
 
 def free_port():
@@ -103,10 +104,7 @@ def main(argv=None):
              "| measure | value |", "|---|---|"]
     for k, v in res.items():
         lines.append(f"| {k} | {v:.1f} |" if isinstance(v, float) else f"| {k} | {v} |")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=2))
-    print("\n".join(lines))
+    write_report(a.out, lines, res)
 
 
 if __name__ == "__main__":

@@ -186,9 +186,9 @@ def test_two_processes_reviewing_different_cases_lose_nothing(engine):
     url = engine.url.render_as_string(hide_password=False)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_review_many, args=(url, f"CASE-{k}", 15)) for k in range(2)]
-    from bcc_core.screening import _neutral_main
+    from bcc_core.screening import neutral_main
 
-    with _neutral_main():  # after an in-process AppTest, __main__ is the app script: spawn must not re-run it
+    with neutral_main():  # after an in-process AppTest, __main__ is the app script: spawn must not re-run it
         for p in procs:
             p.start()
     for p in procs:
