@@ -54,8 +54,6 @@ class AdaptConfig:
             network learnt those cells rather than BCCD (a third of its neutrophils named monocyte, up to 25%
             of the rest wrong and shown ok); from 18-20 per class on LISC it beat the head alone. 15 lies
             between the two and was not measured itself.
-        backbone_interpolation: the fine-tuned top's weights are start + a * (fine-tuned - start) (1: the
-            fine-tuned weights; below 1, a weight-space ensemble with the parent's, WiSE-FT, Wortsman et al. 2022).
         replay_targets: "parent": the parent's replay rows are fitted to the parent's own output
             probabilities (distillation, keeps the parent's boundaries on its own data); "labels": to their labels.
         aug_views: flipped / 90°-rotated views of each fitting cell added to the head's training data and to
@@ -84,7 +82,6 @@ class AdaptConfig:
     backbone_epochs: int = 15
     backbone_learning_rate: float = 3e-4
     backbone_min_cells: int = 15
-    backbone_interpolation: float = 1.0
     replay_targets: str = "parent"
     min_new_class_cells: int = 8
     calibration_fraction: float = 0.4
@@ -373,15 +370,9 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
             say(0.35 + 0.3 * (epoch + 1) / cfg.backbone_epochs,
                 f"fine-tuning the top of the network: epoch {epoch + 1}/{cfg.backbone_epochs}")
 
-    start = [layer.get_weights() for layer in top.layers]
     top.compile(optimizer=keras.optimizers.Adam(cfg.backbone_learning_rate), loss="categorical_crossentropy")
     top.fit(x_tr, t_tr, sample_weight=w, epochs=cfg.backbone_epochs,
             batch_size=32, shuffle=True, verbose=0, callbacks=[Progress()])
-    if cfg.backbone_interpolation < 1:  # weight-space ensemble of start and fine-tuned weights (WiSE-FT)
-        a = cfg.backbone_interpolation
-        for layer, w0 in zip(top.layers, start):
-            if w0:
-                layer.set_weights([u + a * (v - u) for u, v in zip(w0, layer.get_weights())])
     sub = {k: bank[k][rows] for k in ("features", "labels", "part", "source", "early") if k in bank}
     sub.update({k: bank[k] for k in ("classes", "meta", "cut_meta", *codec)},
                cut_codes=bank["cut_codes"], cut_rows=np.arange(len(rows), dtype=np.int32))
