@@ -316,8 +316,11 @@ def step_memory(data):
 
 
 def step_ceiling(data):
-    """The few-shot ceiling of frozen features on BCCD: what head-only adaptation can reach at best."""
-    return _script("Adaptation ceiling", "adapt_ceiling.py", "adapt_ceiling.md", "--model", MODELS["pb7"], "--data", data)
+    """The few-shot ceiling of frozen features on BCCD (what head-only adaptation can reach at best), and on LISC
+    what limits it: cells fitted, features, preprocessing (a lab-only linear probe)."""
+    return (_script("Adaptation ceiling", "adapt_ceiling.py", "adapt_ceiling.md", "--model", MODELS["pb7"], "--data", data)
+            + [""] + _script("What limits learning a new lab (LISC probe)", "lab_probe.py", "lab_probe.md",
+                             "--model", MODELS["pbs5"], "--data", data, "--lab", "lisc"))
 
 
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
