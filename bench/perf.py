@@ -36,6 +36,7 @@ def app_startup(repeats=3):
     import cv2
     from playwright.sync_api import expect, sync_playwright
 
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' synthetic cell image
     from conftest import synthetic_cell
 
     img = ROOT / "bench" / "_work" / "perf_cell.png"
