@@ -44,7 +44,10 @@ def test_uncommitted_changes_never_resume_and_leave_no_record(run_all):
     assert dirty["done"] == {} and json.loads(run_all.RUN_RECORD.read_text())["commit"] == "abc1234"
 
 
-def test_the_benchs_own_outputs_do_not_make_the_tree_dirty(run_all, tmp_path, monkeypatch):
+@pytest.fixture()
+def repo(run_all, tmp_path, monkeypatch):
+    """A throwaway git repository (one committed code file and bench/results/step_x.md) as the bench's ROOT;
+    returns (path, git command prefix)."""
     import subprocess
 
     repo = tmp_path / "repo"
@@ -54,28 +57,26 @@ def test_the_benchs_own_outputs_do_not_make_the_tree_dirty(run_all, tmp_path, mo
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
     subprocess.run(git[:5] + ["init", "-q", str(repo)], check=True)
     subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    subprocess.run(git + ["commit", "-qm", "code"], check=True)
     monkeypatch.setattr(run_all, "ROOT", repo)
+    monkeypatch.setattr(run_all, "RUN_RECORD", repo / "bench" / "results" / "bench_run.json")
+    return repo, git
+
+
+def test_the_benchs_own_outputs_do_not_make_the_tree_dirty(run_all, repo):
+    repo, _ = repo
     (repo / "bench" / "results" / "step_x.md").write_text("new section\n")  # a finished step
     assert "uncommitted" not in run_all._commit()
     (repo / "code.py").write_text("x = 2\n")
     assert run_all._commit().endswith("with uncommitted changes")
 
 
-def test_a_commit_that_only_lands_bench_outputs_keeps_the_run(run_all, tmp_path, monkeypatch):
+def test_a_commit_that_only_lands_bench_outputs_keeps_the_run(run_all, repo):
     """A run outlasts a working session: landing its finished part (outputs only) must not end it, while a code
     change must."""
     import subprocess
 
-    repo = tmp_path / "repo"
-    (repo / "bench" / "results").mkdir(parents=True)
-    (repo / "code.py").write_text("x = 1\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
-    subprocess.run(git[:5] + ["init", "-q", str(repo)], check=True)
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-qm", "code"], check=True)
-    monkeypatch.setattr(run_all, "ROOT", repo)
-    monkeypatch.setattr(run_all, "RUN_RECORD", repo / "bench" / "results" / "bench_run.json")
+    repo, git = repo
     first = run_all._commit()
     rec = run_all._run_record(first, datetime(2026, 12, 2, 8, 0, tzinfo=timezone.utc), resume=False)
     rec["done"]["evaluate"] = "2026-12-02 08:00 UTC"
