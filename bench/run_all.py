@@ -214,9 +214,9 @@ def step_compare(data, limit=80, epochs=3):
     lines = ["# Backbone comparisons: equal initialisation and budget", "",
              f"The backbones of Study 2's Table 4 and Study 1, each trained with the same split, preprocessing, "
              f"augmentation, initialisation and budget ({epochs} epochs, {limit} images per class: a CPU budget). ImageNet "
-             "weights exist offline here only for MobileNetV2, so every backbone trains from scratch: these tables rank "
-             "architectures under a small from-scratch budget. They do not reproduce, and cannot confirm or refute, "
-             "the studies' pretrained figures.", ""]
+             "weights exist offline here only for MobileNetV2, so every backbone trains from scratch: these tables can "
+             "at most rank architectures under a small from-scratch budget (each says whether any learned above "
+             "chance). They do not reproduce, and cannot confirm or refute, the studies' pretrained figures.", ""]
     for task, bbs in (("all4", "small_cnn,resnet50,mobilenetv2"), ("pbs5", "mobilenetv2,efficientnetb0")):
         out = WORK / f"compare-{task}"
         r = run([PY, "-m", "bcc_core", "compare", "--data", data / task, "--backbones", bbs, "--weights", "none",
@@ -229,7 +229,25 @@ def step_compare(data, limit=80, epochs=3):
         (RES / f"comparison_{task}.md").write_text(md)
         (RES / f"comparison_{task}.csv").write_text((out / "comparison.csv").read_text())
         lines += [f"## {task} (backbones of {'Study 2, Table 4' if task == 'all4' else 'Study 1'})", "", md, ""]
+        lines += [_chance_note(out / "comparison.csv"), ""]
     return lines
+
+
+def _chance_note(csv_path) -> str:
+    """What the table can support: a backbone whose kappa is ~0 learned nothing at this budget, so it cannot
+    be ranked against the others."""
+    import csv
+
+    rows = list(csv.DictReader(open(csv_path)))
+    none = [r["model"] for r in rows if abs(float(r["kappa"])) < 0.05]
+    if len(none) == len(rows):
+        return ("**Every backbone stayed at chance (kappa ~0: no better than guessing) at this budget: "
+                "the table ranks nothing.** A fair comparison needs ImageNet weights for every backbone (only "
+                "MobileNetV2's are available offline here) or a from-scratch budget far beyond this CPU's.")
+    if none:
+        return (f"At chance (kappa ~0) at this budget: {', '.join(none)}; they cannot be ranked against the others "
+                "or each other.")
+    return "Every backbone learned above chance at this budget (kappa > 0.05)."
 
 
 def step_cv(data, folds=5):

@@ -92,3 +92,16 @@ def test_a_commit_that_only_lands_bench_outputs_keeps_the_run(run_all, repo):
     subprocess.run(git + ["commit", "-qam", "change the code"], check=True)
     fresh = run_all._run_record(run_all._commit(), later, resume=True)
     assert fresh["done"] == {} and fresh["commit"] != first
+
+
+def test_the_backbone_table_says_when_it_ranks_nothing(run_all, tmp_path):
+    head = "model,weights,accuracy,kappa\n"
+    at_chance = tmp_path / "chance.csv"
+    at_chance.write_text(head + "a,none,0.25,0.0\nb,none,0.25,0.01\n")
+    assert "ranks nothing" in run_all._chance_note(at_chance)
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(head + "a,none,0.25,0.0\nb,none,0.71,0.6\n")
+    assert run_all._chance_note(mixed).startswith("At chance (kappa ~0) at this budget: a;")
+    learned = tmp_path / "learned.csv"
+    learned.write_text(head + "a,none,0.8,0.7\n")
+    assert "above chance" in run_all._chance_note(learned)
