@@ -238,7 +238,7 @@ def _chance_note(csv_path) -> str:
     be ranked against the others."""
     import csv
 
-    rows = list(csv.DictReader(open(csv_path)))
+    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
     none = [r["model"] for r in rows if abs(float(r["kappa"])) < 0.05]
     if len(none) == len(rows):
         return ("**Every backbone stayed at chance (kappa ~0: no better than guessing) at this budget: "
