@@ -60,6 +60,12 @@ def pick_labelled(names, groups, n_per_class, taught, rng):
     return np.array(sorted(chosen), int)
 
 
+def trained_on(model_dir, lab: str) -> bool:
+    """Whether the model's card names `lab` among its training data (then it is not a new lab for it)."""
+    card = json.loads((Path(model_dir) / "model_card.json").read_text())
+    return lab.lower() in json.dumps(card.get("data", {})).lower()
+
+
 def lab_groups(ds, lab_dir: Path) -> np.ndarray:
     """Duplicate groups of a lab's images: exact and near duplicates, joined with its groups.csv if any."""
     from bcc_core.data import group_duplicates, merge_group_file
@@ -154,8 +160,7 @@ def main(argv=None):
     if not lab_dir.is_dir():
         print(f"skip: {lab_dir} not found")
         return 0
-    trained_on = json.dumps(json.loads((Path(a.model) / "model_card.json").read_text()).get("data", {})).lower()
-    if a.lab.lower() in trained_on:
+    if trained_on(a.model, a.lab):
         print(f"refused: {a.model} was trained on {a.lab}; it is not a new lab for this model")
         return 2
     t_start = time.perf_counter()
@@ -286,6 +291,9 @@ def report(res, a) -> list[str]:
              "Alternatives in the same run on the same cells: **parent** = the bundled model unadapted; **logreg** = "
              "sklearn logistic regression on the same frozen features (parent replay + all the lab's reviewed cells, "
              "class-balanced per source) with the parent's OOD statistics, scales and review threshold.", ""]
+    if res.get("config_overrides"):
+        lines += ["Settings changed from `AdaptConfig`'s defaults for this run: "
+                  + ", ".join(f"`{k}={v}`" for k, v in res["config_overrides"].items()) + ".", ""]
     keys = sorted({(r["n_per_class"], r["add_classes"]) for r in res["runs"]})
     summary = {}
     for n, add in keys:

@@ -27,7 +27,7 @@ from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapt_lab import lab_groups  # noqa: E402
+from adapt_lab import lab_groups, trained_on  # noqa: E402
 
 
 def draws(names, groups, classes, n, repeats):
@@ -81,6 +81,9 @@ def main(argv=None):
     if not lab.is_dir() or not Path(a.weights).is_file():
         print(f"skip: {lab} or {a.weights} not found")
         return 0
+    if trained_on(a.model, a.lab):
+        print(f"refused: {a.model} was trained on {a.lab}; its own features would flatter the probe")
+        return 2
     t0 = time.perf_counter()
     ds = list_imagefolder(lab)
     groups = lab_groups(ds, lab)

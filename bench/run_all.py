@@ -364,8 +364,8 @@ def _commit() -> str:
 def _code_unchanged_since(commit: str) -> bool:
     """True when HEAD's tree equals `commit`'s apart from the bench's own outputs: a commit that only lands the
     finished part of a run leaves the run's code and models as they were."""
-    sha = commit.split()[0]
-    return subprocess.run(["git", "diff", "--quiet", sha, "HEAD", "--", ".", *OUTPUTS], cwd=ROOT,
+    sha = (commit.split() or [""])[0]
+    return bool(sha) and subprocess.run(["git", "diff", "--quiet", sha, "HEAD", "--", ".", *OUTPUTS], cwd=ROOT,
                           capture_output=True).returncode == 0
 
 
