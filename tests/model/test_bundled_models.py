@@ -30,6 +30,17 @@ def test_card_valid_and_model_small(model_dir):
 
 
 @pytest.mark.parametrize("model_dir", _bundled(), ids=lambda p: p.name)
+def test_card_quality_gate_is_the_fitted_gate(model_dir):
+    """A bundled card's quality gate is the one training writes today (issue 15: the all4 card kept a
+    cell-scale limit from before the gate was refitted without BCCD)."""
+    from bcc_core.quality import FITTED_FIELDS, QualityConfig
+
+    quality = json.loads((model_dir / "model_card.json").read_text())["quality"]
+    fitted = QualityConfig(expect_single_cell=quality["expect_single_cell"]).to_dict()
+    assert {k: quality[k] for k in FITTED_FIELDS} == {k: fitted[k] for k in FITTED_FIELDS}
+
+
+@pytest.mark.parametrize("model_dir", _bundled(), ids=lambda p: p.name)
 def test_split_parts_disjoint_and_what_was_fitted_on_each(model_dir):
     """Issue 15: named parts, disjoint by image and by duplicate group, with sizes and content hashes in
     split.json and the card; trust fitted on the calibration parts only, the test part used by evaluation."""
