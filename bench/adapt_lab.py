@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -242,7 +243,8 @@ def main(argv=None):
             print(f"N={n_per} add={add} r={r}: adapted ok {m_new['ok']}/{m_new['n']} wrong&ok {m_new['wrong_ok']}, "
                   f"recall {_fmt_recall(m_new)}, "
                   f"F1 {m_new['parent_f1']['after']:.4f}; logreg ok {m_lr['ok']} wrong&ok {m_lr['wrong_ok']}", flush=True)
-    res = {"model": a.model, "lab": a.lab, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start}
+    res = {"model": a.model, "lab": a.lab, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start,
+           "load_avg_15min_at_end": os.getloadavg()[2]}
     lines = report(res, a)
     write_report(a.out, lines, res)
     return 0
@@ -345,7 +347,11 @@ def report(res, a) -> list[str]:
                          + ", ".join(f"{c} {ad['recall'][c]['recall_mean']:.0%} of {ad['recall'][c]['n_per_repeat']:.0f}" for c in untaught))
         lines.append("")
     res["summary"] = summary
-    lines.append(f"Total bench wall time: {res['wall_time_s'] / 60:.1f} min on a 2-core CPU.")
+    load = res.get("load_avg_15min_at_end")
+    shared = ("" if load is None else f" Load average over the last 15 minutes at the end: {load:.1f}"
+              + (" (other jobs shared the cores: every time above is longer than on a quiet machine)." if load > 2.5
+                 else "."))
+    lines.append(f"Total bench wall time: {res['wall_time_s'] / 60:.1f} min on a 2-core CPU.{shared}")
     return lines
 
 

@@ -552,3 +552,16 @@ def test_killing_the_app_mid_batch_keeps_every_screened_row(model_dir, tmp_path)
     finally:
         _stop_server(proc)
     assert [r["seq"] for r in before] == list(range(len(before)))
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_bench_perf_drives_the_app_as_it_is(tmp_path):
+    """`bench/perf.py --app` (the make-bench step `perf`) logs in, uploads and sees the Grad-CAM: once the login
+    page came first it waited for an uploader that never appeared, and nothing noticed until a full bench run."""
+    out = tmp_path / "perf.md"
+    run = subprocess.run([sys.executable, "bench/perf.py", "--app", "--repeats", "1", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["app_first_page_in_browser_s_median1"] > 0 and res["app_uploader_after_login_s_median1"] > 0
+    assert res["app_server_rss_after_prediction_mb_max"] > 100  # a server that loaded TensorFlow and the model
