@@ -122,6 +122,14 @@ class TrustResult:
     prediction_set: list
 
 
+def _lab_errors(part: Part, dec: "Decisions", source: str) -> np.ndarray:
+    """Confidences of `source`'s wrong predictions in `part` that the OOD and quality gates let through."""
+    if part.source is None:
+        return np.zeros(0)
+    bad = part.quality_bad if part.quality_bad is not None else np.zeros(len(part), bool)
+    return dec.confidence[~dec.ood_flag & ~bad & (dec.pred != part.labels) & (part.source == source)]
+
+
 @dataclass
 class TrustModel:
     """Temperature, OOD detectors, review rule and conformal sets, fitted on disjoint parts.
@@ -176,9 +184,10 @@ class TrustModel:
             early_layer: name recorded for the early detector (needs `early` in every part).
             ood_stats: already fitted statistics (else fitted here on `train`).
             stats_kwargs: extra arguments to `ood.fit` (e.g. cov_groups, max_bank).
-            no_errors_source: a source of calibration B (an adapting lab) among whose passing items no
-                wrong prediction may be accepted: the threshold is raised above them (an empirical check
-                on top of the guarantee).
+            no_errors_source: a source (an adapting lab) among whose passing items of calibration A and B no
+                wrong prediction may be accepted: the threshold is raised above them (an empirical check on
+                top of the guarantee). Both parts count: both are held out from the network's fit, and a lab
+                has too few cells for part B alone to show its errors.
             review_classes: classes always sent to review.
             lab: adapting lab name (messages).
             shortcut_audit: the card's shortcut audit.
@@ -234,11 +243,15 @@ class TrustModel:
         threshold = float(rule["threshold"]) if certified else None
         extra = {}
         if certified and no_errors_source is not None and b.source is not None:
-            wrong = passed & ~correct & (b.source == no_errors_source)
+            # Calibration A too, decided with the same temperature and OOD gate (its own fits are done).
+            da = tm.decide(calibration_a.logits, calibration_a.features, calibration_a.early,
+                           calibration_a.quality_bad, use_review=False)
+            wrong_conf = np.concatenate([_lab_errors(p, dp, no_errors_source) for p, dp in ((b, d), (calibration_a, da))])
             extra["guarantee_threshold"] = threshold
-            if wrong.any():
-                threshold = max(threshold, float(np.nextafter(d.confidence[wrong].max(), 2)))
+            if len(wrong_conf):
+                threshold = max(threshold, float(np.nextafter(wrong_conf.max(), 2)))
             extra["no_errors_source"] = no_errors_source
+            extra["no_errors_wrong_seen"] = int(len(wrong_conf))
         tm.review = {"certified": bool(certified), "threshold": threshold, "alpha": cfg.review_alpha,
                      "delta": cfg.review_delta, "upper_bound": rule["upper_bound"], "accepted": rule["accepted"],
                      "errors": rule["errors"], "coverage": rule["coverage"], "n_calibration": rule["n_calibration"],

@@ -279,6 +279,37 @@ def test_fit_uses_each_part_for_its_own_fit_and_refuses_overlap():
                                             np.r_[f[1000:], f[700:701]], np.r_[lg[1000:], lg[700:701]]))
 
 
+def test_a_labs_confident_error_in_either_calibration_part_raises_the_threshold():
+    """An adapting lab's wrong predictions that pass the other gates are kept out of "ok", whether they sit in
+    calibration A or B (both are held out from the network's fit); another source's errors do not count."""
+    from bcc_core.trust import TrustConfig, TrustModel
+
+    y, f, lg, ids, Part = _parts(1500)
+    src = np.array(["parent"] * 1500, dtype=object)
+    lab_a, lab_b = np.arange(600, 620), np.arange(1000, 1020)
+    src[lab_a], src[lab_b] = "lab", "lab"
+    wrong_a = lab_a[0]
+    lg = lg.copy()
+    lg[wrong_a] = 0
+    lg[wrong_a, (y[wrong_a] + 1) % len(CLASSES)] = 30.0  # a confident error of the lab's, in calibration A only
+    tr = Part("train", ids[:600], y[:600], f[:600])
+
+    def fit(no_errors_source, source_a):
+        a = Part("cal_a", ids[600:1000], y[600:1000], f[600:1000], lg[600:1000], source=source_a)
+        b = Part("cal_b", ids[1000:], y[1000:], f[1000:], lg[1000:], source=src[1000:])
+        return TrustModel.fit(CLASSES, tr, a, b, TrustConfig(ood_method=None), no_errors_source=no_errors_source)
+
+    plain = fit(None, src[600:1000])
+    lab = fit("lab", src[600:1000])
+    conf = calibration.apply_temperature(lg[wrong_a:wrong_a + 1], lab.temperature).max()
+    assert plain.certified and plain.review["threshold"] <= conf
+    assert lab.review["threshold"] > conf and lab.review["guarantee_threshold"] == plain.review["threshold"]
+    assert lab.review["no_errors_wrong_seen"] >= 1
+    other = src[600:1000].copy()
+    other[wrong_a - 600] = "parent"  # the same error, but the parent's: the guarantee covers it
+    assert fit("lab", other).review["threshold"] == pytest.approx(plain.review["threshold"])
+
+
 def test_trust_card_round_trip_and_a_card_without_trust_section_refused(tmp_path):
     import json
 
