@@ -143,7 +143,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="AdaptConfig override (settings study), e.g. --set lab_weight=2")
     ap.add_argument("--work", default="runs/adapt_lab_bench", help="adapted models are written here (gitignored)")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite --out's Markdown from a saved result (no adaptation)")
     a = ap.parse_args(argv)
+    if a.render:
+        res = json.loads(Path(a.render).read_text())
+        write_report(a.out, report(res, a), res)
+        return 0
 
     from bcc_core import calibration, ood
     from bcc_core.adapt import AdaptConfig, adapt
@@ -348,9 +353,7 @@ def report(res, a) -> list[str]:
         lines.append("")
     res["summary"] = summary
     load = res.get("load_avg_15min_at_end")
-    shared = ("" if load is None else f" Load average over the last 15 minutes at the end: {load:.1f}"
-              + (" (other jobs shared the cores: every time above is longer than on a quiet machine)." if load > 2.5
-                 else "."))
+    shared = "" if load is None else f" 15-minute load average at the end: {load:.1f} (times above are longer under load)."
     lines.append(f"Total bench wall time: {res['wall_time_s'] / 60:.1f} min on a 2-core CPU.{shared}")
     return lines
 
