@@ -42,7 +42,7 @@ def app_startup(repeats=3):
     from playwright.sync_api import expect, sync_playwright
 
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "app")]  # the tests' synthetic cell and accounts
-    from app_fixtures import PASSWORD, make_users
+    from app_fixtures import REVIEWER, make_users, submit_login
     from conftest import synthetic_cell
 
     img = ROOT / "bench" / "_work" / "perf_cell.png"
@@ -73,10 +73,8 @@ def app_startup(repeats=3):
                 page.goto(f"http://127.0.0.1:{port}", wait_until="domcontentloaded")
                 expect(page.get_by_role("heading", name="Log in")).to_be_visible(timeout=120_000)
                 first.append(time.perf_counter() - t)
-                page.get_by_role("textbox", name="User name").fill("rita")
-                page.get_by_role("textbox", name="Password").fill(PASSWORD)
                 t_login = time.perf_counter()
-                page.get_by_role("button", name="Log in").click()
+                submit_login(page, REVIEWER)
                 page.locator("input[type=file]").first.wait_for(state="attached", timeout=120_000)
                 uploader.append(time.perf_counter() - t_login)
                 page.set_input_files("input[type=file]", str(img))

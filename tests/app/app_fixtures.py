@@ -24,6 +24,7 @@ BUNDLED = "pbs5-mobilenetv2"
 PASSWORD = "test password 123"
 # One account per role in every test's store: user name -> role.
 TEST_USERS = {"ada": "admin", "sam": "signer", "rita": "reviewer", "vic": "viewer"}
+REVIEWER = next(name for name, role in TEST_USERS.items() if role == "reviewer")
 
 
 def _models_root() -> Path:
@@ -64,6 +65,13 @@ def app_env(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("BCC_DATABASE_URL", raising=False)
     make_users(tmp_path / "data")
     return {"model_dir": model_dir, "data_dir": tmp_path / "data", "db": tmp_path / "data" / "bcc.sqlite"}
+
+
+def submit_login(page, name: str = REVIEWER, password: str = PASSWORD) -> None:
+    """Fill a browser page's login form and submit it (the browser tests and `bench/perf.py`)."""
+    page.get_by_role("textbox", name="User name").fill(name)
+    page.get_by_role("textbox", name="Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
 
 
 def log_in(at, name: str, password: str = PASSWORD):

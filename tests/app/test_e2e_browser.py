@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from app_fixtures import PASSWORD, app_env, blank_png, cell_png, make_users, model_dir  # noqa: F401  (fixtures)
+from app_fixtures import (REVIEWER, app_env, blank_png, cell_png, make_users, model_dir,  # noqa: F401
+                          submit_login)
 from app_test_images import png_bytes, synthetic_cell
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,16 +91,14 @@ def server(model_dir, tmp_path):
         _stop_server(proc)
 
 
-def _login(page, server, name="rita"):
+def _login(page, server, name=REVIEWER):
     """Open the app and log in as `name`: the login page comes first, whatever address is asked for. (A
     session lives in its browser tab: later pages are opened from the sidebar, never by loading an address.)"""
     from playwright.sync_api import expect
 
     page.goto(server, wait_until="domcontentloaded")
     expect(page.get_by_role("heading", name="Log in")).to_be_visible(timeout=60_000)
-    page.get_by_role("textbox", name="User name").fill(name)
-    page.get_by_role("textbox", name="Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
+    submit_login(page, name)
     expect(page.get_by_test_id("stSidebar").get_by_text(f"{name} · ").first).to_be_visible(timeout=60_000)
 
 
