@@ -91,6 +91,29 @@ def measure(pred_cls, ok, truth, classes):
             "unknown_ok": int((ok & unk).sum()), "unknown_n": int(unk.sum()), "confusion": confusion}
 
 
+THRESHOLD_GATES = ("below_threshold", "no_certified_threshold")  # the review threshold's own flags
+
+
+def threshold_ceiling(results, truth, wrong_ok_max: float = 0.02) -> dict:
+    """The most cells any single confidence threshold could show as ok on these cells with wrong-and-ok (of
+    all cells) ≤ `wrong_ok_max`, the threshold chosen on the same cells (so not attainable by a rule fitted
+    elsewhere: an upper bound). Cells stopped by any other flag (OOD, quality, an unreviewed class) stay out."""
+    n = len(results)
+    gate = np.array([all(f.code == "low_confidence" and f.detail in THRESHOLD_GATES for f in r.flags) for r in results])
+    conf = np.array([r.confidence for r in results])
+    wrong = np.array([t is None or r.predicted_class != t for r, t in zip(results, truth)])
+    order = np.argsort(-conf[gate], kind="stable")
+    c, w = conf[gate][order], np.cumsum(wrong[gate][order])
+    best = {"threshold": None, "ok": 0, "wrong_ok": 0, "n": n}
+    for i in range(len(c)):
+        if i + 1 < len(c) and c[i + 1] == c[i]:
+            continue  # a threshold takes all ties
+        if w[i] > wrong_ok_max * n:
+            break
+        best = {"threshold": float(c[i]), "ok": i + 1, "wrong_ok": int(w[i]), "n": n}
+    return best
+
+
 def lr_head(bank, f_lab, y_lab, n_cls, seed):
     from sklearn.linear_model import LogisticRegression
 
@@ -221,6 +244,7 @@ def main(argv=None):
             m_new["backbone_fine_tuned"] = summ["backbone_fine_tuned"]
             m_new["lab_cal"] = summ["after"]
             m_new["time_s"] = summ["time_s"]
+            m_new["threshold_ceiling"] = threshold_ceiling(res, truth)
             pr = [parent_res[i] for i in rest]
             m_par = measure([x.predicted_class for x in pr], np.array([x.status == "ok" for x in pr]), truth,
                             new.classes)
@@ -328,6 +352,14 @@ def report(res, a) -> list[str]:
                   "| wrong and ok, of all held-out (mean; max) | " + " | ".join(f"{s[m]['wrong_ok_mean']:.2%}; {s[m]['wrong_ok_max']:.2%}" for m in s) + " |",
                   "| unknown types shown as ok (all repeats) | " + " | ".join(f"{s[m]['unknown_ok']} of {s[m]['unknown_n']}" for m in s) + " |",
                   "| parent test macro-F1 drop, points (mean; max) | " + " | ".join(f"{s[m]['f1_drop_mean']:.2f}; {s[m]['f1_drop_max']:.2f}" for m in s) + " |", ""]
+        ceil = [r["adapted"]["threshold_ceiling"] for r in runs if "threshold_ceiling" in r["adapted"]]
+        if ceil:
+            oks = [c["ok"] / c["n"] for c in ceil]
+            s["adapted"]["threshold_ceiling"] = {"ok_mean": float(np.mean(oks)), "ok_min": float(np.min(oks))}
+            lines += [f"Limit of any review threshold on the adapted network: the best single confidence threshold, "
+                      f"chosen on these held-out cells themselves for wrong-and-ok ≤ 2%, would show {np.mean(oks):.1%} "
+                      f"of them as ok (min {np.min(oks):.1%} over repeats). A rule fitted on the lab's few reviewed "
+                      f"cells cannot do better than this; above it, only a better classifier helps.", ""]
         pooled: dict = {}
         for r in runs:
             for t, row in r["adapted"].get("confusion", {}).items():
