@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -42,19 +43,12 @@ def test_multisource_renders_its_saved_results(bench_path, tmp_path):
 def test_threshold_ceiling_is_the_best_threshold_on_the_cells_themselves(bench_path):
     """adapt_lab's limit row: the lowest confidence threshold whose wrong-and-ok stays within budget, ties taken
     together, cells stopped by another flag never counted."""
-    from types import SimpleNamespace as R
-
-    from bcc_core.flags import Flag
-
     adapt_lab = importlib.import_module("adapt_lab")
-    below = [Flag("low_confidence", "warning", "below the threshold", "below_threshold")]
-    ood = [Flag("out_of_distribution", "warning", "unlike the training images", "ood_score")]
-    # confidence, suggested class, true class, flags; 50 cells: 1 wrong allowed (2%)
-    cells = ([(0.99, "a", "a", [])] * 20 + [(0.95, "b", "a", below)] + [(0.9, "a", "a", below)] * 10
-             + [(0.8, "b", "a", below)] + [(0.7, "a", "a", below)] * 8 + [(0.999, "b", "a", ood)] * 10)
-    results = [R(confidence=c, predicted_class=p, flags=f) for c, p, _, f in cells]
-    got = adapt_lab.threshold_ceiling(results, [t for _, _, t, _ in cells])
-    assert got == {"threshold": 0.9, "ok": 31, "wrong_ok": 1, "n": 50}
-    # An unknown cell type (truth None) shown as ok counts as wrong.
-    got = adapt_lab.threshold_ceiling(results[:21], [None] + [t for _, _, t, _ in cells[1:21]])
-    assert got["ok"] == 0 and got["threshold"] is None
+    # confidence, wrong, passes the other gates; 50 cells: 1 wrong and ok allowed (2%)
+    cells = ([(0.99, False, True)] * 20 + [(0.95, True, True)] + [(0.9, False, True)] * 10 + [(0.8, True, True)]
+             + [(0.7, False, True)] * 8 + [(0.999, True, False)] * 10)
+    conf, wrong, gate = (np.array(v) for v in zip(*cells))
+    assert adapt_lab.threshold_ceiling(conf, wrong, gate) == {"threshold": 0.9, "ok": 31, "wrong_ok": 1, "n": 50}
+    # 21 cells allow no error; the top tie holds one: no threshold shows anything.
+    wrong[0] = True
+    assert adapt_lab.threshold_ceiling(conf[:21], wrong[:21], gate[:21])["threshold"] is None
