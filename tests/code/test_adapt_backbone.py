@@ -42,6 +42,18 @@ def mparent(tmp_path_factory):
     return tmp
 
 
+def _lab_b(root):
+    """Lab B's reviewed cells (12 per class), written once per module."""
+    lab = root / "lab"
+    return lab if lab.is_dir() else _lab_folder(lab, {"mono": 1, "bilobed": 2}, per_class=12)
+
+
+def _cfg_b():
+    from bcc_core.adapt import AdaptConfig
+
+    return AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1, backbone_min_cells=12)
+
+
 def _weights(model, name):
     return [np.asarray(w) for w in model.get_layer(name).get_weights()]
 
@@ -60,15 +72,14 @@ def test_training_stores_activations_at_the_cut(mparent):
 
 
 def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
-    from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.adapt import adapt
     from bcc_core.inference import Predictor
     from bcc_core.replay import load_bank
 
     parent = mparent / "parent"
-    lab = _lab_folder(mparent / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
-    cfg = AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1, backbone_min_cells=12)
+    cfg = _cfg_b()
     steps = []
-    s1 = adapt(parent, lab, mparent / "child", cfg, progress=lambda f, m: steps.append(m))
+    s1 = adapt(parent, _lab_b(mparent), mparent / "child", cfg, progress=lambda f, m: steps.append(m))
     assert s1["backbone_fine_tuned"] and not s1["head_only_because"]
     assert any("fine-tuning the top of the network" in m for m in steps)
     old, new = Predictor.load(parent).model, Predictor.load(mparent / "child").model
@@ -93,6 +104,24 @@ def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
     assert s2["backbone_fine_tuned"]
     card2 = json.loads((mparent / "grandchild" / "model_card.json").read_text())
     assert card2["lineage"]["parent"]["model_id"] == "child"
+
+
+def test_the_same_cells_and_settings_give_the_same_model(mparent):
+    """An auditor re-running an adaptation from its card (cells, settings, parent) on the same machine gets the
+    same network and trust layer, bit for bit: nothing in adapt draws from an unseeded source. (Across CPU
+    models the floating-point kernels differ, and so may the fine-tuned weights.)"""
+    from bcc_core.adapt import adapt
+    from bcc_core.inference import Predictor
+
+    first = mparent / "child"  # adapted by the fine-tuning test above; redone here when this test runs alone
+    if not (first / "model_card.json").is_file():
+        adapt(mparent / "parent", _lab_b(mparent), first, _cfg_b())
+    again = mparent / "child_again"
+    assert adapt(mparent / "parent", _lab_b(mparent), again, _cfg_b())["backbone_fine_tuned"]
+    for wa, wb in zip(Predictor.load(first).model.get_weights(), Predictor.load(again).model.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    card_a, card_b = (json.loads((d / "model_card.json").read_text()) for d in (first, again))
+    assert card_a["trust"] == card_b["trust"]
 
 
 def test_too_few_cells_or_switched_off_keep_the_whole_backbone(mparent):
