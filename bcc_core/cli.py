@@ -531,7 +531,8 @@ def cmd_adapt(a) -> int:
     if a.from_audit is not None:
         return _adapt_from_audit(a)
     cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed,
-                      **({"backbone_layers": 0} if a.head_only else {}))
+                      **({"backbone_layers": 0} if a.head_only else {}),
+                      **({"test_time_views": a.views} if a.views is not None else {}))
     bar = None
     if not a.quiet:
         from tqdm.auto import tqdm
@@ -696,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--per-class-train", type=int, default=150, help="training images kept per class")
     rb.add_argument("--quiet", action="store_true")
     rb.set_defaults(func=cmd_replay_bank)
+    from .adapt import AdaptConfig
+
     ad = sub.add_parser("adapt", help="adapt a model to a lab from the lab's reviewed cells (new model folder)")
     ad.add_argument("--model", required=True, help="parent model directory (needs its replay.npz)")
     src = ad.add_mutually_exclusive_group(required=True)
@@ -717,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--head-only", action="store_true",
                     help="retrain the head only, on the parent's frozen features (faster; the default also "
                          "fine-tunes the backbone's top blocks when the parent's replay bank allows it)")
+    ad.add_argument("--views", type=int, choices=range(1, 9), metavar="{1..8}",
+                    help="the adapted model scores each image by its logits averaged over the image and its flips / "
+                         f"90° rotations, this many in all (default {AdaptConfig.test_time_views}; 8 costs 8x the "
+                         "forward pass); the trust layer is fitted on scores made the same way")
     ad.add_argument("--quiet", action="store_true")
     ad.set_defaults(func=cmd_adapt)
     return p

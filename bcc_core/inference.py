@@ -10,7 +10,7 @@ import numpy as np
 
 from . import ood
 from .flags import Flag
-from .preprocess import PreprocessConfig, find_cell, preprocess
+from .preprocess import PreprocessConfig, dihedral_views, find_cell, preprocess
 
 DEFAULT_MODEL = "pbs5-mobilenetv2"
 
@@ -71,6 +71,7 @@ class Predictor:
         self.pcfg = PreprocessConfig.from_dict(card.preprocessing)
         self.ood_stats = ood_stats
         self.early_layer = (card.ood or {}).get("early_layer")
+        self.views = int((card.trust or {}).get("views", 1))
         self._forward = None
         if runtime is None:
             from .models import trust_outputs_model
@@ -145,9 +146,20 @@ class Predictor:
             raise ValueError(f"{d}: the card sets an OOD threshold but {stats_file} is missing")
         return cls(model, card, d, stats, runtime=rt)
 
-    def forward(self, inputs: np.ndarray, batch_size: int = 32):
+    def forward(self, inputs: np.ndarray, batch_size: int = 32, views: int | None = None):
         """(features, logits, early-layer activations or None) for preprocessed inputs (N, S, S, 3)
-        uint8, in one compiled pass per batch (the exported runtime's when loaded with one)."""
+        uint8, in one compiled pass per batch (the exported runtime's when loaded with one).
+
+        `views` (default: the card's `trust.views`, 1 when absent): the logits are the mean over the image and
+        its first views - 1 flips / 90° rotations (`dihedral_views`); features and early activations are always
+        the image's own (the OOD statistics describe single images)."""
+        views = self.views if views is None else max(1, min(int(views), 8))
+        feats, logits, early = self._forward_once(inputs, batch_size)
+        for v in dihedral_views(inputs, views - 1) if len(inputs) else []:
+            logits = logits + self._forward_once(v, batch_size)[1]
+        return feats, logits / views if views > 1 else logits, early
+
+    def _forward_once(self, inputs: np.ndarray, batch_size: int):
         if self._runtime is not None:
             return self._runtime.forward(inputs, batch_size)
         from .training import batched_predict

@@ -314,3 +314,12 @@ def preprocess_batch(images, cfg: PreprocessConfig = PreprocessConfig()) -> np.n
     for i, im in enumerate(images):
         out[i] = preprocess(im, cfg)
     return out
+
+
+def dihedral_views(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """Up to 7 non-identity flips / 90° rotations of a batch (N, S, S, 3): the cell's class does not
+    depend on orientation, and these views change no pixel statistics (stain, blur) of the lab."""
+    ops = [lambda a: a[:, :, ::-1], lambda a: a[:, ::-1], lambda a: np.rot90(a, 1, (1, 2)),
+           lambda a: np.rot90(a, 3, (1, 2)), lambda a: np.rot90(a, 2, (1, 2)),
+           lambda a: np.swapaxes(a, 1, 2), lambda a: np.rot90(a, 2, (1, 2)).swapaxes(1, 2)]
+    return [np.ascontiguousarray(op(x)) for op in ops[: max(0, min(n, len(ops)))]]

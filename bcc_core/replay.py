@@ -247,7 +247,7 @@ def build_for_model(model_dir, data_root, per_class_train: int = TRAIN_PER_CLASS
     x, _, problems = load_images([items[i][0] for i in rows], pred.pcfg, progress)
     if problems:
         raise ValueError(f"{len(problems)} split images could not be read, e.g. {problems[0]}")
-    feats, _, early = pred.forward(x)
+    feats, _, early = pred.forward(x, views=1)  # features only: the image itself
     bank = make_bank(feats, early, labels[rows], parts, pred.classes, source=pred.card.data.get("name", "training"),
                      per_class_train=0, seed=seed,
                      meta={"model_id": pred.card.model_id, "per_class_train": per_class_train,

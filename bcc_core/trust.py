@@ -149,6 +149,8 @@ class TrustModel:
         shortcut_audit: the card's shortcut audit (a cue ≥ 90% on model inputs flags every result).
         config: TrustConfig as a dict.
         fitted_on: {what: part description} (sizes, hashes), for the card.
+        views: the logits this layer was fitted on and is applied to are the mean over the image and its
+            first views - 1 flips / 90° rotations (`Predictor.forward`); 1: the image alone.
     """
 
     classes: list
@@ -164,13 +166,15 @@ class TrustModel:
     shortcut_audit: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     fitted_on: dict = field(default_factory=dict)
+    views: int = 1
 
     # ------------------------------------------------------------------ fit
     @classmethod
     def fit(cls, classes, train: Part, calibration_a: Part, calibration_b: Part, cfg: TrustConfig = TrustConfig(),
             *, early_layer: str | None = None, ood_stats: dict | None = None, stats_kwargs: dict | None = None,
             no_errors_source: str | None = None, review_classes=(), lab: str | None = None,
-            shortcut_audit: dict | None = None, part_info: dict | None = None, seed: int = 0) -> "TrustModel":
+            shortcut_audit: dict | None = None, part_info: dict | None = None, seed: int = 0,
+            views: int = 1) -> "TrustModel":
         """Fit every trust part on its own data part.
 
         Args:
@@ -192,6 +196,7 @@ class TrustModel:
             lab: adapting lab name (messages).
             shortcut_audit: the card's shortcut audit.
             part_info: {part name: description} recorded in `fitted_on` (sizes, hashes).
+            views: recorded: the parts' logits are means over this many views (see the attribute).
 
         Raises:
             ValueError: two parts share an item id (the guarantee would not hold).
@@ -231,7 +236,7 @@ class TrustModel:
         tm = cls(classes=list(classes), temperature=float(T), ood_method=cfg.ood_method or None, detectors=detectors,
                  ood_stats=stats, early_layer=early_layer if use_early else None,
                  review_classes=list(review_classes), lab=lab, shortcut_audit=dict(shortcut_audit or {}),
-                 config=dataclasses.asdict(cfg))
+                 config=dataclasses.asdict(cfg), views=int(views))
         # Review rule and conformal quantile: calibration B only, with T and the OOD gate already fixed.
         b = calibration_b
         d = tm.decide(b.logits, b.features, b.early, b.quality_bad, use_review=False)
@@ -265,6 +270,7 @@ class TrustModel:
             "ood_thresholds": info.get(calibration_a.name, f"{calibration_a.name} ({len(calibration_a)} items)"),
             "review_rule": info.get(calibration_b.name, f"{calibration_b.name} ({len(calibration_b)} items)"),
             "conformal": info.get(calibration_b.name, f"{calibration_b.name} ({len(calibration_b)} items)"),
+            **({"views": info["views"]} if "views" in info else {}),
         }
         return tm
 
@@ -373,7 +379,8 @@ class TrustModel:
                         "flags_when": ("any detector's score exceeds its own threshold" if self.ood_method == UNION
                                        else "the score exceeds the threshold")},
                 "review": self.review, "conformal": self.conformal, "review_classes": list(self.review_classes),
-                "lab": self.lab, "config": self.config, "fitted_on": self.fitted_on}
+                "lab": self.lab, "config": self.config, "fitted_on": self.fitted_on,
+                **({"views": self.views} if self.views > 1 else {})}
 
     def save_stats(self, model_dir) -> None:
         if self.ood_stats is not None:
@@ -416,7 +423,8 @@ class TrustModel:
                    detectors=o.get("detectors") or {}, ood_stats=st, early_layer=o.get("early_layer"),
                    review=dict(t.get("review") or {}), conformal=dict(t.get("conformal") or {}),
                    review_classes=list(t.get("review_classes") or []), lab=t.get("lab"),
-                   shortcut_audit=audit, config=t.get("config") or {}, fitted_on=t.get("fitted_on") or {})
+                   shortcut_audit=audit, config=t.get("config") or {}, fitted_on=t.get("fitted_on") or {},
+                   views=int(t.get("views", 1)))
 
     def legacy_sections(self) -> dict:
         """The card's `calibration` / `ood` / `review_rule` keys that pages and reports read (display only:

@@ -110,9 +110,10 @@ def threshold_ceiling(conf, wrong, gate, wrong_ok_max: float = 0.02) -> dict:
 
 
 def ceilings(pred, x, qbad, truth) -> dict:
-    """threshold_ceiling of the adapted network as it runs, and averaged over the 8 flips / 90° rotations of
-    each cell (test-time augmentation, not in the product: does another score rank its errors lower?)."""
-    from bcc_core.adapt import dihedral_views
+    """threshold_ceiling of the adapted network as it runs (`pred.views`), and, for a model scoring one view,
+    of its probabilities averaged over the 8 flips / 90° rotations of each cell (does that score rank its
+    errors lower?)."""
+    from bcc_core.preprocess import dihedral_views
     from bcc_core.trust import TrustModel, softmax_t
 
     tm = TrustModel.from_card(pred.card, pred.model_dir, pred.ood_stats)
@@ -120,15 +121,17 @@ def ceilings(pred, x, qbad, truth) -> dict:
     d = tm.decide(lg, f, e, qbad, use_review=False)  # ok = no flag but the threshold's
     classes = np.array(pred.classes)
     y = np.array([t if t is not None else "" for t in truth])
+    single = {"single": threshold_ceiling(d.confidence, classes[d.pred] != y, d.ok),
+              "single_accuracy": float((classes[d.pred] == y).mean()), "views": pred.views}
+    if pred.views > 1:
+        return single
     probs = np.mean([d.probs] + [softmax_t(pred.forward(v)[1], tm.temperature) for v in dihedral_views(x, 7)], 0)
     p_tta = probs.argmax(1)
     gate_tta = ~d.ood_flag & ~np.asarray(qbad, bool) & ~np.isin(classes[p_tta], tm.review_classes)
     if tm.cue_flag() is not None:
         gate_tta[:] = False
-    return {"single": threshold_ceiling(d.confidence, classes[d.pred] != y, d.ok),
-            "dihedral_mean": threshold_ceiling(probs.max(1), classes[p_tta] != y, gate_tta),
-            "dihedral_mean_accuracy": float((classes[p_tta] == y).mean()),
-            "single_accuracy": float((classes[d.pred] == y).mean())}
+    return {**single, "dihedral_mean": threshold_ceiling(probs.max(1), classes[p_tta] != y, gate_tta),
+            "dihedral_mean_accuracy": float((classes[p_tta] == y).mean())}
 
 
 def lr_head(bank, f_lab, y_lab, n_cls, seed):
@@ -340,7 +343,7 @@ def report(res, a) -> list[str]:
              "sklearn logistic regression on the same frozen features (parent replay + all the lab's reviewed cells, "
              "class-balanced per source) with the parent's OOD statistics, scales and review threshold.", ""]
     if res.get("config_overrides"):
-        lines += ["Settings changed from `AdaptConfig`'s defaults for this run: "
+        lines += ["Settings given for this run (`--set`, over `AdaptConfig`'s defaults of its commit): "
                   + ", ".join(f"`{k}={v}`" for k, v in res["config_overrides"].items()) + ".", ""]
     keys = sorted({(r["n_per_class"], r["add_classes"]) for r in res["runs"]})
     summary = {}
@@ -377,13 +380,16 @@ def report(res, a) -> list[str]:
             lim = {k: [c[k]["ok"] / c[k]["n"] for c in ceil] for k in kinds}
             s["adapted"]["threshold_ceiling"] = {k: {"ok_mean": float(np.mean(v)), "ok_min": float(np.min(v))}
                                                  for k, v in lim.items()}
-            lines += [f"Limit of any review threshold on the adapted network: the best single confidence threshold, "
+            views = res.get("config", {}).get("test_time_views", 1)
+            lines += [f"Limit of any review threshold on the adapted network"
+                      + (f" (scoring each cell by its logits averaged over {views} flips / rotations)" if views > 1 else "")
+                      + ": the best single confidence threshold, "
                       f"chosen on these held-out cells themselves for wrong-and-ok ≤ 2%, would show "
                       f"{np.mean(lim['single']):.1%} of them as ok (min {np.min(lim['single']):.1%} over repeats). A "
                       f"rule fitted on the lab's few reviewed cells cannot do better; above it only a score that ranks "
                       f"the errors lower helps."
-                      + ("" if "dihedral_mean" not in lim else
-                         f" One such score, measured here but not in the product: the probabilities averaged over each "
+                      + ("" if "dihedral_mean" not in lim or views > 1 else
+                         f" One such score, measured here on this one-view model: the probabilities averaged over each "
                          f"cell's 8 flips / 90° rotations (8× the inference cost) — limit "
                          f"{np.mean(lim['dihedral_mean']):.1%} (min {np.min(lim['dihedral_mean']):.1%}), accuracy "
                          f"{np.mean([c['dihedral_mean_accuracy'] for c in ceil]):.1%} against "

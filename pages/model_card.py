@@ -108,6 +108,10 @@ with st.expander("Technical details (for developers and auditors)"):
     cal = card.calibration or {}
     st.markdown(f"Temperature {fmt_num(cal.get('temperature'))} ({cal.get('method', 'temperature scaling')}); "
                 f"ECE on test {fmt_num(cal.get('test_ece_before'))} before, {fmt_num(cal.get('test_ece_after'))} after.")
+    views = int((card.trust or {}).get("views", 1))
+    if views > 1:
+        st.markdown(f"Each image is scored by its logits averaged over the image and its flips / 90° rotations "
+                    f"({views} views); the trust layer was fitted on scores made the same way.")
 
     st.markdown("#### Out-of-distribution detection")
     ood = card.ood or {}

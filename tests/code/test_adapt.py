@@ -233,3 +233,48 @@ def test_cli_adapt_refuses_unknown_class_in_its_message(parent, tmp_path, capsys
     lab = _lab_folder(tmp_path / "lab", {"mono": 1, "weird": 2}, per_class=3)
     assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "weird" in capsys.readouterr().err
+
+
+def assert_scores_as_fitted(new: Path, lab: Path, summary: dict, views: int):
+    """The adapted folder, loaded as the app loads it, scores images as `adapt` scored the lab's cells when it
+    fitted the trust layer: with `views` > 1 the logits are the mean over the image's flips / rotations
+    (the same for every view of one image), and the lab's calibration cells get adapt's figures."""
+    from bcc_core.adapt import lab_figures
+    from bcc_core.inference import Predictor
+    from bcc_core.io import read_image
+    from bcc_core.preprocess import dihedral_views
+
+    p = Predictor.load(new)
+    assert p.views == views and json.loads((new / "model_card.json").read_text())["trust"].get("views", 1) == views
+    cells = [c for c in json.loads((new / "cells.json").read_text())["cells"] if c["part"].startswith("calibration")]
+    prepared = [p.prepare(read_image(lab / c["file"])) for c in cells]
+    x = np.stack([inp for inp, _ in prepared])
+    one = p.forward(x, views=1)[1]
+    per_view = [one] + [p.forward(v, views=1)[1] for v in dihedral_views(x, views - 1)]
+    np.testing.assert_allclose(p.forward(x)[1], np.mean(per_view, 0), rtol=1e-4, atol=1e-4)
+    if views == 8:  # a flipped image has the same eight views, so the same scores
+        np.testing.assert_allclose(p.forward(x[:, :, ::-1])[1], p.forward(x)[1], rtol=1e-4, atol=1e-4)
+    res = p.predict_inputs(x, [flags for _, flags in prepared])
+    y = np.array([p.classes.index(c["class"]) for c in cells])
+    probs = np.array([[r.probabilities[c] for c in p.classes] for r in res])
+    got = lab_figures(y, probs, np.array([r.status == "ok" for r in res]), p.classes)
+    assert got["recall"] == pytest.approx(summary["after"]["recall"])
+    assert got["ok_fraction"] == pytest.approx(summary["after"]["ok_fraction"])
+
+
+def test_views_average_the_logits_the_trust_layer_was_fitted_on(parent, tmp_path):
+    """test_time_views = 8 (head retrained on frozen features): the card records the views, and the folder
+    scores the lab's calibration cells exactly as adapt did when fitting temperature, OOD and review rule."""
+    from bcc_core.adapt import AdaptConfig, adapt
+
+    lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
+    summary = adapt(parent, lab, tmp_path / "new", AdaptConfig(lab="lab B", seed=1, test_time_views=8))
+    assert not summary["backbone_fine_tuned"]
+    assert "8 flips" in json.loads((tmp_path / "new" / "model_card.json").read_text())["trust"]["fitted_on"]["views"]
+    assert_scores_as_fitted(tmp_path / "new", lab, summary, 8)
+    # ... while one view of a flipped image scores differently (the averaging is not vacuous here)
+    from bcc_core.inference import Predictor
+
+    p = Predictor.load(tmp_path / "new")
+    x = np.stack([p.prepare(_lab_cell(7 + i, 1 + i % 2))[0] for i in range(4)])
+    assert not np.allclose(p.forward(x[:, :, ::-1], views=1)[1], p.forward(x, views=1)[1], atol=1e-4)

@@ -3,12 +3,13 @@ small MobileNetV2 trained from scratch on synthetic cells. What must hold: the l
 the parent's, the top and the head change, the child's replay bank is rebuilt through the new network
 (so a child can be adapted again), and the codec of the stored activations is faithful."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from test_adapt import _lab_cell, _lab_folder, train_synthetic_parent
+from test_adapt import _lab_cell, _lab_folder, assert_scores_as_fitted, train_synthetic_parent
 
 
 def test_cut_codec_round_trip_and_bank_concatenation():
@@ -51,7 +52,8 @@ def _lab_b(root):
 def _cfg_b():
     from bcc_core.adapt import AdaptConfig
 
-    return AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1, backbone_min_cells=12)
+    return AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1, backbone_min_cells=12,
+                       test_time_views=1)
 
 
 def _weights(model, name):
@@ -99,11 +101,14 @@ def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
     np.testing.assert_array_equal(bank_c["cut_codes"][:n_parent_rows], bank_p["cut_codes"])
     assert not np.allclose(bank_c["features"][:n_parent_rows], bank_p["features"][bank_p["cut_rows"]], atol=1e-3)
     # The child is a parent like any other: a second lab's adaptation fine-tunes it again.
+    # Scored over the flips / rotations of each image (test_time_views), fitted and applied the same way.
     lab2 = _lab_folder(mparent / "lab2", {"mono": 1, "trilobed": 3}, per_class=12)
-    s2 = adapt(mparent / "child", lab2, mparent / "grandchild", cfg)
+    s2 = adapt(mparent / "child", lab2, mparent / "grandchild", dataclasses.replace(cfg, test_time_views=8))
     assert s2["backbone_fine_tuned"]
     card2 = json.loads((mparent / "grandchild" / "model_card.json").read_text())
     assert card2["lineage"]["parent"]["model_id"] == "child"
+    assert_scores_as_fitted(mparent / "grandchild", lab2, s2, 8)
+    assert_scores_as_fitted(mparent / "child", _lab_b(mparent), s1, 1)
 
 
 def test_the_same_cells_and_settings_give_the_same_model(mparent):
