@@ -697,8 +697,6 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--per-class-train", type=int, default=150, help="training images kept per class")
     rb.add_argument("--quiet", action="store_true")
     rb.set_defaults(func=cmd_replay_bank)
-    from .adapt import AdaptConfig
-
     ad = sub.add_parser("adapt", help="adapt a model to a lab from the lab's reviewed cells (new model folder)")
     ad.add_argument("--model", required=True, help="parent model directory (needs its replay.npz)")
     src = ad.add_mutually_exclusive_group(required=True)
@@ -722,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "fine-tunes the backbone's top blocks when the parent's replay bank allows it)")
     ad.add_argument("--views", type=int, choices=range(1, 9), metavar="{1..8}",
                     help="the adapted model scores each image by its logits averaged over the image and its flips / "
-                         f"90° rotations, this many in all (default {AdaptConfig.test_time_views}; 8 costs 8x the "
+                         "90° rotations, this many in all (default 8, AdaptConfig.test_time_views; 8 costs 8x the "
                          "forward pass); the trust layer is fitted on scores made the same way")
     ad.add_argument("--quiet", action="store_true")
     ad.set_defaults(func=cmd_adapt)

@@ -278,3 +278,13 @@ def test_views_average_the_logits_the_trust_layer_was_fitted_on(parent, tmp_path
     p = Predictor.load(tmp_path / "new")
     x = np.stack([p.prepare(_lab_cell(7 + i, 1 + i % 2))[0] for i in range(4)])
     assert not np.allclose(p.forward(x[:, :, ::-1], views=1)[1], p.forward(x, views=1)[1], atol=1e-4)
+
+
+def test_cli_views_help_names_adapts_default(capsys):
+    """The CLI states the default without importing bcc_core.adapt for every command: it must stay true."""
+    from bcc_core.adapt import AdaptConfig
+    from bcc_core.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["adapt", "--help"])
+    assert f"(default {AdaptConfig.test_time_views}," in " ".join(capsys.readouterr().out.split())
