@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from . import calibration, evaluation, ood, review
-from .preprocess import dihedral_views
+from .preprocess import MAX_VIEWS, dihedral_views
 from .replay import CUT_LAYERS, REPLAY_FILE, concat_banks, cut_meta, decode_cut, encode_cut, load_bank, save_bank
 
 CELLS_FILE = "cells.json"
@@ -78,9 +78,7 @@ class AdaptConfig:
             test_time_views - 1 flips / 90° rotations (card `trust.views`; 1: the image alone, 8: every one,
             at 8x the forward-pass cost). The trust layer is fitted on the lab's cells scored the same way; the
             parent's replay rows hold one view of each image, so they enter its calibration as single views.
-            On LISC (20 cells per class, 5 repeats) 8 views showed 52% of the rest as ok instead of 40% (no
-            repeat left uncertified), at 0.9% wrong-and-ok instead of 1.1%
-            (bench/results/adapt_lab_lisc_views_{1,8}.md).
+            Measured against 1 in bench/results/adapt_lab_lisc_views_{1,8}.md and adapt_lab_pb7_views_{1,8}.md.
         seed: split, initialisation and shuffling seed.
     """
 
@@ -109,6 +107,11 @@ class AdaptConfig:
     conformal_alpha: float = 0.05
     test_time_views: int = 8
     seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.test_time_views <= MAX_VIEWS:
+            raise ValueError(f"test_time_views must be 1..{MAX_VIEWS} (the image and its flips / rotations), "
+                             f"not {self.test_time_views}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -385,7 +388,7 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     f_views = (np.concatenate([batched_predict(features, c) for c in c_flip[:n_views]]) if n_views
                else np.zeros((0, f_lab.shape[1]), np.float32))
     f_tta = [batched_predict(features, cut_of([(i, v) for i in range(len(raw))]))
-             for v in range(1, max(1, min(cfg.test_time_views, 8)))]
+             for v in range(1, cfg.test_time_views)]
     return model, bank_new, sub, f_lab, f_views, encode_cut(c_lab, codec), f_tta
 
 
@@ -497,7 +500,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             pred, bank, raw, shas, fit_i, y_lab, n_cls, n_views, lab_src, sources, cfg, cache, say)
     else:
         bank_parent = bank
-        n_tta = max(0, min(cfg.test_time_views, 8) - 1)  # the frozen backbone: the parent's features of the views
+        n_tta = cfg.test_time_views - 1  # the frozen backbone: the parent's features of the views
         f_all_views = lab_features(pred, raw, shas, np.arange(len(raw)), n_tta, cache)[4]
         f_tta = list(f_all_views.reshape(n_tta, len(raw), -1)) if n_tta else []
 

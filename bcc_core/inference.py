@@ -10,7 +10,7 @@ import numpy as np
 
 from . import ood
 from .flags import Flag
-from .preprocess import PreprocessConfig, dihedral_views, find_cell, preprocess
+from .preprocess import PreprocessConfig, clamp_views, dihedral_views, find_cell, preprocess
 
 DEFAULT_MODEL = "pbs5-mobilenetv2"
 
@@ -71,7 +71,7 @@ class Predictor:
         self.pcfg = PreprocessConfig.from_dict(card.preprocessing)
         self.ood_stats = ood_stats
         self.early_layer = (card.ood or {}).get("early_layer")
-        self.views = max(1, min(int((card.trust or {}).get("views", 1)), 8))  # the image + 7 dihedral views at most
+        self.views = clamp_views((card.trust or {}).get("views", 1))
         self._forward = None
         if runtime is None:
             from .models import trust_outputs_model
@@ -153,7 +153,7 @@ class Predictor:
         `views` (default: the card's `trust.views`, 1 when absent): the logits are the mean over the image and
         its first views - 1 flips / 90° rotations (`dihedral_views`); features and early activations are always
         the image's own (the OOD statistics describe single images)."""
-        views = max(1, min(int(self.views if views is None else views), 8))
+        views = clamp_views(self.views if views is None else views)
         feats, logits, early = self._forward_once(inputs, batch_size)
         for v in dihedral_views(inputs, views - 1) if len(inputs) else []:
             logits = logits + self._forward_once(v, batch_size)[1]

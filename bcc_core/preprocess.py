@@ -316,6 +316,14 @@ def preprocess_batch(images, cfg: PreprocessConfig = PreprocessConfig()) -> np.n
     return out
 
 
+MAX_VIEWS = 8  # an image and its 7 flips / 90° rotations (the dihedral group of the square)
+
+
+def clamp_views(views) -> int:
+    """A views count (the image itself included) within 1..MAX_VIEWS."""
+    return max(1, min(int(views), MAX_VIEWS))
+
+
 def dihedral_views(x: np.ndarray, n: int) -> list[np.ndarray]:
     """Up to 7 non-identity flips / 90° rotations of a batch (N, S, S, 3): the cell's class does not
     depend on orientation, and these views change no pixel statistics (stain, blur) of the lab."""

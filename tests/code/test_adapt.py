@@ -267,6 +267,8 @@ def test_views_average_the_logits_the_trust_layer_was_fitted_on(parent, tmp_path
     scores the lab's calibration cells exactly as adapt did when fitting temperature, OOD and review rule."""
     from bcc_core.adapt import AdaptConfig, adapt
 
+    with pytest.raises(ValueError, match="1..8"):  # there are no more distinct flips / rotations
+        AdaptConfig(test_time_views=9)
     lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
     summary = adapt(parent, lab, tmp_path / "new", AdaptConfig(lab="lab B", seed=1, test_time_views=8))
     assert not summary["backbone_fine_tuned"]
