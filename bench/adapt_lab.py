@@ -33,19 +33,12 @@ from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bcc_core.evaluation import wilson  # noqa: E402  (Wilson 95% interval: the one the product reports)
+
 KNOWN = {"neutrophil": "seg_neutrophil", "monocyte": "monocyte", "basophil": "basophil"}
 UNKNOWN = ("eosinophil", "lymphocyte")
 MIN_MEASURE = 5
 
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (float(c - h), float(c + h))
 
 
 def pick_labelled(names, groups, n_per_class, taught, rng):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from _report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bcc_core.evaluation import wilson  # noqa: E402  (Wilson 95% interval: the one the product reports)
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
 WORK = ROOT / "bench" / "_work" / "multisource"
@@ -47,16 +48,6 @@ RECIPES = {  # pbs5+lisc first: pbs5-only is scored on the LISC test cells of it
     "pb7": {"sources": ["pbs5", "lisc"], "classes": PB7},
 }
 
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval for k successes of n (``(nan, nan)`` when n = 0)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def measure(pred, images, truth, cells=None) -> dict:
