@@ -49,6 +49,10 @@ class AdaptConfig:
             frozen features).
         backbone_aug_views: augmented views (`augment_batch`: stain, blur, scale, ...) of each fitting cell, on
             top of the clean image and its 7 flips / rotations, when the backbone is fine-tuned.
+        backbone_aug_colour: those views include the colour operations (stain jitter, channel shift,
+            greyscale); False keeps geometry, blur, noise and compression only (one lab, one stain).
+            Measured against True in bench/results/adapt_lab_lisc_views_8_no_colour_aug.md: mixed, so not
+            the default.
         backbone_epochs, backbone_learning_rate: that fine-tuning (Adam, from the parent's weights).
         backbone_min_cells: distinct reviewed cells every labelled class needs for the fine-tuning; with
             fewer, only the head is retrained. Fine-tuned from 10 cells per class (6 fitting), the top of the
@@ -86,6 +90,7 @@ class AdaptConfig:
     add_classes: bool = False
     backbone_layers: int = CUT_LAYERS
     backbone_aug_views: int = 8
+    backbone_aug_colour: bool = True
     backbone_epochs: int = 15
     backbone_learning_rate: float = 3e-4
     backbone_min_cells: int = 15
@@ -341,7 +346,8 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     c_lab = cut_of([(i, 0) for i in range(len(raw))])
     c_flip = [cut_of([(i, v) for i in fit_i]) for v in range(1, 8)]
     x_fit = lab_inputs(pred, raw, shas, fit_i, cache)
-    acfg = AugmentConfig()
+    acfg = AugmentConfig() if cfg.backbone_aug_colour else dataclasses.replace(
+        AugmentConfig(), stain_p=0.0, channel_shift_p=0.0, grayscale_p=0.0)
     c_aug = [batched_predict(below, augment_batch(x_fit, seed=cfg.seed * 1000 + v, cfg=acfg, labels=y_lab[fit_i],
                                                   workers=os.cpu_count() or 1))
              for v in range(cfg.backbone_aug_views)]
