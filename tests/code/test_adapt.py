@@ -28,7 +28,7 @@ def _lab_cell(seed, lobes):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def train_synthetic_parent(tmp: Path, backbone: str, epochs: int) -> dict:
+def train_synthetic_parent(tmp: Path, backbone: str, epochs: int, weights: str = "none") -> dict:
     """A parent trained from scratch on 3 synthetic classes, 14 cells each, into tmp / "parent"."""
     from bcc_core.augment import AugmentConfig
     from bcc_core.preprocess import PreprocessConfig
@@ -41,7 +41,7 @@ def train_synthetic_parent(tmp: Path, backbone: str, epochs: int) -> dict:
             img = synthetic_cell(160, 26 + 2 * (i % 5), seed=100 * k + i, lobes=lobes).astype(np.int16)
             img[..., k] += 70
             _write(tmp / "data" / name, f"{name}_{i}.png", np.clip(img, 0, 255).astype(np.uint8))
-    cfg = TrainConfig(task="synthetic", backbone=backbone, weights="none", epochs=epochs, learning_rate=2e-3,
+    cfg = TrainConfig(task="synthetic", backbone=backbone, weights=weights, epochs=epochs, learning_rate=2e-3,
                       aug_views=0, batch_size=8, preprocess=PreprocessConfig(size=64, stain_norm="none").to_dict(),
                       augment=AugmentConfig.none().to_dict())
     return train(tmp / "data", tmp / "parent", cfg, progress=False)
@@ -250,6 +250,7 @@ def assert_scores_as_fitted(new: Path, lab: Path, summary: dict, views: int):
     prepared = [p.prepare(read_image(lab / c["file"])) for c in cells]
     x = np.stack([inp for inp, _ in prepared])
     one = p.forward(x, views=1)[1]
+    assert np.ptp(one, axis=0).max() > 1e-3, "one output for every image: the checks below could not fail"
     per_view = [one] + [p.forward(v, views=1)[1] for v in dihedral_views(x, views - 1)]
     np.testing.assert_allclose(p.forward(x)[1], np.mean(per_view, 0), rtol=1e-4, atol=1e-4)
     if views == 8:  # a flipped image has the same eight views, so the same scores
