@@ -114,16 +114,16 @@ def ceilings(pred, x, qbad, truth) -> dict:
     d = tm.decide(lg, f, e, qbad, use_review=False)  # ok = no flag but the threshold's
     classes = np.array(pred.classes)
     y = np.array([t if t is not None else "" for t in truth])
-    single = {"single": threshold_ceiling(d.confidence, classes[d.pred] != y, d.ok),
-              "single_accuracy": float((classes[d.pred] == y).mean()), "views": pred.views}
+    as_run = {"as_run": threshold_ceiling(d.confidence, classes[d.pred] != y, d.ok),
+              "as_run_accuracy": float((classes[d.pred] == y).mean()), "views": pred.views}
     if pred.views > 1:
-        return single
+        return as_run
     probs = np.mean([d.probs] + [softmax_t(pred.forward(v)[1], tm.temperature) for v in dihedral_views(x, 7)], 0)
     p_tta = probs.argmax(1)
     gate_tta = ~d.ood_flag & ~np.asarray(qbad, bool) & ~np.isin(classes[p_tta], tm.review_classes)
     if tm.cue_flag() is not None:
         gate_tta[:] = False
-    return {**single, "dihedral_mean": threshold_ceiling(probs.max(1), classes[p_tta] != y, gate_tta),
+    return {**as_run, "dihedral_mean": threshold_ceiling(probs.max(1), classes[p_tta] != y, gate_tta),
             "dihedral_mean_accuracy": float((classes[p_tta] == y).mean())}
 
 

@@ -52,3 +52,15 @@ def test_threshold_ceiling_is_the_best_threshold_on_the_cells_themselves(bench_p
     # 21 cells allow no error; the top tie holds one: no threshold shows anything.
     wrong[0] = True
     assert adapt_lab.threshold_ceiling(conf[:21], wrong[:21], gate[:21])["threshold"] is None
+
+
+def test_saved_limits_of_every_age_read_under_todays_keys(bench_path):
+    """adapt_lab's limit of the model as it runs is "as_run" (8 views for an 8-view model); results saved
+    earlier call it "single", or hold the bare limit, and still render."""
+    read = importlib.import_module("adapt_lab_report")._as_run
+    lim = {"threshold": 0.9, "ok": 31, "wrong_ok": 1, "n": 50}
+    today = {"as_run": lim, "as_run_accuracy": 0.8, "views": 8}
+    assert read(today) is today
+    assert read({"single": lim, "single_accuracy": 0.8, "dihedral_mean": lim}) == {
+        "as_run": lim, "as_run_accuracy": 0.8, "dihedral_mean": lim}
+    assert read(lim) == {"as_run": lim}
