@@ -15,7 +15,9 @@ plain logistic-regression head (sklearn) on the same frozen features (parent rep
 labelled cells, class-balanced per source) with the parent's OOD statistics and review threshold.
 
 Usage: python bench/adapt_lab.py --model models/pbs5-mobilenetv2 --data ../shared/data [--lab lisc]
-       --out bench/results/adapt_lab.md
+       [--set KEY=VALUE] [--first-repeat 5] --out bench/results/adapt_lab.md
+`--set` overrides an `AdaptConfig` setting (a settings study); `--first-repeat K` runs repeats K.. (more draws of
+the same N: repeat r draws with seed r, so 0-4 and 5-9 together are ten repeats).
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/adapt_lab.md")
     ap.add_argument("--n", default="10,20", help="reviewed cells per class, comma-separated")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--first-repeat", type=int, default=0, help="repeat numbers start here: other draws of the "
+                                                              "same N (each repeat's seed is its number)")
     ap.add_argument("--add-classes-n", default="10", help="N values also run with --add-classes (eosinophil, "
                                                           "lymphocyte taught); empty to skip")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -229,7 +233,7 @@ def main(argv=None):
     modes = [(int(n), False) for n in a.n.split(",") if n] + [(int(n), True) for n in a.add_classes_n.split(",") if n]
     for n_per, add in modes:
         taught = list(KNOWN) + (list(UNKNOWN) if add else [])
-        for r in range(a.repeats):
+        for r in range(a.first_repeat, a.first_repeat + a.repeats):
             rng = np.random.default_rng(10_000 * n_per + 100 * add + r)
             lab_idx = pick_labelled(names, groups, n_per, taught, rng)
             # Every other cell, one image each (a copy or near-duplicate of a reviewed cell is not an unseen cell).

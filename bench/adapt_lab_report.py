@@ -74,7 +74,9 @@ def report(res) -> list[str]:
         runs = [r for r in res["runs"] if r["n_per_class"] == n and r["add_classes"] == add]
         reviewed = runs[0]["labelled_per_class"]
         title = f"N = {n} reviewed cells per class" + (" with --add-classes (eosinophil, lymphocyte taught)" if add else "")
-        lines += [f"## {title}", "", f"{len(runs)} repeats; reviewed cells per repeat: {json.dumps(reviewed)}; "
+        nums = sorted(r["repeat"] for r in runs)
+        which = f" (repeats {nums[0]}–{nums[-1]}: their own draws and seeds)" if nums[0] else ""
+        lines += [f"## {title}", "", f"{len(runs)} repeats{which}; reviewed cells per repeat: {json.dumps(reviewed)}; "
                   f"held-out cells per repeat: {int(np.mean([r['n_rest'] for r in runs]))}. Adaptation time "
                   f"(in-process, features cached between repeats): {np.mean([r['adapted']['time_s'] for r in runs]):.0f} s.", ""]
         tuned = sum(bool(r["adapted"].get("backbone_fine_tuned")) for r in runs)
