@@ -295,6 +295,19 @@ def can_fine_tune(bank: dict, early_layer: str | None, cfg: AdaptConfig, model=N
     return ""
 
 
+COLOUR_OPS = ("stain_p", "channel_shift_p", "grayscale_p")
+"""The augmentation's colour operations, left out of the fine-tuning's views with `backbone_aug_colour=False`."""
+
+
+def backbone_augment(cfg: AdaptConfig):
+    """The augmentation of the fine-tuning's augmented views: the training default, without its colour
+    operations when `cfg.backbone_aug_colour` is False."""
+    from .augment import AugmentConfig
+
+    return AugmentConfig() if cfg.backbone_aug_colour else dataclasses.replace(
+        AugmentConfig(), **{k: 0.0 for k in COLOUR_OPS})
+
+
 def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_views: int, lab_src: int,
                    sources: list, cfg: AdaptConfig, cache: dict, say):
     """Fine-tune the backbone's top `cfg.backbone_layers` layers and a new head (initialised from the
@@ -312,7 +325,7 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
 
     import keras
 
-    from .augment import AugmentConfig, augment_batch
+    from .augment import augment_batch
     from .models import FEATURES_LAYER
     from .training import _unfreeze_top, batched_predict, compiled, split_at_frozen_cut
 
@@ -346,8 +359,7 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     c_lab = cut_of([(i, 0) for i in range(len(raw))])
     c_flip = [cut_of([(i, v) for i in fit_i]) for v in range(1, 8)]
     x_fit = lab_inputs(pred, raw, shas, fit_i, cache)
-    acfg = AugmentConfig() if cfg.backbone_aug_colour else dataclasses.replace(
-        AugmentConfig(), stain_p=0.0, channel_shift_p=0.0, grayscale_p=0.0)
+    acfg = backbone_augment(cfg)
     c_aug = [batched_predict(below, augment_batch(x_fit, seed=cfg.seed * 1000 + v, cfg=acfg, labels=y_lab[fit_i],
                                                   workers=os.cpu_count() or 1))
              for v in range(cfg.backbone_aug_views)]

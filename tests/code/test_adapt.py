@@ -29,7 +29,8 @@ def _lab_cell(seed, lobes):
 
 
 def train_synthetic_parent(tmp: Path, backbone: str, epochs: int, weights: str = "none") -> dict:
-    """A parent trained from scratch on 3 synthetic classes, 14 cells each, into tmp / "parent"."""
+    """A parent trained on 3 synthetic classes, 14 cells each, into tmp / "parent": from scratch, or from
+    `weights` (a MobileNetV2 weights file)."""
     from bcc_core.augment import AugmentConfig
     from bcc_core.preprocess import PreprocessConfig
     from bcc_core.training import TrainConfig, train
@@ -291,3 +292,18 @@ def test_cli_views_help_names_adapts_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["adapt", "--help"])
     assert f"(default {AdaptConfig.test_time_views}," in " ".join(capsys.readouterr().out.split())
+
+
+def test_fine_tuning_views_without_colour_keep_every_other_operation():
+    """backbone_aug_colour=False takes stain jitter, channel shift and greyscale out of the fine-tuning's
+    augmented views and nothing else; the default is the training augmentation itself."""
+    import dataclasses
+
+    from bcc_core.adapt import COLOUR_OPS, AdaptConfig, backbone_augment
+    from bcc_core.augment import AugmentConfig
+
+    assert backbone_augment(AdaptConfig()) == AugmentConfig()
+    plain = dataclasses.asdict(backbone_augment(AdaptConfig(backbone_aug_colour=False)))
+    full = dataclasses.asdict(AugmentConfig())
+    changed = {k for k in full if plain[k] != full[k]}
+    assert changed == set(COLOUR_OPS) and all(plain[k] == 0.0 for k in COLOUR_OPS)

@@ -1,7 +1,8 @@
 """Adapting with the top of the backbone fine-tuned (bcc_core.adapt, replay activations at the cut): on a
-small MobileNetV2 trained from scratch on synthetic cells. What must hold: the layers below the cut stay
-the parent's, the top and the head change, the child's replay bank is rebuilt through the new network
-(so a child can be adapted again), and the codec of the stored activations is faithful."""
+small MobileNetV2 parent trained on synthetic cells (from the offline ImageNet weights when present). What
+must hold: the layers below the cut stay the parent's, the top and the head change, the child's replay bank
+is rebuilt through the new network (so a child can be adapted again), and the codec of the stored
+activations is faithful."""
 
 import dataclasses
 import json
