@@ -9,8 +9,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODELS = ROOT / "models"
-IMAGENET_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
-"""The offline ImageNet MobileNetV2 weights (`../shared/weights`); tests that need them skip without."""
 
 
 def synthetic_cell(size=360, nucleus=60, seed=0, lobes=1) -> np.ndarray:

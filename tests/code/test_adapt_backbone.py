@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import IMAGENET_WEIGHTS
 from test_adapt import _lab_cell, _lab_folder, assert_scores_as_fitted, train_synthetic_parent
 
 
@@ -44,10 +43,12 @@ def mparent(tmp_path_factory):
     parent that tells images apart, 100% on its test part), else from scratch, whose every image gets the same
     output (its batch-norm statistics never settle in 3 epochs): the structural checks hold either way, the
     scoring checks need the first."""
+    from bcc_core.backbones import default_weights_path
+
     tmp = tmp_path_factory.mktemp("adapt_backbone")
-    weights = str(IMAGENET_WEIGHTS) if IMAGENET_WEIGHTS.is_file() else "none"
-    m = train_synthetic_parent(tmp, "mobilenetv2", epochs=3, weights=weights)
-    if weights != "none":
+    weights = default_weights_path()
+    m = train_synthetic_parent(tmp, "mobilenetv2", epochs=3, weights=str(weights) if weights else "none")
+    if weights:
         assert m["test"]["accuracy"] > 0.8
     return tmp
 
@@ -116,8 +117,10 @@ def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
     assert s2["backbone_fine_tuned"]
     card2 = json.loads((mparent / "grandchild" / "model_card.json").read_text())
     assert card2["lineage"]["parent"]["model_id"] == "child"
-    if not IMAGENET_WEIGHTS.is_file():
-        pytest.skip(f"scoring checks need a parent that tells images apart: {IMAGENET_WEIGHTS} not found")
+    from bcc_core.backbones import default_weights_path
+
+    if default_weights_path() is None:
+        pytest.skip("scoring checks need a parent that tells images apart: no ../shared/weights")
     assert_scores_as_fitted(mparent / "grandchild", lab2, s2, 8)
     assert_scores_as_fitted(mparent / "child", _lab_b(mparent), s1, 1)
 
