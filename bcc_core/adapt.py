@@ -51,8 +51,8 @@ class AdaptConfig:
             top of the clean image and its 7 flips / rotations, when the backbone is fine-tuned.
         backbone_aug_colour: those views include the colour operations (stain jitter, channel shift,
             greyscale); False keeps geometry, blur, noise and compression only (one lab, one stain).
-            Measured against True in bench/results/adapt_lab_lisc_views_8_no_colour_aug{,_r5-9}.md: mixed, so not
-            the default.
+            Measured against True (ten repeats on LISC) in
+            bench/results/adapt_lab_lisc_views_8_no_colour_aug{,_r5-9}.md: mixed, so not the default.
         backbone_epochs, backbone_learning_rate: that fine-tuning (Adam, from the parent's weights).
         backbone_min_cells: distinct reviewed cells every labelled class needs for the fine-tuning; with
             fewer, only the head is retrained. Fine-tuned from 10 cells per class (6 fitting), the top of the

@@ -17,7 +17,8 @@ labelled cells, class-balanced per source) with the parent's OOD statistics and 
 Usage: python bench/adapt_lab.py --model models/pbs5-mobilenetv2 --data ../shared/data [--lab lisc]
        [--set KEY=VALUE] [--first-repeat 5] --out bench/results/adapt_lab.md
 `--set` overrides an `AdaptConfig` setting (a settings study); `--first-repeat K` runs repeats K.. (more draws of
-the same N: repeat r draws with seed r, so 0-4 and 5-9 together are ten repeats).
+the same N: repeat r draws with seed r, so 0-4 and 5-9 together are ten repeats); `--render A.json --render B.json
+--out C.md` reports the parts of one study together.
 """
 
 from __future__ import annotations
@@ -168,6 +169,31 @@ def test_macro_f1(pred, x, y, n_old: int) -> float:
     return float(f1_score(y, np.asarray(logits).argmax(1), labels=list(range(n_old)), average="macro", zero_division=0))
 
 
+def pooled(results: list[dict]) -> dict:
+    """Saved results of one study run in parts (`--first-repeat`) as one: their repeats together. Refuses parts
+    of different studies or repeats that appear twice."""
+    from bcc_core.adapt import AdaptConfig
+
+    first, defaults = results[0], AdaptConfig().to_dict()
+    for r in results[1:]:
+        for k in ("model", "lab"):
+            if r.get(k) != first.get(k):
+                raise SystemExit(f"cannot pool: {k} differs ({first.get(k)} vs {r.get(k)})")
+        a, b = first.get("config", {}), r.get("config", {})  # a setting added later ran at its default before
+        differ = {k for k in a.keys() | b.keys() if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))}
+        if differ:
+            raise SystemExit(f"cannot pool: settings differ ({', '.join(sorted(differ))})")
+    runs = [run for r in results for run in r["runs"]]
+    keys = [(run["n_per_class"], run["add_classes"], run["repeat"]) for run in runs]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("cannot pool: a repeat appears twice")
+    if len(results) == 1:
+        return first
+    overrides = {k: v for r in results for k, v in r.get("config_overrides", {}).items()}
+    return {**first, "runs": runs, "config_overrides": overrides, "wall_time_s": sum(r["wall_time_s"] for r in results),
+            "load_avg_15min_at_end": max(r.get("load_avg_15min_at_end") or 0 for r in results)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/pbs5-mobilenetv2")
@@ -183,10 +209,14 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="AdaptConfig override (settings study), e.g. --set lab_weight=2")
     ap.add_argument("--work", default="runs/adapt_lab_bench", help="adapted models are written here (gitignored)")
-    ap.add_argument("--render", metavar="JSON", help="only rewrite --out's Markdown from a saved result (no adaptation)")
+    ap.add_argument("--render", metavar="JSON", action="append",
+                    help="only write --out from saved results (no adaptation); repeated, their repeats are pooled "
+                         "(same model, lab and settings, distinct repeat numbers)")
     a = ap.parse_args(argv)
     if a.render:
-        res = json.loads(Path(a.render).read_text())
+        res = pooled([json.loads(Path(f).read_text()) for f in a.render])
+        if len(a.render) > 1:
+            res["pooled_from"] = [Path(f).name for f in a.render]
         write_report(a.out, report(res), res)
         return 0
 

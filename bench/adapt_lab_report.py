@@ -65,6 +65,9 @@ def report(res) -> list[str]:
              "Alternatives in the same run on the same cells: **parent** = the bundled model unadapted; **logreg** = "
              "sklearn logistic regression on the same frozen features (parent replay + all the lab's reviewed cells, "
              "class-balanced per source) with the parent's OOD statistics, scales and review threshold.", ""]
+    if res.get("pooled_from"):
+        lines += ["Pooled from saved parts of this study (`--render` repeated; the same model, lab and settings, each "
+                  "part its own repeats): " + ", ".join(f"`{f}`" for f in res["pooled_from"]) + ".", ""]
     if res.get("config_overrides"):
         lines += ["Settings given for this run (`--set`, over `AdaptConfig`'s defaults of its commit): "
                   + ", ".join(f"`{k}={v}`" for k, v in res["config_overrides"].items()) + ".", ""]

@@ -64,3 +64,20 @@ def test_saved_limits_of_every_age_read_under_todays_keys(bench_path):
     assert read({"single": lim, "single_accuracy": 0.8, "dihedral_mean": lim}) == {
         "as_run": lim, "as_run_accuracy": 0.8, "dihedral_mean": lim}
     assert read(lim) == {"as_run": lim}
+
+
+def test_parts_of_one_study_pool_and_others_are_refused(bench_path):
+    """adapt_lab --render A --render B: the repeats of parts run with --first-repeat together; a setting added
+    after a part ran counts at its default; parts of other studies, or a repeat twice, are refused."""
+    pooled = importlib.import_module("adapt_lab").pooled
+
+    def part(repeats, **config):
+        return {"model": "m", "lab": "lisc", "config": config, "config_overrides": {"test_time_views": 8},
+                "wall_time_s": 60.0, "runs": [{"n_per_class": 20, "add_classes": True, "repeat": r} for r in repeats]}
+
+    both = pooled([part([0, 1]), part([2, 3], backbone_aug_colour=True)])  # the setting's default
+    assert [r["repeat"] for r in both["runs"]] == [0, 1, 2, 3] and both["wall_time_s"] == 120.0
+    with pytest.raises(SystemExit, match="backbone_aug_colour"):
+        pooled([part([0, 1]), part([2, 3], backbone_aug_colour=False)])
+    with pytest.raises(SystemExit, match="twice"):
+        pooled([part([0, 1]), part([1, 2])])
