@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+# Where the offline MobileNetV2 ImageNet weights sit beside a checkout (../shared/weights/README.md), whether
+# or not they are there: scripts name this path in their skip messages.
+OFFLINE_IMAGENET_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "weights"
+                            / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5")
 WEIGHTS_HELP = "weights must be 'imagenet' (downloaded by Keras, needs internet), a path to a .weights.h5 / .h5 file, or 'none'"
 
 
@@ -108,7 +112,5 @@ def resolve_weights(weights: str | None) -> str | None:
 
 
 def default_weights_path() -> Path | None:
-    """The offline MobileNetV2 ImageNet weights beside a checkout (../shared/weights), if present."""
-    here = Path(__file__).resolve().parents[1]
-    p = here.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
-    return p if p.is_file() else None
+    """The offline MobileNetV2 ImageNet weights beside a checkout (`OFFLINE_IMAGENET_WEIGHTS`), if present."""
+    return OFFLINE_IMAGENET_WEIGHTS if OFFLINE_IMAGENET_WEIGHTS.is_file() else None

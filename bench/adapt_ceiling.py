@@ -23,6 +23,8 @@ from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bcc_core.backbones import OFFLINE_IMAGENET_WEIGHTS  # noqa: E402
+
 LAYERS = ("block_6_expand_relu", "block_13_expand_relu", "block_16_project_BN", "out_relu")
 TARGET = 0.90
 
@@ -64,8 +66,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/pb7-mobilenetv2")
     ap.add_argument("--data", default="../shared/data")
-    ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[2] / "shared" / "weights"
-                                             / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"))
+    ap.add_argument("--weights", default=str(OFFLINE_IMAGENET_WEIGHTS))
     ap.add_argument("--n", default="10,20", help="reviewed cells per class")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="bench/results/adapt_ceiling.md")

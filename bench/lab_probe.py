@@ -27,6 +27,8 @@ from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bcc_core.backbones import OFFLINE_IMAGENET_WEIGHTS  # noqa: E402
+
 from adapt_lab import lab_groups, trained_on  # noqa: E402
 
 
@@ -64,8 +66,7 @@ def main(argv=None):
     ap.add_argument("--model", default="models/pbs5-mobilenetv2")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--lab", default="lisc")
-    ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[2] / "shared" / "weights"
-                                             / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"))
+    ap.add_argument("--weights", default=str(OFFLINE_IMAGENET_WEIGHTS))
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="bench/results/lab_probe.md")

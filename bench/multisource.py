@@ -35,9 +35,9 @@ from _report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bcc_core.backbones import OFFLINE_IMAGENET_WEIGHTS as WEIGHTS  # noqa: E402
 from bcc_core.evaluation import wilson  # noqa: E402  (Wilson 95% interval: the one the product reports)
 
-WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
 WORK = ROOT / "bench" / "_work" / "multisource"
 PBS5 = ("basophil", "erythroblast", "monocyte", "myeloblast", "seg_neutrophil")
 PB7 = ("basophil", "eosinophil", "erythroblast", "lymphocyte", "monocyte", "myeloblast", "seg_neutrophil")

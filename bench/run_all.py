@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "_work"
 PY = sys.executable
-WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
+sys.path.insert(0, str(ROOT))  # this checkout's bcc_core, not an installed one
+
+from bcc_core.backbones import OFFLINE_IMAGENET_WEIGHTS as WEIGHTS  # noqa: E402
 MODELS = {"pbs5": "models/pbs5-mobilenetv2", "all4": "models/all4-mobilenetv2", "pb7": "models/pb7-mobilenetv2"}
 # The folder under --data that each model's split.json paths are relative to (pb7's name their source: pbs5/..., lisc/...).
 DATASET = {"pbs5": "pbs5", "all4": "all4", "pb7": ""}
