@@ -41,6 +41,8 @@ class AdaptConfig:
     Attributes:
         lab: name of the lab whose cells these are.
         add_classes: a folder that is not a parent class becomes a new output class.
+        class_map: {lab folder: class}: folders read as these classes (e.g. {"neutrophil": "seg_neutrophil"});
+            folders not in it are read by their own name.
         min_new_class_cells: distinct cells (duplicate groups) needed to add a class.
         calibration_fraction: share of the lab's cells (per class, grouped) kept out of the network's fit
             (the head, and the top when fine-tuned) for calibration and for the before/after figures.
@@ -88,6 +90,7 @@ class AdaptConfig:
 
     lab: str = "lab"
     add_classes: bool = False
+    class_map: dict = dataclasses.field(default_factory=dict)
     backbone_layers: int = CUT_LAYERS
     backbone_aug_views: int = 8
     backbone_aug_colour: bool = True
@@ -165,11 +168,36 @@ def lab_features(pred, raw: list[bytes], shas: list[str], fit_i: np.ndarray, n_v
             None if e_all is None else e_all[n:])
 
 
+def _name_key(name: str) -> str:
+    """A class name reduced for comparison: lower case, '-' and ' ' as '_', no plural 's'."""
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
+def alike_classes(folder: str, model_classes: list[str]) -> list[str]:
+    """The model classes a lab folder may mean although it is not spelt the same: equal but for case,
+    separators or a plural ('Lymphocytes' ~ 'lymphocyte'), or the last word of a qualified class
+    ('neutrophil' ~ 'seg_neutrophil')."""
+    k = _name_key(folder)
+    return [c for c in model_classes if c != folder and (
+        (ck := _name_key(c)) == k or ck.endswith("_" + k) or k.endswith("_" + ck))]
+
+
 def check_classes(lab_classes: list[str], model_classes: list[str], add_classes: bool,
                   others: dict[str, list[str]] | None = None) -> list[str]:
     """The new model's classes; refuses lab folders that are not model classes unless `add_classes`, naming
-    any model among `others` ({folder: classes}) that knows every one of the lab's folders."""
+    any model among `others` ({folder: classes}) that knows every one of the lab's folders. A folder that
+    looks like a model class under another spelling is refused even with `add_classes`: a new class beside
+    the model's own would split one cell type in two (map it with `AdaptConfig.class_map`)."""
     unknown = [c for c in lab_classes if c not in model_classes]
+    alike = {c: alike_classes(c, model_classes) for c in unknown}
+    alike = {c: m for c, m in alike.items() if m}
+    if alike:
+        said = "; ".join(f"{c!r} looks like {' or '.join(map(repr, m))}" for c, m in alike.items())
+        pairs = " ".join(f"--class-map {c}={m[0]}" for c, m in alike.items())
+        raise ValueError(f"lab folder names that are not this model's classes: {said}. Rename the folder(s) to the "
+                         f"model's class names, or map them (CLI: {pairs}); a new class beside the model's own "
+                         f"would split one cell type in two")
     if unknown and not add_classes:
         fits = [d for d, cls in (others or {}).items() if set(lab_classes) <= set(cls)]
         hint = f"; the model {fits[0]} knows all of them (--model {fits[0]})" if fits else ""
@@ -477,9 +505,14 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
 
     say(0.08, "listing the lab's cells")
     ds = list_imagefolder(labelled_dir)
-    classes = check_classes(list(ds.classes), pred.classes, cfg.add_classes, _bundled_classes())
+    stray = sorted(set(cfg.class_map) - set(ds.classes))
+    if stray:
+        raise ValueError(f"the class map names folder(s) {stray} that {labelled_dir} does not have (its folders: "
+                         f"{list(ds.classes)})")
+    folder_class = [cfg.class_map.get(f, f) for f in ds.classes]
+    classes = check_classes(list(dict.fromkeys(folder_class)), pred.classes, cfg.add_classes, _bundled_classes())
     n_old, n_cls = len(pred.classes), len(classes)
-    y_lab = np.array([classes.index(ds.classes[l]) for l in ds.labels])
+    y_lab = np.array([classes.index(folder_class[l]) for l in ds.labels])
     groups = group_duplicates(ds.paths, progress=False)
     for c in classes[n_old:]:
         distinct = len(np.unique(groups[y_lab == classes.index(c)]))
@@ -574,12 +607,14 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         """A trust part: replay rows (source "parent") and lab cells (source = the lab), ids kept apart."""
         eb = None if early_bank is None else early_bank[bank_mask]
         el = None if e_lab is None else e_lab[lab_idx]
+        n_bank = int(bank_mask.sum())
         return Part(name, np.r_[[f"bank:{i}" for i in np.flatnonzero(bank_mask)], [f"lab:{shas[i]}" for i in lab_idx]],
-                    np.r_[y_bank[bank_mask], y_lab[lab_idx]], np.concatenate([bank["features"][bank_mask], f_lab[lab_idx]]),
+                    np.r_[y_bank[bank_mask], y_lab[lab_idx]],
+                    np.concatenate([bank["features"][bank_mask], f_lab[lab_idx]]),
                     np.concatenate([lg_bank[bank_mask], lg_lab[lab_idx]]),
                     None if eb is None or el is None else np.concatenate([eb, el]),
-                    np.r_[np.full(int(bank_mask.sum()), "parent", dtype=object), np.full(len(lab_idx), cfg.lab, dtype=object)],
-                    np.r_[np.zeros(int(bank_mask.sum()), bool), quality_bad[lab_idx]])
+                    np.r_[np.full(n_bank, "parent", dtype=object), np.full(len(lab_idx), cfg.lab, dtype=object)],
+                    np.r_[np.zeros(n_bank, bool), quality_bad[lab_idx]])
 
     train_part = Part("fit", np.r_[[f"bank:{i}" for i in np.flatnonzero(rep_fit)], [f"lab:{shas[i]}" for i in fit_i]],
                       np.r_[y_bank[rep_fit], y_lab[fit_i]], np.concatenate([bank["features"][rep_fit], f_lab[fit_i]]))
@@ -737,7 +772,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                            "calibration_b": int(len(cal_b_i))}, "before": before, "after": after,
                "parent_test_macro_f1": {"before": par_test_before, "after": par_test_after},
                "unlabelled_classes_same_prediction": kept_same, "review_rule": rule, "temperature": T,
-               "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not, "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
+               "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not,
+               "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})
     exp = _export_stage(out)  # the fast runtime, when bcc_core.export exists

@@ -25,16 +25,21 @@ def _data(a):
     return list(a.data)
 
 
-def _class_options(a) -> dict:
-    classes = tuple(c.strip() for c in (a.classes or "").split(",") if c.strip())
+def _class_map(items) -> dict:
+    """--class-map FOLDER=CLASS[,FOLDER=CLASS] (repeatable) as {folder: class}."""
     cmap = {}
-    for item in a.class_map or []:
+    for item in items or []:
         for pair in item.split(","):
             src, sep, dst = pair.partition("=")
             if not sep or not src.strip() or not dst.strip():
                 raise UsageError(f"--class-map takes FOLDER=CLASS pairs, got {pair!r}")
             cmap[src.strip()] = dst.strip()
-    return {"classes": classes, "class_map": cmap}
+    return cmap
+
+
+def _class_options(a) -> dict:
+    classes = tuple(c.strip() for c in (a.classes or "").split(",") if c.strip())
+    return {"classes": classes, "class_map": _class_map(a.class_map)}
 
 
 def _train_cfg(a):
@@ -112,11 +117,9 @@ def cmd_evaluate(a) -> int:
 def _evaluate_external(pred, a) -> int:
     """Every image of a labelled folder from another lab, unknown cell types included; per class with
     Wilson 95% intervals; `--save NAME` keeps the report beside the model (shown on the metrics page)."""
-    import argparse
-
     from .verification import save_report, verify_folder
 
-    cmap = _class_options(argparse.Namespace(classes=None, class_map=a.class_map))["class_map"]
+    cmap = _class_map(a.class_map)
     rep = verify_folder(pred, a.data, cmap, name=a.save or Path(a.data).name)
 
     def f(r):
@@ -531,6 +534,7 @@ def cmd_adapt(a) -> int:
     if a.from_audit is not None:
         return _adapt_from_audit(a)
     cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed,
+                      class_map=_class_map(a.class_map),
                       **({"backbone_layers": 0} if a.head_only else {}),
                       **({"test_time_views": a.views} if a.views is not None else {}))
     bar = None
@@ -714,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--lab", help="lab name recorded in the card (default: the data folder name)")
     ad.add_argument("--add-classes", action="store_true",
                     help="a folder that is not a model class becomes a new class (needs enough distinct cells)")
+    ad.add_argument("--class-map", action="append", metavar="FOLDER=CLASS",
+                    help="with --data: read a folder as a model class, e.g. neutrophil=seg_neutrophil (repeatable)")
     ad.add_argument("--seed", type=int, default=0)
     ad.add_argument("--head-only", action="store_true",
                     help="retrain the head only, on the parent's frozen features (faster; the default also "

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from bcc_core.adapt import alike_classes
 from bcc_core.lab_models import (list_lab_models, new_candidate_dir, promote, reviewed_labels, rollback,
                                  unpack_labelled_zip, write_reviewed_cells)
 from pages._lib.ui_helpers import fmt_pct
@@ -61,11 +62,18 @@ else:
             cells_dir = ss["lab_cells"][1]
         else:
             st.info("No cell of this session's batch has a confirm or correct decision yet.")
+class_map = {}
 if cells_dir:
     counts = {p.name: sum(1 for f in p.iterdir() if f.is_file()) for p in sorted(Path(cells_dir).iterdir())
               if p.is_dir()}
-    st.dataframe(pd.DataFrame([{"class": c, "cells": n, "a class of the model": c in card.classes}
+    alike = {c: alike_classes(c, card.classes) for c in counts if c not in card.classes}
+    alike = {c: m[0] for c, m in alike.items() if len(m) == 1}
+    st.dataframe(pd.DataFrame([{"folder": c, "cells": n, "a class of the model": c in card.classes,
+                                **({"may mean": alike.get(c, "")} if alike else {})}
                                for c, n in counts.items()]), hide_index=True)
+    if alike and st.checkbox("Read these folders as the model's class they name: " + ", ".join(
+            f"{c} → {m}" for c, m in alike.items()), value=True, key="lab_class_map"):
+        class_map = alike
 
 # ---------------------------------------------------------------- 2. adapt
 st.subheader("2. Adapt")
@@ -84,7 +92,7 @@ if go:
     bar = st.progress(0.0, text="Starting…")
     out = new_candidate_dir(Path(parent).name, lab)
     try:
-        summary = adapt(parent, cells_dir, out, AdaptConfig(lab=lab.strip(), add_classes=add),
+        summary = adapt(parent, cells_dir, out, AdaptConfig(lab=lab.strip(), add_classes=add, class_map=class_map),
                         progress=lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
         ss["lab_candidate"] = {"dir": str(out), "summary": summary, "parent": parent}
     except ValueError as e:

@@ -622,7 +622,7 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     counts = next(d.value for d in at.dataframe if "cells" in d.value.columns)
-    assert dict(zip(counts["class"], counts["cells"])) == {"monocyte": 12, "seg_neutrophil": 12}
+    assert dict(zip(counts["folder"], counts["cells"])) == {"monocyte": 12, "seg_neutrophil": 12}
     at.text_input(key="lab_name").input("Test Lab")
     at.run()
     next(b for b in at.button if b.label == "Adapt the model").click().run(timeout=600)
@@ -669,6 +669,34 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     assert trail.verify(eng)["ok"]
 
 
+def test_your_lab_offers_to_read_a_look_alike_folder_as_the_model_class(app_env, monkeypatch):
+    """A zip whose folder is 'Monocytes' (the model's 'monocyte' spelt otherwise) is shown with the class it may
+    mean, and adaptation reads it as that class unless the user unticks the box."""
+    import bcc_core.adapt
+
+    seen = []
+
+    def fake_adapt(parent, cells, out, cfg, progress=None):
+        seen.append(cfg)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(bcc_core.adapt, "adapt", fake_adapt)
+    at = start("pages/your_lab.py")
+    at.file_uploader[0].set_value(("lab.zip", _labelled_zip(["Monocytes", "seg_neutrophil"], 2), "application/zip"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    counts = next(d.value for d in at.dataframe if "cells" in d.value.columns)
+    assert dict(zip(counts["folder"], counts["may mean"])) == {"Monocytes": "monocyte", "seg_neutrophil": ""}
+    assert at.checkbox(key="lab_class_map").value
+    at.text_input(key="lab_name").input("Test Lab")
+    at.run()
+    next(b for b in at.button if b.label == "Adapt the model").click().run()
+    assert seen[-1].class_map == {"Monocytes": "monocyte"} and "stopped by the test" in texts(at, "error")
+    at.checkbox(key="lab_class_map").uncheck().run()
+    next(b for b in at.button if b.label == "Adapt the model").click().run()
+    assert seen[-1].class_map == {}
+
+
 def test_your_lab_takes_this_sessions_reviewed_cells(app_env):
     """Cells confirmed or corrected on the batch page become the lab's labelled cells, under their final class."""
     at = start("pages/batch_screening.py")
@@ -684,8 +712,8 @@ def test_your_lab_takes_this_sessions_reviewed_cells(app_env):
     at.radio(key="lab_source").set_value("Cells reviewed in this session (batch screening)").run()
     assert not at.exception, [e.value for e in at.exception]
     counts = next(d.value for d in at.dataframe if "cells" in d.value.columns)
-    assert dict(zip(counts["class"], counts["cells"])) == {"lymphocyte": 1, "monocyte": 2}
-    assert dict(zip(counts["class"], counts["a class of the model"])) == {"lymphocyte": False, "monocyte": True}
+    assert dict(zip(counts["folder"], counts["cells"])) == {"lymphocyte": 1, "monocyte": 2}
+    assert dict(zip(counts["folder"], counts["a class of the model"])) == {"lymphocyte": False, "monocyte": True}
 
 
 # ---------------------------------------------------------------------------------------------- login and roles

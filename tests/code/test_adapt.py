@@ -307,3 +307,37 @@ def test_fine_tuning_views_without_colour_keep_every_other_operation():
     full = dataclasses.asdict(AugmentConfig())
     changed = {k for k in full if plain[k] != full[k]}
     assert changed == set(COLOUR_OPS) and all(plain[k] == 0.0 for k in COLOUR_OPS)
+
+
+def test_a_folder_named_like_a_model_class_is_mapped_never_added_beside_it(parent, tmp_path, capsys):
+    """'Monos' is the model's 'mono' under another spelling: even with --add-classes it is refused (a second
+    class for one cell type would split it by lab), and --class-map reads it as the model's class."""
+    from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.cli import main
+
+    lab = _lab_folder(tmp_path / "lab", {"Monos": 1, "bilobed": 2}, per_class=10)
+    with pytest.raises(ValueError, match=r"'Monos' looks like 'mono'.*--class-map Monos=mono"):
+        adapt(parent, lab, tmp_path / "o1", AdaptConfig(add_classes=True, epochs=5))
+    with pytest.raises(ValueError, match=r"names folder\(s\) \['monocyte'\]"):
+        adapt(parent, lab, tmp_path / "o1", AdaptConfig(class_map={"monocyte": "mono"}, epochs=5))
+    assert not (tmp_path / "o1").exists()
+    out = tmp_path / "o2"
+    assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(out), "--head-only",
+                 "--class-map", "Monos=mono", "--views", "1", "--quiet"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["classes"] == ["bilobed", "mono", "trilobed"]
+    assert card["lineage"]["config"]["class_map"] == {"Monos": "mono"}
+    cells = card["lineage"]["cells"]
+    assert {c["class"] for c in cells if c["file"].startswith("Monos/")} == {"mono"}
+    assert card["lineage"]["n_cells"]["per_class"] == {"bilobed": 10, "mono": 10}
+
+
+def test_alike_classes_catch_case_separators_plurals_and_qualified_names():
+    from bcc_core.adapt import alike_classes
+
+    model = ["basophil", "eosinophil", "lymphocyte", "monocyte", "seg_neutrophil", "band_neutrophil"]
+    assert alike_classes("Lymphocytes", model) == ["lymphocyte"]
+    assert alike_classes("neutrophil", model) == ["seg_neutrophil", "band_neutrophil"]
+    assert alike_classes("Seg-Neutrophil", model) == ["seg_neutrophil"]
+    assert alike_classes("platelet", model) == [] and alike_classes("monocyte", model) == []
+    assert alike_classes("mono", ["monocyte"]) == []          # an abbreviation is not guessed
