@@ -85,3 +85,29 @@ def test_verification_markdown_reports_per_class_precision_intervals_and_mean_re
     assert "| a | 80.0% (" in md and "8/10)" in md  # precision of a: 8 of the 10 suggested (one b, one x)
     assert "| x | 2 | not a model class | 50.0% (" in md and "| x | " in md.split("suggested")[0]
     assert "wrong and shown as ok: 8.33%" in md  # the unknown x shown as ok as b
+
+
+def test_balanced_accuracy_is_sklearns_and_quiet_when_a_suggested_class_has_no_true_image():
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from bcc_core.evaluation import classification_metrics
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 200)
+    probs = rng.random((200, 4))
+    probs[np.arange(200), y] += rng.random(200) * 1.5          # mostly right; class 3 never true
+    probs /= probs.sum(1, keepdims=True)
+    pred = probs.argmax(1)
+    assert (pred == 3).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = balanced_accuracy_score(y, pred)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = classification_metrics(y, probs, ["a", "b", "c", "d"])["balanced_accuracy"]
+    assert got == pytest.approx(want)
+    probs3 = probs[:, :3] / probs[:, :3].sum(1, keepdims=True)
+    assert classification_metrics(y, probs3, ["a", "b", "c"])["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(y, probs3.argmax(1)))
