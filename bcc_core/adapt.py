@@ -196,14 +196,16 @@ def check_classes(lab_classes: list[str], model_classes: list[str], add_classes:
         said = "; ".join(f"{c!r} looks like {' or '.join(map(repr, m))}" for c, m in alike.items())
         pairs = " ".join(f"--class-map {c}={m[0]}" for c, m in alike.items())
         raise ValueError(f"lab folder names that are not this model's classes: {said}. Rename the folder(s) to the "
-                         f"model's class names, or map them (CLI: {pairs}); a new class beside the model's own "
-                         f"would split one cell type in two")
+                         f"model's class names, or map them (CLI: {pairs}; on the Your lab page: tick the box that "
+                         f"reads them as the model's classes); a new class beside the model's own would split one "
+                         f"cell type in two")
     if unknown and not add_classes:
         fits = [d for d, cls in (others or {}).items() if set(lab_classes) <= set(cls)]
-        hint = f"; the model {fits[0]} knows all of them (--model {fits[0]})" if fits else ""
+        hint = (f"; the model {Path(fits[0]).name} knows all of them (CLI: --model {fits[0]}; in the app, choose it "
+                f"in the sidebar)" if fits else "")
         raise ValueError(f"lab folder(s) {unknown} are not classes of this model {list(model_classes)}; rename "
-                         f"them to a model class, remove them, or pass --add-classes to add them as new "
-                         f"classes{hint}")
+                         f"them to a model class, remove them, or add them as new classes (CLI: --add-classes; on "
+                         f"the Your lab page: Allow new classes){hint}")
     return list(model_classes) + unknown
 
 

@@ -168,7 +168,7 @@ def test_unknown_folders_name_a_model_that_knows_them():
     from bcc_core.adapt import check_classes
 
     others = {"models/pb7": ["basophil", "eosinophil", "lymphocyte", "monocyte", "seg_neutrophil"]}
-    with pytest.raises(ValueError, match=r"\['lymphocyte'\].*the model models/pb7 knows all of them"):
+    with pytest.raises(ValueError, match=r"\['lymphocyte'\].*the model pb7 knows all of them \(CLI: --model models/pb7"):
         check_classes(["monocyte", "lymphocyte"], ["basophil", "monocyte"], False, others)
     with pytest.raises(ValueError) as e:
         check_classes(["monocyte", "platelet"], ["basophil", "monocyte"], False, others)
