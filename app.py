@@ -10,6 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from bcc_core.inference import wider_models
 from pages._shared import available_models, card_or_error, init_state, log_out, models_root, session_user
 
 st.set_page_config(page_title="Blood-cell decision support", page_icon=":material/biotech:", layout="wide",
@@ -52,6 +53,9 @@ with st.sidebar:
             st.error(error)
         else:
             st.caption(f"Task `{card.task}` · {len(card.classes)} classes · backbone `{card.backbone}`")
+            for other, extra in wider_models(st.session_state["model_dir"], models)[:1]:
+                st.caption(f"`{Path(other).name}` names every class of this model and also {', '.join(extra)}: "
+                           "choose it above when such cells may be screened.")
             with st.container(border=True):
                 st.markdown("**Intended use**")
                 st.caption(card.intended_use)

@@ -211,15 +211,9 @@ def check_classes(lab_classes: list[str], model_classes: list[str], add_classes:
 
 def _bundled_classes() -> dict[str, list[str]]:
     """{model folder: classes} of the bundled models."""
-    from .inference import list_models
+    from .inference import card_classes, list_models
 
-    out = {}
-    for d in list_models():
-        try:
-            out[str(d)] = json.loads((d / "model_card.json").read_text())["classes"]
-        except (OSError, ValueError, KeyError):
-            continue
-    return out
+    return {str(d): cls for d in list_models() if (cls := card_classes(d))}
 
 
 def lab_figures(y: np.ndarray, probs: np.ndarray, ok: np.ndarray, classes: list[str]) -> dict:

@@ -3,6 +3,7 @@ calibrated probabilities, OOD score, review rule → flags and status."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,26 @@ def list_models(root: str | Path | None = None) -> list[Path]:
         return []
     found = sorted(p.parent for p in r.glob("*/model_card.json"))
     return sorted(found, key=lambda p: (p.name != DEFAULT_MODEL, p.name))
+
+
+def card_classes(model_dir: str | Path) -> list[str]:
+    """A model folder's classes from its card ([] when it has no readable card)."""
+    try:
+        return list(json.loads((Path(model_dir) / "model_card.json").read_text())["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def wider_models(model_dir: str | Path, candidates) -> list[tuple[str, list[str]]]:
+    """The models among `candidates` that name every class of `model_dir` and more: [(folder, extra classes)]
+    (e.g. pb7-mobilenetv2 beside pbs5-mobilenetv2: eosinophil and lymphocyte, met in every smear)."""
+    own = set(card_classes(model_dir))
+    out = []
+    for d in candidates:
+        cls = card_classes(d)
+        if own and Path(d) != Path(model_dir) and own < set(cls):
+            out.append((str(d), [c for c in cls if c not in own]))
+    return out
 
 
 @dataclass

@@ -70,6 +70,15 @@ def test_app_shell_sidebar_and_default_page(app_env):
     card = json.loads((app_env["model_dir"] / "model_card.json").read_text())
     assert card["intended_use"] in side
     assert card["not_for"][0] in side
+    # A model that names every class of the selected one and more is pointed out (pb7 beside pbs5: the
+    # eosinophils and lymphocytes of every smear); the selection stays the seed's model.
+    from bcc_core.inference import list_models, wider_models
+
+    wider = wider_models(app_env["model_dir"], list_models(app_env["model_dir"].parent))
+    for other, extra in wider[:1]:
+        assert f"`{Path(other).name}` names every class of this model and also {', '.join(extra)}" in side
+    if (app_env["model_dir"].parent / "pb7-mobilenetv2").is_dir() and app_env["model_dir"].name == "pbs5-mobilenetv2":
+        assert wider[0][1] == ["eosinophil", "lymphocyte"]
     # The default page is the single-image page, with the decision-support notice and an uploader.
     assert at.title[0].value == "Single image"
     assert DISCLAIMER in texts(at, "info")

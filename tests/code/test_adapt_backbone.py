@@ -174,3 +174,23 @@ def test_unknown_folders_name_a_model_that_knows_them():
         check_classes(["monocyte", "platelet"], ["basophil", "monocyte"], False, others)
     assert "knows all" not in str(e.value)
     assert check_classes(["monocyte", "platelet"], ["basophil", "monocyte"], True, others)[-1] == "platelet"
+
+
+def test_wider_models_name_the_models_that_know_every_class_and_more(tmp_path):
+    from bcc_core.inference import card_classes, wider_models
+
+    def model(name, classes):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_card.json").write_text(json.dumps({"classes": classes}))
+        return tmp_path / name
+
+    five = model("five", ["basophil", "monocyte", "seg_neutrophil"])
+    seven = model("seven", ["basophil", "eosinophil", "lymphocyte", "monocyte", "seg_neutrophil"])
+    other = model("other", ["early", "pre", "pro"])
+    same = model("same", ["seg_neutrophil", "monocyte", "basophil"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_card.json").write_text("{not json")
+    everyone = [five, seven, other, same, tmp_path / "broken"]
+    assert wider_models(five, everyone) == [(str(seven), ["eosinophil", "lymphocyte"])]
+    assert wider_models(seven, everyone) == [] and wider_models(tmp_path / "broken", everyone) == []
+    assert card_classes(tmp_path / "broken") == [] and card_classes(tmp_path / "missing") == []
