@@ -161,7 +161,7 @@ if st.button("Verify the selected model", icon=":material/fact_check:", disabled
     from pages._shared import require_predictor
 
     with st.spinner("Classifying your cells…"):
-        rep = verify_folder(require_predictor(), cells_dir, name=lab.strip())
+        rep = verify_folder(require_predictor(), cells_dir, class_map, name=lab.strip())
     save_report(current_model_dir(), rep)
     ss["lab_report"] = rep
 rep = ss["lab_report"]

@@ -680,7 +680,7 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
 
 def test_your_lab_offers_to_read_a_look_alike_folder_as_the_model_class(app_env, monkeypatch):
     """A zip whose folder is 'Monocytes' (the model's 'monocyte' spelt otherwise) is shown with the class it may
-    mean, and adaptation reads it as that class unless the user unticks the box."""
+    mean, and adaptation and the verification report read it as that class unless the user unticks the box."""
     import bcc_core.adapt
 
     seen = []
@@ -701,9 +701,15 @@ def test_your_lab_offers_to_read_a_look_alike_folder_as_the_model_class(app_env,
     at.run()
     next(b for b in at.button if b.label == "Adapt the model").click().run()
     assert seen[-1].class_map == {"Monocytes": "monocyte"} and "stopped by the test" in texts(at, "error")
+    # The verification report reads the folder the same way: its cells are monocytes, not an unknown type.
+    next(b for b in at.button if b.label == "Verify the selected model").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert set(at.session_state["lab_report"]["per_true_label"]) == {"monocyte", "seg_neutrophil"}
     at.checkbox(key="lab_class_map").uncheck().run()
     next(b for b in at.button if b.label == "Adapt the model").click().run()
     assert seen[-1].class_map == {}
+    next(b for b in at.button if b.label == "Verify the selected model").click().run()
+    assert set(at.session_state["lab_report"]["per_true_label"]) == {"Monocytes", "seg_neutrophil"}
 
 
 def test_your_lab_takes_this_sessions_reviewed_cells(app_env):
