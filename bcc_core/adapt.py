@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from . import calibration, evaluation, ood, review
+from .data import alike_classes
 from .preprocess import MAX_VIEWS, dihedral_views
 from .replay import CUT_LAYERS, REPLAY_FILE, concat_banks, cut_meta, decode_cut, encode_cut, load_bank, save_bank
 
@@ -166,21 +167,6 @@ def lab_features(pred, raw: list[bytes], shas: list[str], fit_i: np.ndarray, n_v
     q = np.array([g[3] for g in got[:n]])
     return (f_all[:n], lg, None if e_all is None else e_all[:n], q, f_all[n:],
             None if e_all is None else e_all[n:])
-
-
-def _name_key(name: str) -> str:
-    """A class name reduced for comparison: lower case, '-' and ' ' as '_', no plural 's'."""
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    return key[:-1] if key.endswith("s") and len(key) > 3 else key
-
-
-def alike_classes(folder: str, model_classes: list[str]) -> list[str]:
-    """The model classes a lab folder may mean although it is not spelt the same: equal but for case,
-    separators or a plural ('Lymphocytes' ~ 'lymphocyte'), or the last word of a qualified class
-    ('neutrophil' ~ 'seg_neutrophil')."""
-    k = _name_key(folder)
-    return [c for c in model_classes if c != folder and (
-        (ck := _name_key(c)) == k or ck.endswith("_" + k) or k.endswith("_" + ck))]
 
 
 def check_classes(lab_classes: list[str], model_classes: list[str], add_classes: bool,

@@ -125,6 +125,9 @@ def _evaluate_external(pred, a) -> int:
     def f(r):
         return "n/a" if r["value"] is None else f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
+    for folder, alike in rep["data"]["unmapped_look_alike"].items():
+        print(f"note: folder {folder!r} looks like the model's {alike[0]!r} but is counted as a type the model "
+              f"does not know; to read it as that class: --class-map {folder}={alike[0]}")
     print(f"external {rep['name']}: n={rep['n']} shown as ok {f(rep['shown_as_ok'])} "
           f"wrong-and-ok {f(rep['wrong_and_ok'])} kappa (known classes) {rep['kappa_known']}")
     for c, v in rep["per_true_label"].items():

@@ -863,6 +863,21 @@ def _mapped(folder: str, class_map: dict) -> str:
     return class_map.get(folder, folder)
 
 
+def _name_key(name: str) -> str:
+    """A class name reduced for comparison: lower case, '-' and ' ' as '_', no plural 's'."""
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
+def alike_classes(folder: str, model_classes: Sequence[str]) -> list[str]:
+    """The model classes a folder may mean although it is not spelt the same: equal but for case,
+    separators or a plural ('Lymphocytes' ~ 'lymphocyte'), or the last word of a qualified class
+    ('neutrophil' ~ 'seg_neutrophil'). Read such a folder through a class map, never as a class of its own."""
+    k = _name_key(folder)
+    return [c for c in model_classes if c != folder and (
+        (ck := _name_key(c)) == k or ck.endswith("_" + k) or k.endswith("_" + ck))]
+
+
 def list_sources(
     sources: Sequence["str | os.PathLike | Source"],
     classes: Sequence[str] | None = None,

@@ -39,11 +39,15 @@ def verify_folder(predictor, root, class_map: dict | None = None, name: str = ""
         class_map: folder name → model class (e.g. {"neutrophil": "seg_neutrophil"}).
         name: the set's name (the lab).
     """
-    from .data import list_imagefolder
+    from .data import alike_classes, list_imagefolder
     from .io import read_image
 
     class_map = class_map or {}
     ds = list_imagefolder(root)
+    # A folder left unmapped that names a model class otherwise ('neutrophil') would count its cells as a
+    # type the model does not know: every one shown as ok would be "wrong and ok". The report names them.
+    look_alike = {f: m for f in ds.classes if f not in class_map and f not in predictor.classes
+                  and (m := alike_classes(f, predictor.classes))}
     true = [class_map.get(ds.classes[l], ds.classes[l]) for l in ds.labels]
     suggested, ok = [], []
     for s in range(0, len(ds.paths), batch):
@@ -54,7 +58,7 @@ def verify_folder(predictor, root, class_map: dict | None = None, name: str = ""
             print(f"  {min(s + batch, len(ds.paths))}/{len(ds.paths)}", flush=True)
     rep = labelled_set_report(true, suggested, ok, list(predictor.classes), name=name or Path(root).name)
     rep.update({"model": model_identity(predictor.model_dir), "data": {"root": Path(root).name,
-                "file_list_sha256": ds.digest(), "class_map": class_map},
+                "file_list_sha256": ds.digest(), "class_map": class_map, "unmapped_look_alike": look_alike},
                 "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return rep
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from bcc_core.adapt import alike_classes
+from bcc_core.data import alike_classes
 from bcc_core.lab_models import (list_lab_models, new_candidate_dir, promote, reviewed_labels, rollback,
                                  unpack_labelled_zip, write_reviewed_cells)
 from pages._lib.ui_helpers import fmt_pct

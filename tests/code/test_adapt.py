@@ -333,7 +333,7 @@ def test_a_folder_named_like_a_model_class_is_mapped_never_added_beside_it(paren
 
 
 def test_alike_classes_catch_case_separators_plurals_and_qualified_names():
-    from bcc_core.adapt import alike_classes
+    from bcc_core.data import alike_classes
 
     model = ["basophil", "eosinophil", "lymphocyte", "monocyte", "seg_neutrophil", "band_neutrophil"]
     assert alike_classes("Lymphocytes", model) == ["lymphocyte"]
@@ -341,3 +341,23 @@ def test_alike_classes_catch_case_separators_plurals_and_qualified_names():
     assert alike_classes("Seg-Neutrophil", model) == ["seg_neutrophil"]
     assert alike_classes("platelet", model) == [] and alike_classes("monocyte", model) == []
     assert alike_classes("mono", ["monocyte"]) == []          # an abbreviation is not guessed
+
+
+def test_external_evaluation_names_a_look_alike_folder_left_unmapped(parent, tmp_path, capsys):
+    """`evaluate --external` on a folder 'Monos' (the model's 'mono'): without a map its cells count as an unknown
+    type (any shown as ok would be 'wrong and ok'), and the output says so and gives the map."""
+    from bcc_core.cli import main
+
+    lab = _lab_folder(tmp_path / "lab", {"Monos": 1, "bilobed": 2}, per_class=4)
+    assert main(["evaluate", "--model", str(parent), "--data", str(lab), "--external", "--json"]) == 0
+    out = capsys.readouterr().out
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert "note: folder 'Monos' looks like the model's 'mono'" in out and "--class-map Monos=mono" in out
+    assert rep["data"]["unmapped_look_alike"] == {"Monos": ["mono"]}
+    assert rep["per_true_label"]["Monos"]["recall"] is None          # not a model class as read
+    assert main(["evaluate", "--model", str(parent), "--data", str(lab), "--external", "--json",
+                 "--class-map", "Monos=mono"]) == 0
+    out = capsys.readouterr().out
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert "note:" not in out and rep["data"]["unmapped_look_alike"] == {}
+    assert set(rep["per_true_label"]) == {"mono", "bilobed"}
