@@ -104,6 +104,9 @@ with right:
                        f"{sum(ext['per_true_label'][c]['n'] for c in unknown)} images, "
                        f"{sum(ext['per_true_label'][c]['shown_as_ok']['k'] for c in unknown)} shown as OK\n"
                        if unknown else ""), help=term("95% interval"))
+        for folder, alike in ext.get("data", {}).get("unmapped_look_alike", {}).items():
+            st.warning(f"Folder **{folder}** looks like the model's **{alike[0]}** but was counted as a type the "
+                       f"model does not know (measure again with `--class-map {folder}={alike[0]}`).")
 
 # ---------------------------------------------------------------- per class
 st.subheader("Per class")

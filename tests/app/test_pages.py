@@ -268,6 +268,33 @@ def test_metrics_page(app_env):
     assert card["review_rule"]["guarantee"] in texts(at)
 
 
+def test_metrics_page_warns_of_a_look_alike_folder_measured_unmapped(app_env, monkeypatch):
+    """An external report whose 'neutrophil' folder was not mapped counted those cells as an unknown type: the
+    page says so beside its figures and gives the map."""
+    import copy
+
+    import streamlit as st
+
+    import bcc_core.verification as verification
+
+    real = verification.load_reports
+    if not real(app_env["model_dir"]):
+        pytest.skip("the model has no saved external report")
+
+    def unmapped(model_dir):
+        reps = copy.deepcopy(real(model_dir))
+        reps[0]["data"]["unmapped_look_alike"] = {"neutrophil": ["seg_neutrophil"]}
+        return reps
+
+    monkeypatch.setattr(verification, "load_reports", unmapped)
+    st.cache_data.clear()
+    at = start("pages/metrics.py")
+    assert not at.exception, [e.value for e in at.exception]
+    assert ("Folder **neutrophil** looks like the model's **seg_neutrophil**" in texts(at, "warning")
+            and "--class-map neutrophil=seg_neutrophil" in texts(at, "warning"))
+    st.cache_data.clear()
+
+
 def test_model_card_page(app_env):
     at = start("pages/model_card.py")
     assert at.title[0].value == "Model card"
