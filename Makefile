@@ -19,7 +19,7 @@ run: setup
 	$(BIN)/python -m streamlit run app.py --server.port $(PORT)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
