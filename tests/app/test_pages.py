@@ -709,6 +709,7 @@ def test_your_lab_offers_to_read_a_look_alike_folder_as_the_model_class(app_env,
     """A zip whose folder is 'Monocytes' (the model's 'monocyte' spelt otherwise) is shown with the class it may
     mean, and adaptation and the verification report read it as that class unless the user unticks the box."""
     import bcc_core.adapt
+    import bcc_core.verification
 
     seen = []
 
@@ -717,6 +718,8 @@ def test_your_lab_offers_to_read_a_look_alike_folder_as_the_model_class(app_env,
         raise ValueError("stopped by the test")
 
     monkeypatch.setattr(bcc_core.adapt, "adapt", fake_adapt)
+    saved = []   # the bundled model's verification reports are kept here, never written into models/
+    monkeypatch.setattr(bcc_core.verification, "save_report", lambda model_dir, rep: saved.append(rep))
     at = start("pages/your_lab.py")
     at.file_uploader[0].set_value(("lab.zip", _labelled_zip(["Monocytes", "seg_neutrophil"], 2), "application/zip"))
     at.run()
@@ -737,6 +740,7 @@ def test_your_lab_offers_to_read_a_look_alike_folder_as_the_model_class(app_env,
     assert seen[-1].class_map == {}
     next(b for b in at.button if b.label == "Verify the selected model").click().run()
     assert set(at.session_state["lab_report"]["per_true_label"]) == {"Monocytes", "seg_neutrophil"}
+    assert [set(r["per_true_label"]) for r in saved] == [{"monocyte", "seg_neutrophil"}, {"Monocytes", "seg_neutrophil"}]
 
 
 def test_your_lab_takes_this_sessions_reviewed_cells(app_env):
