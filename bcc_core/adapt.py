@@ -86,6 +86,10 @@ class AdaptConfig:
             at 8x the forward-pass cost). The trust layer is fitted on the lab's cells scored the same way; the
             parent's replay rows hold one view of each image, so they enter its calibration as single views.
             Measured against 1 in bench/results/adapt_lab_lisc_views_{1,8}.md and adapt_lab_pb7_views_{1,8}.md.
+        colour_features: the adapted head reads the image's chroma histogram (`bcc_core.colour`, part of the
+            new model's graph) beside the pooled features, standardised on the head's fitting rows; needs
+            the parent's replay bank to hold the histograms of its rows (`replay-bank` writes them). With the
+            backbone fine-tuned, the head is then refitted on the fine-tuned features and the histogram.
         seed: split, initialisation and shuffling seed.
     """
 
@@ -115,6 +119,7 @@ class AdaptConfig:
     review_delta: float = 0.1
     conformal_alpha: float = 0.05
     test_time_views: int = 8
+    colour_features: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -233,10 +238,15 @@ def _head_layers(parent_model, n_classes: int) -> list:
 
 def _init_head(layers: list, parent_model) -> None:
     """The parent head's weights; an added class's logit row starts at zero weights and the average old
-    class's bias, so it is neither favoured nor excluded."""
+    class's bias, so it is neither favoured nor excluded. A head input the parent's head does not read (the
+    chroma histogram) starts at zero weights; one the new head does not read is dropped."""
     from .models import LOGITS_LAYER
 
-    layers[1].set_weights(parent_model.get_layer("head_dense").get_weights())
+    k_par, b_par = parent_model.get_layer("head_dense").get_weights()
+    k_dense = np.zeros_like(layers[1].get_weights()[0])
+    rows = min(len(k_par), len(k_dense))  # the pooled features come first in either
+    k_dense[:rows] = k_par[:rows]
+    layers[1].set_weights([k_dense, b_par])
     k_old, b_old = parent_model.get_layer(LOGITS_LAYER).get_weights()
     k_new, b_new = layers[3].get_weights()
     n_old = k_old.shape[1]
@@ -300,7 +310,10 @@ def can_fine_tune(bank: dict, early_layer: str | None, cfg: AdaptConfig, model=N
     if model is not None and early_layer:
         from .training import split_at_frozen_cut
 
-        if early_layer in {l.name for l in split_at_frozen_cut(model, meta["fine_tune_layers"])[1].layers}:
+        from .models import feature_extractor
+
+        top = split_at_frozen_cut(feature_extractor(model), meta["fine_tune_layers"])[1]
+        if early_layer in {l.name for l in top.layers}:
             return f"the early-layer OOD detector's layer {early_layer} is above the cut; only the head was retrained"
     return ""
 
@@ -391,7 +404,11 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     if cfg.replay_targets == "parent":
         from .models import LOGITS_LAYER, head_only
 
-        lg_rep = batched_predict(compiled(head_only(pred.model, LOGITS_LAYER)), f_bank_parent[rep])
+        from .colour import head_rows
+
+        lg_rep = batched_predict(compiled(head_only(pred.model, LOGITS_LAYER)),
+                                 head_rows(pred.model, f_bank_parent[rep], bank["colour"][rows][rep] if "colour" in bank
+                                           else None))
         p_rep = np.exp(lg_rep - lg_rep.max(1, keepdims=True))
         t_tr[: int(rep.sum())] = 0
         t_tr[: int(rep.sum()), : lg_rep.shape[1]] = p_rep / p_rep.sum(1, keepdims=True)
@@ -406,7 +423,7 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     top.compile(optimizer=keras.optimizers.Adam(cfg.backbone_learning_rate), loss="categorical_crossentropy")
     top.fit(x_tr, t_tr, sample_weight=w, epochs=cfg.backbone_epochs,
             batch_size=32, shuffle=True, verbose=0, callbacks=[Progress()])
-    sub = {k: bank[k][rows] for k in ("features", "labels", "part", "source", "early") if k in bank}
+    sub = {k: bank[k][rows] for k in ("features", "labels", "part", "source", "early", "colour") if k in bank}
     sub.update({k: bank[k] for k in ("classes", "meta", "cut_meta", *codec)},
                cut_codes=bank["cut_codes"], cut_rows=np.arange(len(rows), dtype=np.int32))
     bank_new = {**sub, "features": batched_predict(features, c_bank)}
@@ -548,11 +565,38 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     S = np.concatenate([src_rep[rep_fit], np.full(len(fit_y_lab), lab_src)])
     W = _sample_weights(Y, S, lab_src, cfg.lab_weight)
 
-    if why_not:
-        say(0.45, f"training the head on {len(X)} feature rows ({why_not})")
-        layers = _train_head(pred.model, n_cls, X, Y, W, cfg)
-        model = keras.Model(pred.model.input, _wire(layers, pred.model.get_layer(FEATURES_LAYER).output),
-                            name=pred.model.name)
+    # The chroma histogram of every lab cell (and of the views the head and the test-time mean use): the
+    # lab's rows join the bank with theirs; the new head reads them beside the features.
+    h_lab, h_views = None, []
+    if "colour" in bank:
+        from .colour import chroma_histograms
+
+        x_all = lab_inputs(pred, raw, shas, range(n), cache)
+        h_lab = chroma_histograms(x_all)
+        h_views = [chroma_histograms(v) for v in dihedral_views(x_all, max(n_views, len(f_tta)))]
+    colour_why_not = ("switched off (colour_features = False)" if not cfg.colour_features else "" if h_lab is not None
+                      else "the parent's replay bank holds no chroma histograms (rebuild it: python -m bcc_core "
+                           "replay-bank)")
+    if why_not or not colour_why_not:
+        # A head on frozen features: the parent's (backbone not fine-tuned), or the fine-tuned network's
+        # (its head, trained with the top, is refitted to read the histogram too).
+        start = pred.model if why_not else model
+        feats_t = start.get_layer(FEATURES_LAYER).output
+        if colour_why_not:
+            Xh, head_in = X, feats_t
+        else:
+            from .colour import STD_FLOOR, chroma_branch, scaled_head_input
+
+            H = np.concatenate([bank["colour"][rep_fit], h_lab[fit_i]] + [h[fit_i] for h in h_views[:n_views]])
+            c_mean, c_scale = H.mean(0), 1.0 / np.maximum(H.std(0), STD_FLOOR)
+            Xh = np.concatenate([X, (H - c_mean) * c_scale], 1).astype(np.float32)
+            head_in = scaled_head_input(feats_t, chroma_branch(start.input), c_mean, c_scale)
+        say(0.45, f"training the head on {len(X)} rows ({why_not or 'fine-tuned features'}"
+                  f"{'' if colour_why_not else ' and the chroma histogram'})")
+        layers = _train_head(start, n_cls, Xh, Y, W, cfg)
+        model = keras.Model(start.input, _wire(layers, head_in), name=pred.model.name)
+    from .colour import head_rows
+
     head_logits = compiled(head_only(model, LOGITS_LAYER))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
 
@@ -560,10 +604,11 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     from .replay import CAL_A, CAL_B
     from .trust import Part, TrustConfig, TrustModel
 
-    lg_bank = batched_predict(head_logits, bank["features"], batch_size=1024)
-    lg_lab = batched_predict(head_logits, f_lab, batch_size=1024)
+    lg_bank = batched_predict(head_logits, head_rows(model, bank["features"], bank.get("colour")), batch_size=1024)
+    lg_lab = batched_predict(head_logits, head_rows(model, f_lab, h_lab), batch_size=1024)
     if f_tta:  # scored as the adapted model will score images: logits averaged over the views
-        lg_lab = (lg_lab + sum(batched_predict(head_logits, f, batch_size=1024) for f in f_tta)) / (1 + len(f_tta))
+        lg_lab = (lg_lab + sum(batched_predict(head_logits, head_rows(model, f, None if h_lab is None else h_views[v]),
+                                               batch_size=1024) for v, f in enumerate(f_tta))) / (1 + len(f_tta))
     # Calibration A / B: the parent's own calibration parts (replay) pooled with the lab's parts A / B;
     # a bank from an older adapted model lists its lab's calibration cells as "lab_cal" (kept in A).
     rep_a = np.isin(part, CAL_A + ("lab_cal_a", "lab_cal"))
@@ -642,7 +687,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     # the trust fits (a lab has too few cells for a fourth part).
     before = lab_figures(y_cal, np.pad(p_par_lab[cal_i], ((0, 0), (0, n_cls - n_old))), d_par_lab.ok[cal_i], classes)
     after = lab_figures(y_cal, p_lab[cal_i], d_lab.ok[cal_i], classes)
-    lg_par_bank = batched_predict(parent_logits, bank_parent["features"], batch_size=1024)
+    lg_par_bank = batched_predict(parent_logits, head_rows(pred.model, bank_parent["features"], bank_parent.get("colour")),
+                                  batch_size=1024)
     par_test_before = _macro_f1(y_bank[test], lg_par_bank[test], n_old)
     # Over the parent classes only: a parent test cell suggested as an added class counts as a miss.
     par_test_after = _macro_f1(y_bank[test], lg_bank[test], n_old)
@@ -671,9 +717,11 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                 "meta": bank["meta"]}
     if has_early:
         lab_bank["early"] = e_lab[lab_rows].astype(np.float16)
+    if h_lab is not None:
+        lab_bank["colour"] = h_lab[lab_rows].astype(np.float16)
     if codes_lab is not None:  # the cut is the parent's (nothing below it changed): a child can fine-tune again
         lab_bank.update(cut_codes=codes_lab[lab_rows], cut_rows=np.arange(len(lab_rows), dtype=np.int32))
-    old = {k: (v.astype(np.float16) if k in ("features", "early") else v) for k, v in bank.items()}
+    old = {k: (v.astype(np.float16) if k in ("features", "early", "colour") else v) for k, v in bank.items()}
     save_bank(out / REPLAY_FILE, concat_banks(old, lab_bank))
     if (parent / "split.json").is_file():
         shutil.copy2(parent / "split.json", out / "split.json")
@@ -701,7 +749,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             if not why_not else
             f"head (Dense128 + logits) on the parent's replay training features ({int(rep_fit.sum())} rows) and the "
             f"lab's {len(fit_i)} fitting cells with {n_views} flipped/rotated views each (class-balanced per source, "
-            f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's): {why_not}"),
+            f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's): {why_not}") + (
+            "; the head also reads the image's chroma histogram (bcc_core.colour; standardised on the head's "
+            "fitting rows, and refitted on the fine-tuned features when the top was fine-tuned)" if not colour_why_not
+            else f"; no chroma histogram: {colour_why_not}"),
         "pooled_calibration": (
             f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
             f"conformal quantile (calibration B, disjoint from A): {trust.fitted_on['review_rule']}."),
@@ -755,6 +806,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                "parent_test_macro_f1": {"before": par_test_before, "after": par_test_after},
                "unlabelled_classes_same_prediction": kept_same, "review_rule": rule, "temperature": T,
                "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not,
+               "colour_features": not colour_why_not, "colour_not_used_because": colour_why_not,
                "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})

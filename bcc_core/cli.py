@@ -560,6 +560,8 @@ def cmd_adapt(a) -> int:
           f"calibration cells, {res['time_s']:.0f} s)")
     print("  " + ("the top of the network and the head learnt the lab" if res["backbone_fine_tuned"]
                   else f"head only: {res['head_only_because']}"))
+    print("  " + ("the head also reads each image's chroma histogram" if res["colour_features"]
+                  else f"no chroma histogram: {res['colour_not_used_because']}"))
     print(f"  lab calibration part: shown as ok {b['ok_fraction']:.1%} -> {af['ok_fraction']:.1%}, wrong and ok "
           f"{b['wrong_ok_of_all']:.1%} -> {af['wrong_ok_of_all']:.1%}")
     for c, r in af["recall"].items():

@@ -66,15 +66,25 @@ def _gradcam_fn(predictor):
         from .models import LOGITS_LAYER
         from .training import compiled
 
+        from .colour import SCALE_LAYER, has_colour
+
         m = predictor.model
-        to_conv = compiled(keras.Model(m.input, m.get_layer(predictor.card.gradcam_layer).output))
+        # A head that also reads the image's chroma histogram (`bcc_core.colour`): that input is constant
+        # with respect to the target layer, so it only shifts which head units are active.
+        outs = [m.get_layer(predictor.card.gradcam_layer).output] + (
+            [m.get_layer(SCALE_LAYER).output] if has_colour(m) else [])
+        to_conv = compiled(keras.Model(m.input, outs))
         w1, b1 = (np.asarray(v, np.float64) for v in m.get_layer("head_dense").get_weights())
         w2, _ = (np.asarray(v, np.float64) for v in m.get_layer(LOGITS_LAYER).get_weights())
 
         def f(x):
-            conv = np.asarray(to_conv(x), np.float64)[0]                # (h, w, k)
+            got = to_conv(x)
+            got = got if isinstance(got, (list, tuple)) else [got]
+            conv = np.asarray(got[0], np.float64)[0]                    # (h, w, k)
             feats = conv.mean(axis=(0, 1))                              # the GAP features
-            jac = (w1 * (feats @ w1 + b1 > 0)[None, :]) @ w2            # (k, C): ∂logits/∂features
+            k = feats.shape[0]
+            pre = feats @ w1[:k] + b1 + (np.asarray(got[1], np.float64)[0] @ w1[k:] if len(got) > 1 else 0.0)
+            jac = (w1[:k] * (pre > 0)[None, :]) @ w2                    # (k, C): ∂logits/∂features
             weights = jac.T / (conv.shape[0] * conv.shape[1])           # (C, k): mean gradient per channel
             return np.maximum(np.einsum("hwk,ck->chw", conv, weights), 0.0)
 

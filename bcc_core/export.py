@@ -12,7 +12,7 @@ calibrated probabilities within `PARITY_ATOL`), timed, and the fastest backend t
 
 Only the layer types of the project's backbones' graphs are converted (MobileNetV2: Conv2D,
 DepthwiseConv2D, BatchNormalization, ReLU, ZeroPadding2D, Add, GAP, Dense, Dropout, Rescaling; small_cnn's
-MaxPooling2D and Activation); a model
+MaxPooling2D and Activation; an adapted head's chroma histogram, `bcc_core.colour`: Concatenate); a model
 with another layer raises `NotImplementedError` naming it, and screening keeps using Keras.
 """
 
@@ -158,6 +158,10 @@ def _convert_layer(g, cls, name, cfg, inputs, in_shape):
         return _activation(g, name, cfg.get("activation"), y)
     if cls == "Activation":
         return _activation(g, name, cfg["activation"], x)
+    if cls == "Concatenate":  # on the channel axis (last in Keras, 1 in ONNX's NCHW and for (N, D) alike)
+        if cfg.get("axis", -1) not in (-1, len(in_shape) - 1):
+            raise NotImplementedError(f"{name}: concatenation on axis {cfg['axis']}")
+        return g.node("Concat", list(inputs), name, axis=1)
     raise NotImplementedError(f"layer {name!r} of type {cls} has no ONNX conversion here; "
                               "screening keeps using Keras for this model")
 

@@ -106,10 +106,12 @@ def feature_extractor(model):
 
 
 def head_only(model, until: str = PROBS_LAYER):
-    """A model taking features (N, D) through the head layers up to `until` (shares weights with `model`)."""
+    """A model taking the head's input (N, D) through the head layers up to `until` (shares weights with
+    `model`). D is the pooled features' size, plus the chroma histogram's when the head also reads it
+    (`bcc_core.colour`: an adapted model's head input is [features, standardised histogram])."""
     import keras
 
-    d = model.get_layer(FEATURES_LAYER).output.shape[-1]
+    d = model.get_layer("head_dropout1").input.shape[-1]
     inp = keras.Input((d,), name="features_in")
     x = inp
     for name in ("head_dropout1", "head_dense", "head_dropout2", LOGITS_LAYER, PROBS_LAYER):

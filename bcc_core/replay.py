@@ -56,12 +56,15 @@ def bank_index(labels: np.ndarray, parts: dict, per_class_train: int = TRAIN_PER
 
 
 def make_bank(features: np.ndarray, early: np.ndarray | None, labels: np.ndarray, parts: dict, classes: list[str],
-              source: str, per_class_train: int = TRAIN_PER_CLASS, seed: int = 0, meta: dict | None = None) -> dict:
+              source: str, per_class_train: int = TRAIN_PER_CLASS, seed: int = 0, meta: dict | None = None,
+              colour: np.ndarray | None = None) -> dict:
     """Assemble a bank from features of a whole dataset and its split.
 
     Args:
         features: (N, D) float penultimate features of clean images.
         early: (N, E) pooled early-layer activations or None.
+        colour: (N, H) chroma histograms of the images (`bcc_core.colour`) or None; an adaptation's head
+            reads them beside the features.
         labels: (N,) int class indices.
         parts: {part name: idx} integer index arrays into the N rows (`training.train`: train, val, cal_a,
             cal_b, test); only the train part is subsampled.
@@ -81,6 +84,8 @@ def make_bank(features: np.ndarray, early: np.ndarray | None, labels: np.ndarray
             "meta": np.array(json.dumps({"per_class_train": per_class_train, "seed": seed, **(meta or {})}))}
     if early is not None:
         bank["early"] = np.asarray(early)[idx].astype(np.float16)
+    if colour is not None:
+        bank["colour"] = np.asarray(colour)[idx].astype(np.float16)
     return bank
 
 
@@ -178,8 +183,9 @@ def concat_banks(a: dict, b: dict) -> dict:
     out = {k: np.concatenate([a[k], b[k]]) for k in ("features", "labels", "part", "source")}
     out["part"] = out["part"].astype("U16")
     out["source"] = out["source"].astype("U64")
-    if "early" in a and "early" in b:
-        out["early"] = np.concatenate([a["early"], b["early"]])
+    for k in ("early", "colour"):
+        if k in a and k in b:
+            out[k] = np.concatenate([a[k], b[k]])
     out["classes"] = np.array(cb, dtype="U64")
     out["meta"] = b.get("meta", a["meta"])
     if "cut_codes" in a:
@@ -191,7 +197,8 @@ def concat_banks(a: dict, b: dict) -> dict:
 
 
 def save_bank(path, bank: dict) -> None:
-    """Write `replay.npz`: features (N, D) float16, early (N, E) float16 (optional), labels (N,) int16,
+    """Write `replay.npz`: features (N, D) float16, early (N, E) float16 (optional), colour (N, H) float16
+    (optional; chroma histograms, `bcc_core.colour`), labels (N,) int16,
     part (N,) one of PARTS, source (N,) str, classes (C,) str, meta JSON string."""
     np.savez_compressed(path, **bank)
 
@@ -200,8 +207,9 @@ def load_bank(path) -> dict:
     z = np.load(path, allow_pickle=False)
     bank = {k: z[k] for k in z.files}
     bank["features"] = bank["features"].astype(np.float32)
-    if "early" in bank:
-        bank["early"] = bank["early"].astype(np.float32)
+    for k in ("early", "colour"):
+        if k in bank:
+            bank[k] = bank[k].astype(np.float32)
     bank["labels"] = bank["labels"].astype(int)
     return bank
 
@@ -248,8 +256,10 @@ def build_for_model(model_dir, data_root, per_class_train: int = TRAIN_PER_CLASS
     if problems:
         raise ValueError(f"{len(problems)} split images could not be read, e.g. {problems[0]}")
     feats, _, early = pred.forward(x, views=1)  # features only: the image itself
+    from .colour import chroma_histograms
+
     bank = make_bank(feats, early, labels[rows], parts, pred.classes, source=pred.card.data.get("name", "training"),
-                     per_class_train=0, seed=seed,
+                     per_class_train=0, seed=seed, colour=chroma_histograms(x),
                      meta={"model_id": pred.card.model_id, "per_class_train": per_class_train,
                            "built_from": "split.json + dataset root"})
     bank = add_cut(bank, pred.model, lambda r: x[r], seed=seed)  # bank rows are x's rows

@@ -227,7 +227,9 @@ def _fit_on_sequence(model, seq, y_tr, x_val, y_val, cfg: TrainConfig, n_classes
 
 def _top_layers(model, n_layers: int) -> list:
     """The last n weighted backbone layers (what fine-tuning may change), head excluded."""
-    names_head = {"features", "head_dropout1", "head_dense", "head_dropout2", "logits", "probs"}
+    from .colour import COLOUR_LAYERS
+
+    names_head = {"features", "head_dropout1", "head_dense", "head_dropout2", "logits", "probs", *COLOUR_LAYERS}
     backbone_layers = [l for l in model.layers
                        if l.name not in names_head and l.name not in FIXED_LAYERS and l.weights]
     return backbone_layers[-n_layers:] if n_layers > 0 else []
@@ -773,9 +775,13 @@ def write_model(out, model, prep: Prepared, trust, ev, audit, audit_card, cfg, h
                "split_sizes": dict(prep.split_card["sizes"]),
                "data_problems": prep.problems + list(prep.ds.problems)}
     trust.save_stats(out)
-    bank = make_bank(outs["features"], outs["early"], prep.labels, P, classes, source=prep.data_card["name"],
-                     seed=cfg.seed)
+    from .colour import N_FEATURES as N_COLOUR, chroma_histograms
+
     rows = bank_index(prep.labels, P, seed=cfg.seed)[0]
+    colour = np.zeros((len(prep.labels), N_COLOUR), np.float32)
+    colour[rows] = chroma_histograms(prep.x[rows])  # only the rows the bank keeps
+    bank = make_bank(outs["features"], outs["early"], prep.labels, P, classes, source=prep.data_card["name"],
+                     seed=cfg.seed, colour=colour)
     save_bank(out / REPLAY_FILE, add_cut(bank, model, lambda r: prep.x[rows[r]], seed=cfg.seed))
     legacy = trust.legacy_sections()
     sizes, hashes = prep.split_card["sizes"], prep.split_card["sha256"]

@@ -6,7 +6,9 @@ For each repeat, N distinct cells per class (duplicate groups, one image each) a
 image per distinct cell, none of the N drawn) is measured. `fit` = 0.6 N is what `adapt` fits on with its
 default calibration share (0.4); `fit` = N is every reviewed cell. Feature sets: ImageNet MobileNetV2
 (global average pool, the same weights the bundled models start from) and the model's own penultimate
-features (`--model`), on the model's preprocessing; ImageNet features also on other preprocessings.
+features (`--model`), on the model's preprocessing; ImageNet features also on other preprocessings; the
+chroma histogram of the model's input (`bcc_core.colour`, what an adapted head reads beside the features),
+alone and beside the model's own features.
 
 This is an upper-bound style diagnostic for a lab's own classes, not a product figure: the probe has no
 OOD or review rule and is fitted on this lab alone. The lab must be one the model never saw (LISC for pbs5).
@@ -103,6 +105,17 @@ def main(argv=None):
     x_model = np.stack([pred.prepare(im)[0] for im in images])
     feats = {f"ImageNet MobileNetV2, {Path(a.model).name}'s preprocessing": imagenet(prep),
              f"{Path(a.model).name}'s own features": pred.forward(x_model)[0]}
+    # The chroma histogram an adapted head reads beside the features (bcc_core.colour), on the model's input.
+    from bcc_core.colour import chroma_histograms
+
+    hist = chroma_histograms(x_model)
+    own = feats[f"{Path(a.model).name}'s own features"]
+    feats["chroma histogram alone (bcc_core.colour)"] = hist
+    feats[f"{Path(a.model).name}'s own features + chroma histogram"] = np.hstack([own, hist])
+    # Standardised, the histogram's 144 columns weigh little against 1280 feature columns under the probe's
+    # L2 penalty; repeated 4 times, they weigh as if they were 576 (not something adapt does: its head learns
+    # the weights freely).
+    feats[f"{Path(a.model).name}'s own features + chroma histogram x4"] = np.hstack([own] + [hist] * 4)
     n_fits = sorted({round(0.6 * a.n), a.n})
     rows = {}
     for fname, f in feats.items():

@@ -77,6 +77,11 @@ def test_training_writes_a_replay_bank(parent):
         assert part == "train" or (bank["part"] == part).sum() == n
     assert bank["features"].shape[0] == len(bank["labels"]) == len(bank["part"]) and "early" in bank
     assert (bank["part"] == "test").sum() == card["split"]["sizes"]["test"]
+    # Each row's chroma histogram, as the layers an adapted head reads it compute it (bcc_core.colour).
+    from bcc_core.colour import N_FEATURES
+
+    assert bank["colour"].shape == (len(bank["labels"]), N_FEATURES)
+    assert 0 < bank["colour"].sum(1).min() and bank["colour"].sum(1).max() <= 1 + 1e-3
 
 
 def test_unknown_folder_is_refused_with_the_model_classes(parent, tmp_path):
@@ -196,6 +201,7 @@ def test_trust_is_refitted_on_the_labs_calibration_parts_only(parent, adapted):
 
 
 def test_unlabelled_class_keeps_the_parents_predictions(parent, adapted):
+    from bcc_core.colour import has_colour, head_rows
     from bcc_core.inference import Predictor
     from bcc_core.models import LOGITS_LAYER, head_only
     from bcc_core.replay import load_bank
@@ -203,10 +209,11 @@ def test_unlabelled_class_keeps_the_parents_predictions(parent, adapted):
     _, new, summary, _ = adapted
     bank = load_bank(parent / "replay.npz")
     old_p, new_p = Predictor.load(parent), Predictor.load(new)
+    assert has_colour(new_p.model) and not has_colour(old_p.model)  # the adapted head also reads the chroma
     tri = bank["labels"] == old_p.classes.index("trilobed")
-    f = bank["features"][tri]
-    before = np.asarray(head_only(old_p.model, LOGITS_LAYER)(f)).argmax(1)
-    after = np.asarray(head_only(new_p.model, LOGITS_LAYER)(f)).argmax(1)
+    f, h = bank["features"][tri], bank["colour"][tri]
+    before = np.asarray(head_only(old_p.model, LOGITS_LAYER)(head_rows(old_p.model, f, h))).argmax(1)
+    after = np.asarray(head_only(new_p.model, LOGITS_LAYER)(head_rows(new_p.model, f, h))).argmax(1)
     assert (before == after).mean() >= 0.9
     assert summary["unlabelled_classes_same_prediction"] >= 0.9
 
@@ -361,3 +368,43 @@ def test_external_evaluation_names_a_look_alike_folder_left_unmapped(parent, tmp
     rep = json.loads(out.strip().splitlines()[-1])
     assert "note:" not in out and rep["data"]["unmapped_look_alike"] == {}
     assert set(rep["per_true_label"]) == {"mono", "bilobed"}
+
+
+def test_the_adapted_head_reads_the_chroma_and_exports_and_explains_like_keras(adapted):
+    """The new head's chroma branch is part of the exported runtime (ONNX, parity-checked at export) and of
+    the compiled Grad-CAM (the histogram shifts which head units are active): both agree with Keras."""
+    from bcc_core.colour import has_colour
+    from bcc_core.explain import _gradcam_all, _maps, _vis
+    from bcc_core.inference import Predictor
+
+    _, new, summary, _ = adapted
+    assert summary["colour_features"] and not summary["colour_not_used_because"]
+    assert "chroma histogram" in json.loads((new / "model_card.json").read_text())["lineage"]["what_was_refitted"]
+    exported = json.loads((new / "metrics.json").read_text())["export"]
+    assert exported["ok"], exported
+    fast, keras_p = Predictor.load(new), Predictor.load(new, runtime="keras")
+    assert fast.runtime_backend != "keras" and has_colour(keras_p.model)
+    x = np.stack([keras_p.prepare(_lab_cell(s, lobes))[0] for s, lobes in ((7, 1), (8, 2), (9, 3))])
+    np.testing.assert_allclose(fast.forward(x)[1], keras_p.forward(x)[1], rtol=1e-3, atol=1e-3)
+    mine = _gradcam_all(keras_p, x[0])
+    theirs = _maps(_vis(keras_p, "gradcam"), keras_p.card.gradcam_layer, x[0], "gradcam",
+                   list(range(len(keras_p.classes))))
+    np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-4 * float(theirs.max()))
+
+
+def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_says_why(parent, tmp_path):
+    from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.colour import has_colour
+    from bcc_core.inference import Predictor
+
+    old = tmp_path / "old_parent"
+    shutil.copytree(parent, old)
+    bank = dict(np.load(old / "replay.npz"))
+    del bank["colour"]  # a bank written before the histograms existed
+    np.savez_compressed(old / "replay.npz", **bank)
+    lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=10)
+    s = adapt(old, lab, tmp_path / "new", AdaptConfig(epochs=3))
+    assert not s["colour_features"] and "replay-bank" in s["colour_not_used_because"]
+    assert not has_colour(Predictor.load(tmp_path / "new", runtime="keras").model)
+    off = adapt(parent, lab, tmp_path / "off", AdaptConfig(epochs=3, colour_features=False))
+    assert not off["colour_features"] and "switched off" in off["colour_not_used_because"]

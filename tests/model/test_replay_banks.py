@@ -40,3 +40,29 @@ def test_replay_bank_matches_card_and_reproduces_test_f1(name):
     logits = np.asarray(head_only(model, LOGITS_LAYER)(bank["features"][test]))
     f1 = f1_score(bank["labels"][test], logits.argmax(1), average="macro")
     assert f1 == pytest.approx(card["metrics"]["test"]["macro_f1"], abs=0.005)
+
+
+@pytest.mark.parametrize("name,root", [("pbs5-mobilenetv2", "pbs5"), ("all4-mobilenetv2", "all4"),
+                                       ("pb7-mobilenetv2", "")])
+def test_replay_bank_holds_the_chroma_histograms_of_its_images(name, root):
+    """An adaptation's head reads each row's chroma histogram (bcc_core.colour): the bank's are those of the
+    row's own image, as the layers compute them (checked on the first test images when the data is here)."""
+    from bcc_core.colour import N_FEATURES, chroma_histograms
+    from bcc_core.data import load_split
+    from bcc_core.inference import Predictor
+    from bcc_core.replay import load_bank
+    from bcc_core.training import load_images
+
+    from conftest import SHARED
+
+    d = require_model(name)
+    bank = load_bank(d / "replay.npz")
+    assert bank["colour"].shape == (len(bank["labels"]), N_FEATURES)
+    data = SHARED / root if root else SHARED
+    if not data.is_dir():
+        pytest.skip(f"{data} not here: the histograms' shape only")
+    test_items = load_split(d / "split.json", data)["test"][:6]
+    x = load_images([p for p, _ in test_items], Predictor.load(d).pcfg, False)[0]
+    rows = np.flatnonzero(bank["part"] == "test")[:6]
+    assert list(bank["labels"][rows]) == [l for _, l in test_items]
+    np.testing.assert_allclose(bank["colour"][rows], chroma_histograms(x), atol=2e-3)
