@@ -539,6 +539,7 @@ def cmd_adapt(a) -> int:
     cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed,
                       class_map=_class_map(a.class_map),
                       **({"backbone_layers": 0} if a.head_only else {}),
+                      **({"colour_features": False} if a.no_colour else {}),
                       **({"test_time_views": a.views} if a.views is not None else {}))
     bar = None
     if not a.quiet:
@@ -729,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--head-only", action="store_true",
                     help="retrain the head only, on the parent's frozen features (faster; the default also "
                          "fine-tunes the backbone's top blocks when the parent's replay bank allows it)")
+    ad.add_argument("--no-colour", action="store_true",
+                    help="the new head reads the pooled features only, not each image's chroma histogram beside them "
+                         "(AdaptConfig.colour_features)")
     ad.add_argument("--views", type=int, choices=range(1, 9), metavar="{1..8}",
                     help="the adapted model scores each image by its logits averaged over the image and its flips / "
                          "90° rotations, this many in all (default 8, AdaptConfig.test_time_views; 8 costs 8x the "

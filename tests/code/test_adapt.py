@@ -392,8 +392,9 @@ def test_the_adapted_head_reads_the_chroma_and_exports_and_explains_like_keras(a
     np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-4 * float(theirs.max()))
 
 
-def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_says_why(parent, tmp_path):
+def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_says_why(parent, tmp_path, capsys):
     from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.cli import main
     from bcc_core.colour import has_colour
     from bcc_core.inference import Predictor
 
@@ -406,5 +407,8 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
     s = adapt(old, lab, tmp_path / "new", AdaptConfig(epochs=3))
     assert not s["colour_features"] and "replay-bank" in s["colour_not_used_because"]
     assert not has_colour(Predictor.load(tmp_path / "new", runtime="keras").model)
-    off = adapt(parent, lab, tmp_path / "off", AdaptConfig(epochs=3, colour_features=False))
-    assert not off["colour_features"] and "switched off" in off["colour_not_used_because"]
+    capsys.readouterr()
+    assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / "off"), "--quiet",
+                 "--no-colour", "--head-only"]) == 0
+    assert "no chroma histogram: switched off" in capsys.readouterr().out
+    assert not has_colour(Predictor.load(tmp_path / "off", runtime="keras").model)
