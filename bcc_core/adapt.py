@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from . import calibration, evaluation, ood, review
+from .colour import STD_FLOOR, chroma_branch, chroma_histograms, head_rows, scaled_head_input
 from .data import alike_classes
 from .preprocess import MAX_VIEWS, dihedral_views
 from .replay import CUT_LAYERS, REPLAY_FILE, concat_banks, cut_meta, decode_cut, encode_cut, load_bank, save_bank
@@ -408,8 +409,6 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     if cfg.replay_targets == "parent":
         from .models import LOGITS_LAYER, head_only
 
-        from .colour import head_rows
-
         lg_rep = batched_predict(compiled(head_only(pred.model, LOGITS_LAYER)),
                                  head_rows(pred.model, f_bank_parent[rep], bank["colour"][rows][rep] if "colour" in bank
                                            else None))
@@ -573,8 +572,6 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     # lab's rows join the bank with theirs; the new head reads them beside the features.
     h_lab, h_views = None, []
     if "colour" in bank:
-        from .colour import chroma_histograms
-
         x_all = lab_inputs(pred, raw, shas, range(n), cache)
         h_lab = chroma_histograms(x_all)
         h_views = [chroma_histograms(v) for v in dihedral_views(x_all, max(n_views, len(f_tta)))]
@@ -589,8 +586,6 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         if colour_why_not:
             Xh, head_in = X, feats_t
         else:
-            from .colour import STD_FLOOR, chroma_branch, scaled_head_input
-
             H = np.concatenate([bank["colour"][rep_fit], h_lab[fit_i]] + [h[fit_i] for h in h_views[:n_views]])
             c_mean, c_scale = H.mean(0), cfg.colour_gain / np.maximum(H.std(0), STD_FLOOR)
             Xh = np.concatenate([X, (H - c_mean) * c_scale], 1).astype(np.float32)
@@ -599,8 +594,6 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                   f"{'' if colour_why_not else ' and the chroma histogram'})")
         layers = _train_head(start, n_cls, Xh, Y, W, cfg)
         model = keras.Model(start.input, _wire(layers, head_in), name=pred.model.name)
-    from .colour import head_rows
-
     head_logits = compiled(head_only(model, LOGITS_LAYER))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
 
