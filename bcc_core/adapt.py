@@ -91,9 +91,6 @@ class AdaptConfig:
             new model's graph) beside the pooled features, standardised on the head's fitting rows; needs
             the parent's replay bank to hold the histograms of its rows (`replay-bank` writes them). With the
             backbone fine-tuned, the head is then refitted on the fine-tuned features and the histogram.
-        colour_gain: the standardised histogram is multiplied by this before the head (its weights start at
-            zero and Adam moves each weight at about the same pace, so a larger gain lets the histogram weigh
-            in sooner).
         seed: split, initialisation and shuffling seed.
     """
 
@@ -124,7 +121,6 @@ class AdaptConfig:
     conformal_alpha: float = 0.05
     test_time_views: int = 8
     colour_features: bool = True
-    colour_gain: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -587,7 +583,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             Xh, head_in = X, feats_t
         else:
             H = np.concatenate([bank["colour"][rep_fit], h_lab[fit_i]] + [h[fit_i] for h in h_views[:n_views]])
-            c_mean, c_scale = H.mean(0), cfg.colour_gain / np.maximum(H.std(0), STD_FLOOR)
+            c_mean, c_scale = H.mean(0), 1.0 / np.maximum(H.std(0), STD_FLOOR)
             Xh = np.concatenate([X, (H - c_mean) * c_scale], 1).astype(np.float32)
             head_in = scaled_head_input(feats_t, chroma_branch(start.input), c_mean, c_scale)
         say(0.45, f"training the head on {len(X)} rows ({why_not or 'fine-tuned features'}"
