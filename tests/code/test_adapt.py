@@ -129,7 +129,8 @@ def adapted(parent, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TrustModel, "fit", classmethod(spy))
-        summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1),
+        # colour_min_cells=2: the histogram is read from these 12 cells a class (by default from 15)
+        summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1, colour_min_cells=2),
                         progress=lambda f, m: calls.append((f, m)))
     summary["_trust_fits"] = fits
     return lab, tmp / "new", summary, calls
@@ -407,6 +408,8 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
     s = adapt(old, lab, tmp_path / "new", AdaptConfig(epochs=3))
     assert not s["colour_features"] and "replay-bank" in s["colour_not_used_because"]
     assert not has_colour(Predictor.load(tmp_path / "new", runtime="keras").model)
+    few = adapt(parent, lab, tmp_path / "few", AdaptConfig(epochs=3))  # 10 cells a class, fewer than 15
+    assert not few["colour_features"] and "fewer than 15 distinct reviewed cells" in few["colour_not_used_because"]
     capsys.readouterr()
     assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / "off"), "--quiet",
                  "--no-colour", "--head-only"]) == 0

@@ -63,7 +63,7 @@ def _cfg_b():
     from bcc_core.adapt import AdaptConfig
 
     return AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1, backbone_min_cells=12,
-                       test_time_views=1)
+                       colour_min_cells=12, test_time_views=1)
 
 
 def _weights(model, name):
