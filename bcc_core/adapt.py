@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from . import calibration, evaluation, ood, review
-from .colour import STD_FLOOR, chroma_branch, chroma_histograms, head_rows, scaled_head_input
+from .colour import STD_FLOOR, chroma_branch, chroma_histograms, head_rows, scaled_head_input, view_histograms
 from .data import alike_classes
 from .preprocess import MAX_VIEWS, dihedral_views
 from .replay import CUT_LAYERS, REPLAY_FILE, concat_banks, cut_meta, decode_cut, encode_cut, load_bank, save_bank
@@ -576,7 +576,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     if "colour" in bank:
         x_all = lab_inputs(pred, raw, shas, range(n), cache)
         h_lab = chroma_histograms(x_all)
-        h_views = [chroma_histograms(v) for v in dihedral_views(x_all, max(n_views, len(f_tta)))]
+        h_views = view_histograms(x_all, max(n_views, len(f_tta)))
     few = {classes[c]: k for c in np.unique(y_lab) if (k := len(np.unique(groups[y_lab == c]))) < cfg.colour_min_cells}
     colour_why_not = (
         "switched off (colour_features = False)" if not cfg.colour_features else

@@ -103,7 +103,19 @@ def chroma_histograms(x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         _MODELS[size] = compiled(keras.Model(inp, chroma_branch(inp)))
     if not len(x):
         return np.zeros((0, N_FEATURES), np.float32)
-    return np.asarray(batched_predict(_MODELS[size], np.asarray(x, np.float32), batch_size=batch_size), np.float32)
+    return np.asarray(batched_predict(_MODELS[size], x, batch_size=batch_size), np.float32)  # float32 per batch
+
+
+def view_histograms(x: np.ndarray, n_views: int, chunk: int = 64) -> list[np.ndarray]:
+    """Chroma histograms of the first `n_views` flips / 90° rotations of each input (`dihedral_views`
+    order): a list of (N, BINS^2), computed a chunk of images at a time (no copy of every view at once)."""
+    from .preprocess import dihedral_views
+
+    parts = [[] for _ in range(n_views)]
+    for s in range(0, len(x), chunk):
+        for v, xv in enumerate(dihedral_views(x[s:s + chunk], n_views)):
+            parts[v].append(chroma_histograms(xv))
+    return [np.concatenate(p) if p else np.zeros((0, N_FEATURES), np.float32) for p in parts]
 
 
 def has_colour(model) -> bool:

@@ -65,3 +65,14 @@ def test_head_rows_need_the_histogram_for_a_colour_head():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="chroma histogram"):
         head_rows(model, f, None)
+
+
+def test_view_histograms_are_those_of_each_view():
+    from bcc_core.colour import chroma_histograms, view_histograms
+    from bcc_core.preprocess import dihedral_views
+
+    x = np.random.default_rng(2).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    got = view_histograms(x, 7, chunk=2)  # chunks of 2 over 5 images: the pieces are put back in order
+    assert len(got) == 7
+    for v, xv in enumerate(dihedral_views(x, 7)):
+        np.testing.assert_allclose(got[v], chroma_histograms(xv), atol=1e-7)
