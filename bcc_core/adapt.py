@@ -545,8 +545,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     n_views = len(f_views) // max(len(fit_i), 1)
     sources = list(dict.fromkeys(list(bank["source"]) + [cfg.lab]))
     lab_src = sources.index(cfg.lab)
-    why_not = can_fine_tune(bank, pred.card.ood.get("early_layer"), cfg, pred.model,
-                            {classes[c]: len(np.unique(groups[y_lab == c])) for c in np.unique(y_lab)})
+    cells_per_class = {classes[c]: len(np.unique(groups[y_lab == c])) for c in np.unique(y_lab)}  # distinct cells
+    why_not = can_fine_tune(bank, pred.card.ood.get("early_layer"), cfg, pred.model, cells_per_class)
     codes_lab = None
     if not why_not:
         # The adapted network's features replace the parent's: for the replay rows kept at the cut (the
@@ -577,7 +577,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         x_all = lab_inputs(pred, raw, shas, range(n), cache)
         h_lab = chroma_histograms(x_all)
         h_views = view_histograms(x_all, max(n_views, len(f_tta)))
-    few = {classes[c]: k for c in np.unique(y_lab) if (k := len(np.unique(groups[y_lab == c]))) < cfg.colour_min_cells}
+    few = {c: k for c, k in cells_per_class.items() if k < cfg.colour_min_cells}
     colour_why_not = (
         "switched off (colour_features = False)" if not cfg.colour_features else
         "the parent's replay bank holds no chroma histograms (rebuild it: python -m bcc_core replay-bank)"
@@ -690,7 +690,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     # the trust fits (a lab has too few cells for a fourth part).
     before = lab_figures(y_cal, np.pad(p_par_lab[cal_i], ((0, 0), (0, n_cls - n_old))), d_par_lab.ok[cal_i], classes)
     after = lab_figures(y_cal, p_lab[cal_i], d_lab.ok[cal_i], classes)
-    lg_par_bank = batched_predict(parent_logits, head_rows(pred.model, bank_parent["features"], bank_parent.get("colour")),
+    lg_par_bank = batched_predict(parent_logits,
+                                  head_rows(pred.model, bank_parent["features"], bank_parent.get("colour")),
                                   batch_size=1024)
     par_test_before = _macro_f1(y_bank[test], lg_par_bank[test], n_old)
     # Over the parent classes only: a parent test cell suggested as an added class counts as a miss.

@@ -10,9 +10,9 @@ fixed set of bins fits every lab) is sampled every `STRIDE` pixels; each sample'
 coordinates o1 = (R - G) / sqrt(2) and o2 = (R + G - 2B) / sqrt(6) (in units of 255) fall into a
 `BINS` x `BINS` grid of diamond-shaped soft bins, membership max(0, 1 - |t1| - |t2|) with t the distance
 to the bin centre in bin widths; the histogram is the mean membership over the samples. Everything is
-max-pooling (1 x 1, to sample), Conv2D (1 x 1), ReLU and global average pooling with fixed weights, so the exported runtime
-(`bcc_core.export`) converts it like the backbone, and `chroma_histograms` (NumPy in, NumPy out) gives
-exactly what the graph computes.
+max-pooling (1 x 1, to sample), Conv2D (1 x 1), ReLU and global average pooling with fixed weights, so the
+exported runtime (`bcc_core.export`) converts it like the backbone, and `chroma_histograms` (NumPy in,
+NumPy out) gives exactly what the graph computes.
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ import numpy as np
 BINS = 12
 STRIDE = 4
 O1_RANGE = (-0.02, 0.20)
-"""Bin centres of o1 = (R - G) / sqrt(2) / 255: 1st-99th percentile of stain-normalised cell crops (LISC)
-is 0.008-0.166."""
+"""Bin centres of o1 = (R - G) / sqrt(2) / 255. The range was read off LISC's stain-normalised cell crops
+(1st-99th percentile 0.008-0.166, LISC being a lab the adaptation bench measures on); pbs5's, the
+training data's, are 0.008-0.169 (300 crops), so the range does not rest on the measured lab."""
 O2_RANGE = (-0.20, 0.08)
-"""Bin centres of o2 = (R + G - 2B) / sqrt(6) / 255: 1st-99th percentile -0.150-0.059."""
+"""Bin centres of o2 = (R + G - 2B) / sqrt(6) / 255: 1st-99th percentile -0.150-0.059 on LISC, -0.154-0.029
+on pbs5."""
 HIST_LAYER = "colour_hist"
 HEAD_INPUT_LAYER = "head_input"
 SCALE_LAYER = "colour_scale"
-COLOUR_LAYERS = ("colour_sample", "colour_chroma", "colour_abs", "colour_bins", "colour_membership", HIST_LAYER, SCALE_LAYER,
-                 HEAD_INPUT_LAYER)
+COLOUR_LAYERS = ("colour_sample", "colour_chroma", "colour_abs", "colour_bins", "colour_membership", HIST_LAYER,
+                 SCALE_LAYER, HEAD_INPUT_LAYER)
 """Layer names of the colour branch: not backbone layers (never fine-tuned, never cut through)."""
 _O1 = np.array([1.0, -1.0, 0.0]) / np.sqrt(2) / 255.0
 _O2 = np.array([1.0, 1.0, -2.0]) / np.sqrt(6) / 255.0
@@ -47,7 +49,7 @@ def _weights():
     ka = np.zeros((1, 1, 3, 4 * BINS), np.float32)
     ba = np.zeros(4 * BINS, np.float32)
     for j in range(BINS):
-        for s, (o, c, w, off) in enumerate(((_O1, c1, w1, 0), (_O2, c2, w2, 2 * BINS))):
+        for o, c, w, off in ((_O1, c1, w1, 0), (_O2, c2, w2, 2 * BINS)):
             ka[0, 0, :, off + j], ba[off + j] = o / w, -c[j] / w
             ka[0, 0, :, off + BINS + j], ba[off + BINS + j] = -o / w, c[j] / w
     # Layer b: membership of bin (j, k) = 1 - |t1_j| - |t2_k| (ReLU after).
