@@ -27,6 +27,24 @@ def synthetic_cell(size=360, nucleus=60, seed=0, lobes=1) -> np.ndarray:
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
+def _tree(root: Path) -> dict:
+    """Every file under `root`: its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bundled_models_untouched():
+    """The bundled models are the product: a test that writes into models/ (an adapted model, an export, a
+    rebuilt bank) would change what the next test and the user get. Fails the run if any file there was
+    added, removed or rewritten."""
+    before = _tree(MODELS) if MODELS.is_dir() else {}
+    yield
+    after = _tree(MODELS) if MODELS.is_dir() else {}
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the test run changed files under {MODELS}: {changed[:10]}"
+
+
 @pytest.fixture
 def cell_image():
     return synthetic_cell()

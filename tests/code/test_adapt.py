@@ -219,6 +219,29 @@ def test_unlabelled_class_keeps_the_parents_predictions(parent, adapted):
     assert summary["unlabelled_classes_same_prediction"] >= 0.9
 
 
+def test_the_head_reads_the_histogram_standardised_times_the_gain(adapted):
+    """The fixed scale layer standardises each histogram bin on the head's fitting rows and multiplies it by
+    `colour_gain` (the child bank holds those rows but not their flips / rotations, whose histograms are nearly
+    the same: each lab row is counted as its views, so the spread is close to the gain, not equal)."""
+    from bcc_core.adapt import AdaptConfig
+    from bcc_core.colour import SCALE_LAYER, STD_FLOOR
+    from bcc_core.inference import Predictor
+    from bcc_core.replay import load_bank
+
+    _, new, _, _ = adapted
+    w, _ = Predictor.load(new, runtime="keras").model.get_layer(SCALE_LAYER).get_weights()
+    assert np.allclose(w, np.diag(np.diag(w)))  # per bin, no mixing
+    child = load_bank(new / "replay.npz")
+    # The head fits each lab cell with its 7 flips / rotations (AdaptConfig.aug_views): 8 rows a cell.
+    reps = np.where(child["part"] == "lab_fit", 1 + AdaptConfig().aug_views, 1)
+    keep = np.isin(child["part"], ("train", "lab_fit"))
+    h = np.repeat(child["colour"][keep].astype(np.float64), reps[keep], axis=0)
+    spread = h.std(0) * np.diag(w)
+    varied = h.std(0) > 2 * STD_FLOOR
+    gain = AdaptConfig().colour_gain
+    assert varied.sum() >= 10 and np.median(spread[varied]) == pytest.approx(gain, rel=0.1)
+
+
 def test_adapted_folder_predicts_and_differs_from_parent(parent, adapted):
     from bcc_core.inference import Predictor
 
@@ -279,6 +302,8 @@ def test_views_average_the_logits_the_trust_layer_was_fitted_on(parent, tmp_path
 
     with pytest.raises(ValueError, match="1..8"):  # there are no more distinct flips / rotations
         AdaptConfig(test_time_views=9)
+    with pytest.raises(ValueError, match="colour_gain must be positive"):
+        AdaptConfig(colour_gain=0)
     lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
     summary = adapt(parent, lab, tmp_path / "new", AdaptConfig(lab="lab B", seed=1, test_time_views=8))
     assert not summary["backbone_fine_tuned"]
