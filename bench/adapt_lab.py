@@ -41,6 +41,10 @@ from adapt_lab_report import fmt_recall, report  # noqa: E402  (imports bcc_core
 KNOWN = {"neutrophil": "seg_neutrophil", "monocyte": "monocyte", "basophil": "basophil"}
 UNKNOWN = ("eosinophil", "lymphocyte")
 MIN_MEASURE = 5
+# A setting missing from a saved run's config was added after that run, which behaved as its default did
+# then: the default now, except these (colour_gain became 3 once measured; runs before it read the
+# histogram unscaled).
+RAN_AS_BEFORE_IT_EXISTED = {"colour_gain": 1.0}
 
 
 
@@ -174,12 +178,12 @@ def pooled(results: list[dict]) -> dict:
     of different studies or repeats that appear twice."""
     from bcc_core.adapt import AdaptConfig
 
-    first, defaults = results[0], AdaptConfig().to_dict()
+    first, defaults = results[0], {**AdaptConfig().to_dict(), **RAN_AS_BEFORE_IT_EXISTED}
     for r in results[1:]:
         for k in ("model", "lab"):
             if r.get(k) != first.get(k):
                 raise SystemExit(f"cannot pool: {k} differs ({first.get(k)} vs {r.get(k)})")
-        a, b = first.get("config", {}), r.get("config", {})  # a setting added later ran at its default before
+        a, b = first.get("config", {}), r.get("config", {})  # a setting added later: see RAN_AS_BEFORE_IT_EXISTED
         differ = {k for k in a.keys() | b.keys() if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))}
         if differ:
             raise SystemExit(f"cannot pool: settings differ ({', '.join(sorted(differ))})")

@@ -68,7 +68,7 @@ def test_saved_limits_of_every_age_read_under_todays_keys(bench_path):
 
 def test_parts_of_one_study_pool_and_others_are_refused(bench_path):
     """adapt_lab --render A --render B: the repeats of parts run with --first-repeat together; a setting added
-    after a part ran counts at its default; parts of other studies, or a repeat twice, are refused."""
+    after a part ran counts at the value it had then; parts of other studies, or a repeat twice, are refused."""
     pooled = importlib.import_module("adapt_lab").pooled
 
     def part(repeats, **config):
@@ -81,3 +81,7 @@ def test_parts_of_one_study_pool_and_others_are_refused(bench_path):
         pooled([part([0, 1]), part([2, 3], backbone_aug_colour=False)])
     with pytest.raises(SystemExit, match="twice"):
         pooled([part([0, 1]), part([1, 2])])
+    # colour_gain's default became 3 after runs that read the histogram unscaled (as gain 1)
+    with pytest.raises(SystemExit, match="colour_gain"):
+        pooled([part([0, 1]), part([2, 3], colour_gain=3.0)])
+    assert len(pooled([part([0, 1]), part([2, 3], colour_gain=1.0)])["runs"]) == 4
