@@ -4,12 +4,15 @@ Steps (each writes bench/results/step_<step>.md, stamped with the commit and the
 crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling, memory,
 train_time.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
-(`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it.
+(`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it,
+unless `--refresh` is given: then RESULTS.md is rebuilt from every step file, the re-run sections in place of the
+full run's, and its header names each re-run section, its commit and what under models/ differs from the full run's
+commit (a clean tree only, so every stamp names the code that ran).
 A full run takes longer than a working session here; `--resume` continues an interrupted full run while the
 code is that run's (clean tree only; bench/results/bench_run.json records its finished steps and is committed
 with them; commits of bench outputs alone keep the run), so every section still comes from one commit's code
 and models.
-Usage: python bench/run_all.py [--only evaluate,crosslab] [--resume] [--data ../shared/data]
+Usage: python bench/run_all.py [--only evaluate,crosslab [--refresh]] [--resume] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -396,6 +400,48 @@ def _stamp(name: str, started: datetime, wall_s: float, commit: str) -> str:
             f"{wall_s / 60:.1f} min._")
 
 
+STAMP = re.compile(r"_Section `(?P<name>[^`]+)`: generated (?P<when>.+? UTC) at commit (?P<commit>\S+)")
+
+
+def _models_changed(since: str, commit: str) -> list[str]:
+    """Files under models/ that differ between two commits (bundled models and their replay banks)."""
+    out = subprocess.run(["git", "diff", "--name-only", since.split()[0], commit.split()[0], "--", "models"], cwd=ROOT,
+                         capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else ["(not comparable: " + out.stderr.strip() + ")"]
+
+
+def _section(text: str) -> str:
+    return text.replace("\n# ", "\n## ").replace("# ", "## ", 1)
+
+
+def refresh_results(header: str, full_commit: str) -> str:
+    """RESULTS.md rebuilt from every step file: `header` is the full run's opening paragraph; each section whose
+    stamp names another commit than the full run's is listed after it, with what under models/ differs."""
+    texts = [(RES / f"step_{n}.md").read_text() for n in STEPS if (RES / f"step_{n}.md").is_file()]
+    later = []
+    for text in texts:
+        m = STAMP.search(text)
+        if m and m["commit"] != full_commit:
+            changed = _models_changed(full_commit, m["commit"])
+            later.append(f"- `{m['name']}`: re-run {m['when']} at commit {m['commit']} (`--only {m['name']} --refresh`); "
+                         f"under models/ since {full_commit}: {', '.join(changed) if changed else 'nothing changed'}.")
+    intro = header.replace("Every section below was generated in this run", "Every other section below was generated in "
+                           "that run") if later else header
+    parts = ["# Benchmark results", "", intro, ""]
+    if later:
+        parts += ["Sections re-run since, each with its own stamp:", "", *later, ""]
+    return "\n".join(parts + ["", *map(_section, texts)]) + "\n"
+
+
+def _full_run_header(results: str) -> tuple[str, str]:
+    """The opening paragraph of a RESULTS.md a full run wrote, and that run's commit."""
+    para = results.split("\n\n")[1]
+    m = re.search(r"at commit (\S+), from", para)
+    if not para.startswith("One run of") or not m:
+        raise ValueError("bench/RESULTS.md does not open with a full run's header: run `make bench` first")
+    return para, m.group(1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=",".join(STEPS))
@@ -403,6 +449,9 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted full run at the same commit (clean tree): steps it finished are "
                          "kept as they were written, the others run; a run at another commit starts afresh")
+    ap.add_argument("--refresh", action="store_true",
+                    help="with --only: also rebuild bench/RESULTS.md, these sections re-run in place of the last full "
+                         "run's and named in its header (clean tree only)")
     a = ap.parse_args(argv)
     data = Path(a.data)
     if not data.is_dir():
@@ -416,6 +465,12 @@ def main(argv=None):
     RES.mkdir(parents=True, exist_ok=True)
     commit, t0 = _commit(), datetime.now(timezone.utc)
     full = names == list(STEPS)
+    if a.refresh and (full or "uncommitted" in commit):
+        print("--refresh re-runs some steps (--only) from a clean tree (commit first): each section's stamp must name "
+              "the code that ran")
+        return 2
+    results = ROOT / "bench" / "RESULTS.md"
+    header = _full_run_header(results.read_text()) if a.refresh else None  # refused before anything runs
     record = _run_record(commit, t0, resume=a.resume and full)
     if full and "uncommitted" not in commit:
         commit = record["commit"]  # a resumed run's code is its first part's (checked), so its sections say that commit
@@ -434,6 +489,10 @@ def main(argv=None):
         if full and "uncommitted" not in commit and not failed:
             record["done"][name] = f"{started:%Y-%m-%d %H:%M} UTC"
             RUN_RECORD.write_text(json.dumps(record, indent=2))
+    if a.refresh:
+        results.write_text(refresh_results(*header))
+        print(f"bench/RESULTS.md rebuilt: {', '.join(names)} re-run at {commit}, the other sections the full run's.")
+        return 0
     if names != list(STEPS):
         print(f"Partial run ({', '.join(names)}): wrote bench/results/step_<name>.md for these steps only; "
               "bench/RESULTS.md is written by a full run (`make bench`) and was left unchanged.")
@@ -444,8 +503,8 @@ def main(argv=None):
              f"{began:%Y-%m-%d %H:%M} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
              + (f", continued {record['resumed']} time(s) at the same commit with `--resume`" if record["resumed"] else "")
              + ". Every section below was generated in this run; each says when and how long it took.", ""]
-    parts += ["", *(sec.replace("\n# ", "\n## ").replace("# ", "## ", 1) for sec in sections)]
-    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(parts) + "\n")
+    parts += ["", *map(_section, sections)]
+    results.write_text("\n".join(parts) + "\n")
     return 0
 
 

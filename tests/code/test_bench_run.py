@@ -105,3 +105,49 @@ def test_the_backbone_table_says_when_it_ranks_nothing(run_all, tmp_path):
     learned = tmp_path / "learned.csv"
     learned.write_text(head + "a,none,0.8,0.7\n")
     assert "above chance" in run_all._chance_note(learned)
+
+
+def test_refresh_puts_a_rerun_section_in_place_and_names_it_with_what_changed_under_models(run_all, repo, monkeypatch):
+    """`--only adapt --refresh`: RESULTS.md is the full run's sections with the re-run one in its place, and the
+    header says which section came later, at which commit, and what under models/ differs since the full run."""
+    import subprocess
+
+    repo, git = repo
+    res = repo / "bench" / "results"
+    monkeypatch.setattr(run_all, "RES", res)
+    monkeypatch.setattr(run_all, "STEPS", {"x": None, "y": None})
+    (repo / "models").mkdir()
+    (repo / "models" / "bank.npz").write_text("v1")
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "model"], check=True)
+    full = run_all._commit()
+
+    def step(name, title, commit):
+        return f"# {title}\n\n_Section `{name}`: generated 2026-12-03 17:59 UTC at commit {commit} by `bench/run_all.py`, 1.0 min._\nbody {name}\n"
+
+    for n in ("x", "y"):
+        (res / f"step_{n}.md").write_text(step(n, n.upper(), full))
+    head = (f"One run of `bench/run_all.py` (`make bench`) on a 2-core CPU at commit {full}, from 2026-12-03 08:22 to "
+            "2026-12-03 18:36 UTC. Every section below was generated in this run; each says when and how long it took.")
+    whole = run_all.refresh_results(head, full)
+    assert run_all._full_run_header(whole) == (head, full)
+    assert "re-run" not in whole and whole.index("## X") < whole.index("## Y")  # nothing re-run: the full run as it was
+
+    (repo / "models" / "bank.npz").write_text("v2")
+    subprocess.run(git + ["commit", "-qam", "bank rebuilt"], check=True)
+    later = run_all._commit()
+    (res / "step_y.md").write_text(step("y", "Y again", later))
+    rebuilt = run_all.refresh_results(*run_all._full_run_header(whole))
+    assert "Every other section below was generated in that run" in rebuilt
+    assert f"- `y`: re-run 2026-12-03 17:59 UTC at commit {later}" in rebuilt
+    assert "under models/ since " + full + ": models/bank.npz." in rebuilt
+    assert "## Y again" in rebuilt and "## X" in rebuilt and "`x`: re-run" not in rebuilt
+    with pytest.raises(ValueError, match="full run"):
+        run_all._full_run_header("# Benchmark results\n\nsomething else\n")
+
+
+def test_refresh_is_refused_from_a_dirty_tree_before_anything_runs(run_all, repo, tmp_path, capsys):
+    repo, _ = repo
+    (repo / "code.py").write_text("x = 2\n")
+    assert run_all.main(["--only", "adapt", "--refresh", "--data", str(tmp_path)]) == 2
+    assert "clean tree" in capsys.readouterr().out
