@@ -471,7 +471,8 @@ def main(argv=None):
         return 2
     results = ROOT / "bench" / "RESULTS.md"
     header = _full_run_header(results.read_text()) if a.refresh else None  # refused before anything runs
-    record = _run_record(commit, t0, resume=a.resume and full)
+    # Only a full run keeps a record: a partial one must not replace the record of a full run it may interrupt.
+    record = _run_record(commit, t0, resume=a.resume) if full else {"done": {}}
     if full and "uncommitted" not in commit:
         commit = record["commit"]  # a resumed run's code is its first part's (checked), so its sections say that commit
     sections = []

@@ -151,3 +151,15 @@ def test_refresh_is_refused_from_a_dirty_tree_before_anything_runs(run_all, repo
     (repo / "code.py").write_text("x = 2\n")
     assert run_all.main(["--only", "adapt", "--refresh", "--data", str(tmp_path)]) == 2
     assert "clean tree" in capsys.readouterr().out
+
+
+def test_a_partial_run_leaves_the_full_runs_record_alone(run_all, repo, monkeypatch, tmp_path):
+    repo, _ = repo
+    res = repo / "bench" / "results"
+    monkeypatch.setattr(run_all, "RES", res)
+    monkeypatch.setattr(run_all, "STEPS", {"x": lambda data: ["# X", "body"], "y": lambda data: ["# Y", "body"]})
+    record = {"commit": "abc1234", "started": "2026-12-02T08:00:00+00:00", "resumed": 0, "done": {"y": "earlier"}}
+    run_all.RUN_RECORD.write_text(json.dumps(record))
+    assert run_all.main(["--only", "x", "--data", str(tmp_path)]) == 0
+    assert (res / "step_x.md").read_text().startswith("# X\n\n_Section `x`: generated")
+    assert json.loads(run_all.RUN_RECORD.read_text()) == record
