@@ -432,7 +432,7 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            say(0.35 + 0.3 * (epoch + 1) / cfg.backbone_epochs,
+            say(0.35 + 0.25 * (epoch + 1) / cfg.backbone_epochs,
                 f"fine-tuning the top of the network: epoch {epoch + 1}/{cfg.backbone_epochs}")
 
     top.compile(optimizer=keras.optimizers.Adam(cfg.backbone_learning_rate), loss="categorical_crossentropy")
@@ -606,7 +606,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             c_mean, c_scale = H.mean(0), cfg.colour_gain / np.maximum(H.std(0), STD_FLOOR)
             Xh = np.concatenate([X, (H - c_mean) * c_scale], 1).astype(np.float32)
             head_in = scaled_head_input(feats_t, chroma_branch(start.input), c_mean, c_scale)
-        say(0.45, f"training the head on {len(X)} rows ({why_not or 'fine-tuned features'}"
+        say(0.45 if why_not else 0.62, f"training the head on {len(X)} rows ({why_not or 'fine-tuned features'}"
                   f"{'' if colour_why_not else ' and the chroma histogram'})")
         layers = _train_head(start, n_cls, Xh, Y, W, cfg)
         model = keras.Model(start.input, _wire(layers, head_in), name=pred.model.name)

@@ -91,9 +91,11 @@ def test_fine_tuned_top_changes_only_above_the_cut_and_can_adapt_again(mparent):
     parent = mparent / "parent"
     cfg = _cfg_b()
     steps = []
-    s1 = adapt(parent, _lab_b(mparent), mparent / "child", cfg, progress=lambda f, m: steps.append(m))
+    s1 = adapt(parent, _lab_b(mparent), mparent / "child", cfg, progress=lambda f, m: steps.append((f, m)))
     assert s1["backbone_fine_tuned"] and not s1["head_only_because"]
-    assert any("fine-tuning the top of the network" in m for m in steps)
+    assert any("fine-tuning the top of the network" in m for _, m in steps)
+    fractions = [f for f, _ in steps]
+    assert fractions == sorted(fractions), steps  # the progress bar never runs backwards
     old, new = Predictor.load(parent).model, Predictor.load(mparent / "child").model
     for below in ("Conv1", "block_9_expand", "block_13_expand"):  # the parent's, bit for bit
         for a, b in zip(_weights(old, below), _weights(new, below)):
