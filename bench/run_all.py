@@ -435,7 +435,8 @@ def refresh_results(header: str, full_commit: str) -> str:
 
 def _full_run_header(results: str) -> tuple[str, str]:
     """The opening paragraph of a RESULTS.md a full run wrote, and that run's commit."""
-    para = results.split("\n\n")[1]
+    paras = results.split("\n\n")
+    para = paras[1] if len(paras) > 1 else ""
     m = re.search(r"at commit (\S+), from", para)
     if not para.startswith("One run of") or not m:
         raise ValueError("bench/RESULTS.md does not open with a full run's header: run `make bench` first")
@@ -470,7 +471,11 @@ def main(argv=None):
               "the code that ran")
         return 2
     results = ROOT / "bench" / "RESULTS.md"
-    header = _full_run_header(results.read_text()) if a.refresh else None  # refused before anything runs
+    try:  # refused before anything runs
+        header = _full_run_header(results.read_text() if results.is_file() else "") if a.refresh else None
+    except ValueError as e:
+        print(e)
+        return 2
     # Only a full run keeps a record: a partial one must not replace the record of a full run it may interrupt.
     record = _run_record(commit, t0, resume=a.resume) if full else {"done": {}}
     if full and "uncommitted" not in commit:

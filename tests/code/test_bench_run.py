@@ -153,6 +153,15 @@ def test_refresh_is_refused_from_a_dirty_tree_before_anything_runs(run_all, repo
     assert "clean tree" in capsys.readouterr().out
 
 
+def test_refresh_without_a_full_runs_results_is_refused_before_anything_runs(run_all, repo, tmp_path, capsys,
+                                                                            monkeypatch):
+    repo, _ = repo
+    ran = []
+    monkeypatch.setattr(run_all, "STEPS", {"x": lambda data: ran.append(data) or ["# X"], "y": None})
+    assert run_all.main(["--only", "x", "--refresh", "--data", str(tmp_path)]) == 2  # no RESULTS.md at all
+    assert "make bench" in capsys.readouterr().out and not ran
+
+
 def test_a_partial_run_leaves_the_full_runs_record_alone(run_all, repo, monkeypatch, tmp_path):
     repo, _ = repo
     res = repo / "bench" / "results"
