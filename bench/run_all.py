@@ -395,12 +395,17 @@ def _run_record(commit: str, now: datetime, resume: bool) -> dict:
     return rec
 
 
+ONE_RUN = "Every section below was generated in this run"
+"""The full run's header says this; a refreshed RESULTS.md says it of the sections it did not re-run."""
+
+
 def _stamp(name: str, started: datetime, wall_s: float, commit: str) -> str:
     return (f"_Section `{name}`: generated {started:%Y-%m-%d %H:%M} UTC at commit {commit} by `bench/run_all.py`, "
             f"{wall_s / 60:.1f} min._")
 
 
 STAMP = re.compile(r"_Section `(?P<name>[^`]+)`: generated (?P<when>.+? UTC) at commit (?P<commit>\S+)")
+"""Reads back what `_stamp` writes."""
 
 
 def _models_changed(since: str, commit: str) -> list[str]:
@@ -425,8 +430,7 @@ def refresh_results(header: str, full_commit: str) -> str:
             changed = _models_changed(full_commit, m["commit"])
             later.append(f"- `{m['name']}`: re-run {m['when']} at commit {m['commit']} (`--only {m['name']} --refresh`); "
                          f"under models/ since {full_commit}: {', '.join(changed) if changed else 'nothing changed'}.")
-    intro = header.replace("Every section below was generated in this run", "Every other section below was generated in "
-                           "that run") if later else header
+    intro = header.replace(ONE_RUN, "Every other section below was generated in that run") if later else header
     parts = ["# Benchmark results", "", intro, ""]
     if later:
         parts += ["Sections re-run since, each with its own stamp:", "", *later, ""]
@@ -508,7 +512,7 @@ def main(argv=None):
              f"One run of `bench/run_all.py` (`make bench`) on a {os.cpu_count()}-core CPU at commit {commit}, from "
              f"{began:%Y-%m-%d %H:%M} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
              + (f", continued {record['resumed']} time(s) at the same commit with `--resume`" if record["resumed"] else "")
-             + ". Every section below was generated in this run; each says when and how long it took.", ""]
+             + f". {ONE_RUN}; each says when and how long it took.", ""]
     parts += ["", *map(_section, sections)]
     results.write_text("\n".join(parts) + "\n")
     return 0

@@ -122,13 +122,14 @@ def test_refresh_puts_a_rerun_section_in_place_and_names_it_with_what_changed_un
     subprocess.run(git + ["commit", "-qm", "model"], check=True)
     full = run_all._commit()
 
-    def step(name, title, commit):
-        return f"# {title}\n\n_Section `{name}`: generated 2026-12-03 17:59 UTC at commit {commit} by `bench/run_all.py`, 1.0 min._\nbody {name}\n"
+    def step(name, title, commit):  # as run_all writes a step file
+        when = datetime(2026, 12, 3, 17, 59, tzinfo=timezone.utc)
+        return f"# {title}\n\n{run_all._stamp(name, when, 60.0, commit)}\nbody {name}\n"
 
     for n in ("x", "y"):
         (res / f"step_{n}.md").write_text(step(n, n.upper(), full))
     head = (f"One run of `bench/run_all.py` (`make bench`) on a 2-core CPU at commit {full}, from 2026-12-03 08:22 to "
-            "2026-12-03 18:36 UTC. Every section below was generated in this run; each says when and how long it took.")
+            f"2026-12-03 18:36 UTC. {run_all.ONE_RUN}; each says when and how long it took.")
     whole = run_all.refresh_results(head, full)
     assert run_all._full_run_header(whole) == (head, full)
     assert "re-run" not in whole and whole.index("## X") < whole.index("## Y")  # nothing re-run: the full run as it was
