@@ -28,7 +28,8 @@ from typing import Callable
 import numpy as np
 
 from . import calibration, evaluation, ood, review
-from .colour import STD_FLOOR, chroma_branch, chroma_histograms, head_rows, scaled_head_input, view_histograms
+from .colour import (N_FEATURES, STD_FLOOR, chroma_branch, chroma_histograms, has_colour, head_rows, scaled_head_input,
+                     view_histograms)
 from .data import alike_classes
 from .preprocess import MAX_VIEWS, dihedral_views
 from .replay import CUT_LAYERS, REPLAY_FILE, concat_banks, cut_meta, decode_cut, encode_cut, load_bank, save_bank
@@ -103,6 +104,10 @@ class AdaptConfig:
             fine-tuned, ten repeats, the same draws (bench/results/adapt_lab_lisc_views_8_colour_gain3_r0-9.md
             against adapt_lab_lisc_views_8_colour_r0-9.md): better on both halves of the draws; the only
             other value tried, so the choice is mildly optimistic on LISC.
+        colour_with_top: with the top fine-tuned, how the head comes to read the histogram: "refit": the top
+            and a head on the features alone are trained together, then a head reading features and histogram
+            is fitted on the fine-tuned features; "joint": the head trained with the top reads the histogram
+            from the start (every training row, the augmented views included, with its own histogram).
         seed: split, initialisation and shuffling seed.
     """
 
@@ -135,9 +140,12 @@ class AdaptConfig:
     colour_features: bool = True
     colour_min_cells: int = 15
     colour_gain: float = 3.0
+    colour_with_top: str = "refit"
     seed: int = 0
 
     def __post_init__(self):
+        if self.colour_with_top not in ("refit", "joint"):
+            raise ValueError(f"colour_with_top must be 'refit' or 'joint', not {self.colour_with_top!r}")
         if not self.colour_gain > 0:
             raise ValueError(f"colour_gain must be positive, not {self.colour_gain}")
         if not 1 <= self.test_time_views <= MAX_VIEWS:
@@ -349,10 +357,12 @@ def backbone_augment(cfg: AdaptConfig):
 
 
 def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_views: int, lab_src: int,
-                   sources: list, cfg: AdaptConfig, cache: dict, say):
+                   sources: list, cfg: AdaptConfig, cache: dict, say, with_colour: bool = False):
     """Fine-tune the backbone's top `cfg.backbone_layers` layers and a new head (initialised from the
     parent's) on the parent's replay rows at the cut and the lab's fitting cells (clean, flipped / rotated
-    and augmented views), everything below the cut computed once.
+    and augmented views), everything below the cut computed once. `with_colour`: the head trained with the
+    top also reads each row's standardised chroma histogram (the bank's for replay rows; computed for the
+    lab's views, augmented ones included), and the returned model holds the histogram branch.
 
     Returns:
         (model, bank_new, bank_parent, lab features (N, D), lab flip/rotation view features (n_views * F, D)
@@ -373,16 +383,25 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     base = keras.models.clone_model(pred.model)
     base.set_weights(pred.model.get_weights())
     layers = _head_layers(pred.model, n_cls)
-    model = keras.Model(base.input, _wire(layers, base.get_layer(FEATURES_LAYER).output), name=pred.model.name)
-    _init_head(layers, pred.model)
-    bottom, top = split_at_frozen_cut(model, cut_meta(bank)["fine_tune_layers"])  # the bank's cut
-    for layer in model.layers:
+    feats_t = base.get_layer(FEATURES_LAYER).output
+    cut = cut_meta(bank)["fine_tune_layers"]  # the bank's cut
+    if not with_colour:
+        model = keras.Model(base.input, _wire(layers, feats_t), name=pred.model.name)
+        _init_head(layers, pred.model)
+        bottom, train = split_at_frozen_cut(model, cut)
+        top_features = keras.Model(bottom.outputs[0], feats_t)
+    else:  # trained on (cut activations, standardised histogram); the model is wired once its scale is known
+        bottom, top_features = split_at_frozen_cut(keras.Model(base.input, feats_t), cut)
+        cut_in, z_in = keras.Input(bottom.outputs[0].shape[1:]), keras.Input((N_FEATURES,))
+        train = keras.Model([cut_in, z_in], _wire(layers, keras.layers.Concatenate()([top_features(cut_in), z_in])))
+        _init_head(layers, pred.model)
+    for layer in base.layers:
         layer.trainable = False
-    _unfreeze_top(model, cfg.backbone_layers)
+    _unfreeze_top(base, cfg.backbone_layers)
     for layer in layers:
         layer.trainable = True
     below = compiled(bottom)
-    features = compiled(keras.Model(bottom.outputs[0], model.get_layer(FEATURES_LAYER).output))
+    features = compiled(top_features)
 
     def cut_of(keys_views):
         """Cut activations of (cell index, dihedral view) pairs, cached by (content hash, view)."""
@@ -400,9 +419,12 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     c_flip = [cut_of([(i, v) for i in fit_i]) for v in range(1, 8)]
     x_fit = lab_inputs(pred, raw, shas, fit_i, cache)
     acfg = backbone_augment(cfg)
-    c_aug = [batched_predict(below, augment_batch(x_fit, seed=cfg.seed * 1000 + v, cfg=acfg, labels=y_lab[fit_i],
-                                                  workers=os.cpu_count() or 1))
-             for v in range(cfg.backbone_aug_views)]
+    c_aug, h_aug = [], []
+    for v in range(cfg.backbone_aug_views):
+        x_aug = augment_batch(x_fit, seed=cfg.seed * 1000 + v, cfg=acfg, labels=y_lab[fit_i], workers=os.cpu_count() or 1)
+        c_aug.append(batched_predict(below, x_aug))
+        if with_colour:
+            h_aug.append(chroma_histograms(x_aug))
     codec = {k: bank[k] for k in ("cut_basis", "cut_mean", "cut_lo", "cut_hi")}
     rows = np.asarray(bank["cut_rows"])
     c_bank = decode_cut(bank["cut_codes"], codec)
@@ -435,9 +457,17 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
             say(0.35 + 0.25 * (epoch + 1) / cfg.backbone_epochs,
                 f"fine-tuning the top of the network: epoch {epoch + 1}/{cfg.backbone_epochs}")
 
-    top.compile(optimizer=keras.optimizers.Adam(cfg.backbone_learning_rate), loss="categorical_crossentropy")
-    top.fit(x_tr, t_tr, sample_weight=w, epochs=cfg.backbone_epochs,
-            batch_size=32, shuffle=True, verbose=0, callbacks=[Progress()])
+    if with_colour:  # the histograms of the same rows, in the same order as x_tr
+        h_tr = np.concatenate([np.asarray(bank["colour"][rows][rep], np.float32), chroma_histograms(x_fit)]
+                              + view_histograms(x_fit, 7) + h_aug)
+        c_mean, c_scale = h_tr.mean(0), cfg.colour_gain / np.maximum(h_tr.std(0), STD_FLOOR)
+        x_tr = [x_tr, ((h_tr - c_mean) * c_scale).astype(np.float32)]
+    train.compile(optimizer=keras.optimizers.Adam(cfg.backbone_learning_rate), loss="categorical_crossentropy")
+    train.fit(x_tr, t_tr, sample_weight=w, epochs=cfg.backbone_epochs,
+              batch_size=32, shuffle=True, verbose=0, callbacks=[Progress()])
+    if with_colour:
+        head_in = scaled_head_input(feats_t, chroma_branch(base.input), c_mean, c_scale)
+        model = keras.Model(base.input, _wire(layers, head_in), name=pred.model.name)
     sub = {k: bank[k][rows] for k in ("features", "labels", "part", "source", "early", "colour") if k in bank}
     sub.update({k: bank[k] for k in ("classes", "meta", "cut_meta", *codec)},
                cut_codes=bank["cut_codes"], cut_rows=np.arange(len(rows), dtype=np.int32))
@@ -557,12 +587,27 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     lab_src = sources.index(cfg.lab)
     cells_per_class = {classes[c]: len(np.unique(groups[y_lab == c])) for c in np.unique(y_lab)}  # distinct cells
     why_not = can_fine_tune(bank, pred.card.ood.get("early_layer"), cfg, pred.model, cells_per_class)
+    # The chroma histogram of every lab cell (and of the views the head and the test-time mean use): the
+    # lab's rows join the bank with theirs; the new head reads them beside the features.
+    h_lab, h_views = None, []
+    if "colour" in bank:
+        x_all = lab_inputs(pred, raw, shas, range(n), cache)
+        h_lab = chroma_histograms(x_all)
+        h_views = view_histograms(x_all, max(n_views, cfg.test_time_views - 1))
+    few = {c: k for c, k in cells_per_class.items() if k < cfg.colour_min_cells}
+    colour_why_not = (
+        "switched off (colour_features = False)" if not cfg.colour_features else
+        "the parent's replay bank holds no chroma histograms (rebuild it: python -m bcc_core replay-bank)"
+        if h_lab is None else
+        f"fewer than {cfg.colour_min_cells} distinct reviewed cells in {few}: from 10 cells a class (BCCD) a head "
+        f"reading the histogram showed more of the lab's errors as ok" if few else "")
     codes_lab = None
     if not why_not:
         # The adapted network's features replace the parent's: for the replay rows kept at the cut (the
         # others' features would be the parent's, so they leave the bank) and for the lab's cells.
         model, bank, bank_parent, f_lab, f_views, codes_lab, f_tta = _fine_tune_top(
-            pred, bank, raw, shas, fit_i, y_lab, n_cls, n_views, lab_src, sources, cfg, cache, say)
+            pred, bank, raw, shas, fit_i, y_lab, n_cls, n_views, lab_src, sources, cfg, cache, say,
+            with_colour=not colour_why_not and cfg.colour_with_top == "joint")
     else:
         bank_parent = bank
         n_tta = cfg.test_time_views - 1  # the frozen backbone: the parent's features of the views
@@ -580,23 +625,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     S = np.concatenate([src_rep[rep_fit], np.full(len(fit_y_lab), lab_src)])
     W = _sample_weights(Y, S, lab_src, cfg.lab_weight)
 
-    # The chroma histogram of every lab cell (and of the views the head and the test-time mean use): the
-    # lab's rows join the bank with theirs; the new head reads them beside the features.
-    h_lab, h_views = None, []
-    if "colour" in bank:
-        x_all = lab_inputs(pred, raw, shas, range(n), cache)
-        h_lab = chroma_histograms(x_all)
-        h_views = view_histograms(x_all, max(n_views, len(f_tta)))
-    few = {c: k for c, k in cells_per_class.items() if k < cfg.colour_min_cells}
-    colour_why_not = (
-        "switched off (colour_features = False)" if not cfg.colour_features else
-        "the parent's replay bank holds no chroma histograms (rebuild it: python -m bcc_core replay-bank)"
-        if h_lab is None else
-        f"fewer than {cfg.colour_min_cells} distinct reviewed cells in {few}: from 10 cells a class (BCCD) a head "
-        f"reading the histogram showed more of the lab's errors as ok" if few else "")
-    if why_not or not colour_why_not:
+    if why_not or not (colour_why_not or has_colour(model)):
         # A head on frozen features: the parent's (backbone not fine-tuned), or the fine-tuned network's
-        # (its head, trained with the top, is refitted to read the histogram too).
+        # (its head, trained with the top on the features alone, is refitted to read the histogram too).
         start = pred.model if why_not else model
         feats_t = start.get_layer(FEATURES_LAYER).output
         if colour_why_not:
@@ -765,8 +796,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             f"lab's {len(fit_i)} fitting cells with {n_views} flipped/rotated views each (class-balanced per source, "
             f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's): {why_not}") + (
             "; the head also reads the image's chroma histogram (bcc_core.colour; standardised on the head's "
-            "fitting rows, and refitted on the fine-tuned features when the top was fine-tuned)" if not colour_why_not
-            else f"; no chroma histogram: {colour_why_not}"),
+            "fitting rows; " + ("trained with the top, every row with its own histogram" if not why_not and
+                                cfg.colour_with_top == "joint" else
+                                "refitted on the fine-tuned features" if not why_not else "on the frozen features")
+            + ")" if not colour_why_not else f"; no chroma histogram: {colour_why_not}"),
         "pooled_calibration": (
             f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
             f"conformal quantile (calibration B, disjoint from A): {trust.fitted_on['review_rule']}."),

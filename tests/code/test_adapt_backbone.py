@@ -198,3 +198,30 @@ def test_wider_models_name_the_models_that_know_every_class_and_more(tmp_path):
     assert wider_models(five, everyone) == [(str(seven), ["eosinophil", "lymphocyte"])]
     assert wider_models(seven, everyone) == [] and wider_models(tmp_path / "broken", everyone) == []
     assert card_classes(tmp_path / "broken") == [] and card_classes(tmp_path / "missing") == []
+
+
+def test_joint_colour_head_is_trained_with_the_top_and_not_refitted(mparent):
+    """colour_with_top="joint": the head trained with the fine-tuned top reads the chroma histogram from the
+    start, so no head is refitted after; the folder holds the histogram branch and scores the lab's cells
+    as adapt scored them when fitting the trust layer."""
+    from bcc_core.adapt import adapt
+    from bcc_core.colour import N_FEATURES, has_colour
+    from bcc_core.inference import Predictor
+
+    steps = []
+    out = mparent / "joint"
+    s = adapt(mparent / "parent", _lab_b(mparent), out, dataclasses.replace(_cfg_b(), colour_with_top="joint"),
+              progress=lambda f, m: steps.append(m))
+    assert s["backbone_fine_tuned"] and s["colour_features"]
+    assert not any(m.startswith("training the head") for m in steps), steps  # no refit after the fine-tuning
+    model = Predictor.load(out, runtime="keras").model
+    assert has_colour(model)
+    k = model.get_layer("head_dense").get_weights()[0]
+    assert np.abs(k[-N_FEATURES:]).max() > 0  # the histogram's rows were trained (they start at zero)
+    card = json.loads((out / "model_card.json").read_text())
+    assert "trained with the top" in card["lineage"]["what_was_refitted"]
+    from bcc_core.backbones import default_weights_path
+
+    if default_weights_path() is None:
+        pytest.skip("scoring checks need a parent that tells images apart: no ../shared/weights")
+    assert_scores_as_fitted(out, _lab_b(mparent), s, 1)
