@@ -108,6 +108,10 @@ class AdaptConfig:
             and a head on the features alone are trained together, then a head reading features and histogram
             is fitted on the fine-tuned features; "joint": the head trained with the top reads the histogram
             from the start (every training row, the augmented views included, with its own histogram).
+        cross_fit: with the head alone retrained (backbone frozen), the head is fitted on every reviewed cell;
+            the calibration cells are scored out of sample, part A by a head fitted without A, part B by one
+            fitted without B, and the trust layer is fitted on those scores (the OOD statistics on the fitting
+            part only, as without). Two more head fits (seconds each).
         seed: split, initialisation and shuffling seed.
     """
 
@@ -141,6 +145,7 @@ class AdaptConfig:
     colour_min_cells: int = 15
     colour_gain: float = 3.0
     colour_with_top: str = "refit"
+    cross_fit: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -614,45 +619,73 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         f_all_views = lab_features(pred, raw, shas, np.arange(len(raw)), n_tta, cache)[4]
         f_tta = list(f_all_views.reshape(n_tta, len(raw), -1)) if n_tta else []
 
-    # Rows: replay (fit = train + earlier labs' fitting cells), this lab's fitting cells and their views.
+    # Rows: replay (fit = train + earlier labs' fitting cells), then lab cells and their views.
     part = bank["part"]
     rep_fit = np.isin(part, ("train", "lab_fit"))
     src_rep = np.array([sources.index(s) for s in bank["source"]])
-    fit_y_lab = np.concatenate([y_lab[fit_i]] * (1 + n_views))
-    fit_f_lab = np.concatenate([f_lab[fit_i], f_views]) if n_views else f_lab[fit_i]
-    X = np.concatenate([bank["features"][rep_fit], fit_f_lab]).astype(np.float32)
-    Y = np.concatenate([bank["labels"][rep_fit], fit_y_lab])
-    S = np.concatenate([src_rep[rep_fit], np.full(len(fit_y_lab), lab_src)])
-    W = _sample_weights(Y, S, lab_src, cfg.lab_weight)
+    cross_fit = bool(why_not) and cfg.cross_fit
+    v_lab = np.zeros((n_views, n, f_lab.shape[1]), np.float32)  # view-major features of the lab's cells' views
+    v_lab[:, fit_i] = f_views.reshape(n_views, len(fit_i), f_lab.shape[1])
+    if cross_fit:  # every cell trains a head: the parent's features of every cell's views (frozen backbone)
+        v_lab = lab_features(pred, raw, shas, np.arange(n), n_views, cache)[4].reshape(n_views, n, f_lab.shape[1])
 
+    def head_data(idx):
+        """The replay's training rows, then lab cells `idx` and their views: features, labels, sources,
+        histograms (None without) and training weights."""
+        x = np.concatenate([bank["features"][rep_fit], f_lab[idx]] + list(v_lab[:, idx])).astype(np.float32)
+        y = np.concatenate([bank["labels"][rep_fit]] + [y_lab[idx]] * (1 + n_views))
+        src = np.concatenate([src_rep[rep_fit], np.full(len(idx) * (1 + n_views), lab_src)])
+        h = (None if h_lab is None else
+             np.concatenate([bank["colour"][rep_fit], h_lab[idx]] + [hv[idx] for hv in h_views[:n_views]]))
+        return x, y, src, h, _sample_weights(y, src, lab_src, cfg.lab_weight)
+
+    X, Y, S = head_data(fit_i)[:3]  # the OOD statistics' rows
+    folds = []  # cross-fitting: (calibration cells, the head fitted without them)
     if why_not or not (colour_why_not or has_colour(model)):
         # A head on frozen features: the parent's (backbone not fine-tuned), or the fine-tuned network's
         # (its head, trained with the top on the features alone, is refitted to read the histogram too).
         start = pred.model if why_not else model
         feats_t = start.get_layer(FEATURES_LAYER).output
+        xs, ys, _, hs, ws = head_data(np.arange(n) if cross_fit else fit_i)
         if colour_why_not:
-            Xh, head_in = X, feats_t
+            head_in = feats_t
         else:
-            H = np.concatenate([bank["colour"][rep_fit], h_lab[fit_i]] + [h[fit_i] for h in h_views[:n_views]])
-            c_mean, c_scale = H.mean(0), cfg.colour_gain / np.maximum(H.std(0), STD_FLOOR)
-            Xh = np.concatenate([X, (H - c_mean) * c_scale], 1).astype(np.float32)
+            c_mean, c_scale = hs.mean(0), cfg.colour_gain / np.maximum(hs.std(0), STD_FLOOR)
             head_in = scaled_head_input(feats_t, chroma_branch(start.input), c_mean, c_scale)
-        say(0.45 if why_not else 0.62, f"training the head on {len(X)} rows ({why_not or 'fine-tuned features'}"
+
+        def fit_head(x, y, h, w):
+            xh = x if colour_why_not else np.concatenate([x, (h - c_mean) * c_scale], 1).astype(np.float32)
+            return keras.Model(start.input, _wire(_train_head(start, n_cls, xh, y, w, cfg), head_in),
+                               name=pred.model.name)
+
+        say(0.45 if why_not else 0.62, f"training the head on {len(xs)} rows ({why_not or 'fine-tuned features'}"
                   f"{'' if colour_why_not else ' and the chroma histogram'})")
-        layers = _train_head(start, n_cls, Xh, Y, W, cfg)
-        model = keras.Model(start.input, _wire(layers, head_in), name=pred.model.name)
-    head_logits = compiled(head_only(model, LOGITS_LAYER))
+        model = fit_head(xs, ys, hs, ws)
+        if cross_fit:
+            for held, other in ((cal_a_i, cal_b_i), (cal_b_i, cal_a_i)):
+                say(0.5, f"cross-fitting: a head without {len(held)} calibration cells, to score them")
+                x, y, _, h, w = head_data(np.concatenate([fit_i, other]))
+                folds.append((held, fit_head(x, y, h, w)))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
 
     say(0.65, "refitting the trust layer (temperature, OOD statistics and thresholds, review rule)")
     from .replay import CAL_A, CAL_B
     from .trust import Part, TrustConfig, TrustModel
 
-    lg_bank = batched_predict(head_logits, head_rows(model, bank["features"], bank.get("colour")), batch_size=1024)
-    lg_lab = batched_predict(head_logits, head_rows(model, f_lab, h_lab), batch_size=1024)
-    if f_tta:  # scored as the adapted model will score images: logits averaged over the views
-        lg_lab = (lg_lab + sum(batched_predict(head_logits, head_rows(model, f, None if h_lab is None else h_views[v]),
-                                               batch_size=1024) for v, f in enumerate(f_tta))) / (1 + len(f_tta))
+    def lab_logits(mdl):
+        """The lab's cells scored as the adapted model scores images: logits averaged over the views."""
+        fn = compiled(head_only(mdl, LOGITS_LAYER))
+        lg = batched_predict(fn, head_rows(mdl, f_lab, h_lab), batch_size=1024)
+        if f_tta:
+            lg = (lg + sum(batched_predict(fn, head_rows(mdl, f, None if h_lab is None else h_views[v]),
+                                           batch_size=1024) for v, f in enumerate(f_tta))) / (1 + len(f_tta))
+        return lg
+
+    lg_bank = batched_predict(compiled(head_only(model, LOGITS_LAYER)),
+                              head_rows(model, bank["features"], bank.get("colour")), batch_size=1024)
+    lg_lab = lab_logits(model)
+    for held, fold_model in folds:  # each calibration cell scored by a head that never saw it
+        lg_lab[held] = lab_logits(fold_model)[held]
     # Calibration A / B: the parent's own calibration parts (replay) pooled with the lab's parts A / B;
     # a bank from an older adapted model lists its lab's calibration cells as "lab_cal" (kept in A).
     rep_a = np.isin(part, CAL_A + ("lab_cal_a", "lab_cal"))
@@ -756,7 +789,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     ood.save_stats(out / "ood_stats.npz", stats)
     lab_rows = np.concatenate([fit_i, cal_a_i, cal_b_i])
     lab_bank = {"features": f_lab[lab_rows].astype(np.float16), "labels": y_lab[lab_rows].astype(np.int16),
-                "part": np.array(["lab_fit"] * len(fit_i) + ["lab_cal_a"] * len(cal_a_i) + ["lab_cal_b"] * len(cal_b_i),
+                # cross-fitted, the head was fitted on every cell: none may calibrate a child adapted from it
+                "part": np.array(["lab_fit"] * len(lab_rows) if cross_fit else
+                                 ["lab_fit"] * len(fit_i) + ["lab_cal_a"] * len(cal_a_i) + ["lab_cal_b"] * len(cal_b_i),
                                  dtype="U16"),
                 "source": np.array([cfg.lab] * len(lab_rows), dtype="U64"), "classes": np.array(classes, dtype="U64"),
                 "meta": bank["meta"]}
@@ -795,6 +830,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             f"head (Dense128 + logits) on the parent's replay training features ({int(rep_fit.sum())} rows) and the "
             f"lab's {len(fit_i)} fitting cells with {n_views} flipped/rotated views each (class-balanced per source, "
             f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's): {why_not}") + (
+            f"; cross-fitted: the head was fitted on all {n} reviewed cells and their views; each calibration cell "
+            f"(A, B) was scored by a head fitted without its part, so the trust layer is fitted on out-of-sample "
+            f"scores of a head fitted on fewer cells than the one shipped; the OOD statistics use the "
+            f"{len(fit_i)} fitting cells only" if cross_fit else "") + (
             "; the head also reads the image's chroma histogram (bcc_core.colour; standardised on the head's "
             "fitting rows; " + ("trained with the top, every row with its own histogram" if not why_not and
                                 cfg.colour_with_top == "joint" else
@@ -854,6 +893,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                "unlabelled_classes_same_prediction": kept_same, "review_rule": rule, "temperature": T,
                "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not,
                "colour_features": not colour_why_not, "colour_not_used_because": colour_why_not,
+               "cross_fitted": cross_fit,
                "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})

@@ -44,7 +44,7 @@ MIN_MEASURE = 5
 # A setting missing from a saved run's config was added after that run, which behaved as its default did
 # then: the default now, except these (colour_gain became 3 once measured; runs before it read the
 # histogram unscaled).
-RAN_AS_BEFORE_IT_EXISTED = {"colour_gain": 1.0}
+RAN_AS_BEFORE_IT_EXISTED = {"colour_gain": 1.0, "colour_with_top": "refit", "cross_fit": False}
 
 
 

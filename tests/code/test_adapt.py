@@ -1,6 +1,7 @@
 """Adapting a model to a lab (bcc_core.adapt) on a tiny synthetic model: class checks, lineage, no
 forgetting of unlabelled classes, a loadable folder, disjoint fitting / calibration cells."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -440,3 +441,29 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
                  "--no-colour", "--head-only"]) == 0
     assert "no chroma histogram: switched off" in capsys.readouterr().out
     assert not has_colour(Predictor.load(tmp_path / "off", runtime="keras").model)
+
+
+def test_cross_fitted_head_is_fitted_on_every_cell_and_calibrated_out_of_sample(parent, tmp_path):
+    """cross_fit (head only): the shipped head is fitted on every reviewed cell, the trust layer on scores of
+    heads that never saw the cells they score; the child's replay bank offers none of the lab's cells for a
+    later adaptation's calibration (the shipped head was fitted on all of them)."""
+    from bcc_core.adapt import AdaptConfig, adapt
+    from bcc_core.inference import Predictor
+    from bcc_core.replay import load_bank
+
+    lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
+    cfg = AdaptConfig(lab="lab B", seed=1, test_time_views=1, aug_views=1)
+    split = adapt(parent, lab, tmp_path / "split", cfg)
+    steps = []
+    cross = adapt(parent, lab, tmp_path / "cross", dataclasses.replace(cfg, cross_fit=True),
+                  progress=lambda f, m: steps.append(m))
+    assert cross["cross_fitted"] and not split["cross_fitted"]
+    assert sum("cross-fitting" in m for m in steps) == 2  # one head without calibration part A, one without B
+    assert cross["n_cells"] == split["n_cells"]  # the same parts; only what the head is fitted on differs
+    card = json.loads((tmp_path / "cross" / "model_card.json").read_text())
+    assert "cross-fitted: the head was fitted on all 24 reviewed cells" in card["lineage"]["what_was_refitted"]
+    parts = load_bank(tmp_path / "cross" / "replay.npz")["part"].astype(str)
+    assert (parts[np.char.startswith(parts, "lab_")] == "lab_fit").all() and (parts == "lab_fit").sum() == 24
+    w_split, w_cross = (Predictor.load(tmp_path / d, runtime="keras").model.get_layer("logits").get_weights()[0]
+                        for d in ("split", "cross"))
+    assert not np.allclose(w_split, w_cross)  # fitted on 24 cells, not the 14 of the fitting part
