@@ -108,10 +108,11 @@ class AdaptConfig:
             and a head on the features alone are trained together, then a head reading features and histogram
             is fitted on the fine-tuned features; "joint": the head trained with the top reads the histogram
             from the start (every training row, the augmented views included, with its own histogram).
-        cross_fit: with the head alone retrained (backbone frozen), the head is fitted on every reviewed cell;
-            the calibration cells are scored out of sample, part A by a head fitted without A, part B by one
-            fitted without B, and the trust layer is fitted on those scores (the OOD statistics on the fitting
-            part only, as without). Two more head fits (seconds each).
+        cross_fit: a head fitted on frozen features (the parent's with the head alone retrained; the fine-tuned
+            top's when the head is refitted to read the histogram, the top having learnt from the fitting cells
+            only) is fitted on every reviewed cell; the calibration cells are scored out of sample, part A by a
+            head fitted without A, part B by one fitted without B, and the trust layer is fitted on those scores
+            (the OOD statistics on the fitting part only, as without). Two more head fits (seconds each).
         seed: split, initialisation and shuffling seed.
     """
 
@@ -372,7 +373,8 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     Returns:
         (model, bank_new, bank_parent, lab features (N, D), lab flip/rotation view features (n_views * F, D)
         view-major over fit_i, lab cut codes (N, ...), features of every lab cell's first
-        cfg.test_time_views - 1 views [(N, D), ...]). The banks hold the replay rows that have cut
+        max(cfg.test_time_views - 1, n_views) views [(N, D), ...]: the test-time mean's, and a cross-fitted
+        head's training views). The banks hold the replay rows that have cut
         activations (renumbered), with the adapted network's and the parent's features respectively, both
         computed from the stored (compressed) activations, so before/after differ only by the training.
     """
@@ -426,7 +428,8 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     acfg = backbone_augment(cfg)
     c_aug, h_aug = [], []
     for v in range(cfg.backbone_aug_views):
-        x_aug = augment_batch(x_fit, seed=cfg.seed * 1000 + v, cfg=acfg, labels=y_lab[fit_i], workers=os.cpu_count() or 1)
+        x_aug = augment_batch(x_fit, seed=cfg.seed * 1000 + v, cfg=acfg, labels=y_lab[fit_i],
+                              workers=os.cpu_count() or 1)
         c_aug.append(batched_predict(below, x_aug))
         if with_colour:
             h_aug.append(chroma_histograms(x_aug))
@@ -482,9 +485,9 @@ def _fine_tune_top(pred, bank: dict, raw, shas, fit_i, y_lab, n_cls: int, n_view
     f_lab = batched_predict(features, c_lab)
     f_views = (np.concatenate([batched_predict(features, c) for c in c_flip[:n_views]]) if n_views
                else np.zeros((0, f_lab.shape[1]), np.float32))
-    f_tta = [batched_predict(features, cut_of([(i, v) for i in range(len(raw))]))
-             for v in range(1, cfg.test_time_views)]
-    return model, bank_new, sub, f_lab, f_views, encode_cut(c_lab, codec), f_tta
+    f_all_views = [batched_predict(features, cut_of([(i, v) for i in range(len(raw))]))
+                   for v in range(1, 1 + max(cfg.test_time_views - 1, n_views))]
+    return model, bank_new, sub, f_lab, f_views, encode_cut(c_lab, codec), f_all_views
 
 
 def _sample_weights(y: np.ndarray, src: np.ndarray, lab_src: int, lab_weight: float) -> np.ndarray:
@@ -610,24 +613,28 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     if not why_not:
         # The adapted network's features replace the parent's: for the replay rows kept at the cut (the
         # others' features would be the parent's, so they leave the bank) and for the lab's cells.
-        model, bank, bank_parent, f_lab, f_views, codes_lab, f_tta = _fine_tune_top(
+        model, bank, bank_parent, f_lab, f_views, codes_lab, f_all_views = _fine_tune_top(
             pred, bank, raw, shas, fit_i, y_lab, n_cls, n_views, lab_src, sources, cfg, cache, say,
             with_colour=not colour_why_not and cfg.colour_with_top == "joint")
     else:
         bank_parent = bank
-        n_tta = cfg.test_time_views - 1  # the frozen backbone: the parent's features of the views
-        f_all_views = lab_features(pred, raw, shas, np.arange(len(raw)), n_tta, cache)[4]
-        f_tta = list(f_all_views.reshape(n_tta, len(raw), -1)) if n_tta else []
+        n_all = max(cfg.test_time_views - 1, n_views)  # the frozen backbone: the parent's features of the views
+        f_all_views = list(lab_features(pred, raw, shas, np.arange(n), n_all, cache)[4]
+                           .reshape(n_all, n, f_lab.shape[1]))
+    f_tta = f_all_views[:cfg.test_time_views - 1]  # every cell's views the adapted model averages over
 
     # Rows: replay (fit = train + earlier labs' fitting cells), then lab cells and their views.
     part = bank["part"]
     rep_fit = np.isin(part, ("train", "lab_fit"))
     src_rep = np.array([sources.index(s) for s in bank["source"]])
-    cross_fit = bool(why_not) and cfg.cross_fit
+    # Cross-fitting: a head fitted on frozen features (the parent's, or the fine-tuned top's, which only the
+    # fitting cells trained) learns from every reviewed cell.
+    refit_head = bool(why_not) or not (colour_why_not or has_colour(model))
+    cross_fit = cfg.cross_fit and refit_head
     v_lab = np.zeros((n_views, n, f_lab.shape[1]), np.float32)  # view-major features of the lab's cells' views
     v_lab[:, fit_i] = f_views.reshape(n_views, len(fit_i), f_lab.shape[1])
-    if cross_fit:  # every cell trains a head: the parent's features of every cell's views (frozen backbone)
-        v_lab = lab_features(pred, raw, shas, np.arange(n), n_views, cache)[4].reshape(n_views, n, f_lab.shape[1])
+    if cross_fit:
+        v_lab = np.stack(f_all_views[:n_views]) if n_views else v_lab
 
     def head_data(idx):
         """The replay's training rows, then lab cells `idx` and their views: features, labels, sources,
@@ -641,7 +648,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
 
     X, Y, S = head_data(fit_i)[:3]  # the OOD statistics' rows
     folds = []  # cross-fitting: (calibration cells, the head fitted without them)
-    if why_not or not (colour_why_not or has_colour(model)):
+    if refit_head:
         # A head on frozen features: the parent's (backbone not fine-tuned), or the fine-tuned network's
         # (its head, trained with the top on the features alone, is refitted to read the histogram too).
         start = pred.model if why_not else model

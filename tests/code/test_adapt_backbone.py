@@ -225,3 +225,18 @@ def test_joint_colour_head_is_trained_with_the_top_and_not_refitted(mparent):
     if default_weights_path() is None:
         pytest.skip("scoring checks need a parent that tells images apart: no ../shared/weights")
     assert_scores_as_fitted(out, _lab_b(mparent), s, 1)
+
+
+def test_cross_fitted_head_on_the_fine_tuned_top(mparent):
+    """cross_fit with the top fine-tuned: the top learns from the fitting cells only, the head refitted on
+    its features (to read the histogram) from every reviewed cell; calibration is scored out of sample."""
+    from bcc_core.adapt import adapt
+
+    s = adapt(mparent / "parent", _lab_b(mparent), mparent / "cross", dataclasses.replace(_cfg_b(), cross_fit=True))
+    assert s["backbone_fine_tuned"] and s["colour_features"] and s["cross_fitted"]
+    card = json.loads((mparent / "cross" / "model_card.json").read_text())
+    text = card["lineage"]["what_was_refitted"]
+    assert text.startswith("the backbone's top 21 layers") and "cross-fitted: the head was fitted on all 24" in text
+    joint = adapt(mparent / "parent", _lab_b(mparent), mparent / "cross_joint",
+                  dataclasses.replace(_cfg_b(), cross_fit=True, colour_with_top="joint"))
+    assert not joint["cross_fitted"]  # no head is refitted after the top: nothing to cross-fit
