@@ -533,12 +533,14 @@ def _adapt_from_audit(a) -> int:
 
 def cmd_adapt(a) -> int:
     from .adapt import AdaptConfig, adapt
+    from .replay import CUT_LAYERS
 
     if a.from_audit is not None:
         return _adapt_from_audit(a)
     cfg = AdaptConfig(lab=a.lab or Path(a.data).name, add_classes=a.add_classes, seed=a.seed,
                       class_map=_class_map(a.class_map),
-                      **({"backbone_layers": 0} if a.head_only else {}),
+                      **({"backbone_layers": CUT_LAYERS} if a.fine_tune else {}),
+                      **({"cross_fit": False} if a.no_cross_fit else {}),
                       **({"colour_features": False} if a.no_colour else {}),
                       **({"test_time_views": a.views} if a.views is not None else {}))
     bar = None
@@ -563,6 +565,9 @@ def cmd_adapt(a) -> int:
                   else f"head only: {res['head_only_because']}"))
     print("  " + ("the head also reads each image's chroma histogram" if res["colour_features"]
                   else f"no chroma histogram: {res['colour_not_used_because']}"))
+    if res["cross_fitted"]:
+        print("  cross-fitted: the head learnt from every reviewed cell; each calibration cell was scored by a head "
+              "fitted without it")
     print(f"  lab calibration part: shown as ok {b['ok_fraction']:.1%} -> {af['ok_fraction']:.1%}, wrong and ok "
           f"{b['wrong_ok_of_all']:.1%} -> {af['wrong_ok_of_all']:.1%}")
     for c, r in af["recall"].items():
@@ -727,9 +732,15 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--class-map", action="append", metavar="FOLDER=CLASS",
                     help="with --data: read a folder as a model class, e.g. neutrophil=seg_neutrophil (repeatable)")
     ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--fine-tune", action="store_true",
+                    help="also fine-tune the backbone's top blocks (from 15 reviewed cells a class, when the parent's "
+                         "replay bank holds their activations); the default retrains the head alone on the parent's "
+                         "frozen features, which named a new lab's cells better (README: Learning a new lab)")
     ad.add_argument("--head-only", action="store_true",
-                    help="retrain the head only, on the parent's frozen features (faster; the default also "
-                         "fine-tunes the backbone's top blocks when the parent's replay bank allows it)")
+                    help="the default (kept so that scripts written when fine-tuning was the default still run)")
+    ad.add_argument("--no-cross-fit", action="store_true",
+                    help="fit the head on the fitting part only (AdaptConfig.cross_fit; the default fits it on every "
+                         "reviewed cell and scores each calibration cell by a head fitted without it)")
     ad.add_argument("--no-colour", action="store_true",
                     help="the new head reads the pooled features only, not each image's chroma histogram beside them "
                          "(AdaptConfig.colour_features)")

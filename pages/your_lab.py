@@ -131,7 +131,9 @@ if cand and Path(cand["dir"]).is_dir():
     st.subheader("3. Parent and adapted model, side by side")
     s = cand["summary"]
     b, a = s["before"], s["after"]
-    st.caption(f"On {a['n']} of your lab's cells held out from the adaptation (never used to fit the new model), "
+    st.caption(f"On {a['n']} of your lab's cells, each scored by a model fitted without it (the adapted model "
+               f"itself learnt from every cell you gave), and on the parent's own test split." if s.get("cross_fitted")
+               else f"On {a['n']} of your lab's cells held out from the adaptation (never used to fit the new model), "
                f"and on the parent's own test split.")
     table = [{"figure": f"recall {c}", "parent": fmt_pct(b["recall"].get(c)), "adapted": fmt_pct(a["recall"].get(c))}
              for c in sorted(set(b["recall"]) | set(a["recall"]))]

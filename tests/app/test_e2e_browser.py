@@ -478,7 +478,7 @@ def test_your_lab_in_the_browser(server, tmp_path):
         page.get_by_role("button", name="Adapt the model").click()
         expect(page.get_by_role("heading", name="3. Parent and adapted model, side by side")).to_be_visible(
             timeout=600_000)
-        expect(page.get_by_text("held out from the adaptation")).to_be_visible()
+        expect(page.get_by_text("each scored by a model fitted without it")).to_be_visible()
         _idle(page)
         page.get_by_role("button", name="Promote: use the adapted model").click()
         expect(page.get_by_text("Promoted as pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)

@@ -174,9 +174,11 @@ def test_lab_cells_are_in_the_fit_or_the_calibration_part_never_both(adapted):
     for k in ("mono", "bilobed"):
         assert {c["part"] for c in cells if c["class"] == k} == {"fit", "calibration_a", "calibration_b"}
     bank = load_bank(new / "replay.npz")
-    for part, name in (("lab_fit", "fit"), ("lab_cal_a", "calibration_a"), ("lab_cal_b", "calibration_b")):
-        assert (bank["part"] == part).sum() == sum(c["part"] == name for c in cells)
-        assert set(bank["source"][bank["part"] == part]) == {"lab B"}
+    lab_rows = bank["source"] == "lab B"
+    assert lab_rows.sum() == len(cells) and summary["cross_fitted"]
+    # Cross-fitted (the default), the shipped head learnt from every cell: all of them enter a later adaptation's
+    # fit, none its calibration (test_cross_fitted_... shows the parts kept apart without cross-fitting).
+    assert set(bank["part"][lab_rows]) == {"lab_fit"}
 
 
 def test_trust_is_refitted_on_the_labs_calibration_parts_only(parent, adapted):
@@ -306,7 +308,8 @@ def test_views_average_the_logits_the_trust_layer_was_fitted_on(parent, tmp_path
     with pytest.raises(ValueError, match="colour_gain must be positive"):
         AdaptConfig(colour_gain=0)
     lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
-    summary = adapt(parent, lab, tmp_path / "new", AdaptConfig(lab="lab B", seed=1, test_time_views=8))
+    # (not cross-fitted: the calibration cells are then scored by the head the folder ships)
+    summary = adapt(parent, lab, tmp_path / "new", AdaptConfig(lab="lab B", seed=1, test_time_views=8, cross_fit=False))
     assert not summary["backbone_fine_tuned"]
     assert "8 flips" in json.loads((tmp_path / "new" / "model_card.json").read_text())["trust"]["fitted_on"]["views"]
     assert_scores_as_fitted(tmp_path / "new", lab, summary, 8)
@@ -360,7 +363,7 @@ def test_a_folder_named_like_a_model_class_is_mapped_never_added_beside_it(paren
                  "--class-map", "Monos=mono", "--views", "1", "--quiet"]) == 0
     card = json.loads((out / "model_card.json").read_text())
     assert card["classes"] == ["bilobed", "mono", "trilobed"]
-    assert card["lineage"]["config"]["class_map"] == {"Monos": "mono"}
+    assert card["lineage"]["config"]["class_map"] == {"Monos": "mono"} and card["lineage"]["config"]["cross_fit"]
     cells = card["lineage"]["cells"]
     assert {c["class"] for c in cells if c["file"].startswith("Monos/")} == {"mono"}
     assert card["lineage"]["n_cells"]["per_class"] == {"bilobed": 10, "mono": 10}
@@ -438,8 +441,10 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
     assert not few["colour_features"] and "fewer than 15 distinct reviewed cells" in few["colour_not_used_because"]
     capsys.readouterr()
     assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / "off"), "--quiet",
-                 "--no-colour", "--head-only"]) == 0
-    assert "no chroma histogram: switched off" in capsys.readouterr().out
+                 "--no-colour", "--no-cross-fit"]) == 0
+    out = capsys.readouterr().out
+    assert "no chroma histogram: switched off" in out and "cross-fitted" not in out
+    assert not json.loads((tmp_path / "off" / "model_card.json").read_text())["lineage"]["config"]["cross_fit"]
     assert not has_colour(Predictor.load(tmp_path / "off", runtime="keras").model)
 
 
@@ -453,9 +458,9 @@ def test_cross_fitted_head_is_fitted_on_every_cell_and_calibrated_out_of_sample(
 
     lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
     cfg = AdaptConfig(lab="lab B", seed=1, test_time_views=1, aug_views=1)
-    split = adapt(parent, lab, tmp_path / "split", cfg)
+    split = adapt(parent, lab, tmp_path / "split", dataclasses.replace(cfg, cross_fit=False))
     steps = []
-    cross = adapt(parent, lab, tmp_path / "cross", dataclasses.replace(cfg, cross_fit=True),
+    cross = adapt(parent, lab, tmp_path / "cross", cfg,
                   progress=lambda f, m: steps.append(m))
     assert cross["cross_fitted"] and not split["cross_fitted"]
     assert sum("cross-fitting" in m for m in steps) == 2  # one head without calibration part A, one without B
@@ -467,3 +472,5 @@ def test_cross_fitted_head_is_fitted_on_every_cell_and_calibrated_out_of_sample(
     w_split, w_cross = (Predictor.load(tmp_path / d, runtime="keras").model.get_layer("logits").get_weights()[0]
                         for d in ("split", "cross"))
     assert not np.allclose(w_split, w_cross)  # fitted on 24 cells, not the 14 of the fitting part
+    split_parts = load_bank(tmp_path / "split" / "replay.npz")["part"].astype(str)
+    assert {p for p in split_parts if p.startswith("lab_")} == {"lab_fit", "lab_cal_a", "lab_cal_b"}

@@ -60,10 +60,13 @@ def _lab_b(root):
 
 
 def _cfg_b():
+    """Fine-tuned (`adapt --fine-tune`); not cross-fitted, so the calibration cells are scored by the head the
+    folder ships (the scoring checks compare the two)."""
     from bcc_core.adapt import AdaptConfig
+    from bcc_core.replay import CUT_LAYERS
 
-    return AdaptConfig(lab="lab B", seed=1, backbone_epochs=2, backbone_aug_views=1, backbone_min_cells=12,
-                       colour_min_cells=12, test_time_views=1)
+    return AdaptConfig(lab="lab B", seed=1, backbone_layers=CUT_LAYERS, backbone_epochs=2, backbone_aug_views=1,
+                       backbone_min_cells=12, colour_min_cells=12, test_time_views=1, cross_fit=False)
 
 
 def _weights(model, name):
@@ -150,10 +153,11 @@ def test_the_same_cells_and_settings_give_the_same_model(mparent):
 def test_too_few_cells_or_switched_off_keep_the_whole_backbone(mparent):
     from bcc_core.adapt import AdaptConfig, adapt, can_fine_tune
     from bcc_core.inference import Predictor
-    from bcc_core.replay import load_bank
+    from bcc_core.replay import CUT_LAYERS, load_bank
 
     lab = _lab_folder(mparent / "lab0", {"mono": 1, "bilobed": 2}, per_class=12)
-    s = adapt(mparent / "parent", lab, mparent / "head_only", AdaptConfig(lab="lab C", epochs=3))  # 12 < 15 cells
+    s = adapt(mparent / "parent", lab, mparent / "head_only", AdaptConfig(lab="lab C", epochs=3,
+                                                                          backbone_layers=CUT_LAYERS))  # 12 < 15 cells
     assert not s["backbone_fine_tuned"] and "fewer than 15 distinct reviewed cells" in s["head_only_because"]
     old, new = Predictor.load(mparent / "parent").model, Predictor.load(mparent / "head_only").model
     for name in ("block_14_expand", "Conv_1"):
@@ -162,10 +166,11 @@ def test_too_few_cells_or_switched_off_keep_the_whole_backbone(mparent):
     r = Predictor.load(mparent / "head_only").predict([_lab_cell(3, 1)])[0]
     assert r.predicted_class in ("bilobed", "mono", "trilobed")
     bank = load_bank(mparent / "parent" / "replay.npz")
-    assert "switched off" in can_fine_tune(bank, None, AdaptConfig(backbone_layers=0))
+    assert "the default: the head alone" in can_fine_tune(bank, None, AdaptConfig())
+    fine = AdaptConfig(backbone_layers=CUT_LAYERS)
     assert "no activations at the cut" in can_fine_tune({k: v for k, v in bank.items() if not k.startswith("cut")},
-                                                        None, AdaptConfig())
-    assert can_fine_tune(bank, None, AdaptConfig(), cells_per_class={"mono": 20, "bilobed": 25}) == ""
+                                                        None, fine)
+    assert can_fine_tune(bank, None, fine, cells_per_class={"mono": 20, "bilobed": 25}) == ""
 
 
 def test_unknown_folders_name_a_model_that_knows_them():
