@@ -321,10 +321,11 @@ def step_adapt(data):
                     "--n", "10", "--add-classes-n", "10")
             + [""] + _script("Learning a new lab (LISC)", "adapt_lab.py", "adapt_lab_lisc.md", "--model", MODELS["pbs5"],
                              "--data", data, "--lab", "lisc", "--n", "20", "--add-classes-n", "20")
-            + [""] + _script("Learning a new lab (LISC), head only: the alternative to fine-tuning the top",
-                             "adapt_lab.py", "adapt_lab_lisc_head_only.md", "--model", MODELS["pbs5"], "--data", data,
-                             "--lab", "lisc", "--n", "20", "--add-classes-n", "20", "--set", "backbone_layers=0",
-                             "--work", "runs/adapt_lab_bench_head_only")
+            + [""] + _script("Learning a new lab (LISC), the top fine-tuned: the alternative to the head alone",
+                             "adapt_lab.py", "adapt_lab_lisc_fine_tuned.md", "--model", MODELS["pbs5"], "--data", data,
+                             "--lab", "lisc", "--n", "20", "--add-classes-n", "20",
+                             "--set", "backbone_layers=21",  # bcc_core.replay.CUT_LAYERS: adapt --fine-tune
+                             "--work", "runs/adapt_lab_bench_fine_tuned")
             + [""] + _script("Learning a new lab (pb7, BCCD)", "adapt_lab.py", "adapt_lab_pb7.md", "--model", MODELS["pb7"],
                              "--data", data, "--n", "", "--add-classes-n", "10"))
 
