@@ -677,7 +677,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         model = fit_head(xs, ys, hs, ws)
         if cross_fit:
             for held, other in ((cal_a_i, cal_b_i), (cal_b_i, cal_a_i)):
-                say(0.5, f"cross-fitting: a head without {len(held)} calibration cells, to score them")
+                say(0.5 if why_not else 0.63,
+                    f"cross-fitting: a head without {len(held)} calibration cells, to score them")
                 x, y, _, h, w = head_data(np.concatenate([fit_i, other]))
                 folds.append((held, fit_head(x, y, h, w)))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
@@ -842,7 +843,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             f"(class-balanced per source, lab weight {cfg.lab_weight}); layers below the cut are the parent's"
             if not why_not else
             f"head (Dense128 + logits) on the parent's replay training features ({int(rep_fit.sum())} rows) and the "
-            f"lab's {len(fit_i)} fitting cells with {n_views} flipped/rotated views each (class-balanced per source, "
+            f"lab's {f'{n} reviewed' if cross_fit else f'{len(fit_i)} fitting'} cells with {n_views} flipped/rotated "
+            f"views each (class-balanced per source, "
             f"lab weight {cfg.lab_weight}); backbone frozen (identical to the parent's): {why_not}") + (
             f"; cross-fitted: the head was fitted on all {n} reviewed cells and their views; each calibration cell "
             f"(A, B) was scored by a head fitted without its part, so the trust layer is fitted on out-of-sample "

@@ -237,8 +237,11 @@ def test_cross_fitted_head_on_the_fine_tuned_top(mparent):
     its features (to read the histogram) from every reviewed cell; calibration is scored out of sample."""
     from bcc_core.adapt import adapt
 
-    s = adapt(mparent / "parent", _lab_b(mparent), mparent / "cross", dataclasses.replace(_cfg_b(), cross_fit=True))
+    steps = []
+    s = adapt(mparent / "parent", _lab_b(mparent), mparent / "cross", dataclasses.replace(_cfg_b(), cross_fit=True),
+              progress=lambda f, m: steps.append(f))
     assert s["backbone_fine_tuned"] and s["colour_features"] and s["cross_fitted"]
+    assert steps == sorted(steps)  # the progress bar never runs backwards
     card = json.loads((mparent / "cross" / "model_card.json").read_text())
     text = card["lineage"]["what_was_refitted"]
     assert text.startswith("the backbone's top 21 layers") and "cross-fitted: the head was fitted on all 24" in text
