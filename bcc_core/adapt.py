@@ -333,8 +333,7 @@ def can_fine_tune(bank: dict, early_layer: str | None, cfg: AdaptConfig, model=N
     each class the lab labelled."""
     meta = cut_meta(bank)
     if cfg.backbone_layers <= 0:
-        return ("the default: the head alone, on the parent's frozen features, named a new lab's cells better "
-                "than with the top of the network fine-tuned (adapt --fine-tune)")
+        return "the default (adapt --fine-tune also fine-tunes the top of the network)"
     few = {c: k for c, k in (cells_per_class or {}).items() if k < cfg.backbone_min_cells}
     if few:
         return (f"fewer than {cfg.backbone_min_cells} distinct reviewed cells in {few}: the top of the network "
@@ -672,8 +671,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             return keras.Model(start.input, _wire(_train_head(start, n_cls, xh, y, w, cfg), head_in),
                                name=pred.model.name)
 
-        say(0.45 if why_not else 0.62, f"training the head on {len(xs)} rows ({why_not or 'fine-tuned features'}"
-                  f"{'' if colour_why_not else ' and the chroma histogram'})")
+        on = "the parent's frozen features" if why_not else "the fine-tuned network's features"
+        say(0.45 if why_not else 0.62, f"training the head on {len(xs)} rows ({on}"
+                                       f"{'' if colour_why_not else ' and the chroma histogram'})")
         model = fit_head(xs, ys, hs, ws)
         if cross_fit:
             for held, other in ((cal_a_i, cal_b_i), (cal_b_i, cal_a_i)):

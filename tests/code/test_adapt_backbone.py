@@ -166,7 +166,7 @@ def test_too_few_cells_or_switched_off_keep_the_whole_backbone(mparent):
     r = Predictor.load(mparent / "head_only").predict([_lab_cell(3, 1)])[0]
     assert r.predicted_class in ("bilobed", "mono", "trilobed")
     bank = load_bank(mparent / "parent" / "replay.npz")
-    assert "the default: the head alone" in can_fine_tune(bank, None, AdaptConfig())
+    assert "the default (adapt --fine-tune" in can_fine_tune(bank, None, AdaptConfig())
     fine = AdaptConfig(backbone_layers=CUT_LAYERS)
     assert "no activations at the cut" in can_fine_tune({k: v for k, v in bank.items() if not k.startswith("cut")},
                                                         None, fine)
