@@ -559,8 +559,10 @@ def cmd_adapt(a) -> int:
     if bar is not None:
         bar.close()
     b, af = res["before"], res["after"]
-    print(f"saved {a.out} (lab {cfg.lab!r}, {res['n_cells']['fit']} fitting + {res['n_cells']['calibration']} "
-          f"calibration cells, {res['time_s']:.0f} s)")
+    nc = res["n_cells"]
+    cells = (f"{nc['fit'] + nc['calibration']} cells, all fitted, {nc['calibration']} of them also calibrating"
+             if res["cross_fitted"] else f"{nc['fit']} fitting + {nc['calibration']} calibration cells")
+    print(f"saved {a.out} (lab {cfg.lab!r}, {cells}, {res['time_s']:.0f} s)")
     print("  " + ("the top of the network and the head learnt the lab" if res["backbone_fine_tuned"]
                   else f"head only: {res['head_only_because']}"))
     print("  " + ("the head also reads each image's chroma histogram" if res["colour_features"]
