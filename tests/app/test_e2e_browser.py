@@ -204,6 +204,20 @@ def _idle(page):
     page.wait_for_timeout(150)
 
 
+def _settled(page, quiet_ms=600):
+    """Wait until the app has been still for `quiet_ms`: no run in progress, no stale element, no finite CSS
+    animation or transition (loops such as spinners are not waited for). A widget can start one more run just
+    after the page looked idle, and its Stop button fades in: CI once measured it mid-fade at 1.41:1."""
+    page.evaluate("() => { window.__stillSince = null; }")
+    page.wait_for_function("""(quiet) => {
+        const busy = document.querySelector('[data-testid=stStatusWidget]') || document.querySelector('[data-stale=true]')
+            || document.getAnimations().some(a => a.playState === 'running' && a.effect.getTiming().iterations !== Infinity);
+        if (busy) { window.__stillSince = null; return false; }
+        window.__stillSince = window.__stillSince ?? performance.now();
+        return performance.now() - window.__stillSince >= quiet;
+    }""", arg=quiet_ms, timeout=120_000)
+
+
 def _open_heading(page, k):
     """The open cell's heading ("Cell #k …"), waited for."""
     import re
@@ -444,8 +458,9 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
         for name, step in steps.items():
             step(page)
             _idle(page)
+            _settled(page)
             res = axe.run(page, options={"runOnly": {"type": "rule", "values": ["color-contrast"]}})
-            found[name] = [(n["html"][:80], n["any"][0]["message"][:90]) for v in res.response["violations"]
+            found[name] = [(n["html"][:300], n["any"][0]["message"][:160]) for v in res.response["violations"]
                            for n in v["nodes"]]
     assert all(v == [] for v in found.values()), found
 
