@@ -119,6 +119,11 @@ class AdaptConfig:
             draws (bench/results/adapt_lab_lisc_head_only_cross_fit_r0-9.md against adapt_lab_lisc_head_only_r0-9.md
             and the fine-tuned top, adapt_lab_lisc_views_8_colour_gain3_r0-9.md): every class named right 91.6%
             of the time or more, more shown as ok in every repeat; the default, with the head alone.
+        lab_check_folds: with cross-fitting, the fitting cells are scored out of sample too, in this many grouped,
+            class-stratified folds (a head fitted without each fold), and the lab's no-errors check
+            (`review_lab_no_errors`) also raises the review threshold above their confident errors: it then sees
+            every reviewed cell's out-of-sample score, not the calibration share's alone. 0 or 1: calibration
+            cells only. The OOD gate they pass was fitted on them, so more of their errors count (stricter).
         seed: split, initialisation and shuffling seed.
     """
 
@@ -153,6 +158,7 @@ class AdaptConfig:
     colour_gain: float = 3.0
     colour_with_top: str = "refit"
     cross_fit: bool = True
+    lab_check_folds: int = 3
     seed: int = 0
 
     def __post_init__(self):
@@ -654,6 +660,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
 
     X, Y, S = head_data(fit_i)[:3]  # the OOD statistics' rows
     folds = []  # cross-fitting: (calibration cells, the head fitted without them)
+    check_folds = []  # (fitting cells, the head fitted without them), for the lab's no-errors check
     if refit_head:
         # A head on frozen features: the parent's (backbone not fine-tuned), or the fine-tuned network's
         # (its head, trained with the top on the features alone, is refitted to read the histogram too).
@@ -681,6 +688,15 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                     f"cross-fitting: a head without {len(held)} calibration cells, to score them")
                 x, y, _, h, w = head_data(np.concatenate([fit_i, other]))
                 folds.append((held, fit_head(x, y, h, w)))
+            if cfg.review_lab_no_errors and cfg.lab_check_folds > 1:
+                # The fitting cells scored out of sample too, for the lab's no-errors check only.
+                k = cfg.lab_check_folds
+                parts = split_parts(y_lab[fit_i], groups[fit_i], {str(j): 1 / k for j in range(k)}, seed=cfg.seed)
+                for j in range(k):
+                    held = fit_i[np.asarray(parts[str(j)], int)]
+                    say(0.55 if why_not else 0.64, f"the lab check: a head without fitting fold {j + 1} of {k}")
+                    x, y, _, h, w = head_data(np.setdiff1d(np.arange(n), held))
+                    check_folds.append((held, fit_head(x, y, h, w)))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
 
     say(0.65, "refitting the trust layer (temperature, OOD statistics and thresholds, review rule)")
@@ -701,6 +717,14 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     lg_lab = lab_logits(model)
     for held, fold_model in folds:  # each calibration cell scored by a head that never saw it
         lg_lab[held] = lab_logits(fold_model)[held]
+    check_part = None
+    if check_folds:  # the fitting cells, each scored by a head that never saw it (the lab check only)
+        lg_check = np.zeros_like(lg_lab)
+        for held, fold_model in check_folds:
+            lg_check[held] = lab_logits(fold_model)[held]
+        check_part = Part("lab_fit_out_of_fold", np.array([f"lab:{shas[i]}" for i in fit_i]), y_lab[fit_i],
+                          f_lab[fit_i], lg_check[fit_i], None if e_lab is None else e_lab[fit_i],
+                          np.full(len(fit_i), cfg.lab, dtype=object), quality_bad[fit_i])
     # Calibration A / B: the parent's own calibration parts (replay) pooled with the lab's parts A / B;
     # a bank from an older adapted model lists its lab's calibration cells as "lab_cal" (kept in A).
     rep_a = np.isin(part, CAL_A + ("lab_cal_a", "lab_cal"))
@@ -744,7 +768,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     pc = pred.card
     trust = TrustModel.fit(
         classes, train_part, part_a, part_b, tcfg, early_layer=pc.ood.get("early_layer") if has_early else None,
-        ood_stats=stats, no_errors_source=cfg.lab if cfg.review_lab_no_errors else None, review_classes=review_classes,
+        ood_stats=stats, no_errors_source=cfg.lab if cfg.review_lab_no_errors else None, no_errors_extra=check_part,
+        review_classes=review_classes,
         lab=cfg.lab, shortcut_audit=pc.shortcut_audit,
         part_info={"fit": f"parent replay training rows ({int(rep_fit.sum())}) + the lab's {len(fit_i)} fitting cells "
                           f"and their views",
@@ -850,6 +875,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             f"(A, B) was scored by a head fitted without its part, so the trust layer is fitted on out-of-sample "
             f"scores of a head fitted on fewer cells than the one shipped; the OOD statistics use the "
             f"{len(fit_i)} fitting cells only" if cross_fit else "") + (
+            f"; the lab's no-errors check also saw the {len(fit_i)} fitting cells, each scored by a head fitted "
+            f"without its fold ({cfg.lab_check_folds} grouped folds)" if check_folds else "") + (
             "; the head also reads the image's chroma histogram (bcc_core.colour; standardised on the head's "
             "fitting rows; " + ("trained with the top, every row with its own histogram" if not why_not and
                                 cfg.colour_with_top == "joint" else

@@ -172,7 +172,8 @@ class TrustModel:
     @classmethod
     def fit(cls, classes, train: Part, calibration_a: Part, calibration_b: Part, cfg: TrustConfig = TrustConfig(),
             *, early_layer: str | None = None, ood_stats: dict | None = None, stats_kwargs: dict | None = None,
-            no_errors_source: str | None = None, review_classes=(), lab: str | None = None,
+            no_errors_source: str | None = None, no_errors_extra: Part | None = None, review_classes=(),
+            lab: str | None = None,
             shortcut_audit: dict | None = None, part_info: dict | None = None, seed: int = 0,
             views: int = 1) -> "TrustModel":
         """Fit every trust part on its own data part.
@@ -192,6 +193,9 @@ class TrustModel:
                 wrong prediction may be accepted: the threshold is raised above them (an empirical check on
                 top of the guarantee). Both parts count: both are held out from the network's fit, and a lab
                 has too few cells for part B alone to show its errors.
+            no_errors_extra: more of that source's items, scored out of sample, checked the same way (an
+                adapted model's fitting cells, each scored by a head fitted without it). Used for nothing else,
+                so it may share ids with `train`.
             review_classes: classes always sent to review.
             lab: adapting lab name (messages).
             shortcut_audit: the card's shortcut audit.
@@ -251,7 +255,12 @@ class TrustModel:
             # Calibration A too, decided with the same temperature and OOD gate (its own fits are done).
             da = tm.decide(calibration_a.logits, calibration_a.features, calibration_a.early,
                            calibration_a.quality_bad, use_review=False)
-            wrong_conf = np.concatenate([_lab_errors(p, dp, no_errors_source) for p, dp in ((b, d), (calibration_a, da))])
+            checked = [(b, d), (calibration_a, da)]
+            if no_errors_extra is not None:
+                e = no_errors_extra
+                checked.append((e, tm.decide(e.logits, e.features, e.early, e.quality_bad, use_review=False)))
+                extra["no_errors_items"] = {p.name: int((p.source == no_errors_source).sum()) for p, _ in checked}
+            wrong_conf = np.concatenate([_lab_errors(p, dp, no_errors_source) for p, dp in checked])
             extra["guarantee_threshold"] = threshold
             if len(wrong_conf):
                 threshold = max(threshold, float(np.nextafter(wrong_conf.max(), 2)))
