@@ -734,11 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--class-map", action="append", metavar="FOLDER=CLASS",
                     help="with --data: read a folder as a model class, e.g. neutrophil=seg_neutrophil (repeatable)")
     ad.add_argument("--seed", type=int, default=0)
-    ad.add_argument("--fine-tune", action="store_true",
+    depth = ad.add_mutually_exclusive_group()
+    depth.add_argument("--fine-tune", action="store_true",
                     help="also fine-tune the backbone's top blocks (from 15 reviewed cells a class, when the parent's "
                          "replay bank holds their activations); the default retrains the head alone on the parent's "
                          "frozen features, which named a new lab's cells better (README: Learning a new lab)")
-    ad.add_argument("--head-only", action="store_true",
+    depth.add_argument("--head-only", action="store_true",
                     help="the default (kept so that scripts written when fine-tuning was the default still run)")
     ad.add_argument("--no-cross-fit", action="store_true",
                     help="fit the head on the fitting part only (AdaptConfig.cross_fit; the default fits it on every "

@@ -331,6 +331,21 @@ def test_cli_views_help_names_adapts_default(capsys):
     assert f"(default {AdaptConfig.test_time_views}," in " ".join(capsys.readouterr().out.split())
 
 
+def test_cli_fine_tune_and_head_only_cannot_be_given_together(capsys):
+    """`--head-only` (the default, kept for old scripts) and `--fine-tune` contradict each other: refused with
+    both names, never one silently winning; each alone parses."""
+    from bcc_core.cli import build_parser
+
+    base = ["adapt", "--model", "m", "--data", "d", "--out", "o"]
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(base + ["--fine-tune", "--head-only"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--head-only" in err and "--fine-tune" in err and "not allowed with" in err
+    assert build_parser().parse_args(base + ["--fine-tune"]).fine_tune
+    assert not build_parser().parse_args(base + ["--head-only"]).fine_tune
+
+
 def test_fine_tuning_views_without_colour_keep_every_other_operation():
     """backbone_aug_colour=False takes stain jitter, channel shift and greyscale out of the fine-tuning's
     augmented views and nothing else; the default is the training augmentation itself."""
