@@ -567,6 +567,10 @@ def cmd_adapt(a) -> int:
                   else f"head only: {res['head_only_because']}"))
     print("  " + ("the head also reads each image's chroma histogram" if res["colour_features"]
                   else f"no chroma histogram: {res['colour_not_used_because']}"))
+    if res["untaught_white_cells"]:
+        from .adapt import untaught_warning
+
+        print(f"  warning: {untaught_warning(res['untaught_white_cells'])}")
     if res["cross_fitted"]:
         print("  cross-fitted: the head learnt from every reviewed cell; each calibration cell was scored by a head "
               "fitted without it")

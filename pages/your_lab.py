@@ -143,6 +143,10 @@ if cand and Path(cand["dir"]).is_dir():
               {"figure": "macro-F1 on the parent's test split", "parent": f"{s['parent_test_macro_f1']['before']:.3f}",
                "adapted": f"{s['parent_test_macro_f1']['after']:.3f}"}]
     st.dataframe(pd.DataFrame(table), hide_index=True)
+    if s.get("untaught_white_cells"):
+        from bcc_core.adapt import untaught_warning
+
+        st.warning(untaught_warning(s["untaught_white_cells"]) + ".")
     if a["n"] < 30:
         st.warning(f"These figures rest on {a['n']} held-out cells: each cell moves a class's recall by several "
                    "points. Verify the adapted model on more of your cells before relying on it.")

@@ -668,6 +668,8 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     table = next(d.value for d in at.dataframe if "adapted" in d.value.columns)
     assert {"recall monocyte", "recall seg_neutrophil", "shown as OK", "wrong and shown as OK",
             "macro-F1 on the parent's test split"} <= set(table["figure"])
+    # pbs5 taught by this lab cannot name its lymphocytes and eosinophils: the lab is told before promoting
+    assert "This model cannot name lymphocyte, eosinophil" in texts(at, "warning")
 
     next(b for b in at.button if b.label == "Promote: use the adapted model").click().run()
     assert not at.exception, [e.value for e in at.exception]

@@ -382,6 +382,22 @@ def test_a_folder_named_like_a_model_class_is_mapped_never_added_beside_it(paren
     cells = card["lineage"]["cells"]
     assert {c["class"] for c in cells if c["file"].startswith("Monos/")} == {"mono"}
     assert card["lineage"]["n_cells"]["per_class"] == {"bilobed": 10, "mono": 10}
+    assert "cannot name" not in capsys.readouterr().out    # not a white-cell model: nothing to warn about
+
+
+def test_a_white_cell_model_that_cannot_name_a_normal_smears_types_says_so():
+    """pbs5 (and pbs5 taught three types) cannot name lymphocytes and eosinophils, a third of a normal smear's
+    white cells: the adapted card, the CLI and the Your lab page carry the warning; pb7 and all4 do not."""
+    from bcc_core.adapt import untaught_warning, untaught_white_cells
+
+    pbs5 = ["basophil", "erythroblast", "monocyte", "myeloblast", "seg_neutrophil"]
+    assert untaught_white_cells(pbs5) == ["lymphocyte", "eosinophil"]
+    assert untaught_white_cells(pbs5 + ["eosinophil", "lymphocyte"]) == []
+    assert untaught_white_cells(["Benign", "Early", "Pre", "Pro"]) == []
+    assert untaught_white_cells(pbs5 + ["lymphocyte"]) == ["eosinophil"]
+    msg = untaught_warning(["eosinophil"])
+    assert msg.startswith("This model cannot name eosinophil: ") and "--add-classes" in msg
+    assert (Path(__file__).parents[2] / msg.split("three types: ")[1].split(")")[0]).is_file()  # the cited figures
 
 
 def test_alike_classes_catch_case_separators_plurals_and_qualified_names():
