@@ -479,26 +479,38 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
     assert not has_colour(Predictor.load(tmp_path / "off", runtime="keras").model)
 
 
-def test_cross_fitted_head_is_fitted_on_every_cell_and_calibrated_out_of_sample(parent, tmp_path):
+def test_cross_fitted_head_is_fitted_on_every_cell_and_calibrated_out_of_sample(parent, tmp_path, monkeypatch):
     """cross_fit (head only): the shipped head is fitted on every reviewed cell, the trust layer on scores of
     heads that never saw the cells they score; the child's replay bank offers none of the lab's cells for a
     later adaptation's calibration (the shipped head was fitted on all of them)."""
     from bcc_core.adapt import AdaptConfig, adapt
     from bcc_core.inference import Predictor
     from bcc_core.replay import load_bank
+    from bcc_core.trust import TrustModel
 
     lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
     cfg = AdaptConfig(lab="lab B", seed=1, test_time_views=1, aug_views=1)
     split = adapt(parent, lab, tmp_path / "split", dataclasses.replace(cfg, cross_fit=False))
-    steps = []
+    steps, seen, fit = [], [], TrustModel.fit.__func__
+    monkeypatch.setattr(TrustModel, "fit", classmethod(
+        lambda cls, *a, **k: (seen.append(k.get("no_errors_extra")), fit(cls, *a, **k))[1]))
     cross = adapt(parent, lab, tmp_path / "cross", cfg,
                   progress=lambda f, m: steps.append(m))
     assert cross["cross_fitted"] and not split["cross_fitted"]
     assert sum("cross-fitting" in m for m in steps) == 2  # one head without calibration part A, one without B
+    # ... and one without each fold of the fitting part, for the lab's no-errors check
+    assert sum("the lab check: a head without fitting fold" in m for m in steps) == cfg.lab_check_folds == 3
     assert cross["n_cells"] == split["n_cells"]  # the same parts; only what the head is fitted on differs
     card = json.loads((tmp_path / "cross" / "model_card.json").read_text())
     refitted = card["lineage"]["what_was_refitted"]
     assert "the lab's 24 reviewed cells" in refitted and "cross-fitted: the head was fitted on all 24" in refitted
+    assert "3 grouped folds" in refitted
+    # the trust fit was handed the fitting cells, scored out of fold, for the lab's check (test_trust_units
+    # shows what the check does with them; this parent's replay is too small for a certified rule)
+    extra = seen[-1]
+    fit_cells = {f"lab:{c['sha256']}" for c in card["lineage"]["cells"] if c["part"] == "fit"}
+    assert extra.name == "lab_fit_out_of_fold" and set(extra.ids) == fit_cells and len(extra.ids) == len(fit_cells)
+    assert set(extra.source) == {"lab B"}
     parts = load_bank(tmp_path / "cross" / "replay.npz")["part"].astype(str)
     assert (parts[np.char.startswith(parts, "lab_")] == "lab_fit").all() and (parts == "lab_fit").sum() == 24
     w_split, w_cross = (Predictor.load(tmp_path / d, runtime="keras").model.get_layer("logits").get_weights()[0]

@@ -310,6 +310,33 @@ def test_a_labs_confident_error_in_either_calibration_part_raises_the_threshold(
     assert fit("lab", other).review["threshold"] == pytest.approx(plain.review["threshold"])
 
 
+def test_a_labs_confident_error_among_its_out_of_fold_fitting_cells_raises_the_threshold():
+    """`no_errors_extra` (an adapted model's fitting cells, each scored by a head fitted without it): the lab's
+    confident error there keeps the threshold above it too, the extra part may share ids with the train part, and
+    nothing else of the trust layer moves."""
+    from bcc_core.trust import TrustConfig, TrustModel
+
+    y, f, lg, ids, Part = _parts(1500, seed=3)
+    src = np.array(["parent"] * 1500, dtype=object)
+    src[1000:1020] = "lab"
+    tr = Part("train", ids[:600], y[:600], f[:600])
+    a = Part("cal_a", ids[600:1000], y[600:1000], f[600:1000], lg[600:1000], source=src[600:1000])
+    b = Part("cal_b", ids[1000:], y[1000:], f[1000:], lg[1000:], source=src[1000:])
+    fit_lg = lg[:20].copy()
+    fit_lg[3] = 0
+    fit_lg[3, (y[3] + 1) % len(CLASSES)] = 30.0  # a confident error among the fitting cells, scored out of fold
+    extra = Part("lab_fit_out_of_fold", ids[:20], y[:20], f[:20], fit_lg, source=np.full(20, "lab", dtype=object))
+    cfg = TrustConfig(ood_method=None)
+    base = TrustModel.fit(CLASSES, tr, a, b, cfg, no_errors_source="lab")
+    more = TrustModel.fit(CLASSES, tr, a, b, cfg, no_errors_source="lab", no_errors_extra=extra)
+    conf = calibration.apply_temperature(fit_lg[3:4], more.temperature).max()
+    assert base.review["threshold"] <= conf < more.review["threshold"]
+    assert more.review["no_errors_wrong_seen"] == base.review["no_errors_wrong_seen"] + 1
+    assert more.review["no_errors_items"] == {"cal_b": 20, "cal_a": 0, "lab_fit_out_of_fold": 20}
+    assert more.temperature == base.temperature and more.conformal == base.conformal
+    assert more.review["guarantee_threshold"] == base.review["guarantee_threshold"]
+
+
 def test_trust_card_round_trip_and_a_card_without_trust_section_refused(tmp_path):
     import json
 
