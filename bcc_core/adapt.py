@@ -123,7 +123,8 @@ class AdaptConfig:
             class-stratified folds (a head fitted without each fold), and the lab's no-errors check
             (`review_lab_no_errors`) also raises the review threshold above their confident errors: it then sees
             every reviewed cell's out-of-sample score, not the calibration share's alone. 0 or 1: calibration
-            cells only. The OOD gate they pass was fitted on them, so more of their errors count (stricter).
+            cells only. The OOD gate they pass was fitted on them, so more of their errors count (stricter). With
+            the top fine-tuned, the folds' heads read features the fitting cells helped learn: fewer errors show.
             Measured against 0 on the same draws: LISC, 20 cells a class, ten repeats
             (bench/results/adapt_lab_lisc_lab_check_folds_3_r0-9.md against adapt_lab_lisc_head_only_cross_fit_r0-9.md):
             shown as ok 66.6% against 69.0%, wrong-and-ok 0.94% against 1.17% (the worst repeat 3.12% both); BCCD,
@@ -266,10 +267,11 @@ def untaught_white_cells(classes: list[str]) -> list[str]:
 
 def untaught_warning(missing: list[str]) -> str:
     """What a lab is told when its adapted model cannot name some normal white-cell types."""
-    return (f"This model cannot name {', '.join(missing)}: a smear's cells of {'that type' if len(missing) == 1 else 'those types'} "
+    one = len(missing) == 1
+    return (f"This model cannot name {', '.join(missing)}: a smear's cells of {'that type' if one else 'those types'} "
             f"will be named as one of its classes, and some shown as ok (measured when a lab taught three types: "
-            f"{UNTAUGHT_TYPES_MEASURED}). Teach {'it' if len(missing) == 1 else 'them'}: add a folder of each, "
-            f"with new classes allowed (CLI: --add-classes; Your lab page: Allow new classes)")
+            f"{UNTAUGHT_TYPES_MEASURED}). Teach {'it' if one else 'them'}: add a folder of each, with new classes "
+            f"allowed (CLI: --add-classes; Your lab page: Allow new classes)")
 
 
 def _bundled_classes() -> dict[str, list[str]]:
@@ -905,7 +907,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             f"scores of a head fitted on fewer cells than the one shipped; the OOD statistics use the "
             f"{len(fit_i)} fitting cells only" if cross_fit else "") + (
             f"; the lab's no-errors check also saw the {len(fit_i)} fitting cells, each scored by a head fitted "
-            f"without its fold ({cfg.lab_check_folds} grouped folds)" if check_folds else "") + (
+            f"without its fold ({cfg.lab_check_folds} grouped folds"
+            + (")" if why_not else "; on the fine-tuned features, which those cells helped learn)")
+            if check_folds else "") + (
             "; the head also reads the image's chroma histogram (bcc_core.colour; standardised on the head's "
             "fitting rows; " + ("trained with the top, every row with its own histogram" if not why_not and
                                 cfg.colour_with_top == "joint" else
