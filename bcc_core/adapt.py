@@ -274,6 +274,23 @@ def untaught_warning(missing: list[str]) -> str:
             f"allowed (CLI: --add-classes; Your lab page: Allow new classes)")
 
 
+def describe_review(rule: dict) -> str:
+    """One sentence on an adapted model's review threshold and the lab's check behind it (`summary["review_rule"]`)."""
+    if not rule.get("certified") or rule.get("threshold") is None:
+        return "No review threshold could be certified: every cell goes to review."
+    t, wrong = rule["threshold"], rule.get("no_errors_wrong_seen")
+    said = f"Cells are shown as ok from confidence {t:.3f}"
+    if wrong is None:
+        return said + "."
+    items = rule.get("no_errors_items")
+    among = (f"{sum(items.values())} of your reviewed cells, each scored by a model fitted without it" if items
+             else "your calibration cells")
+    if wrong:
+        return (f"{said}: the guarantee alone gave {rule['guarantee_threshold']:.3f}; {wrong} confident "
+                f"error{'s' if wrong > 1 else ''} among {among}{',' if items else ''} raised it above them.")
+    return f"{said} (the guarantee's): no confident error among {among}{',' if items else ''} passed the other gates."
+
+
 def _bundled_classes() -> dict[str, list[str]]:
     """{model folder: classes} of the bundled models."""
     from .inference import card_classes, list_models

@@ -532,7 +532,7 @@ def _adapt_from_audit(a) -> int:
 
 
 def cmd_adapt(a) -> int:
-    from .adapt import AdaptConfig, adapt
+    from .adapt import AdaptConfig, adapt, describe_review, untaught_warning
     from .replay import CUT_LAYERS
 
     if a.from_audit is not None:
@@ -568,12 +568,11 @@ def cmd_adapt(a) -> int:
     print("  " + ("the head also reads each image's chroma histogram" if res["colour_features"]
                   else f"no chroma histogram: {res['colour_not_used_because']}"))
     if res["untaught_white_cells"]:
-        from .adapt import untaught_warning
-
         print(f"  warning: {untaught_warning(res['untaught_white_cells'])}")
     if res["cross_fitted"]:
         print("  cross-fitted: the head learnt from every reviewed cell; each calibration cell was scored by a head "
               "fitted without it")
+    print(f"  {describe_review(res['review_rule'])}")
     print(f"  lab calibration part: shown as ok {b['ok_fraction']:.1%} -> {af['ok_fraction']:.1%}, wrong and ok "
           f"{b['wrong_ok_of_all']:.1%} -> {af['wrong_ok_of_all']:.1%}")
     for c, r in af["recall"].items():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from bcc_core.adapt import describe_review, untaught_warning
 from bcc_core.data import alike_classes
 from bcc_core.lab_models import (list_lab_models, new_candidate_dir, promote, reviewed_labels, rollback,
                                  unpack_labelled_zip, write_reviewed_cells)
@@ -143,9 +144,8 @@ if cand and Path(cand["dir"]).is_dir():
               {"figure": "macro-F1 on the parent's test split", "parent": f"{s['parent_test_macro_f1']['before']:.3f}",
                "adapted": f"{s['parent_test_macro_f1']['after']:.3f}"}]
     st.dataframe(pd.DataFrame(table), hide_index=True)
+    st.caption(describe_review(s["review_rule"]))
     if s.get("untaught_white_cells"):
-        from bcc_core.adapt import untaught_warning
-
         st.warning(untaught_warning(s["untaught_white_cells"]) + ".")
     if a["n"] < 30:
         st.warning(f"These figures rest on {a['n']} held-out cells: each cell moves a class's recall by several "

@@ -385,6 +385,26 @@ def test_a_folder_named_like_a_model_class_is_mapped_never_added_beside_it(paren
     assert "cannot name" not in capsys.readouterr().out    # not a white-cell model: nothing to warn about
 
 
+def test_describe_review_says_what_set_the_threshold():
+    """The sentence the CLI and the Your lab page give: not certified; the guarantee alone; raised by the lab's
+    confident errors, counting the reviewed cells the check read (calibration and out-of-fold fitting cells)."""
+    from bcc_core.adapt import describe_review
+
+    assert describe_review({"certified": False, "threshold": None}).startswith("No review threshold")
+    items = {"cal_b": 10, "cal_a": 9, "lab_fit_out_of_fold": 30}
+    kept = {"certified": True, "threshold": 0.71, "guarantee_threshold": 0.71, "no_errors_wrong_seen": 0,
+            "no_errors_items": items}
+    assert describe_review(kept) == ("Cells are shown as ok from confidence 0.710 (the guarantee's): no confident "
+                                     "error among 49 of your reviewed cells, each scored by a model fitted without "
+                                     "it, passed the other gates.")
+    raised = {**kept, "threshold": 0.9312, "no_errors_wrong_seen": 2}
+    assert "the guarantee alone gave 0.710; 2 confident errors among 49 of your" in describe_review(raised)
+    assert "from confidence 0.931:" in describe_review(raised) and describe_review(raised).endswith(
+        "without it, raised it above them.")
+    assert "among your calibration cells" in describe_review({**raised, "no_errors_items": None})
+    assert describe_review({"certified": True, "threshold": 0.5}) == "Cells are shown as ok from confidence 0.500."
+
+
 def test_a_white_cell_model_that_cannot_name_a_normal_smears_types_says_so():
     """pbs5 (and pbs5 taught three types) cannot name lymphocytes and eosinophils, a third of a normal smear's
     white cells: the adapted card, the CLI and the Your lab page carry the warning; pb7 and all4 do not."""
