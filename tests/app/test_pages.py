@@ -670,6 +670,8 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
             "macro-F1 on the parent's test split"} <= set(table["figure"])
     # pbs5 taught by this lab cannot name its lymphocytes and eosinophils: the lab is told before promoting
     assert "This model cannot name lymphocyte, eosinophil" in texts(at, "warning")
+    from bcc_core.adapt import describe_review                   # ... and what set the review threshold
+    assert describe_review(cand["summary"]["review_rule"]) in texts(at, "caption")
 
     next(b for b in at.button if b.label == "Promote: use the adapted model").click().run()
     assert not at.exception, [e.value for e in at.exception]
