@@ -742,6 +742,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                 parts = split_parts(y_lab[fit_i], groups[fit_i], {str(j): 1 / k for j in range(k)}, seed=cfg.seed)
                 for j in range(k):
                     held = fit_i[np.asarray(parts[str(j)], int)]
+                    if not len(held):  # too few fitting cells for k folds
+                        continue
                     say(0.55 if why_not else 0.64, f"the lab check: a head without fitting fold {j + 1} of {k}")
                     x, y, _, h, w = head_data(np.setdiff1d(np.arange(n), held))
                     check_folds.append((held, fit_head(x, y, h, w)))
