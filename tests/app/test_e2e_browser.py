@@ -471,6 +471,7 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
 def test_your_lab_in_the_browser(server, tmp_path):
     """Upload a labelled .zip, adapt, compare, promote (the sidebar now offers and uses it), roll back."""
     import io
+    import re
     import zipfile
 
     from playwright.sync_api import expect
@@ -493,7 +494,10 @@ def test_your_lab_in_the_browser(server, tmp_path):
         page.get_by_role("button", name="Adapt the model").click()
         expect(page.get_by_role("heading", name="3. Parent and adapted model, side by side")).to_be_visible(
             timeout=600_000)
-        expect(page.get_by_text("each scored by a model fitted without it")).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^On \d+ of your lab's cells, each scored by a model fitted without it"))
+               ).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^(Cells are shown as ok from confidence|No review threshold)"))
+               ).to_be_visible()   # what set the review threshold
         _idle(page)
         page.get_by_role("button", name="Promote: use the adapted model").click()
         expect(page.get_by_text("Promoted as pbs5-mobilenetv2--browser-lab-v1")).to_be_visible(timeout=120_000)
