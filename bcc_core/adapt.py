@@ -77,9 +77,10 @@ class AdaptConfig:
             in-distribution for the classes it labelled; "class": one per class.
         ood_covariance: "per_source": one shared covariance per source (lab) in the Mahalanobis
             detectors; "shared": one for all components.
-        review_lab_no_errors: raise the review threshold above every wrong prediction among the lab's
-            calibration cells, parts A and B, that passed the other gates (on top of the pooled
-            Clopper-Pearson rule; part B alone held too few of the lab's errors to keep them out of "ok").
+        review_lab_no_errors: raise the review threshold above every wrong prediction that passed the other
+            gates among the lab's calibration cells, parts A and B (and, with `lab_check_folds`, its fitting
+            cells scored out of fold), on top of the pooled Clopper-Pearson rule (part B alone held too few of
+            the lab's errors to keep them out of "ok").
         review_unlabelled_classes: a suggestion of a class the lab did not label is always sent to
             review (card `review_rule.review_classes`): nothing shows it holds on this lab's images.
         ood_quantile: each detector's threshold is the larger of this quantile on the parent's
