@@ -457,8 +457,7 @@ def test_no_contrast_violation_on_any_page(server, tmp_path):
     with _app_page() as page:
         for name, step in steps.items():
             step(page)
-            _idle(page)
-            _settled(page)
+            _settled(page)   # idle (no run, no stale element) and still for a while
             res = axe.run(page, options={"runOnly": {"type": "rule", "values": ["color-contrast"]}})
             found[name] = [(n["html"][:300], n["any"][0]["message"][:160]) for v in res.response["violations"]
                            for n in v["nodes"]]
