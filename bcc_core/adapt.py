@@ -33,6 +33,7 @@ from .colour import (N_FEATURES, STD_FLOOR, chroma_branch, chroma_histograms, ha
 from .data import alike_classes
 from .preprocess import MAX_VIEWS, dihedral_views
 from .replay import REPLAY_FILE, concat_banks, cut_meta, decode_cut, encode_cut, load_bank, save_bank
+from .second_opinion import SecondOpinion
 
 CELLS_FILE = "cells.json"
 
@@ -132,6 +133,10 @@ class AdaptConfig:
             10 a class, five repeats (adapt_lab_bccd_lab_check_folds_3.md against adapt_lab_bccd_cross_fit.md):
             13.4% against 32.1% shown as ok, wrong-and-ok 0.92% against 3.34% (worst 4.6% against 12.1%). The
             default: fewer of a lab's errors shown as ok where the reviewed cells show the lab is hard.
+        second_opinion: when the refitted head reads the chroma histogram, a second head is fitted on the same
+            rows without it (`bcc_core.second_opinion`; with cross-fitting, one per fold too, so the lab's cells
+            are judged by second opinions that never saw them), and a result is ok only when both name the same
+            class; the review rule and the lab's no-errors check read only the cells where they agree.
         seed: split, initialisation and shuffling seed.
     """
 
@@ -167,6 +172,7 @@ class AdaptConfig:
     colour_with_top: str = "refit"
     cross_fit: bool = True
     lab_check_folds: int = 3
+    second_opinion: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -286,9 +292,12 @@ def describe_review(rule: dict) -> str:
     items = rule.get("no_errors_items")
     among = (f"{sum(items.values())} of your reviewed cells, each scored by a model fitted without it" if items
              else "your calibration cells")
+    errors = f"error{'s' if wrong > 1 else ''} among {among}{',' if items else ''}"
+    if wrong and t > rule["guarantee_threshold"]:
+        return (f"{said}: the guarantee alone gave {rule['guarantee_threshold']:.3f}; {wrong} confident {errors} "
+                f"raised it above them.")
     if wrong:
-        return (f"{said}: the guarantee alone gave {rule['guarantee_threshold']:.3f}; {wrong} confident "
-                f"error{'s' if wrong > 1 else ''} among {among}{',' if items else ''} raised it above them.")
+        return f"{said} (the guarantee's): {wrong} {errors} passed the other gates, all below it."
     return f"{said} (the guarantee's): no confident error among {among}{',' if items else ''} passed the other gates."
 
 
@@ -708,8 +717,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         return x, y, src, h, _sample_weights(y, src, lab_src, cfg.lab_weight)
 
     X, Y, S = head_data(fit_i)[:3]  # the OOD statistics' rows
-    folds = []  # cross-fitting: (calibration cells, the head fitted without them)
-    check_folds = []  # (fitting cells, the head fitted without them), for the lab's no-errors check
+    folds = []  # cross-fitting: (calibration cells, the head fitted without them, its second opinion)
+    check_folds = []  # (fitting cells, the head fitted without them, its second opinion), the lab's no-errors check
+    second = None  # a head on the features alone that must agree for a result to be ok (bcc_core.second_opinion)
     if refit_head:
         # A head on frozen features: the parent's (backbone not fine-tuned), or the fine-tuned network's
         # (its head, trained with the top on the features alone, is refitted to read the histogram too).
@@ -722,21 +732,30 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             c_mean, c_scale = hs.mean(0), cfg.colour_gain / np.maximum(hs.std(0), STD_FLOOR)
             head_in = scaled_head_input(feats_t, chroma_branch(start.input), c_mean, c_scale)
 
+        with_second = cfg.second_opinion and not colour_why_not
+
         def fit_head(x, y, h, w):
             xh = x if colour_why_not else np.concatenate([x, (h - c_mean) * c_scale], 1).astype(np.float32)
             return keras.Model(start.input, _wire(_train_head(start, n_cls, xh, y, w, cfg), head_in),
                                name=pred.model.name)
 
+        def fit_second(x, y, w):
+            """The second opinion fitted on the same rows as a head, features alone (None when not used)."""
+            return SecondOpinion.from_layers(_train_head(start, n_cls, x, y, w, cfg)) if with_second else None
+
         on = "the parent's frozen features" if why_not else "the fine-tuned network's features"
         say(0.45 if why_not else 0.62, f"training the head on {len(xs)} rows ({on}"
                                        f"{'' if colour_why_not else ' and the chroma histogram'})")
         model = fit_head(xs, ys, hs, ws)
+        if with_second:
+            say(0.47 if why_not else 0.62, "training the second opinion: the same rows, the features alone")
+        second = fit_second(xs, ys, ws)
         if cross_fit:
             for held, other in ((cal_a_i, cal_b_i), (cal_b_i, cal_a_i)):
                 say(0.5 if why_not else 0.63,
                     f"cross-fitting: a head without {len(held)} calibration cells, to score them")
                 x, y, _, h, w = head_data(np.concatenate([fit_i, other]))
-                folds.append((held, fit_head(x, y, h, w)))
+                folds.append((held, fit_head(x, y, h, w), fit_second(x, y, w)))
             if cfg.review_lab_no_errors and cfg.lab_check_folds > 1:
                 # The fitting cells scored out of sample too, for the lab's no-errors check only.
                 k = cfg.lab_check_folds
@@ -747,7 +766,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                         continue
                     say(0.55 if why_not else 0.64, f"the lab check: a head without fitting fold {j + 1} of {k}")
                     x, y, _, h, w = head_data(np.setdiff1d(np.arange(n), held))
-                    check_folds.append((held, fit_head(x, y, h, w)))
+                    check_folds.append((held, fit_head(x, y, h, w), fit_second(x, y, w)))
     parent_logits = compiled(head_only(pred.model, LOGITS_LAYER))
 
     say(0.65, "refitting the trust layer (temperature, OOD statistics and thresholds, review rule)")
@@ -766,16 +785,25 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     lg_bank = batched_predict(compiled(head_only(model, LOGITS_LAYER)),
                               head_rows(model, bank["features"], bank.get("colour")), batch_size=1024)
     lg_lab = lab_logits(model)
-    for held, fold_model in folds:  # each calibration cell scored by a head that never saw it
+    # The second opinion's logits for the lab's cells (the image's own features, as the adapted model reads them),
+    # scored out of sample wherever the head's logits are.
+    sl_lab = None if second is None else second.logits(f_lab)
+    for held, fold_model, fold_second in folds:  # each calibration cell scored by a head that never saw it
         lg_lab[held] = lab_logits(fold_model)[held]
+        if fold_second is not None:
+            sl_lab[held] = fold_second.logits(f_lab[held])
     check_part = None
     if check_folds:  # the fitting cells, each scored by a head that never saw it (the lab check only)
         lg_check = np.zeros_like(lg_lab)
-        for held, fold_model in check_folds:
+        sl_check = None if second is None else np.zeros_like(sl_lab)
+        for held, fold_model, fold_second in check_folds:
             lg_check[held] = lab_logits(fold_model)[held]
+            if fold_second is not None:
+                sl_check[held] = fold_second.logits(f_lab[held])
         check_part = Part("lab_fit_out_of_fold", np.array([f"lab:{shas[i]}" for i in fit_i]), y_lab[fit_i],
                           f_lab[fit_i], lg_check[fit_i], None if e_lab is None else e_lab[fit_i],
-                          np.full(len(fit_i), cfg.lab, dtype=object), quality_bad[fit_i])
+                          np.full(len(fit_i), cfg.lab, dtype=object), quality_bad[fit_i],
+                          None if sl_check is None else sl_check[fit_i])
     # Calibration A / B: the parent's own calibration parts (replay) pooled with the lab's parts A / B;
     # a bank from an older adapted model lists its lab's calibration cells as "lab_cal" (kept in A).
     rep_a = np.isin(part, CAL_A + ("lab_cal_a", "lab_cal"))
@@ -808,7 +836,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                     np.concatenate([lg_bank[bank_mask], lg_lab[lab_idx]]),
                     None if eb is None or el is None else np.concatenate([eb, el]),
                     np.r_[np.full(n_bank, "parent", dtype=object), np.full(len(lab_idx), cfg.lab, dtype=object)],
-                    np.r_[np.zeros(n_bank, bool), quality_bad[lab_idx]])
+                    np.r_[np.zeros(n_bank, bool), quality_bad[lab_idx]],
+                    None if second is None else
+                    np.concatenate([second.logits(bank["features"][bank_mask]), sl_lab[lab_idx]]))
 
     train_part = Part("fit", np.r_[[f"bank:{i}" for i in np.flatnonzero(rep_fit)], [f"lab:{shas[i]}" for i in fit_i]],
                       np.r_[y_bank[rep_fit], y_lab[fit_i]], np.concatenate([bank["features"][rep_fit], f_lab[fit_i]]))
@@ -832,7 +862,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                    **({"views": f"the lab's cells scored by logits averaged over {1 + len(f_tta)} flips / 90° "
                                 f"rotations, as the adapted model scores images; the parent's replay rows by "
                                 f"their one stored view"} if f_tta else {})},
-        seed=cfg.seed, views=1 + len(f_tta))
+        seed=cfg.seed, views=1 + len(f_tta), second_opinion=second)
     T = trust.temperature
     rule = trust.review
     scales = {m: (v["median"], v["threshold"]) for m, v in trust.detectors.items()}
@@ -844,7 +874,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                          "parent_cal_b_flag_rate": float((s_bank[rep_b] > det["threshold"]).mean()),
                          "test_flag_rate": float((s_bank[test] > det["threshold"]).mean())}
     d_bank = trust.decide(lg_bank, bank["features"], early_bank)
-    d_lab = trust.decide(lg_lab, f_lab, e_lab, quality_bad)
+    d_lab = trust.decide(lg_lab, f_lab, e_lab, quality_bad, second_logits=sl_lab)
     p_bank, p_lab = d_bank.probs, d_lab.probs
 
     say(0.8, "before/after figures")
@@ -877,7 +907,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
 
     say(0.88, "writing the new model folder")
     out.mkdir(parents=True, exist_ok=True)
-    ood.save_stats(out / "ood_stats.npz", stats)
+    trust.save_stats(out)  # the OOD statistics and the second opinion (its hash goes into the card)
     lab_rows = np.concatenate([fit_i, cal_a_i, cal_b_i])
     lab_bank = {"features": f_lab[lab_rows].astype(np.float16), "labels": y_lab[lab_rows].astype(np.int16),
                 # cross-fitted, the head was fitted on every cell: none may calibrate a child adapted from it
@@ -934,7 +964,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             "fitting rows; " + ("trained with the top, every row with its own histogram" if not why_not and
                                 cfg.colour_with_top == "joint" else
                                 "refitted on the fine-tuned features" if not why_not else "on the frozen features")
-            + ")" if not colour_why_not else f"; no chroma histogram: {colour_why_not}"),
+            + ")" if not colour_why_not else f"; no chroma histogram: {colour_why_not}") + (
+            "; a second opinion (a head on the features alone, fitted on the same rows, and per fold when "
+            "cross-fitted) must name the same class for a result to be ok; the review rule and the lab's check "
+            "read only the cells where the two agree" if second is not None else ""),
         "pooled_calibration": (
             f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
             f"conformal quantile (calibration B, disjoint from A): {trust.fitted_on['review_rule']}."),
@@ -990,7 +1023,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                "unlabelled_classes_same_prediction": kept_same, "review_rule": rule, "temperature": T,
                "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not,
                "colour_features": not colour_why_not, "colour_not_used_because": colour_why_not,
-               "cross_fitted": cross_fit, "untaught_white_cells": missing,
+               "cross_fitted": cross_fit, "untaught_white_cells": missing, "second_opinion": second is not None,
                "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})

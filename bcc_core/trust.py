@@ -8,6 +8,9 @@ on named, disjoint data parts and applied by one method:
 - **calibration A**: temperature (NLL) and each OOD detector's threshold;
 - **calibration B**: the review rule (Clopper-Pearson, fixed sequence) and the conformal quantile.
 
+An adapted model may carry a second opinion (`bcc_core.second_opinion`): a head reading the features alone. A
+result is ok only when it names the same class; the review rule is fitted on the items where it does.
+
 The guarantee of the review rule rests on calibration B being untouched by every earlier fit, which
 :meth:`TrustModel.fit` checks (it refuses overlapping item ids). "No certified threshold" is data
 (``review.certified = False``), never a threshold above 1.
@@ -26,6 +29,9 @@ import numpy as np
 
 from . import ood, review
 from .flags import Flag
+from .second_opinion import FILE as SECOND_OPINION_FILE
+from .second_opinion import READS as SECOND_OPINION_READS
+from .second_opinion import SecondOpinion
 
 TRUST_FORMAT = "bcc_trust/1"
 STATS_FILE = "ood_stats.npz"
@@ -69,6 +75,9 @@ class Part:
         early: (N, E) pooled early-layer activations, or None.
         source: (N,) source / lab name per item, or None (one source).
         quality_bad: (N,) bool, the image-quality gate fired (those never pass the review rule).
+        second_logits: (N, C) the second opinion's logits for these items when they must not come from the
+            model's own second opinion (an adapting lab's cells, each scored by a second head fitted without
+            it), or None (computed from `features`).
     """
 
     name: str
@@ -79,12 +88,13 @@ class Part:
     early: np.ndarray | None = None
     source: np.ndarray | None = None
     quality_bad: np.ndarray | None = None
+    second_logits: np.ndarray | None = None
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids)
         self.labels = np.asarray(self.labels)
         n = len(self.ids)
-        for k in ("labels", "features", "logits", "early", "source", "quality_bad"):
+        for k in ("labels", "features", "logits", "early", "source", "quality_bad", "second_logits"):
             v = getattr(self, k)
             if v is not None and len(v) != n:
                 raise ValueError(f"part {self.name!r}: {k} has {len(v)} rows, ids {n}")
@@ -106,6 +116,12 @@ class Decisions:
     unreviewed_class: np.ndarray  # (N,) bool: suggested class not reviewed in the adapting lab
     sets: np.ndarray | None    # (N, C) bool conformal membership, or None
     ok: np.ndarray             # (N,) bool: no flag at all (quality included when given)
+    second_pred: np.ndarray | None = None  # (N,) the second opinion's class, or None without one
+
+    @property
+    def disagree(self) -> np.ndarray:
+        """(N,) bool: the second opinion names another class (all False without one)."""
+        return np.zeros(len(self.pred), bool) if self.second_pred is None else self.second_pred != self.pred
 
 
 @dataclass(frozen=True)
@@ -123,11 +139,12 @@ class TrustResult:
 
 
 def _lab_errors(part: Part, dec: "Decisions", source: str) -> np.ndarray:
-    """Confidences of `source`'s wrong predictions in `part` that the OOD and quality gates let through."""
+    """Confidences of `source`'s wrong predictions in `part` that the OOD, quality and second-opinion gates
+    let through."""
     if part.source is None:
         return np.zeros(0)
     bad = part.quality_bad if part.quality_bad is not None else np.zeros(len(part), bool)
-    return dec.confidence[~dec.ood_flag & ~bad & (dec.pred != part.labels) & (part.source == source)]
+    return dec.confidence[~dec.ood_flag & ~bad & ~dec.disagree & (dec.pred != part.labels) & (part.source == source)]
 
 
 @dataclass
@@ -151,6 +168,9 @@ class TrustModel:
         fitted_on: {what: part description} (sizes, hashes), for the card.
         views: the logits this layer was fitted on and is applied to are the mean over the image and its
             first views - 1 flips / 90° rotations (`Predictor.forward`); 1: the image alone.
+        second_opinion: a head on the features alone (`bcc_core.second_opinion`) that must name the same class
+            for a result to be ok, or None.
+        second_opinion_sha256: the SHA-256 of its file, recorded in the card.
     """
 
     classes: list
@@ -167,6 +187,8 @@ class TrustModel:
     config: dict = field(default_factory=dict)
     fitted_on: dict = field(default_factory=dict)
     views: int = 1
+    second_opinion: SecondOpinion | None = None
+    second_opinion_sha256: str | None = None
 
     # ------------------------------------------------------------------ fit
     @classmethod
@@ -175,7 +197,7 @@ class TrustModel:
             no_errors_source: str | None = None, no_errors_extra: Part | None = None, review_classes=(),
             lab: str | None = None,
             shortcut_audit: dict | None = None, part_info: dict | None = None, seed: int = 0,
-            views: int = 1) -> "TrustModel":
+            views: int = 1, second_opinion: SecondOpinion | None = None) -> "TrustModel":
         """Fit every trust part on its own data part.
 
         Args:
@@ -201,6 +223,9 @@ class TrustModel:
             shortcut_audit: the card's shortcut audit.
             part_info: {part name: description} recorded in `fitted_on` (sizes, hashes).
             views: recorded: the parts' logits are means over this many views (see the attribute).
+            second_opinion: a features-only head that must agree for a result to be ok: the review rule and
+                the no-errors check read only the items where it agrees (a part's `second_logits`, when given,
+                stand for its predictions on that part).
 
         Raises:
             ValueError: two parts share an item id (the guarantee would not hold).
@@ -240,12 +265,13 @@ class TrustModel:
         tm = cls(classes=list(classes), temperature=float(T), ood_method=cfg.ood_method or None, detectors=detectors,
                  ood_stats=stats, early_layer=early_layer if use_early else None,
                  review_classes=list(review_classes), lab=lab, shortcut_audit=dict(shortcut_audit or {}),
-                 config=dataclasses.asdict(cfg), views=int(views))
-        # Review rule and conformal quantile: calibration B only, with T and the OOD gate already fixed.
+                 config=dataclasses.asdict(cfg), views=int(views), second_opinion=second_opinion)
+        # Review rule and conformal quantile: calibration B only, with T, the OOD gate and the second opinion
+        # already fixed.
         b = calibration_b
-        d = tm.decide(b.logits, b.features, b.early, b.quality_bad, use_review=False)
+        d = tm.decide(b.logits, b.features, b.early, b.quality_bad, use_review=False, second_logits=b.second_logits)
         correct = d.pred == b.labels
-        passed = ~d.ood_flag & ~(b.quality_bad if b.quality_bad is not None else np.zeros(len(b), bool))
+        passed = ~d.ood_flag & ~d.disagree & ~(b.quality_bad if b.quality_bad is not None else np.zeros(len(b), bool))
         rule = review.fit_selective_threshold(d.confidence[passed], correct[passed], cfg.review_alpha,
                                               cfg.review_delta, cfg.min_accepted)
         certified = rule["accepted"] > 0
@@ -254,11 +280,12 @@ class TrustModel:
         if certified and no_errors_source is not None and b.source is not None:
             # Calibration A too, decided with the same temperature and OOD gate (its own fits are done).
             da = tm.decide(calibration_a.logits, calibration_a.features, calibration_a.early,
-                           calibration_a.quality_bad, use_review=False)
+                           calibration_a.quality_bad, use_review=False, second_logits=calibration_a.second_logits)
             checked = [(b, d), (calibration_a, da)]
             if no_errors_extra is not None:
                 e = no_errors_extra
-                checked.append((e, tm.decide(e.logits, e.features, e.early, e.quality_bad, use_review=False)))
+                checked.append((e, tm.decide(e.logits, e.features, e.early, e.quality_bad, use_review=False,
+                                             second_logits=e.second_logits)))
                 extra["no_errors_items"] = {p.name: int((p.source == no_errors_source).sum()) for p, _ in checked}
             wrong_conf = np.concatenate([_lab_errors(p, dp, no_errors_source) for p, dp in checked])
             extra["guarantee_threshold"] = threshold
@@ -300,8 +327,10 @@ class TrustModel:
         return (ood.score(self.ood_method, features, logits, self.ood_stats, self.temperature, early=early),
                 float(self.detectors[self.ood_method]["threshold"]))
 
-    def decide(self, logits, features, early=None, quality_bad=None, use_review: bool = True) -> Decisions:
-        """Vectorised trust outcome for N items (numpy only)."""
+    def decide(self, logits, features, early=None, quality_bad=None, use_review: bool = True,
+               second_logits=None) -> Decisions:
+        """Vectorised trust outcome for N items (numpy only). `second_logits`: the second opinion's logits when
+        they must not be computed from `features` by the model's own (a fit's out-of-sample scores)."""
         logits = np.asarray(logits)
         n = len(logits)
         probs = softmax_t(logits, self.temperature)
@@ -320,8 +349,13 @@ class TrustModel:
         qhat = self.conformal.get("qhat")
         sets = review.prediction_sets(probs, qhat) if qhat is not None else None
         bad = np.zeros(n, bool) if quality_bad is None else np.asarray(quality_bad, bool)
-        ok = ~ood_flag & ~below & ~unrev & ~bad & (self.cue_flag() is None)
-        return Decisions(probs, pred, conf, score, ood_flag, below, unrev, sets, ok)
+        second = None
+        if self.second_opinion is not None:
+            second = np.asarray(self.second_opinion.logits(features) if second_logits is None else second_logits)
+            second = second.argmax(1) if n else np.zeros(0, int)
+        d = Decisions(probs, pred, conf, score, ood_flag, below, unrev, sets, np.zeros(n, bool), second)
+        d.ok = ~ood_flag & ~below & ~unrev & ~bad & ~d.disagree & (self.cue_flag() is None)
+        return d
 
     def cue_flag(self) -> Flag | None:
         from .shortcut import cue_flag
@@ -368,6 +402,12 @@ class TrustModel:
                                   f"Calibrated confidence {p[k]:.0%} is below the review threshold "
                                   f"{float(self.review['threshold']):.0%}; the model is unsure between classes. "
                                   f"Review the cell.", "below_threshold"))
+            if d.disagree[i]:
+                flags.append(Flag("low_confidence", "warning",
+                                  f"A second head, reading the cell's network features without its colour "
+                                  f"histogram, names it {self.classes[int(d.second_pred[i])]}, not "
+                                  f"{self.classes[k]}. When the two disagree the suggestion is not shown as ok. "
+                                  f"Review the cell.", "second_opinion_disagrees"))
             if d.unreviewed_class[i]:
                 flags.append(Flag("low_confidence", "warning",
                                   f"{self.classes[k]} was not among the reviewed cells this model was adapted on "
@@ -389,11 +429,19 @@ class TrustModel:
                                        else "the score exceeds the threshold")},
                 "review": self.review, "conformal": self.conformal, "review_classes": list(self.review_classes),
                 "lab": self.lab, "config": self.config, "fitted_on": self.fitted_on,
-                **({"views": self.views} if self.views > 1 else {})}
+                **({"views": self.views} if self.views > 1 else {}),
+                **({"second_opinion": {"file": SECOND_OPINION_FILE, "sha256": self.second_opinion_sha256,
+                                       "reads": SECOND_OPINION_READS,
+                                       "ok_only_when": "it names the same class as the model"}}
+                   if self.second_opinion is not None else {})}
 
     def save_stats(self, model_dir) -> None:
+        """Write the fitted arrays beside the card: the OOD statistics and the second opinion's weights (its
+        hash is kept for `to_card`)."""
         if self.ood_stats is not None:
             ood.save_stats(Path(model_dir) / STATS_FILE, self.ood_stats)
+        if self.second_opinion is not None:
+            self.second_opinion_sha256 = self.second_opinion.save(model_dir)
 
     @classmethod
     def from_card(cls, card, model_dir=None, stats: dict | None = None) -> "TrustModel":
@@ -428,12 +476,17 @@ class TrustModel:
         st = load(o.get("stats_file"))
         if o.get("method") and o["method"] != "energy" and st is None:
             raise ValueError(f"{model_dir}: the card's OOD detectors need {o.get('stats_file')}, which is missing")
+        so = t.get("second_opinion")
+        if so and model_dir is None:
+            raise ValueError(f"{d.get('model_id')}: the card's second opinion is a file beside it; give model_dir")
         return cls(classes=classes, temperature=float(t["temperature"]), ood_method=o.get("method"),
                    detectors=o.get("detectors") or {}, ood_stats=st, early_layer=o.get("early_layer"),
                    review=dict(t.get("review") or {}), conformal=dict(t.get("conformal") or {}),
                    review_classes=list(t.get("review_classes") or []), lab=t.get("lab"),
                    shortcut_audit=audit, config=t.get("config") or {}, fitted_on=t.get("fitted_on") or {},
-                   views=int(t.get("views", 1)))
+                   views=int(t.get("views", 1)),
+                   second_opinion=SecondOpinion.load(model_dir, so.get("sha256")) if so else None,
+                   second_opinion_sha256=so.get("sha256") if so else None)
 
     def legacy_sections(self) -> dict:
         """The card's `calibration` / `ood` / `review_rule` keys that pages and reports read (display only:

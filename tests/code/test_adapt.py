@@ -122,10 +122,12 @@ def adapted(parent, tmp_path_factory):
     lab = _lab_folder(tmp / "lab", {"mono": 1, "bilobed": 2}, per_class=12, dup=True)
     calls = []
     fits = []  # what the trust layer was fitted on (the parts' item ids)
+    seconds = []  # the second opinion it was given, and the parts it judged with it
     real_fit = TrustModel.fit.__func__
 
     def spy(cls, classes, train, cal_a, cal_b, *args, **kw):
         fits.append({"train": list(train.ids), "cal_a": list(cal_a.ids), "cal_b": list(cal_b.ids)})
+        seconds.append((kw.get("second_opinion"), cal_a, cal_b, kw.get("no_errors_extra")))
         return real_fit(cls, classes, train, cal_a, cal_b, *args, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -133,7 +135,7 @@ def adapted(parent, tmp_path_factory):
         # colour_min_cells=2: the histogram is read from these 12 cells a class (by default from 15)
         summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1, colour_min_cells=2),
                         progress=lambda f, m: calls.append((f, m)))
-    summary["_trust_fits"] = fits
+    summary["_trust_fits"], summary["_second_opinions"] = fits, seconds
     return lab, tmp / "new", summary, calls
 
 
@@ -155,6 +157,33 @@ def test_card_names_parent_hash_lab_and_cells(parent, adapted):
     assert 0 <= ba["parent_test_macro_f1"]["after"] <= 1
     assert calls[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in calls)
     assert [f for f, _ in calls] == sorted(f for f, _ in calls)
+
+
+def test_a_second_opinion_on_the_features_alone_is_shipped_and_scores_the_labs_cells_out_of_sample(adapted):
+    """A head reading the histogram ships with a features-only second opinion (its file hashed in the card); the
+    trust fit judges the lab's calibration and out-of-fold fitting cells by second opinions fitted without them,
+    and the parent's replay rows by the shipped one."""
+    from bcc_core.inference import Predictor
+    from bcc_core.second_opinion import FILE
+
+    lab, new, summary, _ = adapted
+    assert summary["second_opinion"] and summary["colour_features"]
+    card = json.loads((new / "model_card.json").read_text())
+    so_card = card["trust"]["second_opinion"]
+    assert so_card["file"] == FILE and so_card["sha256"] == hashlib.sha256((new / FILE).read_bytes()).hexdigest()
+    assert "second opinion" in card["lineage"]["what_was_refitted"]
+    ((second, cal_a, cal_b, extra),) = summary["_second_opinions"]
+    assert second is not None
+    for part in (cal_a, cal_b, extra):
+        assert part.second_logits is not None and part.second_logits.shape == part.logits.shape
+        is_lab = np.array([str(i).startswith("lab:") for i in part.ids])
+        shipped = second.logits(part.features)
+        np.testing.assert_allclose(part.second_logits[~is_lab], shipped[~is_lab], rtol=1e-5, atol=1e-5)
+        if is_lab.any():  # out of sample: heads fitted without these cells score them differently
+            assert not np.allclose(part.second_logits[is_lab], shipped[is_lab], atol=1e-4)
+    p = Predictor.load(new, runtime="keras")
+    p.predict_inputs(np.zeros((1, *p.model.input_shape[1:3], 3), np.uint8))
+    assert p.__dict__["trust"].second_opinion is not None  # the trust layer read from the card carries it
 
 
 def test_lab_cells_are_in_the_fit_or_the_calibration_part_never_both(adapted):
@@ -402,6 +431,10 @@ def test_describe_review_says_what_set_the_threshold():
     assert "from confidence 0.931:" in describe_review(raised) and describe_review(raised).endswith(
         "without it, raised it above them.")
     assert "among your calibration cells" in describe_review({**raised, "no_errors_items": None})
+    # errors that passed the other gates but sat below the guarantee's threshold did not raise it
+    assert describe_review({**kept, "no_errors_wrong_seen": 1}) == (
+        "Cells are shown as ok from confidence 0.710 (the guarantee's): 1 error among 49 of your reviewed cells, "
+        "each scored by a model fitted without it, passed the other gates, all below it.")
     assert describe_review({"certified": True, "threshold": 0.5}) == "Cells are shown as ok from confidence 0.500."
 
 
@@ -490,6 +523,7 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
     assert not has_colour(Predictor.load(tmp_path / "new", runtime="keras").model)
     few = adapt(parent, lab, tmp_path / "few", AdaptConfig(epochs=3))  # 10 cells a class, fewer than 15
     assert not few["colour_features"] and "fewer than 15 distinct reviewed cells" in few["colour_not_used_because"]
+    assert not few["second_opinion"]  # the head reads the features alone: nothing to second
     capsys.readouterr()
     assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / "off"), "--quiet",
                  "--no-colour", "--no-cross-fit"]) == 0

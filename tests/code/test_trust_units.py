@@ -384,3 +384,102 @@ def test_trust_apply_runs_without_tensorflow_or_scipy():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def _second(feature_dim: int, favours: list[int]):
+    """A SecondOpinion whose logits follow the features' first channels: item i is named favours-style by the
+    argmax of its first len(CLASSES) features (identity dense layer, identity logits)."""
+    from bcc_core.second_opinion import SecondOpinion
+
+    k = len(CLASSES)
+    dense = np.zeros((feature_dim, k), np.float32)
+    dense[:k, :k] = np.eye(k)
+    return SecondOpinion(dense, np.zeros(k, np.float32), np.eye(k, dtype=np.float32)[:, favours],
+                         np.zeros(k, np.float32))
+
+
+def test_a_second_opinion_that_names_another_class_keeps_the_result_out_of_ok(tmp_path):
+    """The features-only head must name the model's class: otherwise review, with its class named; the card
+    records its file and hash, and a changed file is refused."""
+    import json
+
+    from bcc_core.second_opinion import FILE, SecondOpinion
+
+    logits = np.array([[12.0, 0, 0], [12.0, 0, 0]])  # both confidently "a", in distribution (energy -12)
+    feats = np.array([[5.0, 0, 0], [0, 0, 5.0]])      # the second opinion: "a" for the first, "c" for the second
+    t = _stub_trust(second_opinion=_second(3, [0, 1, 2]))
+    res = t.apply(logits, feats)
+    assert [r.status for r in res] == ["ok", "review"]
+    assert _codes(res[1]) == [("low_confidence", "second_opinion_disagrees")]
+    assert "names it c, not a" in res[1].flags[0].message
+    d = t.decide(logits, feats)
+    assert d.disagree.tolist() == [False, True] and d.ok.tolist() == [True, False]
+    # given out-of-sample logits stand in for the model's own second opinion
+    assert t.decide(logits, feats, second_logits=np.array([[0, 9.0, 0], [9.0, 0, 0]])).disagree.tolist() == [True, False]
+    assert not _stub_trust().decide(logits, feats).disagree.any()  # no second opinion: nothing disagrees
+    # card round trip (the file beside it, its hash in the card)
+    t.save_stats(tmp_path)
+    card = {"classes": CLASSES, "trust": json.loads(json.dumps(t.to_card()))}
+    assert card["trust"]["second_opinion"]["file"] == FILE and len(card["trust"]["second_opinion"]["sha256"]) == 64
+    back = _stub_trust().from_card(card, tmp_path)
+    assert back.decide(logits, feats).disagree.tolist() == [False, True]
+    so = SecondOpinion.load(tmp_path, None)
+    np.testing.assert_allclose(so.logits(feats), t.second_opinion.logits(feats))
+    with pytest.raises(ValueError, match="give model_dir"):
+        type(t).from_card(card)
+    np.savez(tmp_path / FILE, dense_kernel=so.dense_kernel * 2, dense_bias=so.dense_bias,
+             logits_kernel=so.logits_kernel, logits_bias=so.logits_bias)
+    with pytest.raises(ValueError, match="differs from the card"):
+        type(t).from_card(card, tmp_path)
+    (tmp_path / FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        type(t).from_card(card, tmp_path)
+
+
+def test_second_opinion_is_the_keras_head_in_numpy():
+    """`SecondOpinion.from_layers` reproduces the trained Keras head's logits (dropout inactive at inference)."""
+    import keras
+
+    from bcc_core.models import build_head
+    from bcc_core.second_opinion import SecondOpinion
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,))
+    m = keras.Model(inp, build_head(inp, 3))
+    layers = [m.get_layer(n) for n in ("head_dropout1", "head_dense", "head_dropout2", "logits")]
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    want = keras.Model(inp, m.get_layer("logits").output).predict(x, verbose=0)
+    np.testing.assert_allclose(SecondOpinion.from_layers(layers).logits(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reads 16 features"):
+        SecondOpinion.from_layers(layers).logits(x[:, :8])
+
+
+def test_the_labs_check_reads_only_cells_the_second_opinion_agrees_on():
+    """A lab's confident error on which the second opinion (out of sample) disagrees never shows as ok, so it
+    does not raise the threshold; the same error where the second opinion agrees does."""
+    from bcc_core.trust import TrustConfig, TrustModel
+
+    y, f, lg, ids, Part = _parts(1500, seed=5)
+    src = np.array(["parent"] * 1500, dtype=object)
+    src[600:620] = "lab"
+    lg = lg.copy()
+    lg[600] = 0
+    lg[600, (y[600] + 1) % len(CLASSES)] = 30.0  # the lab's confident error, in calibration A
+    so = _second(3, [0, 1, 2])  # names each item by its features: the truth, mostly
+    tr = Part("train", ids[:600], y[:600], f[:600])
+    b = Part("cal_b", ids[1000:], y[1000:], f[1000:], lg[1000:], source=src[1000:])
+
+    def fit(second_a):
+        a = Part("cal_a", ids[600:1000], y[600:1000], f[600:1000], lg[600:1000], source=src[600:1000],
+                 second_logits=second_a)
+        return TrustModel.fit(CLASSES, tr, a, b, TrustConfig(ood_method=None), no_errors_source="lab",
+                              second_opinion=so)
+
+    disagrees = fit(None)  # computed from the features: it names the true class, not the error's
+    agrees = so.logits(f[600:1000]).copy()
+    agrees[0] = lg[600]  # out of sample it made the same error
+    raised = fit(agrees)
+    conf = calibration.apply_temperature(lg[600:601], raised.temperature).max()
+    assert disagrees.certified and disagrees.review["threshold"] <= conf < raised.review["threshold"]
+    assert raised.review["no_errors_wrong_seen"] == disagrees.review["no_errors_wrong_seen"] + 1
+    assert raised.review["guarantee_threshold"] == disagrees.review["guarantee_threshold"]
