@@ -120,6 +120,11 @@ with st.expander("Technical details (for developers and auditors)"):
     st.markdown("#### Review rule")
     if rr:
         st.markdown(bullet(rr, ["kind", "threshold", "alpha", "delta", "conformal_alpha"]))
+    second = (card.trust or {}).get("second_opinion")
+    if second:
+        st.markdown(f"A result is shown as ok only when a second opinion, a head reading {second['reads']}, names "
+                    f"the same class (`{second['file']}`, SHA-256 {second['sha256'][:12]}…); the review rule was "
+                    f"fitted on the cells where the two agree.")
     st.markdown("#### Shortcut audit")
     sa = card.shortcut_audit or {}
     if sa.get("warnings"):

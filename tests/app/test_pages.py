@@ -11,6 +11,7 @@ from pathlib import Path
 import json
 import zipfile
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -317,6 +318,29 @@ def test_model_card_page(app_env):
     assert card.get("reproduce")                              # every bundled card records its command
     assert any(card["reproduce"] == c.value for c in at.code)
     assert [b.label for b in at.download_button] == ["Download model_card.json"]
+
+
+def test_model_card_page_names_an_adapted_models_second_opinion(app_env):
+    """A lab model whose card carries a second opinion (`bcc_core.second_opinion`) says so under the review rule,
+    with the file and its hash."""
+    from bcc_core.second_opinion import FILE, READS, SecondOpinion
+
+    lab_model = app_env["data_dir"] / "models" / "pbs5-lab-with-second-opinion"
+    lab_model.mkdir(parents=True)
+    for f in app_env["model_dir"].iterdir():
+        if f.name != "model_card.json":
+            (lab_model / f.name).symlink_to(f)
+    z = np.zeros((4, 2), np.float32)
+    sha = SecondOpinion(z, z[0], z[:2], z[0]).save(lab_model)
+    card = json.loads((app_env["model_dir"] / "model_card.json").read_text())
+    card["trust"]["second_opinion"] = {"file": FILE, "sha256": sha, "reads": READS,
+                                       "ok_only_when": "it names the same class as the model"}
+    (lab_model / "model_card.json").write_text(json.dumps(card))
+    at = start("pages/model_card.py")
+    at.sidebar.selectbox[0].set_value(str(lab_model)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (f"A result is shown as ok only when a second opinion, a head reading {READS}, names the same class "
+            f"(`{FILE}`, SHA-256 {sha[:12]}…)") in texts(at, "markdown")
 
 
 # ---------------------------------------------------------------------------------------------- batch screening
