@@ -98,9 +98,11 @@ class AdaptConfig:
             backbone fine-tuned, the head is then refitted on the fine-tuned features and the histogram.
             Measured against False: better on LISC at 20 cells a class, top fine-tuned
             (bench/results/adapt_lab_lisc_views_8_colour_r0-9.md against adapt_lab_lisc_views_8_r0-9.md).
-        colour_min_cells: distinct reviewed cells every labelled class needs for the histogram to be read: at
-            10 cells a class on BCCD (head only) it showed more of the lab's errors as ok than the features
-            alone (bench/results/adapt_lab_bccd_colour.md against adapt_lab_bccd_colour_off.md).
+        colour_min_cells: distinct reviewed cells every labelled class needs for the histogram to be read. 15
+            until the second opinion: at 10 cells a class the head reading it named far more cells right but
+            showed more of the lab's errors as ok (LISC, five repeats: bench/results/adapt_lab_lisc_n10_colour.md
+            against adapt_lab_lisc_n10.md; BCCD: adapt_lab_bccd_colour.md against adapt_lab_bccd_colour_off.md).
+            With the second opinion, 10: see `second_opinion`. Fewer than 10 were not measured.
         colour_gain: the standardised histogram is multiplied by this before the head reads it. The head has
             no weight penalty and Adam steps each weight by about the same amount, so a gain g lets the
             histogram's weights move the logits g times as fast: it sets how much the head leans on colour
@@ -167,7 +169,7 @@ class AdaptConfig:
     conformal_alpha: float = 0.05
     test_time_views: int = 8
     colour_features: bool = True
-    colour_min_cells: int = 15
+    colour_min_cells: int = 10
     colour_gain: float = 3.0
     colour_with_top: str = "refit"
     cross_fit: bool = True
@@ -677,8 +679,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         "switched off (colour_features = False)" if not cfg.colour_features else
         "the parent's replay bank holds no chroma histograms (rebuild it: python -m bcc_core replay-bank)"
         if h_lab is None else
-        f"fewer than {cfg.colour_min_cells} distinct reviewed cells in {few}: from 10 cells a class (BCCD) a head "
-        f"reading the histogram showed more of the lab's errors as ok" if few else "")
+        f"fewer than {cfg.colour_min_cells} distinct reviewed cells in {few}: a head reading the histogram was "
+        f"measured from {cfg.colour_min_cells} cells a class only" if few else "")
     codes_lab = None
     if not why_not:
         # The adapted network's features replace the parent's: for the replay rows kept at the cut (the

@@ -132,8 +132,8 @@ def adapted(parent, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TrustModel, "fit", classmethod(spy))
-        # colour_min_cells=2: the histogram is read from these 12 cells a class (by default from 15)
-        summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1, colour_min_cells=2),
+        # the histogram is read from these 12 cells a class (from 10 by default), so a second opinion is fitted
+        summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1),
                         progress=lambda f, m: calls.append((f, m)))
     summary["_trust_fits"], summary["_second_opinions"] = fits, seconds
     return lab, tmp / "new", summary, calls
@@ -521,8 +521,8 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
     s = adapt(old, lab, tmp_path / "new", AdaptConfig(epochs=3))
     assert not s["colour_features"] and "replay-bank" in s["colour_not_used_because"]
     assert not has_colour(Predictor.load(tmp_path / "new", runtime="keras").model)
-    few = adapt(parent, lab, tmp_path / "few", AdaptConfig(epochs=3))  # 10 cells a class, fewer than 15
-    assert not few["colour_features"] and "fewer than 15 distinct reviewed cells" in few["colour_not_used_because"]
+    few = adapt(parent, lab, tmp_path / "few", AdaptConfig(epochs=3, colour_min_cells=11))  # 10 cells a class
+    assert not few["colour_features"] and "fewer than 11 distinct reviewed cells" in few["colour_not_used_because"]
     assert not few["second_opinion"]  # the head reads the features alone: nothing to second
     capsys.readouterr()
     assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / "off"), "--quiet",
