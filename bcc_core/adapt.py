@@ -896,9 +896,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     unlabelled = [c for c in range(n_old) if c not in set(y_lab)]
     keep = test & np.isin(y_bank, unlabelled)
     kept_same = float((lg_bank[keep].argmax(1) == lg_par_bank[keep].argmax(1)).mean()) if keep.any() else None
-    ok_test = ~d_bank.ood_flag[test] & ~d_bank.below_threshold[test]
+    gated = d_bank.ood_flag[test] | d_bank.disagree[test]  # the gates the review rule was fitted behind
+    ok_test = ~gated & ~d_bank.below_threshold[test]
     rule_test = review.evaluate_rule(d_bank.confidence[test], d_bank.pred[test] == y_bank[test],
-                                     d_bank.ood_flag[test], rule["threshold"] if trust.certified else np.inf)
+                                     gated, rule["threshold"] if trust.certified else np.inf)
 
     try:
         m_test = evaluation.classification_metrics(y_bank[test], p_bank[test], classes)
@@ -985,7 +986,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         f"are {len(cal_b_i) / max(len(cal_b_i) + int(rep_b.sum()), 1):.1%} of that set, so for this lab's images alone the "
         f"guarantee does not follow; measured on the lab's calibration part: {after['wrong_ok']} wrong and ok of "
         f"{after['n']} ({after['wrong_ok_of_all']:.1%}). It does not hold for other labs. Suggestions of classes the "
-        f"lab did not review ({', '.join(review_classes) or 'none'}) are always sent to review.")
+        f"lab did not review ({', '.join(review_classes) or 'none'}) are always sent to review."
+        + (" The rule was fitted on the images where the second opinion names the same class, the only ones shown "
+           "as ok." if second is not None else ""))
     card = pc.to_dict()
     missing = untaught_white_cells(classes)
     legacy = trust.legacy_sections()
