@@ -542,6 +542,7 @@ def cmd_adapt(a) -> int:
                       **({"backbone_layers": CUT_LAYERS} if a.fine_tune else {}),
                       **({"cross_fit": False} if a.no_cross_fit else {}),
                       **({"colour_features": False} if a.no_colour else {}),
+                      **({"second_opinion": False} if a.no_second_opinion else {}),
                       **({"test_time_views": a.views} if a.views is not None else {}))
     bar = None
     if not a.quiet:
@@ -567,6 +568,9 @@ def cmd_adapt(a) -> int:
                   else f"head only: {res['head_only_because']}"))
     print("  " + ("the head also reads each image's chroma histogram" if res["colour_features"]
                   else f"no chroma histogram: {res['colour_not_used_because']}"))
+    if res["second_opinion"]:
+        print("  second opinion: a cell is shown as ok only when a head reading the features alone names the same "
+              "class")
     if res["untaught_white_cells"]:
         print(f"  warning: {untaught_warning(res['untaught_white_cells'])}")
     if res["cross_fitted"]:
@@ -750,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--no-colour", action="store_true",
                     help="the new head reads the pooled features only, not each image's chroma histogram beside them "
                          "(AdaptConfig.colour_features)")
+    ad.add_argument("--no-second-opinion", action="store_true",
+                    help="show a cell as ok on the histogram-reading head's word alone (AdaptConfig.second_opinion; "
+                         "by default a head reading the features alone must name the same class)")
     ad.add_argument("--views", type=int, choices=range(1, 9), metavar="{1..8}",
                     help="the adapted model scores each image by its logits averaged over the image and its flips / "
                          "90° rotations, this many in all (default 8, AdaptConfig.test_time_views; 8 costs 8x the "

@@ -531,6 +531,13 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
     assert "no chroma histogram: switched off" in out and "cross-fitted" not in out
     assert not json.loads((tmp_path / "off" / "model_card.json").read_text())["lineage"]["config"]["cross_fit"]
     assert not has_colour(Predictor.load(tmp_path / "off", runtime="keras").model)
+    # 10 cells a class: the histogram is read, and a second opinion guards it unless switched off
+    for out, flag in (("so", []), ("no_so", ["--no-second-opinion"])):
+        assert main(["adapt", "--model", str(parent), "--data", str(lab), "--out", str(tmp_path / out), "--quiet",
+                     "--no-cross-fit", *flag]) == 0
+        said = "second opinion: a cell is shown as ok only when a head reading the features alone" in capsys.readouterr().out
+        trust = json.loads((tmp_path / out / "model_card.json").read_text())["trust"]
+        assert said == (not flag) == ("second_opinion" in trust)
 
 
 def test_cross_fitted_head_is_fitted_on_every_cell_and_calibrated_out_of_sample(parent, tmp_path, monkeypatch):
