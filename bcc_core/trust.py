@@ -116,12 +116,8 @@ class Decisions:
     unreviewed_class: np.ndarray  # (N,) bool: suggested class not reviewed in the adapting lab
     sets: np.ndarray | None    # (N, C) bool conformal membership, or None
     ok: np.ndarray             # (N,) bool: no flag at all (quality included when given)
+    disagree: np.ndarray       # (N,) bool: the second opinion names another class (all False without one)
     second_pred: np.ndarray | None = None  # (N,) the second opinion's class, or None without one
-
-    @property
-    def disagree(self) -> np.ndarray:
-        """(N,) bool: the second opinion names another class (all False without one)."""
-        return np.zeros(len(self.pred), bool) if self.second_pred is None else self.second_pred != self.pred
 
 
 @dataclass(frozen=True)
@@ -353,9 +349,9 @@ class TrustModel:
         if self.second_opinion is not None:
             second = np.asarray(self.second_opinion.logits(features) if second_logits is None else second_logits)
             second = second.argmax(1) if n else np.zeros(0, int)
-        d = Decisions(probs, pred, conf, score, ood_flag, below, unrev, sets, np.zeros(n, bool), second)
-        d.ok = ~ood_flag & ~below & ~unrev & ~bad & ~d.disagree & (self.cue_flag() is None)
-        return d
+        disagree = np.zeros(n, bool) if second is None else second != pred
+        ok = ~ood_flag & ~below & ~unrev & ~bad & ~disagree & (self.cue_flag() is None)
+        return Decisions(probs, pred, conf, score, ood_flag, below, unrev, sets, ok, disagree, second)
 
     def cue_flag(self) -> Flag | None:
         from .shortcut import cue_flag
@@ -430,10 +426,17 @@ class TrustModel:
                 "review": self.review, "conformal": self.conformal, "review_classes": list(self.review_classes),
                 "lab": self.lab, "config": self.config, "fitted_on": self.fitted_on,
                 **({"views": self.views} if self.views > 1 else {}),
-                **({"second_opinion": {"file": SECOND_OPINION_FILE, "sha256": self.second_opinion_sha256,
+                **({"second_opinion": {"file": SECOND_OPINION_FILE, "sha256": self._second_opinion_hash(),
                                        "reads": SECOND_OPINION_READS,
                                        "ok_only_when": "it names the same class as the model"}}
                    if self.second_opinion is not None else {})}
+
+    def _second_opinion_hash(self) -> str:
+        """The second opinion file's SHA-256 for the card: known once `save_stats` wrote the file (or the card
+        was read); a card without it could not refuse a changed file."""
+        if self.second_opinion_sha256 is None:
+            raise ValueError("the second opinion has no file yet: call save_stats(model_dir) before to_card()")
+        return self.second_opinion_sha256
 
     def save_stats(self, model_dir) -> None:
         """Write the fitted arrays beside the card: the OOD statistics and the second opinion's weights (its

@@ -417,7 +417,9 @@ def test_a_second_opinion_that_names_another_class_keeps_the_result_out_of_ok(tm
     # given out-of-sample logits stand in for the model's own second opinion
     assert t.decide(logits, feats, second_logits=np.array([[0, 9.0, 0], [9.0, 0, 0]])).disagree.tolist() == [True, False]
     assert not _stub_trust().decide(logits, feats).disagree.any()  # no second opinion: nothing disagrees
-    # card round trip (the file beside it, its hash in the card)
+    # card round trip (the file beside it, its hash in the card): no card before the file exists
+    with pytest.raises(ValueError, match="save_stats"):
+        t.to_card()
     t.save_stats(tmp_path)
     card = {"classes": CLASSES, "trust": json.loads(json.dumps(t.to_card()))}
     assert card["trust"]["second_opinion"]["file"] == FILE and len(card["trust"]["second_opinion"]["sha256"]) == 64
