@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import calibration, evaluation, ood, review
+from . import calibration, evaluation, label_check, ood, review
 from .colour import (N_FEATURES, STD_FLOOR, chroma_branch, chroma_histograms, has_colour, head_rows, scaled_head_input,
                      view_histograms)
 from .data import alike_classes
@@ -804,6 +804,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         if fold_second is not None:
             sl_lab[held] = fold_second.logits(f_lab[held])
     check_part = None
+    lg_out_of_sample = None  # every reviewed cell scored by a head fitted without it (the label check)
     if check_folds:  # the fitting cells, each scored by a head that never saw it (the lab check only)
         lg_check = np.zeros_like(lg_lab)
         sl_check = None if second is None else np.zeros_like(sl_lab)
@@ -811,6 +812,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             lg_check[held] = lab_logits(fold_model)[held]
             if fold_second is not None:
                 sl_check[held] = fold_second.logits(f_lab[held])
+        if folds:
+            lg_out_of_sample = lg_lab.copy()
+            lg_out_of_sample[fit_i] = lg_check[fit_i]
         check_part = Part("lab_fit_out_of_fold", np.array([f"lab:{shas[i]}" for i in fit_i]), y_lab[fit_i],
                           f_lab[fit_i], lg_check[fit_i], None if e_lab is None else e_lab[fit_i],
                           np.full(len(fit_i), cfg.lab, dtype=object), quality_bad[fit_i],
@@ -889,6 +893,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     p_bank, p_lab = d_bank.probs, d_lab.probs
 
     say(0.8, "before/after figures")
+    root = Path(ds.root)
+    files = [str(Path(p).relative_to(root)) for p in ds.paths]
+    doubted = (None if lg_out_of_sample is None else
+               label_check.doubted_labels(y_lab, lg_out_of_sample, T, classes, files))
     parent_trust = TrustModel.from_card(pc, parent, pred.ood_stats)
     d_par_lab = parent_trust.decide(lg_parent_lab, f_lab, e_lab, quality_bad)
     p_par_lab = d_par_lab.probs
@@ -938,10 +946,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     save_bank(out / REPLAY_FILE, concat_banks(old, lab_bank))
     if (parent / "split.json").is_file():
         shutil.copy2(parent / "split.json", out / "split.json")
-    root = Path(ds.root)
     part_of = ({int(i): "fit" for i in fit_i} | {int(i): "calibration_a" for i in cal_a_i}
                | {int(i): "calibration_b" for i in cal_b_i})
-    cells = [{"file": str(Path(ds.paths[i]).relative_to(root)), "class": classes[y_lab[i]],
+    cells = [{"file": files[i], "class": classes[y_lab[i]],
               "sha256": shas[i], "part": part_of[i], "group": int(groups[i])} for i in range(n)]
     parent_sha = _sha256_file(parent / "model.keras")
     lineage = {
@@ -980,6 +987,11 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             "; a second opinion (a head on the features alone, fitted on the same rows, and per fold when "
             "cross-fitted) must name the same class for a result to be ok; the review rule and the lab's check "
             "read only the cells where the two agree" if second is not None else ""),
+        "labels_to_recheck": (
+            {"not_checked": "needs cross-fitting and the lab check's folds (every cell scored by a head fitted "
+                            "without it)"} if doubted is None else
+            {"method": label_check.METHOD, "checked": n, "cells": doubted,
+             "note": "advice for a reviewer: the model was fitted on the labels as given"}),
         "pooled_calibration": (
             f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
             f"conformal quantile (calibration B, disjoint from A): {trust.fitted_on['review_rule']}."),
@@ -1038,7 +1050,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not,
                "colour_features": not colour_why_not, "colour_not_used_because": colour_why_not,
                "cross_fitted": cross_fit, "untaught_white_cells": missing, "second_opinion": second is not None,
-               "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
+               "labels_to_recheck": doubted, "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})
     exp = _export_stage(out)  # the fast runtime, when bcc_core.export exists

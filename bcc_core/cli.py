@@ -583,6 +583,15 @@ def cmd_adapt(a) -> int:
         print(f"  {c:>16}: recall {b['recall'].get(c, float('nan')):.2f} -> {r:.2f}")
     print(f"  parent test macro-F1 (replay): {res['parent_test_macro_f1']['before']:.4f} -> "
           f"{res['parent_test_macro_f1']['after']:.4f}")
+    doubted = res["labels_to_recheck"]
+    if doubted:
+        print(f"  {len(doubted)} reviewed cell(s) whose label the model doubts (re-check them; the model learnt the "
+              f"labels as given):")
+        for d in doubted:
+            print(f"    {d['file']}: labelled {d['label']} ({d['p_label']:.0%}), looks like {d['suggested']} "
+                  f"({d['p_suggested']:.0%})")
+    elif doubted is not None:
+        print("  labels: the model doubts none of the reviewed cells' labels")
     return 0
 
 

@@ -64,6 +64,29 @@ def pick_labelled(names, groups, n_per_class, taught, rng):
     return np.array(sorted(chosen), int)
 
 
+def flip_labels(filed: dict, names, target: dict, k: int, rng) -> list[int]:
+    """Reviewer error: file k of each class's reviewed cells under another class reviewed in this repeat (in
+    place); returns the cells moved."""
+    folders = sorted(set(filed.values()))
+    moved = []
+    for c in folders:
+        cells = sorted(i for i, f in filed.items() if f == c and target[names[i]] == c)
+        for i in rng.choice(cells, max(0, min(k, len(cells) - 2)), replace=False):  # two stay: one fits, one calibrates
+            filed[int(i)] = str(rng.choice([f for f in folders if f != c]))
+            moved.append(int(i))
+    return moved
+
+
+def label_check_figures(doubted: list[dict] | None, flipped: list[str]) -> dict | None:
+    """What adapt's label check listed: how many cells, and of the cells filed under a wrong class (file names),
+    how many it found."""
+    if doubted is None:
+        return None
+    listed = {Path(d["file"]).name for d in doubted}
+    return {"doubted": len(listed), "flipped": len(flipped), "flipped_found": len(listed & set(flipped)),
+            "files": sorted(d["file"] for d in doubted)}
+
+
 def trained_on(model_dir, lab: str) -> bool:
     """Whether the model's card names `lab` among its training data (then it is not a new lab for it)."""
     card = json.loads((Path(model_dir) / "model_card.json").read_text())
@@ -215,6 +238,9 @@ def main(argv=None):
                                                           "lymphocyte taught); empty to skip")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="AdaptConfig override (settings study), e.g. --set lab_weight=2")
+    ap.add_argument("--flip", type=int, default=0, metavar="K",
+                    help="reviewer error: K of each class's reviewed cells are filed under another taught class "
+                         "(drawn per repeat); the held-out cells keep their labels")
     ap.add_argument("--work", default="runs/adapt_lab_bench", help="adapted models are written here (gitignored)")
     ap.add_argument("--render", metavar="JSON", action="append",
                     help="only write --out from saved results (no adaptation); repeated, their repeats are pooled "
@@ -277,9 +303,11 @@ def main(argv=None):
             rest = np.array([i for i in range(len(names)) if not np.isin(groups[i], groups[lab_idx])
                              and i == np.flatnonzero(groups == groups[i])[0]], int)
             target = {**KNOWN, **({u: u for u in UNKNOWN} if add else {})}
+            filed = {int(i): target[names[i]] for i in lab_idx}  # the folder each reviewed cell is filed under
+            flipped = flip_labels(filed, names, target, a.flip, rng) if a.flip else []
             with tempfile.TemporaryDirectory() as tmp:
                 for i in lab_idx:
-                    d = Path(tmp) / target[names[i]]
+                    d = Path(tmp) / filed[int(i)]
                     d.mkdir(exist_ok=True)
                     (d / Path(ds.paths[i]).name).symlink_to(ds.paths[i])
                 out = work / f"n{n_per}{'_add' if add else ''}_r{r}"
@@ -299,11 +327,13 @@ def main(argv=None):
             m_new["lab_cal"] = summ["after"]
             m_new["time_s"] = summ["time_s"]
             m_new["threshold_ceiling"] = ceilings(new, inputs[rest], qbad[rest], truth)
+            m_new["labels_to_recheck"] = label_check_figures(summ["labels_to_recheck"],
+                                                             [Path(ds.paths[i]).name for i in flipped])
             pr = [parent_res[i] for i in rest]
             m_par = measure([x.predicted_class for x in pr], np.array([x.status == "ok" for x in pr]), truth,
                             new.classes)
             # Plain logistic regression on the same frozen features, the parent's thresholds.
-            y_lab = np.array([new.classes.index(target[names[i]]) for i in lab_idx])
+            y_lab = np.array([new.classes.index(filed[int(i)]) for i in lab_idx])
             clf = lr_head(bank, feats[lab_idx], y_lab, len(new.classes), r)
             dec = clf.decision_function(feats[rest])
             pl = clf.predict_proba(feats[rest])
@@ -326,7 +356,7 @@ def main(argv=None):
             print(f"N={n_per} add={add} r={r}: adapted ok {m_new['ok']}/{m_new['n']} wrong&ok {m_new['wrong_ok']}, "
                   f"recall {fmt_recall(m_new)}, "
                   f"F1 {m_new['parent_f1']['after']:.4f}; logreg ok {m_lr['ok']} wrong&ok {m_lr['wrong_ok']}", flush=True)
-    res = {"model": a.model, "lab": a.lab, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start,
+    res = {"model": a.model, "lab": a.lab, "flip_per_class": a.flip, "config_overrides": overrides, "config": AdaptConfig(**overrides).to_dict(), "runs": runs, "wall_time_s": time.perf_counter() - t_start,
            "load_avg_15min_at_end": os.getloadavg()[2]}
     lines = report(res)
     write_report(a.out, lines, res)

@@ -26,6 +26,12 @@ def _as_run(c: dict) -> dict:
     return {("as_run" + k[len("single"):] if k.startswith("single") else k): v for k, v in c.items()}
 
 
+def _most_listed(checked: list[dict], top: int = 6) -> list[tuple[str, int]]:
+    from collections import Counter
+
+    return Counter(f for c in checked for f in c["files"]).most_common(top)
+
+
 def summarise(runs, method):
     per = {}
     for r in runs:
@@ -68,6 +74,9 @@ def report(res) -> list[str]:
     if res.get("pooled_from"):
         lines += ["Pooled from saved parts of this study (`--render` repeated; the same model, lab and settings, each "
                   "part its own repeats): " + ", ".join(f"`{f}`" for f in res["pooled_from"]) + ".", ""]
+    if res.get("flip_per_class"):
+        lines += [f"Reviewer error simulated: in every repeat, {res['flip_per_class']} of each class's reviewed cells "
+                  "were filed under another taught class (drawn at random); the held-out cells keep their labels.", ""]
     if res.get("config_overrides"):
         lines += ["Settings given for this run (`--set`, over `AdaptConfig`'s defaults of its commit): "
                   + ", ".join(f"`{k}={v}`" for k, v in res["config_overrides"].items()) + ".", ""]
@@ -130,6 +139,18 @@ def report(res) -> list[str]:
             lines += ["Where the adapted model's suggestions went (all repeats pooled, any status): "
                       + "; ".join(f"{t} → " + ", ".join(f"{p_} {k}" for p_, k in sorted(row.items(), key=lambda kv: -kv[1]))
                                   for t, row in pooled.items()) + ".", ""]
+        checked = [r["adapted"]["labels_to_recheck"] for r in runs if r["adapted"].get("labels_to_recheck")]
+        if checked:
+            doubted = [c["doubted"] for c in checked]
+            n_flip = sum(c["flipped"] for c in checked)
+            found = sum(c["flipped_found"] for c in checked)
+            lines += [f"Labels the adapted model doubts (`adapt`'s label check, {len(checked)} repeats): "
+                      f"{np.mean(doubted):.1f} reviewed cells a repeat (max {max(doubted)}) of {runs[0]['n_labelled']}"
+                      + (f"; of the {n_flip} cells filed under a wrong class (`--flip {res.get('flip_per_class')}`), it "
+                         f"listed {found} ({found / n_flip:.0%}), and {sum(doubted) - found} correctly filed cells "
+                         f"besides" if n_flip else "")
+                      + ". Listed most often: "
+                      + ", ".join(f"`{f}` ({k}×)" for f, k in _most_listed(checked)) + ".", ""]
         ad = s["adapted"]
         measured = {c: v for c, v in ad["recall"].items() if c in runs[0]["taught"]}
         checks = [("every taught class recall ≥ 0.90 (mean over repeats)", all(v["recall_mean"] >= 0.90 for v in measured.values()),

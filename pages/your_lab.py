@@ -147,6 +147,12 @@ if cand and Path(cand["dir"]).is_dir():
     st.caption(describe_review(s["review_rule"]))
     if s.get("untaught_white_cells"):
         st.warning(untaught_warning(s["untaught_white_cells"]) + ".")
+    if s.get("labels_to_recheck"):
+        st.warning(f"The model doubts the label of {len(s['labels_to_recheck'])} of your reviewed cells. It learnt "
+                   "them as labelled: re-check these cells, correct any mislabelled ones and adapt again.")
+        st.dataframe(pd.DataFrame([{"cell": d["file"], "labelled": d["label"], "p(label)": fmt_pct(d["p_label"]),
+                                    "looks like": d["suggested"], "p(looks like)": fmt_pct(d["p_suggested"])}
+                                   for d in s["labels_to_recheck"]]), hide_index=True)
     if a["n"] < 30:
         st.warning(f"These figures rest on {a['n']} held-out cells: each cell moves a class's recall by several "
                    "points. Verify the adapted model on more of your cells before relying on it.")

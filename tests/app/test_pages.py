@@ -696,6 +696,21 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     assert "This model cannot name lymphocyte, eosinophil" in texts(at, "warning")
     from bcc_core.adapt import describe_review                   # ... and what set the review threshold
     assert describe_review(cand["summary"]["review_rule"]) in texts(at, "caption")
+    # ... and which reviewed cells' labels the model doubts, as a table to re-check them by (the label check ran)
+    doubted = cand["summary"]["labels_to_recheck"]
+    assert doubted is not None
+    shown = [d.value for d in at.dataframe if "looks like" in d.value.columns]
+    assert [list(t["cell"]) for t in shown] == ([[d["file"] for d in doubted]] if doubted else [])
+    slip = {"file": "monocyte/cell03.png", "label": "monocyte", "suggested": "seg_neutrophil", "p_label": 0.04,
+            "p_suggested": 0.96}
+    at.session_state["lab_candidate"] = {**cand, "summary": {**cand["summary"], "labels_to_recheck": [slip]}}
+    at.run()
+    (shown,) = [d.value for d in at.dataframe if "looks like" in d.value.columns]
+    assert shown.to_dict("records") == [{"cell": "monocyte/cell03.png", "labelled": "monocyte", "p(label)": "4.0%",
+                                         "looks like": "seg_neutrophil", "p(looks like)": "96.0%"}]
+    assert "The model doubts the label of 1 of your reviewed cells" in texts(at, "warning")
+    at.session_state["lab_candidate"] = cand
+    at.run()
 
     next(b for b in at.button if b.label == "Promote: use the adapted model").click().run()
     assert not at.exception, [e.value for e in at.exception]

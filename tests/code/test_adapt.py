@@ -120,6 +120,7 @@ def adapted(parent, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("adapted")
     lab = _lab_folder(tmp / "lab", {"mono": 1, "bilobed": 2}, per_class=12, dup=True)
+    _write(lab / "mono", "filed_wrong.png", _lab_cell(5000, 2))  # a reviewer's slip: a bilobed cell filed as mono
     calls = []
     fits = []  # what the trust layer was fitted on (the parts' item ids)
     seconds = []  # the second opinion it was given, and the parts it judged with it
@@ -184,6 +185,25 @@ def test_a_second_opinion_on_the_features_alone_is_shipped_and_scores_the_labs_c
     p = Predictor.load(new, runtime="keras")
     p.predict_inputs(np.zeros((1, *p.model.input_shape[1:3], 3), np.uint8))
     assert p.__dict__["trust"].second_opinion is not None  # the trust layer read from the card carries it
+
+
+def test_a_cell_filed_under_the_wrong_class_is_listed_for_a_reviewer_and_still_learnt_as_filed(adapted):
+    """The label check reads every reviewed cell as scored by a head fitted without it: the bilobed cell filed as
+    mono is listed (in the summary and the card), with the class it looks like; the model learnt it as filed."""
+    from bcc_core.label_check import METHOD
+
+    lab, new, summary, _ = adapted
+    listed = {d["file"]: d for d in summary["labels_to_recheck"]}
+    assert "mono/filed_wrong.png" in listed
+    d = listed["mono/filed_wrong.png"]
+    assert d["label"] == "mono" and d["suggested"] == "bilobed" and d["p_suggested"] > d["p_label"]
+    assert len(listed) <= 3  # a handful of doubts, not every cell
+    card = json.loads((new / "model_card.json").read_text())
+    check = card["lineage"]["labels_to_recheck"]
+    assert check["method"] == METHOD and check["cells"] == summary["labels_to_recheck"]
+    assert check["checked"] == len(list(lab.rglob("*.png")))
+    cells = json.loads((new / "cells.json").read_text())["cells"]
+    assert {c["class"] for c in cells if c["file"] == "mono/filed_wrong.png"} == {"mono"}  # learnt as filed
 
 
 def test_lab_cells_are_in_the_fit_or_the_calibration_part_never_both(adapted):
@@ -411,7 +431,12 @@ def test_a_folder_named_like_a_model_class_is_mapped_never_added_beside_it(paren
     cells = card["lineage"]["cells"]
     assert {c["class"] for c in cells if c["file"].startswith("Monos/")} == {"mono"}
     assert card["lineage"]["n_cells"]["per_class"] == {"bilobed": 10, "mono": 10}
-    assert "cannot name" not in capsys.readouterr().out    # not a white-cell model: nothing to warn about
+    said = capsys.readouterr().out
+    assert "cannot name" not in said    # not a white-cell model: nothing to warn about
+    doubted = card["lineage"]["labels_to_recheck"]["cells"]  # the label check's verdict, as the CLI gives it
+    assert (f"{len(doubted)} reviewed cell(s) whose label the model doubts" in said if doubted else
+            "the model doubts none of the reviewed cells' labels" in said)
+    assert all(f"{d['file']}: labelled {d['label']}" in said for d in doubted)
 
 
 def test_describe_review_says_what_set_the_threshold():
@@ -529,7 +554,9 @@ def test_without_histograms_in_the_bank_the_head_reads_the_features_alone_and_sa
                  "--no-colour", "--no-cross-fit"]) == 0
     out = capsys.readouterr().out
     assert "no chroma histogram: switched off" in out and "cross-fitted" not in out
-    assert not json.loads((tmp_path / "off" / "model_card.json").read_text())["lineage"]["config"]["cross_fit"]
+    lineage = json.loads((tmp_path / "off" / "model_card.json").read_text())["lineage"]
+    assert not lineage["config"]["cross_fit"]
+    assert "not_checked" in lineage["labels_to_recheck"] and "doubts" not in out  # no out-of-sample scores
     assert not has_colour(Predictor.load(tmp_path / "off", runtime="keras").model)
     # 10 cells a class: the histogram is read, and a second opinion guards it unless switched off
     for out, flag in (("so", []), ("no_so", ["--no-second-opinion"])):
