@@ -148,6 +148,10 @@ class AdaptConfig:
             wrong-and-ok 0.57% (1.70%, 0.68%), worst 1.14% (4.55%, 1.14%). On BCCD the lab's check sets the
             threshold above every cell the two disagree on: little changes (adapt_lab_bccd_second_opinion.md
             against adapt_lab_bccd_colour_n10.md). Each fold's second head costs seconds.
+        doubted_labels: what to do with the reviewed cells whose label the label check doubts (bcc_core.label_check:
+            every cell scored by a head fitted without it). "list": name them in the summary and the card for a
+            reviewer and learn them as given. "leave_out": also adapt a second time without them (at most a quarter
+            of a class; see `_may_leave_out`), which doubles the time.
         seed: split, initialisation and shuffling seed.
     """
 
@@ -184,6 +188,7 @@ class AdaptConfig:
     cross_fit: bool = True
     lab_check_folds: int = 3
     second_opinion: bool = True
+    doubted_labels: str = "list"
     seed: int = 0
 
     def __post_init__(self):
@@ -191,12 +196,34 @@ class AdaptConfig:
             raise ValueError(f"colour_with_top must be 'refit' or 'joint', not {self.colour_with_top!r}")
         if not self.colour_gain > 0:
             raise ValueError(f"colour_gain must be positive, not {self.colour_gain}")
+        if self.doubted_labels not in ("list", "leave_out"):
+            raise ValueError(f"doubted_labels must be 'list' or 'leave_out', not {self.doubted_labels!r}")
         if not 1 <= self.test_time_views <= MAX_VIEWS:
             raise ValueError(f"test_time_views must be 1..{MAX_VIEWS} (the image and its flips / rotations), "
                              f"not {self.test_time_views}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+LEFT_OUT = "its label was doubted by the label check: left out (doubted_labels = 'leave_out')"
+
+
+def _may_leave_out(doubted: list[dict], files: list[str], y_lab: np.ndarray, groups: np.ndarray, n_old: int,
+                   cfg: AdaptConfig) -> tuple[str, ...]:
+    """The doubted cells a second pass leaves out, most doubted first: never more than a quarter of a class's
+    distinct cells (when the model doubts more, the lab's class and the model's differ, and the cells are kept and
+    listed), and never below the cells a class needs (two; an added class min_new_class_cells)."""
+    row = {f: i for i, f in enumerate(files)}
+    out: list[str] = []
+    for d in doubted:
+        c = y_lab[row[d["file"]]]
+        members = np.flatnonzero(y_lab == c)
+        need = max(2, cfg.min_new_class_cells if c >= n_old else 2, int(np.ceil(0.75 * len(np.unique(groups[members])))))
+        gone = set(out) | {d["file"]}
+        if len({groups[i] for i in members if files[i] not in gone}) >= need:
+            out.append(d["file"])
+    return tuple(out)
 
 
 def _sha256_file(path) -> str:
@@ -586,7 +613,7 @@ def _sample_weights(y: np.ndarray, src: np.ndarray, lab_src: int, lab_weight: fl
 
 def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
           progress: Callable[[float, str], None] | None = None, reproduce: str = "",
-          cache: dict | None = None) -> dict:
+          cache: dict | None = None, left_out: tuple[str, ...] = ()) -> dict:
     """Adapt a model to a lab and write a complete new model folder.
 
     Args:
@@ -600,6 +627,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         cache: optional dict reused between calls (benchmarks adapting the same cells repeatedly): the
             parent's outputs and cut activations per (content SHA-256, view): the layers below the cut are
             the parent's, so results are identical.
+        left_out: files (relative to `labelled_dir`) not to learn from: with `cfg.doubted_labels == "leave_out"`,
+            the second pass leaves out the cells whose label the first pass's check doubted.
 
     Returns:
         Summary: cell counts, before/after figures on the lab's calibration part, parent test
@@ -617,7 +646,12 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     from .models import FEATURES_LAYER, LOGITS_LAYER, head_only, save_model
     from .training import _export_stage, batched_predict, compiled, model_version
 
-    say = progress or (lambda f, m: None)
+    report = progress or (lambda f, m: None)
+    two_pass = cfg.doubted_labels == "leave_out"  # progress: the first pass fills half the bar, the second the rest
+
+    def say(f: float, m: str) -> None:
+        report(f if not two_pass else 0.5 + f / 2 if left_out else f / 2, m)
+
     cache = {} if cache is None else cache
     t0 = time.perf_counter()
     parent, out = Path(parent_dir), Path(out_dir)
@@ -638,6 +672,11 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
 
     say(0.08, "listing the lab's cells")
     ds = list_imagefolder(labelled_dir)
+    if left_out:
+        root, leave = Path(ds.root), set(left_out)
+        keep = [i for i, p in enumerate(ds.paths) if str(Path(p).relative_to(root)) not in leave]
+        ds = dataclasses.replace(ds, paths=tuple(ds.paths[i] for i in keep), labels=tuple(ds.labels[i] for i in keep),
+                                 problems=ds.problems + tuple((str(root / f), LEFT_OUT) for f in left_out))
     stray = sorted(set(cfg.class_map) - set(ds.classes))
     if stray:
         raise ValueError(f"the class map names folder(s) {stray} that {labelled_dir} does not have (its folders: "
@@ -897,6 +936,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     files = [str(Path(p).relative_to(root)) for p in ds.paths]
     doubted = (None if lg_out_of_sample is None else
                label_check.doubted_labels(y_lab, lg_out_of_sample, T, classes, files))
+    leave = _may_leave_out(doubted, files, y_lab, groups, n_old, cfg) if two_pass and doubted and not left_out else ()
+    if leave:
+        say(1.0, f"the model doubts {len(doubted)} reviewed label(s): adapting again without {len(leave)} of them")
+        return adapt(parent_dir, labelled_dir, out_dir, cfg, progress, reproduce, cache, left_out=leave)
     parent_trust = TrustModel.from_card(pc, parent, pred.ood_stats)
     d_par_lab = parent_trust.decide(lg_parent_lab, f_lab, e_lab, quality_bad)
     p_par_lab = d_par_lab.probs
@@ -990,8 +1033,10 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         "labels_to_recheck": (
             {"not_checked": "needs cross-fitting and the lab check's folds (every cell scored by a head fitted "
                             "without it)"} if doubted is None else
-            {"method": label_check.METHOD, "checked": n, "cells": doubted,
-             "note": "advice for a reviewer: the model was fitted on the labels as given"}),
+            {"method": label_check.METHOD, "checked": n, "cells": doubted, "left_out": list(left_out),
+             "note": ("the cells in left_out were doubted by a first pass over all the reviewed cells and not learnt "
+                      "from (doubted_labels = 'leave_out'); cells: doubted among the rest, learnt as given"
+                      if left_out else "advice for a reviewer: the model was fitted on the labels as given")}),
         "pooled_calibration": (
             f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
             f"conformal quantile (calibration B, disjoint from A): {trust.fitted_on['review_rule']}."),
@@ -1050,12 +1095,12 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not,
                "colour_features": not colour_why_not, "colour_not_used_because": colour_why_not,
                "cross_fitted": cross_fit, "untaught_white_cells": missing, "second_opinion": second is not None,
-               "labels_to_recheck": doubted, "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
+               "labels_to_recheck": doubted, "labels_left_out": list(left_out), "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})
     exp = _export_stage(out)  # the fast runtime, when bcc_core.export exists
     if exp is not None:
         summary["export"] = exp
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    say(1.0, "done")
+    report(1.0, "done")
     return summary

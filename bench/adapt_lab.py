@@ -77,14 +77,15 @@ def flip_labels(filed: dict, names, target: dict, k: int, rng) -> list[int]:
     return moved
 
 
-def label_check_figures(doubted: list[dict] | None, flipped: list[str]) -> dict | None:
-    """What adapt's label check listed: how many cells, and of the cells filed under a wrong class (file names),
-    how many it found."""
+def label_check_figures(doubted: list[dict] | None, flipped: list[str], left_out=()) -> dict | None:
+    """What adapt's label check listed (the cells a first pass left out included): how many cells, and of the
+    cells filed under a wrong class (file names), how many it found and how many were left out."""
     if doubted is None:
         return None
-    listed = {Path(d["file"]).name for d in doubted}
+    files = sorted({d["file"] for d in doubted} | set(left_out))
+    listed, gone = {Path(f).name for f in files}, {Path(f).name for f in left_out}
     return {"doubted": len(listed), "flipped": len(flipped), "flipped_found": len(listed & set(flipped)),
-            "files": sorted(d["file"] for d in doubted)}
+            "left_out": len(gone), "flipped_left_out": len(gone & set(flipped)), "files": files}
 
 
 def trained_on(model_dir, lab: str) -> bool:
@@ -328,7 +329,8 @@ def main(argv=None):
             m_new["time_s"] = summ["time_s"]
             m_new["threshold_ceiling"] = ceilings(new, inputs[rest], qbad[rest], truth)
             m_new["labels_to_recheck"] = label_check_figures(summ["labels_to_recheck"],
-                                                             [Path(ds.paths[i]).name for i in flipped])
+                                                             [Path(ds.paths[i]).name for i in flipped],
+                                                             summ["labels_left_out"])
             pr = [parent_res[i] for i in rest]
             m_par = measure([x.predicted_class for x in pr], np.array([x.status == "ok" for x in pr]), truth,
                             new.classes)

@@ -149,6 +149,9 @@ def report(res) -> list[str]:
                       + (f"; of the {n_flip} cells filed under a wrong class (`--flip {res.get('flip_per_class')}`), it "
                          f"listed {found} ({found / n_flip:.0%}), and {sum(doubted) - found} correctly filed cells "
                          f"besides" if n_flip else "")
+                      + (f"; left out of the fit (`doubted_labels=leave_out`): {sum(c.get('left_out', 0) for c in checked)}"
+                         + (f", of them {sum(c.get('flipped_left_out', 0) for c in checked)} filed wrongly" if n_flip else "")
+                         if any(c.get("left_out") for c in checked) else "")
                       + ". Listed most often: "
                       + ", ".join(f"`{f}` ({k}×)" for f, k in _most_listed(checked)) + ".", ""]
         ad = s["adapted"]

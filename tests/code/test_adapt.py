@@ -206,6 +206,40 @@ def test_a_cell_filed_under_the_wrong_class_is_listed_for_a_reviewer_and_still_l
     assert {c["class"] for c in cells if c["file"] == "mono/filed_wrong.png"} == {"mono"}  # learnt as filed
 
 
+def test_leave_out_adapts_again_without_the_doubted_cells_and_records_them(parent, tmp_path):
+    """doubted_labels = 'leave_out': a first pass finds the slip, a second adapts without it; the card lists it
+    among the files not used (with the reason) and in the label check's left_out; progress runs once, upward."""
+    from bcc_core.adapt import LEFT_OUT, AdaptConfig, adapt
+
+    lab = _lab_folder(tmp_path / "lab", {"mono": 1, "bilobed": 2}, per_class=12)
+    _write(lab / "mono", "filed_wrong.png", _lab_cell(5000, 2))
+    calls = []
+    summary = adapt(parent, lab, tmp_path / "new", AdaptConfig(lab="lab B", seed=1, doubted_labels="leave_out"),
+                    progress=lambda f, m: calls.append((f, m)))
+    assert "mono/filed_wrong.png" in summary["labels_left_out"]
+    card = json.loads((tmp_path / "new" / "model_card.json").read_text())
+    lin = card["lineage"]
+    assert "mono/filed_wrong.png" not in {c["file"] for c in lin["cells"]}
+    assert {"file": str(lab.resolve() / "mono" / "filed_wrong.png"), "reason": LEFT_OUT} in lin["files_not_used"]
+    assert lin["labels_to_recheck"]["left_out"] == summary["labels_left_out"]
+    assert lin["n_cells"]["per_class"]["mono"] == 13 - sum(f.startswith("mono/") for f in summary["labels_left_out"])
+    assert [f for f, _ in calls] == sorted(f for f, _ in calls) and calls[-1][0] == 1.0
+    assert any("adapting again without" in m for _, m in calls)
+
+
+def test_leave_out_keeps_three_quarters_of_a_class_and_what_an_added_class_needs():
+    from bcc_core.adapt import AdaptConfig, _may_leave_out
+
+    files = [f"c{i}" for i in range(24)]
+    y = np.repeat([0, 3], 12)  # class 3 is added (n_old = 3): it needs min_new_class_cells
+    groups = np.arange(24)
+    doubted = [{"file": f"c{i}"} for i in (0, 1, 2, 3, 4, 12, 13, 14, 15, 16)]
+    left = _may_leave_out(doubted, files, y, groups, 3, AdaptConfig(min_new_class_cells=10))
+    assert left == ("c0", "c1", "c2", "c12", "c13")  # 9 of 12 stay; the added class keeps 10
+    groups[1] = groups[0]  # c1 is a copy of c0: one distinct cell; 9 of the class's 11 must stay
+    assert _may_leave_out(doubted[:4], files, y, groups, 3, AdaptConfig()) == ("c0", "c1", "c2")
+
+
 def test_lab_cells_are_in_the_fit_or_the_calibration_part_never_both(adapted):
     from bcc_core.replay import load_bank
 

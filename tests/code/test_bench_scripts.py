@@ -85,3 +85,41 @@ def test_parts_of_one_study_pool_and_others_are_refused(bench_path):
     with pytest.raises(SystemExit, match="colour_gain"):
         pooled([part([0, 1]), part([2, 3], colour_gain=3.0)])
     assert len(pooled([part([0, 1]), part([2, 3], colour_gain=1.0)])["runs"]) == 4
+
+
+def test_reviewer_error_moves_k_cells_a_class_to_another_reviewed_class_and_the_check_is_scored_on_them(bench_path):
+    """adapt_lab --flip: k of each class's reviewed cells are filed under another class of this repeat (two stay
+    in place), and label_check_figures counts what adapt's check listed among them."""
+    adapt_lab = importlib.import_module("adapt_lab")
+    names = np.array(["neutrophil"] * 6 + ["monocyte"] * 6 + ["basophil"] * 3)
+    target = {"neutrophil": "seg_neutrophil", "monocyte": "monocyte", "basophil": "basophil"}
+    filed = {i: target[n] for i, n in enumerate(names)}
+    moved = adapt_lab.flip_labels(filed, names, target, 2, np.random.default_rng(0))
+    assert len(moved) == 2 + 2 + 1  # basophils keep two of their three
+    assert all(filed[i] != target[names[i]] for i in moved)
+    assert all(filed[i] == target[names[i]] for i in set(filed) - set(moved))
+    files = {i: f"{filed[i]}/cell{i}.png" for i in filed}
+    doubted = [{"file": files[moved[0]]}, {"file": files[moved[1]]}, {"file": files[next(i for i in filed if i not in moved)]}]
+    fig = adapt_lab.label_check_figures(doubted, [f"cell{i}.png" for i in moved])
+    assert (fig["doubted"], fig["flipped"], fig["flipped_found"], fig["left_out"]) == (3, 5, 2, 0)
+    fig = adapt_lab.label_check_figures(doubted[2:], [f"cell{i}.png" for i in moved], [files[moved[0]]])
+    assert (fig["doubted"], fig["flipped_found"], fig["left_out"], fig["flipped_left_out"]) == (2, 1, 1, 1)
+    assert adapt_lab.label_check_figures(None, []) is None  # the check did not run (no cross-fitting)
+
+
+def test_the_all_cells_ceiling_lists_cells_both_readers_name_as_another_class(bench_path):
+    """adapt_ceiling's label doubt: a cell is listed only when the cross-validated head and the bundled model
+    name the same other class (BCCD's neutrophil is the model's seg_neutrophil)."""
+    adapt_ceiling = importlib.import_module("adapt_ceiling")
+    rng = np.random.default_rng(0)
+    classes = ["eosinophil", "neutrophil"]
+    y = np.repeat([0, 1], 30)
+    X = rng.normal(0, 1, (60, 8)) + 3 * y[:, None]
+    X[0] += 3  # labelled eosinophil, lies among the neutrophils
+    X[1] += 3  # the same, but the bundled model calls it an eosinophil: one reader only
+    bundled = ["eosinophil"] * 30 + ["seg_neutrophil"] * 30
+    bundled[0] = "seg_neutrophil"
+    files = [f"{classes[c]}/c{i}.png" for i, c in enumerate(y)]
+    lines, res = adapt_ceiling.all_cells_section({"f": X}, y, classes, bundled, "m", files)
+    assert res["doubted_by_both"] == {"eosinophil": ["eosinophil/c0.png"], "neutrophil": []}
+    assert "| eosinophil | 30 | 1 | neutrophil | 96.7% |" in lines
