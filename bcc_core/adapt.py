@@ -613,7 +613,7 @@ def _sample_weights(y: np.ndarray, src: np.ndarray, lab_src: int, lab_weight: fl
 
 def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
           progress: Callable[[float, str], None] | None = None, reproduce: str = "",
-          cache: dict | None = None, left_out: tuple[str, ...] = ()) -> dict:
+          cache: dict | None = None, left_out: tuple[str, ...] = (), first_pass_s: float = 0.0) -> dict:
     """Adapt a model to a lab and write a complete new model folder.
 
     Args:
@@ -629,6 +629,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             the parent's, so results are identical.
         left_out: files (relative to `labelled_dir`) not to learn from: with `cfg.doubted_labels == "leave_out"`,
             the second pass leaves out the cells whose label the first pass's check doubted.
+        first_pass_s: the first pass's time, counted into the second's `time_s`.
 
     Returns:
         Summary: cell counts, before/after figures on the lab's calibration part, parent test
@@ -653,7 +654,7 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
         report(f if not two_pass else 0.5 + f / 2 if left_out else f / 2, m)
 
     cache = {} if cache is None else cache
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - first_pass_s
     parent, out = Path(parent_dir), Path(out_dir)
     if out.resolve() == parent.resolve():
         raise ValueError("the adapted model needs its own folder (--out must differ from --model)")
@@ -939,7 +940,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     leave = _may_leave_out(doubted, files, y_lab, groups, n_old, cfg) if two_pass and doubted and not left_out else ()
     if leave:
         say(1.0, f"the model doubts {len(doubted)} reviewed label(s): adapting again without {len(leave)} of them")
-        return adapt(parent_dir, labelled_dir, out_dir, cfg, progress, reproduce, cache, left_out=leave)
+        return adapt(parent_dir, labelled_dir, out_dir, cfg, progress, reproduce, cache, left_out=leave,
+                     first_pass_s=time.perf_counter() - t0)
     parent_trust = TrustModel.from_card(pc, parent, pred.ood_stats)
     d_par_lab = parent_trust.decide(lg_parent_lab, f_lab, e_lab, quality_bad)
     p_par_lab = d_par_lab.probs
@@ -1034,8 +1036,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
             {"not_checked": "needs cross-fitting and the lab check's folds (every cell scored by a head fitted "
                             "without it)"} if doubted is None else
             {"method": label_check.METHOD, "checked": n, "cells": doubted, "left_out": list(left_out),
-             "note": ("the cells in left_out were doubted by a first pass over all the reviewed cells and not learnt "
-                      "from (doubted_labels = 'leave_out'); cells: doubted among the rest, learnt as given"
+             "note": ("the cells in left_out were doubted by a first pass over all the reviewed cells and were not "
+                      "learnt from (doubted_labels = 'leave_out'); `cells` lists the doubts among the others, learnt "
+                      "as labelled"
                       if left_out else "advice for a reviewer: the model was fitted on the labels as given")}),
         "pooled_calibration": (
             f"temperature and OOD thresholds (calibration A): {trust.fitted_on['temperature']}. Review rule and "
@@ -1095,7 +1098,8 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
                "ood": comparison, "time_s": t1 - t0, "backbone_fine_tuned": not why_not, "head_only_because": why_not,
                "colour_features": not colour_why_not, "colour_not_used_because": colour_why_not,
                "cross_fitted": cross_fit, "untaught_white_cells": missing, "second_opinion": second is not None,
-               "labels_to_recheck": doubted, "labels_left_out": list(left_out), "classes": classes, "parent_ok_on_test": float(ok_test.mean())}
+               "labels_to_recheck": doubted, "labels_left_out": list(left_out), "classes": classes,
+               "parent_ok_on_test": float(ok_test.mean())}
     save_model(model, ModelCard.from_dict(card), out,
                extra={"metrics.json": summary, CELLS_FILE: {"lab": cfg.lab, "cells": cells}})
     exp = _export_stage(out)  # the fast runtime, when bcc_core.export exists
