@@ -85,6 +85,8 @@ c2.markdown(f"Adapting as **{user.username}**. " + ("You may promote and roll ba
 may_promote = user.may("promote")
 add = st.checkbox("Allow new classes (a folder that is not a model class, with at least 8 distinct cells, becomes "
                   "a new class)", key="lab_add_classes")
+leave_out = st.checkbox("Leave out the cells whose label the model doubts (adapts twice: first to find them)",
+                        key="lab_leave_out")
 go = st.button("Adapt the model", type="primary", icon=":material/model_training:",
                disabled=not (cells_dir and lab.strip()))
 if go:
@@ -93,7 +95,8 @@ if go:
     bar = st.progress(0.0, text="Starting…")
     out = new_candidate_dir(Path(parent).name, lab)
     try:
-        summary = adapt(parent, cells_dir, out, AdaptConfig(lab=lab.strip(), add_classes=add, class_map=class_map),
+        summary = adapt(parent, cells_dir, out, AdaptConfig(lab=lab.strip(), add_classes=add, class_map=class_map,
+                                                         doubted_labels="leave_out" if leave_out else "list"),
                         progress=lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
         ss["lab_candidate"] = {"dir": str(out), "summary": summary, "parent": parent}
     except ValueError as e:
@@ -147,6 +150,8 @@ if cand and Path(cand["dir"]).is_dir():
     st.caption(describe_review(s["review_rule"]))
     if s.get("untaught_white_cells"):
         st.warning(untaught_warning(s["untaught_white_cells"]) + ".")
+    if s.get("labels_left_out"):
+        st.info(f"Left out of the adaptation, their label doubted: {', '.join(s['labels_left_out'])}. Re-check them.")
     if s.get("labels_to_recheck"):
         st.warning(f"The model doubts the label of {len(s['labels_to_recheck'])} of your reviewed cells. It learnt "
                    "them as labelled: re-check these cells, correct any mislabelled ones and adapt again.")

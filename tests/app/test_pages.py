@@ -685,6 +685,7 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     assert dict(zip(counts["folder"], counts["cells"])) == {"monocyte": 12, "seg_neutrophil": 12}
     at.text_input(key="lab_name").input("Test Lab")
     at.run()
+    assert not at.checkbox(key="lab_leave_out").value  # the doubted cells are listed, learnt as labelled, by default
     next(b for b in at.button if b.label == "Adapt the model").click().run(timeout=600)
     assert not at.exception, [e.value for e in at.exception]
     cand = at.session_state["lab_candidate"]
@@ -703,8 +704,10 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     assert [list(t["cell"]) for t in shown] == ([[d["file"] for d in doubted]] if doubted else [])
     slip = {"file": "monocyte/cell03.png", "label": "monocyte", "suggested": "seg_neutrophil", "p_label": 0.04,
             "p_suggested": 0.96}
-    at.session_state["lab_candidate"] = {**cand, "summary": {**cand["summary"], "labels_to_recheck": [slip]}}
+    at.session_state["lab_candidate"] = {**cand, "summary": {**cand["summary"], "labels_to_recheck": [slip],
+                                                             "labels_left_out": ["seg_neutrophil/cell07.png"]}}
     at.run()
+    assert "Left out of the adaptation, their label doubted: seg_neutrophil/cell07.png" in texts(at, "info")
     (shown,) = [d.value for d in at.dataframe if "looks like" in d.value.columns]
     assert shown.to_dict("records") == [{"cell": "monocyte/cell03.png", "labelled": "monocyte", "p(label)": "4.0%",
                                          "looks like": "seg_neutrophil", "p(looks like)": "96.0%"}]
