@@ -543,7 +543,7 @@ def cmd_adapt(a) -> int:
                       **({"cross_fit": False} if a.no_cross_fit else {}),
                       **({"colour_features": False} if a.no_colour else {}),
                       **({"second_opinion": False} if a.no_second_opinion else {}),
-                      **({"doubted_labels": "leave_out"} if a.leave_out_doubted else {}),
+                      **({"doubted_labels": "list"} if a.keep_doubted else {}),
                       **({"test_time_views": a.views} if a.views is not None else {}))
     bar = None
     if not a.quiet:
@@ -586,7 +586,8 @@ def cmd_adapt(a) -> int:
           f"{res['parent_test_macro_f1']['after']:.4f}")
     if res["labels_left_out"]:
         print(f"  left out {len(res['labels_left_out'])} reviewed cell(s) whose label a first pass doubted "
-              f"(--leave-out-doubted; re-check them): {', '.join(res['labels_left_out'])}")
+              f"and adapted without them (--keep-doubted learns them as labelled; re-check them): "
+              f"{', '.join(res['labels_left_out'])}")
     doubted = res["labels_to_recheck"]
     if doubted:
         print(f"  {len(doubted)} reviewed cell(s) whose label the model doubts (re-check them; the model learnt the "
@@ -770,10 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--no-second-opinion", action="store_true",
                     help="show a cell as ok on the histogram-reading head's word alone (AdaptConfig.second_opinion; "
                          "by default a head reading the features alone must name the same class)")
-    ad.add_argument("--leave-out-doubted", action="store_true",
-                    help="adapt a second time without the reviewed cells whose label the model doubts (at most a "
-                         "quarter of a class; AdaptConfig.doubted_labels = 'leave_out'; twice the time). By default "
-                         "they are only listed, to re-check")
+    ad.add_argument("--keep-doubted", action="store_true",
+                    help="learn the reviewed cells whose label the model doubts as labelled (only list them, to "
+                         "re-check; AdaptConfig.doubted_labels = 'list'). By default adapt runs a second time without "
+                         "them (at most a quarter of a class), which doubles the time when it doubts any")
     ad.add_argument("--views", type=int, choices=range(1, 9), metavar="{1..8}",
                     help="the adapted model scores each image by its logits averaged over the image and its flips / "
                          "90° rotations, this many in all (default 8, AdaptConfig.test_time_views; 8 costs 8x the "

@@ -45,9 +45,10 @@ MIN_MEASURE = 5
 # then: the default now, except these (colour_gain became 3 once measured, runs before it read the
 # histogram unscaled; cross_fit became the default once measured, runs before it fitted the head on the
 # fitting part; lab_check_folds likewise, runs before it checked the calibration cells only; second_opinion
-# likewise, runs before it showed a cell as ok on the one head's word).
+# likewise, runs before it showed a cell as ok on the one head's word; doubted_labels likewise, runs before it
+# learnt the doubted cells as labelled).
 RAN_AS_BEFORE_IT_EXISTED = {"colour_gain": 1.0, "colour_with_top": "refit", "cross_fit": False, "lab_check_folds": 0,
-                            "second_opinion": False}
+                            "second_opinion": False, "doubted_labels": "list"}
 
 
 

@@ -85,8 +85,8 @@ c2.markdown(f"Adapting as **{user.username}**. " + ("You may promote and roll ba
 may_promote = user.may("promote")
 add = st.checkbox("Allow new classes (a folder that is not a model class, with at least 8 distinct cells, becomes "
                   "a new class)", key="lab_add_classes")
-leave_out = st.checkbox("Leave out the cells whose label the model doubts (adapts twice: first to find them)",
-                        key="lab_leave_out")
+leave_out = st.checkbox("Leave out the cells whose label the model doubts (it adapts twice when it doubts any)",
+                        key="lab_leave_out", value=True)
 go = st.button("Adapt the model", type="primary", icon=":material/model_training:",
                disabled=not (cells_dir and lab.strip()))
 if go:

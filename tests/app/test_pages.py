@@ -685,7 +685,7 @@ def test_your_lab_adapt_compare_promote_select_and_roll_back(app_env):
     assert dict(zip(counts["folder"], counts["cells"])) == {"monocyte": 12, "seg_neutrophil": 12}
     at.text_input(key="lab_name").input("Test Lab")
     at.run()
-    assert not at.checkbox(key="lab_leave_out").value  # the doubted cells are listed, learnt as labelled, by default
+    assert at.checkbox(key="lab_leave_out").value  # by default the doubted cells are left out (and listed)
     next(b for b in at.button if b.label == "Adapt the model").click().run(timeout=600)
     assert not at.exception, [e.value for e in at.exception]
     cand = at.session_state["lab_candidate"]

@@ -134,7 +134,8 @@ def adapted(parent, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TrustModel, "fit", classmethod(spy))
         # the histogram is read from these 12 cells a class (from 10 by default), so a second opinion is fitted
-        summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1),
+        # the doubted cells learnt as labelled (the default leaves them out: test_leave_out_... adapts that way)
+        summary = adapt(parent, lab, tmp / "new", AdaptConfig(lab="lab B", seed=1, doubted_labels="list"),
                         progress=lambda f, m: calls.append((f, m)))
     summary["_trust_fits"], summary["_second_opinions"] = fits, seconds
     return lab, tmp / "new", summary, calls
@@ -238,6 +239,9 @@ def test_leave_out_keeps_three_quarters_of_a_class_and_what_an_added_class_needs
     assert left == ("c0", "c1", "c2", "c12", "c13")  # 9 of 12 stay; the added class keeps 10
     groups[1] = groups[0]  # c1 is a copy of c0: one distinct cell; 9 of the class's 11 must stay
     assert _may_leave_out(doubted[:4], files, y, groups, 3, AdaptConfig()) == ("c0", "c1", "c2")
+    # a first pass whose head read the histogram (from colour_min_cells a class) keeps that many: the second pass
+    # is the same kind of model, never one that reads the features alone because cells were left out
+    assert _may_leave_out(doubted[:4], files, y, groups, 3, AdaptConfig(), keep=10) == ("c0", "c1")
 
 
 def test_lab_cells_are_in_the_fit_or_the_calibration_part_never_both(adapted):
