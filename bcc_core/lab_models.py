@@ -142,11 +142,16 @@ def write_reviewed_cells(items, dest: Path) -> Path:
     """Reviewed cells as an ImageFolder: items are (final class, file name, image bytes)."""
     dest.mkdir(parents=True, exist_ok=True)
     for k, (label, name, data) in enumerate(items):
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(name.split(":")[-1]).name)
-        out = dest / label / f"{k:05d}_{safe}"
+        out = dest / _reviewed_file(k, label, name)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
     return dest
+
+
+def _reviewed_file(k: int, label: str, name: str) -> str:
+    """The k-th reviewed cell's file in the ImageFolder `write_reviewed_cells` writes, relative to it."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(name.split(":")[-1]).name)
+    return f"{label}/{k:05d}_{safe}"
 
 
 def reviewed_from_store(engine, image_roots, signed_only: bool = True, sample_labels=None,
@@ -223,11 +228,21 @@ def reviewed_from_store(engine, image_roots, signed_only: bool = True, sample_la
 
 
 def record_review_source(model_dir: Path, cells: list[dict], summary: dict) -> None:
-    """Name in an adapted model's card the reviewers' decisions it learnt from (decision ids, cases, images)."""
+    """Name in an adapted model's card the reviewers' decisions it learnt from (decision ids, cases, images), and
+    those it did not (`not_learnt`, with why: e.g. a label the label check doubted, left out), so a reviewer can
+    find each in its case. `cells` in the order given to `write_reviewed_cells`."""
     card_file = Path(model_dir) / "model_card.json"
     card = json.loads(card_file.read_text())
-    card.setdefault("lineage", {})["reviewed_decisions"] = {
+    lineage = card.setdefault("lineage", {})
+    learnt = {c["sha256"] for c in lineage.get("cells", [])}
+    left_out = set((lineage.get("labels_to_recheck") or {}).get("left_out", []))
+    rows = [{"decision_id": c["decision_id"], "case_uid": c["case_uid"], "sha256": c["sha256"], "class": c["class"]}
+            for c in cells]
+    files = [_reviewed_file(k, c["class"], c["name"]) for k, c in enumerate(cells)]
+    lineage["reviewed_decisions"] = {
         "summary": summary,
-        "cells": [{"decision_id": c["decision_id"], "case_uid": c["case_uid"], "sha256": c["sha256"], "class": c["class"]}
-                  for c in cells]}
+        "cells": [r for r in rows if r["sha256"] in learnt],
+        "not_learnt": [{**r, "why": ("its label was doubted by the label check: left out (re-check it)" if f in left_out
+                                     else "not among the cells learnt from (lineage.files_not_used says why)")}
+                       for r, f in zip(rows, files) if r["sha256"] not in learnt]}
     card_file.write_text(json.dumps(card, indent=2) + "\n")

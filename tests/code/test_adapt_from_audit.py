@@ -122,9 +122,14 @@ def test_cli_adapt_from_audit_writes_a_card_naming_the_decisions(parent, reviewe
     assert "images kept with their case: 0, found under --images: 30" in printed
     card = json.loads((out / "model_card.json").read_text())
     rd = card["lineage"]["reviewed_decisions"]
-    assert len(rd["cells"]) == 30 and all(c["decision_id"] > 0 and len(c["sha256"]) == 64 for c in rd["cells"])
+    every = rd["cells"] + rd["not_learnt"]  # the decisions learnt from, and those left out (a doubted label)
+    assert len(every) == 30 and all(c["decision_id"] > 0 and len(c["sha256"]) == 64 for c in every)
     assert {c["sha256"] for c in rd["cells"]} == {c["sha256"] for c in card["lineage"]["cells"]}
-    assert all(truth[c["sha256"]] == c["class"] for c in rd["cells"])
+    assert all(truth[c["sha256"]] == c["class"] for c in every)
+    left_out = card["lineage"]["labels_to_recheck"]["left_out"]
+    assert rd["not_learnt"] and len(rd["not_learnt"]) == len(left_out)  # these synthetic cells leave some out
+    assert all("doubted" in c["why"] for c in rd["not_learnt"])
+    assert sorted(f.split("/")[0] for f in left_out) == sorted(c["class"] for c in rd["not_learnt"])
     assert card["lineage"]["lab"] == "Lab Z"
     Predictor.load(out)  # the card with its review source still validates and loads
 
