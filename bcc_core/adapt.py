@@ -157,7 +157,7 @@ class AdaptConfig:
             learnt as given they left 2.7% of the rest shown as ok, left out 55.5% (worst repeat 45.3%; wrong-and-ok
             0.47%, worst 1.56%; adapt_lab_lisc_flip2*.md). On clean LISC cells it leaves out ~1 cell a repeat: the
             same wrong-and-ok (0.62%, worst 0.78%), shown as ok 61.1% (64.5%), worst 50.8% (60.9%), monocytes
-            90.4% (89.6%; adapt_lab_lisc_leave_out.md against adapt_lab_lisc.md).
+            90.4% (89.6%; adapt_lab_lisc_leave_out.md against adapt_lab_lisc_at_15bbd8e.md).
         seed: split, initialisation and shuffling seed.
     """
 
