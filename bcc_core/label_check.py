@@ -44,7 +44,10 @@ def doubted_labels(labels: np.ndarray, logits: np.ndarray, temperature: float, c
         return []
     p = softmax(np.asarray(logits, np.float64)[:, present] / temperature, axis=1)  # over the labelled classes only
     y = np.searchsorted(present, labels)
-    issues = find_label_issues(y, p, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab would otherwise fork a process pool (on Linux) from a process whose TensorFlow threads may
+    # hold locks at the fork, and the children can hang (seen in the app's server); a lab's few cells need no pool.
+    issues = find_label_issues(y, p, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence",
+                               n_jobs=1)
     out = []
     for i in issues:
         other = p[i].copy()

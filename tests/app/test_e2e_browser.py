@@ -489,8 +489,10 @@ def test_your_lab_in_the_browser(server, tmp_path):
         expect(page.get_by_test_id("stDataFrame").first).to_be_visible(timeout=60_000)
         page.get_by_role("textbox", name="Lab name").fill("Browser Lab")
         page.keyboard.press("Enter")
-        _idle(page)
-        page.get_by_role("button", name="Adapt the model").click()
+        adapt_button = page.get_by_role("button", name="Adapt the model")
+        expect(adapt_button).to_be_enabled(timeout=60_000)  # the rerun that read the lab name has drawn it
+        _idle(page)                                            # ... and finished: a click during a rerun is lost
+        adapt_button.click()
         expect(page.get_by_role("heading", name="3. Parent and adapted model, side by side")).to_be_visible(
             timeout=600_000)
         expect(page.get_by_text(re.compile(r"^On \d+ of your lab's cells, each scored by a model fitted without it"))

@@ -55,3 +55,18 @@ def test_the_temperature_scales_the_probabilities_it_reports():
     files = [str(i) for i in range(len(y))]
     hot, cold = (doubted_labels(y, lg, t, CLASSES, files)[0] for t in (1.0, 3.0))
     assert hot["file"] == cold["file"] == "0" and cold["p_suggested"] < hot["p_suggested"]
+
+
+def test_no_process_pool_is_forked(monkeypatch):
+    """The check runs inside the app's server, beside TensorFlow's threads: a forked pool there can hang (the
+    browser test once waited ten minutes on it). It must stay in-process."""
+    import multiprocessing
+
+    def no_pool(*a, **k):
+        raise AssertionError("the label check started a process pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    y = np.repeat([1, 2, 3], 12)
+    lg = _scores(y)
+    lg[4] = [0, 0, 0, 7]
+    assert [d["file"] for d in doubted_labels(y, lg, 1.0, CLASSES, [f"c{i}.png" for i in range(len(y))])] == ["c4.png"]
