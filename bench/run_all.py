@@ -1,7 +1,7 @@
 """Run the benchmarks and write bench/RESULTS.md from one run (nothing typed by hand, nothing copied from older runs).
 
 Steps (each writes bench/results/step_<step>.md, stamped with the commit and the time it ran): evaluate, reproduce,
-crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, adapt, ceiling, memory,
+crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, cardrecipe, adapt, ceiling, memory,
 train_time.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it,
@@ -314,6 +314,13 @@ def step_multisource(data, seeds="42,1,2"):
                                   "--data", data, "--models", models, "--lisc-split", "models/pb7-mobilenetv2")
 
 
+def step_cardrecipe(data, seeds="42,1,2"):
+    """pbs5 vs pbs5+LISC trained with the bundled pbs5 model's own recipe (its card's settings), several seeds:
+    issue 17 asks to retrain the bundled pbs5 model with LISC's three shared classes when that measures better."""
+    return _script("Multi-source (the bundled pbs5 recipe)", "multisource.py", "multisource_card_recipe.md", "--data",
+                   data, "--seeds", seeds, "--recipes", "pbs5+lisc,pbs5", "--card-recipe", MODELS["pbs5"])
+
+
 def step_adapt(data):
     """The bundled pbs5 model adapted to BCCD, then to LISC (a lab it never saw, expert-labelled), from N reviewed
     cells per class, measured on the rest of that lab; pb7 adapted to BCCD."""
@@ -351,7 +358,7 @@ def step_ceiling(data):
 STEPS = {"evaluate": step_evaluate, "reproduce": step_reproduce, "crosslab": step_crosslab,
          "quality": step_quality, "perf": step_perf, "speed": step_speed, "compare": step_compare, "cv": step_cv, "noncells": step_noncells,
          "augment": step_augment, "styleleak": step_styleleak,
-         "multisource": step_multisource, "adapt": step_adapt,
+         "multisource": step_multisource, "cardrecipe": step_cardrecipe, "adapt": step_adapt,
          "ceiling": step_ceiling, "memory": step_memory, "train_time": step_train_time}
 
 

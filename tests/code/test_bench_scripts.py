@@ -40,6 +40,22 @@ def test_multisource_renders_its_saved_results(bench_path, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text()) == saved
 
 
+def test_card_recipe_trains_with_the_cards_settings_and_the_recipes_sources(bench_path):
+    """multisource --card-recipe: every training setting of the bundled card (augmentation, fine-tuning, trust) is
+    kept; only what a recipe decides (task, classes, class map, seed, weights file) is the recipe's."""
+    from bcc_core.training import TrainConfig
+
+    multisource = importlib.import_module("multisource")
+    card = BENCH.parent / "models" / "pbs5-mobilenetv2"
+    training = json.loads((card / "model_card.json").read_text())["training"]
+    r = multisource.RECIPES["pbs5+lisc"]
+    cfg = TrainConfig(**multisource.card_settings(card), task="pbs5+lisc", weights="w.h5", seed=7,
+                      classes=tuple(r["classes"]), class_map=dict(multisource.CLASS_MAP)).to_dict()
+    assert cfg["augment"] == training["augment"] and training["augment"]["amp_mix_p"] > 0
+    assert cfg["fine_tune_layers"] == training["fine_tune_layers"] > 0 and cfg["fine_tune_cached"]
+    assert {k for k in cfg if cfg[k] != training.get(k)} == {"task", "weights", "seed", "classes", "class_map"}
+
+
 def test_threshold_ceiling_is_the_best_threshold_on_the_cells_themselves(bench_path):
     """adapt_lab's limit row: the lowest confidence threshold whose wrong-and-ok stays within budget, ties taken
     together, cells stopped by another flag never counted."""
