@@ -306,6 +306,8 @@ def main(argv=None) -> int:
              "one model per recipe and seed. `pbs5` never saw LISC: on LISC it is the leave-one-source-out model, "
              "scored on the same held-out LISC cells as the `pbs5+lisc` model of its seed. BCCD: no model saw it; "
              "recall counts the suggested class whatever its status; wrong & ok counts unknown types shown as ok."]
+    title = ("Multi-source training with a bundled model's recipe: " + Path(a.card_recipe).name if settings else
+             "Multi-source training: pbs5 + LISC, per source and leave-one-source-out")
     for seed in [int(s) for s in a.seeds.split(",")]:
         for recipe in a.recipes.split(","):
             key = f"{recipe}_s{seed}"
@@ -317,7 +319,7 @@ def main(argv=None) -> int:
             if not lisc and (with_lisc / "split.json").is_file():
                 lisc = _lisc_from(with_lisc, sets)
             results[key] = evaluate_model(d, sets, lisc)
-            report(results, out, "Multi-source training: pbs5 + LISC, per source and leave-one-source-out", intro)
+            report(results, out, title, intro)
     return 0
 
 
