@@ -946,8 +946,9 @@ def adapt(parent_dir, labelled_dir, out_dir, cfg: AdaptConfig = AdaptConfig(),
     files = [str(Path(p).relative_to(root)) for p in ds.paths]
     doubted = (None if lg_out_of_sample is None else
                label_check.doubted_labels(y_lab, lg_out_of_sample, T, classes, files))
-    keep = max(0 if colour_why_not else cfg.colour_min_cells, 0 if why_not else cfg.backbone_min_cells)
-    leave = (_may_leave_out(doubted, files, y_lab, groups, n_old, cfg, keep) if two_pass and doubted and not left_out
+    # what the first pass's model needed a class to keep: the histogram's cells, the fine-tuning's
+    floor = max(0 if colour_why_not else cfg.colour_min_cells, 0 if why_not else cfg.backbone_min_cells)
+    leave = (_may_leave_out(doubted, files, y_lab, groups, n_old, cfg, floor) if two_pass and doubted and not left_out
              else ())
     if leave:
         say(1.0, f"the model doubts {len(doubted)} reviewed label(s): adapting again without {len(leave)} of them")

@@ -235,14 +235,19 @@ def record_review_source(model_dir: Path, cells: list[dict], summary: dict) -> N
     card = json.loads(card_file.read_text())
     lineage = card.setdefault("lineage", {})
     learnt = {c["sha256"] for c in lineage.get("cells", [])}
-    left_out = set((lineage.get("labels_to_recheck") or {}).get("left_out", []))
+    # adapt's own record of each file it did not use and why (a doubted label left out, an unreadable image, ...);
+    # its paths are absolute, under the folder write_reviewed_cells wrote.
+    why_not = {Path(u["file"]).as_posix(): u["reason"] for u in lineage.get("files_not_used", [])}
+
+    def why(k: int, c: dict) -> str:
+        f = "/" + _reviewed_file(k, c["class"], c["name"])
+        return next((r for path, r in why_not.items() if path.endswith(f)), "not among the cells learnt from")
+
     rows = [{"decision_id": c["decision_id"], "case_uid": c["case_uid"], "sha256": c["sha256"], "class": c["class"]}
             for c in cells]
-    files = [_reviewed_file(k, c["class"], c["name"]) for k, c in enumerate(cells)]
     lineage["reviewed_decisions"] = {
         "summary": summary,
         "cells": [r for r in rows if r["sha256"] in learnt],
-        "not_learnt": [{**r, "why": ("its label was doubted by the label check: left out (re-check it)" if f in left_out
-                                     else "not among the cells learnt from (lineage.files_not_used says why)")}
-                       for r, f in zip(rows, files) if r["sha256"] not in learnt]}
+        "not_learnt": [{**r, "why": why(k, c)} for k, (r, c) in enumerate(zip(rows, cells))
+                       if r["sha256"] not in learnt]}
     card_file.write_text(json.dumps(card, indent=2) + "\n")

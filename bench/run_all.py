@@ -1,8 +1,8 @@
 """Run the benchmarks and write bench/RESULTS.md from one run (nothing typed by hand, nothing copied from older runs).
 
 Steps (each writes bench/results/step_<step>.md, stamped with the commit and the time it ran): evaluate, reproduce,
-crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, cardrecipe, adapt, ceiling, memory,
-train_time.
+crosslab, quality, perf, speed, compare, cv, noncells, augment, styleleak, multisource, cardrecipe, adapt, ceiling,
+memory, train_time.
 `make bench` runs every step and rewrites bench/RESULTS.md from this run's sections only. A partial run
 (`--only a,b`) rewrites only its own step files and says so; RESULTS.md is left as the last full run wrote it,
 unless `--refresh` is given: then RESULTS.md is rebuilt from every step file, the re-run sections in place of the
